@@ -1,0 +1,335 @@
+"""One training configuration for every path in: YAML file, preset, UI form and command line.
+
+``TrainConfig`` is a flat dataclass whose field names are the YAML keys creators already use
+(``train_data_dir``, ``lora_rank``, ``learning_rate`` ...). Each field carries its help text and the values
+it accepts, so validation, the template file and the UI's help texts come from one place.
+
+Order of precedence when building a config: preset, then config file, then ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .errors import ConfigError
+from .fileio import atomic_write_text
+
+FAMILIES = ("auto", "sd15", "sd2", "sdxl", "llm")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LR_SCHEDULERS = (
+    "cosine",
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine_with_restarts",
+    "polynomial",
+)
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+CACHE_MODES = ("memory", "disk", "none")
+
+DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+DEFAULT_LLM_TARGETS = ["q_proj", "v_proj"]
+
+
+def _opt(default: Any, help: str, *, choices: Iterable[str] | None = None, min: float | None = None,
+         max: float | None = None, group: str = "main") -> Any:
+    """A dataclass field with help text and the allowed values kept in its metadata."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
+            "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Field names are the YAML keys."""
+
+    # --- what to train -------------------------------------------------------------------------------
+    base_model: str = _opt("", "Base model: a diffusers folder, a hub id, or a single .safetensors checkpoint.")
+    model_family: str = _opt("auto", "sd15, sd2, sdxl or llm; 'auto' detects it from the model files.",
+                             choices=FAMILIES)
+    vae: str | None = _opt(None, "Optional VAE (folder, hub id or file), e.g. an fp16-safe SDXL VAE.",
+                           group="advanced")
+    train_data_dir: str = _opt("", "Folder with the training images (or LLM data file/folder).")
+    metadata_path: str | None = _opt(None, "Caption table (metadata.csv). Empty: use <train_data_dir>/"
+                                     "metadata.csv if present, else .txt caption files.")
+    caption_extension: str = _opt(".txt", "Extension of kohya-style caption files next to the images.",
+                                  group="advanced")
+    output_dir: str = _opt("output", "Folder where runs and the exported LoRA are written.")
+    output_name: str = _opt("my_lora", "File name of the exported LoRA (without extension).")
+
+    # --- the LoRA ------------------------------------------------------------------------------------
+    lora_rank: int = _opt(16, "LoRA rank (dimension). Higher keeps more detail, files get bigger.", min=1, max=1024)
+    lora_alpha: float | None = _opt(None, "LoRA alpha; the effective scale is alpha/rank. Empty: equal to rank.",
+                                    min=0.0)
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA layers (0 to 1).", min=0.0, max=1.0, group="advanced")
+    target_modules: list[str] | None = _opt(None, "Layers that get a LoRA. Empty: to_q, to_k, to_v, to_out.0 "
+                                            "for images; q_proj, v_proj for LLMs.", group="advanced")
+    train_text_encoder: bool = _opt(False, "Also train a LoRA on the text encoder(s).")
+    text_encoder_lr: float | None = _opt(None, "Learning rate for the text encoder LoRA. Empty: learning_rate.",
+                                         min=0.0, max=1.0, group="advanced")
+    init_lora: str | None = _opt(None, "Continue training from an existing LoRA file (kohya, diffusers or "
+                                 "PEFT folder).")
+
+    # --- schedule ------------------------------------------------------------------------------------
+    resolution: int | None = _opt(None, "Training resolution in pixels. Empty: 512 for SD1.5, 768 for SD2, "
+                                  "1024 for SDXL.", min=64, max=4096)
+    batch_size: int = _opt(1, "Images per step.", min=1, max=1024)
+    epochs: int = _opt(10, "Passes over the dataset.", min=1, max=100000)
+    max_train_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides epochs).",
+                                       min=1, max=10_000_000)
+    gradient_accumulation_steps: int = _opt(1, "Steps whose gradients are summed before one update.",
+                                            min=1, max=1024, group="advanced")
+    learning_rate: float = _opt(1e-4, "Learning rate of the LoRA weights.", min=0.0, max=1.0)
+    lr_scheduler: str = _opt("cosine", "How the learning rate changes over the run.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _opt(0, "Steps of linear warm-up at the start.", min=0, max=10_000_000,
+                                group="advanced")
+    optimizer: str = _opt("adamw", "adamw, or adamw8bit (bitsandbytes, less memory on CUDA).",
+                          choices=OPTIMIZERS)
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 turns clipping off).", min=0.0,
+                                group="advanced")
+    seed: int = _opt(42, "Random seed; the same seed gives the same run.", min=0, max=2**32 - 1)
+
+    # --- memory and speed ----------------------------------------------------------------------------
+    mixed_precision: str = _opt("fp16", "no, fp16 or bf16. On a CPU the run uses full precision.",
+                                choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = _opt(False, "Trade speed for memory: recompute activations.")
+    cache_latents: str = _opt("memory", "Cache VAE latents once: memory, disk (big sets) or none.",
+                              choices=CACHE_MODES, group="advanced")
+    enable_bucket: bool = _opt(True, "Aspect-ratio buckets (no cropping of wide or tall images).",
+                               group="advanced")
+    auto_fit: bool = _opt(False, "On out-of-memory, retry with smaller settings instead of stopping.",
+                          group="advanced")
+
+    # --- diffusion details ---------------------------------------------------------------------------
+    noise_offset: float = _opt(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", min=0.0, max=1.0,
+                               group="advanced")
+    min_snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5 is common). Empty: off.",
+                                       min=0.0, max=100.0, group="advanced")
+    prediction_type: str = _opt("auto", "epsilon or v_prediction; 'auto' reads it from the model's scheduler.",
+                                choices=PREDICTION_TYPES, group="advanced")
+
+    # --- LLM details ---------------------------------------------------------------------------------
+    max_seq_length: int = _opt(512, "LLM: longest training sequence in tokens (longer rows are truncated).",
+                               min=8, max=1_000_000, group="llm")
+    load_in_4bit: bool = _opt(False, "LLM: QLoRA, load the base model in 4-bit NF4 (CUDA + bitsandbytes).",
+                              group="llm")
+
+    # --- saving, logging, samples --------------------------------------------------------------------
+    save_steps: int = _opt(500, "Save a checkpoint every N steps (0: only at the end).", min=0, max=10_000_000)
+    keep_checkpoints: int = _opt(3, "How many checkpoints to keep (older ones are deleted).", min=1, max=10000)
+    log_every_steps: int = _opt(1, "Write loss to TensorBoard and metrics.jsonl every N steps.", min=1,
+                                group="advanced")
+    sample_prompt: str | None = _opt(None, "Prompt rendered every sample_steps to watch progress.",
+                                     group="advanced")
+    sample_steps: int = _opt(0, "Render a sample image every N steps (0: off).", min=0, group="advanced")
+    verify_export: bool = _opt(True, "Reload the exported LoRA and check it reproduces the trained model.",
+                               group="advanced")
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Check every value's type and range. Raises ConfigError naming the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if value is None:
+                if not _allows_none(f):
+                    raise ConfigError(f.name, "must be set.")
+                continue
+            setattr(self, f.name, _coerce(f, value))
+            value = getattr(self, f.name)
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f.name, f"'{value}' is not allowed; choose one of: {', '.join(meta['choices'])}.")
+            lo, hi = meta.get("min"), meta.get("max")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (lo is not None and value < lo) or (hi is not None and value > hi):
+                    raise ConfigError(f.name, f"{value} is out of range; allowed: {_range_text(lo, hi)}.")
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("target_modules", "is an empty list; leave it out to use the defaults.")
+        if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
+            raise ConfigError("output_name", "must be a plain file name without / \\ : * ? \" < > |.")
+        return self
+
+    def require_paths(self) -> None:
+        """Checks needed only before training starts (the UI may hold an incomplete config)."""
+        if not self.base_model:
+            raise ConfigError("base_model", "is empty; give a model folder, a hub id or a .safetensors file.")
+        if not self.train_data_dir:
+            raise ConfigError("train_data_dir", "is empty; give the folder with your training images.")
+
+    # --- derived values ------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    def unet_targets(self) -> list[str]:
+        return list(self.target_modules or DEFAULT_UNET_TARGETS)
+
+    def llm_targets(self) -> list[str]:
+        return list(self.target_modules or DEFAULT_LLM_TARGETS)
+
+    # --- conversion ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), self.to_yaml())
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return merge(self, changes)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+# Keys other trainers use for the same thing, accepted and renamed so existing configs work.
+ALIASES = {
+    "pretrained_model_name_or_path": "base_model",
+    "network_dim": "lora_rank",
+    "network_alpha": "lora_alpha",
+    "rank": "lora_rank",
+    "train_batch_size": "batch_size",
+    "num_train_epochs": "epochs",
+    "max_train_epochs": "epochs",
+    "lr": "learning_rate",
+    "lr_warmup": "lr_warmup_steps",
+    "save_every_n_steps": "save_steps",
+    "optimizer_type": "optimizer",
+}
+
+
+def _allows_none(f: dataclasses.Field) -> bool:
+    return "None" in str(f.type)
+
+
+def _base_type(f: dataclasses.Field) -> str:
+    t = str(f.type).replace(" | None", "").replace("None | ", "")
+    return t
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn YAML/CLI values into the field's type, or raise ConfigError with the expected type."""
+    t = _base_type(f)
+    try:
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if t == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if t == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if t == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if t == "list[str]":
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    kind = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text",
+            "list[str]": "a list of names"}.get(t, t)
+    raise ConfigError(f.name, f"expected {kind}, got {value!r}.")
+
+
+def _range_text(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f"{lo} to {hi}"
+    if lo is not None:
+        return f"at least {lo}"
+    return f"at most {hi}"
+
+
+def _normalize_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key).strip()
+        key = ALIASES.get(key, key)
+        if key not in FIELD_NAMES:
+            close = difflib.get_close_matches(key, FIELD_NAMES, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else " See presets/lora_default.yaml for all keys."
+            raise ConfigError(key, f"is not a known setting (in {source}).{hint}")
+        out[key] = value
+    return out
+
+
+def merge(base: TrainConfig, changes: Mapping[str, Any], source: str = "overrides") -> TrainConfig:
+    """A new validated config with ``changes`` applied on top of ``base``."""
+    values = base.to_dict()
+    values.update(_normalize_keys(changes, source))
+    return TrainConfig(**values).validate()
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"file '{p}' does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("config", f"'{p}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"'{p}' must hold 'key: value' lines, not a {type(data).__name__}.")
+    return data
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["batch_size=2", "learning_rate=5e-5"]`` -> dict, values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(item, "command-line overrides are written key=value, e.g. batch_size=2.")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, *, preset: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Build a config: defaults <- preset <- YAML file <- overrides. Raises ConfigError."""
+    from .presets import load_preset  # local import: presets imports this module
+
+    cfg = TrainConfig()
+    file_values = read_yaml_mapping(path) if path else {}
+    preset_name = preset or file_values.pop("preset", None)
+    if preset_name:
+        cfg = merge(cfg, load_preset(preset_name), source=f"preset {preset_name}")
+    if file_values:
+        cfg = merge(cfg, file_values, source=str(path))
+    if overrides:
+        cfg = merge(cfg, overrides, source="command line")
+    return cfg.validate()

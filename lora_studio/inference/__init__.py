@@ -1,0 +1,1 @@
+"""Generating with a LoRA: image grids at several strengths and checkpoints; LLM answers side by side."""

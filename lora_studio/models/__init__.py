@@ -1,0 +1,1 @@
+"""Finding, recognising and loading base models (and building tiny offline ones for tests and --demo)."""

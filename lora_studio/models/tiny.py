@@ -1,0 +1,159 @@
+"""Tiny random-weight models built offline: for the tests, ``--demo`` and ``doctor``.
+
+They have the same structure as the real ones (a diffusers pipeline folder with UNet, VAE, CLIP text
+encoder(s), tokenizer(s) and scheduler), so every code path that loads, trains, exports and reloads a real
+model runs on them in seconds on a CPU. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# The CLIP tokenizer is byte-level BPE: the 256 byte characters, the same with "</w>", a few merges.
+_BYTE_MERGES = ["t h", "th e</w>", "a n", "i n", "e r", "o n", "r e", "a t", "s t", "e n"]
+
+
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_clip_tokenizer(folder: Path, max_length: int = 77) -> None:
+    """Write vocab.json + merges.txt (+ configs) that ``CLIPTokenizer.from_pretrained(folder)`` loads."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab_list = chars + [c + "</w>" for c in chars]
+    for merge in _BYTE_MERGES:
+        vocab_list.append(merge.replace(" ", ""))
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_BYTE_MERGES) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+                        pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+
+
+def _clip_text_config(vocab_size: int, hidden: int = 32, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection or hidden,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
+        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+    )
+
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, prediction_type=prediction_type, steps_offset=1,
+    )
+
+
+def build_tiny_sd15(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A tiny SD1.5-shaped pipeline saved as a diffusers folder. Returns the folder."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    tok_dir = folder / "tokenizer"
+    write_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer)))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny SDXL-shaped pipeline (two text encoders, added time ids) saved as a diffusers folder."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+    text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer), hidden=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(len(tokenizer_2), hidden=32, projection=32))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        transformer_layers_per_block=(1, 2), norm_num_groups=8,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def make_demo_images(folder: str | Path, count: int = 8, size: int = 64, seed: int = 0,
+                     with_captions: bool = True) -> Path:
+    """A small generated dataset (coloured shapes) with .txt captions, for tests and --demo."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    rgb = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
+           "purple": (140, 50, 170), "orange": (240, 140, 30)}
+    for i in range(count):
+        colour = colours[i % len(colours)]
+        shape = "circle" if i % 2 == 0 else "square"
+        img = Image.new("RGB", (size, size), (245, 240, 230))
+        draw = ImageDraw.Draw(img)
+        m = rng.randint(size // 8, size // 4)
+        box = (m, m, size - m, size - m)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=rgb[colour])
+        img.save(folder / f"img_{i:03d}.png")
+        if with_captions:
+            (folder / f"img_{i:03d}.txt").write_text(f"a {colour} {shape} on a light background", encoding="utf-8")
+    return folder

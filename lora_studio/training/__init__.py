@@ -1,0 +1,1 @@
+"""The training job (background thread, events, commands), the shared loop, diffusion and LLM trainers."""
