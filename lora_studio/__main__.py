@@ -1,0 +1,64 @@
+"""Command line: ``python -m lora_studio <command>``.
+
+    train     --config FILE [--preset NAME] [--resume RUN_DIR] [key=value ...]
+    caption   --input DIR --output CSV [--model ID_OR_PATH] [--trigger WORD] [--style-tags] [--overwrite]
+    dataset   check DIR
+    generate  --base MODEL --lora FILE --prompt TEXT [--strengths 0,0.5,1] [--out grid.png]
+    presets   list the hardware presets and the one that fits this GPU
+    doctor    check torch, CUDA, GPU memory, bitsandbytes, diffusers, and train a few steps on a tiny model
+
+Runs the same engine as the app. Under ``accelerate launch`` the train command runs on several GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import StudioError
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli_train import add_doctor_parser, add_presets_parser, add_train_parser
+
+    parser = argparse.ArgumentParser(prog="python -m lora_studio", description="LoRA Studio command line.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_presets_parser(sub)
+    add_doctor_parser(sub)
+    for module, names in (("cli_dataset", ("add_caption_parser", "add_dataset_parser")),
+                          ("cli_generate", ("add_generate_parser",))):
+        try:
+            mod = __import__(f"lora_studio.{module}", fromlist=list(names))
+        except ImportError:
+            continue
+        for name in names:
+            if hasattr(mod, name):
+                getattr(mod, name)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The Stable Diffusion LoRA trainer (SD1.x and SD2.x; SDXL extends it in ``sdxl.py``).
+
+What happens, in order: load the pipeline (frozen weights in half precision on a GPU), add PEFT LoRA
+adapters to the UNet attention projections (and optionally the text encoder), read and bucket the images,
+encode their latents once (the VAE then leaves the GPU), encode the captions once when the text encoder is
+frozen, then each step: draw noise and timesteps from the run's own generator, predict, and take the
+(optionally min-SNR weighted) MSE loss against the noise or the velocity.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import DEFAULT_TEXT_ENCODER_TARGETS, TrainConfig
+from ..data.train_set import Preflight, TrainItem, epoch_batches, preflight
+from ..errors import DatasetError
+from ..models.loading import load_diffusion_pipeline
+from .events import EventBus
+from .latent_cache import LatentCache, encode_latents
+from .loop import Trainer
+from .run_folder import RunFolder
+from .runtime import weight_dtype
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
+VERIFY_STEPS, VERIFY_SIZE = 2, 64
+
+
+class DiffusionTrainer(Trainer):
+    family = "sd15"
+    text_encoder_names = ("text_encoder",)
+
+    def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "sd15"):
+        super().__init__(config, run, bus)
+        self.family = family
+        self.resolution = config.resolution or DEFAULT_RESOLUTION.get(family, 512)
+        self.pipe = None
+        self.items: list[TrainItem] = []
+        self.report: Preflight | None = None
+        self.latents: LatentCache | None = None
+        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.started_at = 0.0
+
+    # --- setup ---------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        import time
+
+        cfg, acc = self.config, self.accelerator
+        self.started_at = time.time()
+        self.report = preflight(cfg.train_data_dir, self.resolution, metadata_path=cfg.metadata_path,
+                                caption_extension=cfg.caption_extension, enable_bucket=cfg.enable_bucket)
+        for line in self.report.lines():
+            self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
+        self.items = list(self.report.items)
+        self.bus.emit("state", state="loading model")
+        dtype = weight_dtype(acc)
+        self.pipe = pipe = load_diffusion_pipeline(cfg.base_model, self.family, vae=cfg.vae)
+        self.noise_scheduler = _training_scheduler(pipe.scheduler)
+        self.prediction_type = (cfg.prediction_type if cfg.prediction_type != "auto"
+                                else self.noise_scheduler.config.prediction_type)
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        pipe.unet.to(acc.device, dtype=dtype)
+        for name in self.text_encoder_names:
+            getattr(pipe, name).to(acc.device, dtype=dtype)
+        pipe.vae.to(acc.device, dtype=self.vae_dtype(dtype))
+        self._add_adapters()
+        self.bus.emit("state", state="caching latents")
+        self._cache_latents()
+        pipe.vae.to("cpu")
+        if not cfg.train_text_encoder:
+            self._cache_text()
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for name in self.text_encoder_names:
+                    getattr(pipe, name).gradient_checkpointing_enable()
+        self.say(f"Model: {cfg.base_model} ({self.family}), prediction type {self.prediction_type}, "
+                 f"resolution {self.resolution}, weights {str(dtype).replace('torch.', '')}, "
+                 f"LoRA rank {cfg.lora_rank} alpha {cfg.alpha:g} on {', '.join(cfg.unet_targets())}.")
+
+    def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.pipe.unet, self.pipe.vae] + [getattr(self.pipe, n) for n in self.text_encoder_names]
+
+    def _add_adapters(self) -> None:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        cfg = self.config
+        self.pipe.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                              init_lora_weights="gaussian", target_modules=cfg.unet_targets()))
+        trained = [self.pipe.unet]
+        if cfg.train_text_encoder:
+            for name in self.text_encoder_names:
+                te = getattr(self.pipe, name)
+                te.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                          init_lora_weights="gaussian", target_modules=DEFAULT_TEXT_ENCODER_TARGETS))
+                trained.append(te)
+        if cfg.init_lora:
+            from ..export.lora_state import apply_init_lora
+
+            apply_init_lora(self.pipe.unet, self._text_encoders(), cfg.init_lora, self.family)
+            self.say(f"Continuing from the LoRA {cfg.init_lora}.")
+        cast_training_params(trained, dtype=torch.float32)
+
+    def _text_encoders(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self.pipe, name) for name in self.text_encoder_names}
+
+    def _cache_latents(self) -> None:
+        cfg = self.config
+        disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
+        skipped: list[str] = []
+
+        def progress(done: int, total: int) -> None:
+            self.bus.emit("progress", step=0, total=0, stage="caching latents", done=done, of=total)
+
+        def on_error(item: TrainItem, exc: Exception) -> None:
+            skipped.append(item.path.name)
+            self.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
+
+        self.latents, failed = encode_latents(
+            self.pipe.vae, self.items, device=self.accelerator.device, dtype=self.pipe.vae.dtype, disk_dir=disk,
+            vae_id=f"{cfg.base_model}|{cfg.vae}", progress=progress, on_error=on_error)
+        if failed:
+            self.items = [it for i, it in enumerate(self.items) if i not in set(failed)]
+        if not self.items:
+            raise DatasetError("None of the images could be decoded; see the skipped files above.")
+
+    # --- text ------------------------------------------------------------------------------------
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        tok = self.pipe.tokenizer
+        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return {"input_ids": ids}
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Text conditioning for the UNet: ``encoder_hidden_states`` (SDXL adds pooled embeddings)."""
+        te = self.pipe.text_encoder
+        ids = tokens["input_ids"].to(self.accelerator.device)
+        return {"encoder_hidden_states": te(ids)[0]}
+
+    @torch.no_grad()
+    def _cache_text(self) -> None:
+        captions = sorted({it.caption for it in self.items})
+        for start in range(0, len(captions), 16):
+            chunk = captions[start:start + 16]
+            out = self.encode_text(self.tokenize(chunk))
+            for j, caption in enumerate(chunk):
+                self.text_cache[caption] = {k: v[j].detach().to("cpu") for k, v in out.items()}
+
+    def text_conditioning(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.text_cache:
+            return {k: torch.stack([self.text_cache[c][k] for c in captions]).to(self.accelerator.device)
+                    for k in self.text_cache[captions[0]]}
+        return self.encode_text(self.tokenize(captions))
+
+    # --- the step --------------------------------------------------------------------------------
+    def batches(self, epoch: int) -> list[list[int]]:
+        acc = self.accelerator
+        return epoch_batches(self.items, self.config.batch_size, self.config.seed, epoch,
+                             acc.process_index, acc.num_processes)
+
+    def models(self) -> list[torch.nn.Module]:
+        mods = [self.pipe.unet]
+        if self.config.train_text_encoder:
+            mods += [getattr(self.pipe, n) for n in self.text_encoder_names]
+        return mods
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        cfg = self.config
+        groups = [{"params": [p for p in self.pipe.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            te_params = [p for n in self.text_encoder_names for p in getattr(self.pipe, n).parameters()
+                         if p.requires_grad]
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        return groups
+
+    def unet_kwargs(self, cond: dict[str, torch.Tensor], indices: Sequence[int]) -> dict[str, Any]:
+        return {"encoder_hidden_states": cond["encoder_hidden_states"]}
+
+    def compute_loss(self, batch: list[int]) -> torch.Tensor:
+        cfg, acc, gen = self.config, self.accelerator, self.generator
+        latents = self.latents.sample(batch, gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+        n_train = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, n_train, (latents.shape[0],), generator=gen)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        dev = acc.device
+        unet = self.prepared_models[0]
+        dtype = weight_dtype(acc)
+        cond = self.text_conditioning([self.items[i].caption for i in batch])
+        with acc.autocast():
+            pred = unet(noisy.to(dev, dtype), timesteps.to(dev),
+                        **{k: v.to(dtype) if torch.is_tensor(v) else v
+                           for k, v in self.unet_kwargs(cond, batch).items()}).sample
+        per_sample = F.mse_loss(pred.float(), target.to(dev).float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            per_sample = per_sample * self._snr_weights(timesteps).to(dev)
+        return per_sample.mean()
+
+    def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=self.config.min_snr_gamma)
+        return weights / (snr + 1) if self.prediction_type == "v_prediction" else weights / snr
+
+    # --- weights ---------------------------------------------------------------------------------
+    def _peft_states(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        from peft.utils import get_peft_model_state_dict
+
+        unwrap = self.accelerator.unwrap_model
+        unet_sd = get_peft_model_state_dict(unwrap(self.pipe.unet))
+        te_sds = {}
+        if self.config.train_text_encoder:
+            te_sds = {n: get_peft_model_state_dict(unwrap(getattr(self.pipe, n))) for n in self.text_encoder_names}
+        return unet_sd, te_sds
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        unet_sd, te_sds = self._peft_states()
+        out = {f"unet.{k}": v for k, v in unet_sd.items()}
+        for name, sd in te_sds.items():
+            out.update({f"{name}.{k}": v for k, v in sd.items()})
+        return out
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        unwrap = self.accelerator.unwrap_model
+        for name in ("unet",) + self.text_encoder_names:
+            part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            if part:
+                result = set_peft_model_state_dict(unwrap(getattr(self.pipe, name)), part)
+                unexpected = getattr(result, "unexpected_keys", None)
+                if unexpected:
+                    raise DatasetError(f"checkpoint does not match the model ({len(unexpected)} unexpected keys)")
+
+    def _kohya_state(self) -> dict[str, torch.Tensor]:
+        from ..export.kohya import peft_to_kohya
+
+        unet_sd, te_sds = self._peft_states()
+        return peft_to_kohya(unet_sd, te_sds, self.family, self.config.alpha)
+
+    def _metadata(self, step: int, epoch: int) -> dict[str, str]:
+        from ..data.tags import tag_frequency
+        from ..export.metadata import build_kohya_metadata
+
+        cfg = self.config
+        return build_kohya_metadata(
+            output_name=cfg.output_name, family=self.family, rank=cfg.lora_rank, alpha=cfg.alpha,
+            resolution=self.resolution, num_train_images=len(self.items),
+            tag_frequency=tag_frequency({it.path: it.caption for it in self.items}, cfg.train_data_dir),
+            base_model_name=Path(cfg.base_model).name or cfg.base_model, training_started_at=self.started_at,
+            steps=step, epoch=epoch)
+
+    def save_lora(self, folder: Path, name: str, step: int, epoch: int) -> list[Path]:
+        from ..export.kohya import save_kohya_lora
+
+        return [save_kohya_lora(folder / f"{name}.safetensors", self._kohya_state(), self._metadata(step, epoch))]
+
+    # --- export and checks -----------------------------------------------------------------------
+    def inference_pipe(self):
+        """The pipeline with the trained (unwrapped) UNet and text encoders, in eval mode, VAE on the device."""
+        pipe = self.pipe
+        pipe.unet = self.accelerator.unwrap_model(pipe.unet)
+        pipe.vae.to(self.accelerator.device)
+        return pipe
+
+    def export(self, step: int, epoch: int) -> list[Path]:
+        from ..export.diffusers_format import save_diffusers_lora
+        from ..export.kohya import save_kohya_lora
+
+        cfg, run = self.config, self.run
+        kohya_path = save_kohya_lora(run.path / f"{cfg.output_name}.safetensors", self._kohya_state(),
+                                     self._metadata(step, epoch))
+        unet_sd, te_sds = self._peft_states()
+        diffusers_dir = save_diffusers_lora(run.path / "diffusers", type(self.pipe), unet_sd, te_sds,
+                                            rank=cfg.lora_rank, alpha=cfg.alpha, family=self.family)
+        files = [kohya_path, diffusers_dir]
+        if cfg.verify_export:
+            self.bus.emit("state", state="verifying export")
+            report = self.verify(kohya_path)
+            self.say(f"Export check passed: {report}")
+        return files
+
+    @torch.no_grad()
+    def verify(self, lora_file: Path):
+        """Reload the written file into a fresh pipeline; it must reproduce the trained model (and the base)."""
+        from ..export.verify import check_export, render
+
+        pipe = self.inference_pipe()
+        pipe.to(torch.float32)
+        prompt, seed = self.items[0].caption, self.config.seed
+        expected = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
+        pipe.unet.disable_adapters()
+        for name in self.text_encoder_names if self.config.train_text_encoder else ():
+            getattr(pipe, name).disable_adapters()
+        base = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
+        pipe.unet.enable_adapters()
+        for name in self.text_encoder_names if self.config.train_text_encoder else ():
+            getattr(pipe, name).enable_adapters()
+        return check_export(self.config.base_model, self.family, lora_file, expected_images=expected,
+                            base_images=base, prompt=prompt, seed=seed, steps=VERIFY_STEPS, size=VERIFY_SIZE,
+                            vae=self.config.vae)
+
+    @torch.no_grad()
+    def render_sample(self, step: int) -> Path | None:
+        pipe = self.inference_pipe()
+        size = self.resolution
+        gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
+        with self.accelerator.autocast():
+            image = pipe(self.config.sample_prompt, num_inference_steps=20, height=size, width=size,
+                         generator=gen).images[0]
+        pipe.vae.to("cpu")
+        path = self.run.samples_dir / f"step_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        return path
+
+    def cleanup(self) -> None:
+        self.latents = None
+        self.text_cache = {}
+
+
+def _training_scheduler(scheduler):
+    """A DDPMScheduler with the pipeline's noise schedule (the inference scheduler may be another kind)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler.config)

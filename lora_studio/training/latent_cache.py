@@ -1,0 +1,107 @@
+"""Encode every training image with the VAE once, and keep the result (memory or disk).
+
+Without the cache the VAE encodes each image at every step, which costs more time than the LoRA step
+itself for small batches. The cache holds the latent distribution's mean and standard deviation, so each
+step still draws a fresh sample (as an uncached run would). On disk the files are keyed by the image's
+path, size, modification time, bucket and VAE, so a second run on the same data skips the encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..data.buckets import resize_to_bucket
+from ..data.images import load_image_rgb
+from ..data.train_set import TrainItem
+
+log = logging.getLogger(__name__)
+
+
+def image_tensor(item: TrainItem) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The image resized and cropped to its bucket, as a (3, H, W) tensor in [-1, 1], and the crop offset."""
+    img, crop = resize_to_bucket(load_image_rgb(item.path), item.bucket)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), crop
+
+
+def _key(item: TrainItem, vae_id: str) -> str:
+    st = item.path.stat()
+    raw = f"{item.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{item.bucket}|{vae_id}"
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+class LatentCache:
+    """mean/std latents per item (scaled by the VAE scaling factor), plus the crop offset for SDXL."""
+
+    def __init__(self, entries: list[dict[str, torch.Tensor]]):
+        self.entries = entries
+
+    def sample(self, indices: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        mean = torch.stack([self.entries[i]["mean"] for i in indices]).float()
+        std = torch.stack([self.entries[i]["std"] for i in indices]).float()
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return mean + std * noise
+
+    def crops(self, indices: Sequence[int]) -> list[tuple[int, int]]:
+        return [tuple(self.entries[i]["crop"].tolist()) for i in indices]
+
+
+@torch.no_grad()
+def encode_latents(vae, items: Sequence[TrainItem], *, device: torch.device, dtype: torch.dtype,
+                   disk_dir: Path | None = None, vae_id: str = "", batch_size: int = 4,
+                   progress: Callable[[int, int], None] | None = None,
+                   on_error: Callable[[TrainItem, Exception], None] | None = None) -> tuple[LatentCache, list[int]]:
+    """Encode ``items``; returns the cache and the indices of the items that failed (reported, skipped)."""
+    scaling = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    entries: list[dict[str, torch.Tensor] | None] = [None] * len(items)
+    todo: list[int] = []
+    for i, item in enumerate(items):
+        cached = disk_dir / f"{_key(item, vae_id)}.pt" if disk_dir else None
+        if cached is not None and cached.is_file():
+            try:
+                entries[i] = torch.load(cached, map_location="cpu")
+                continue
+            except Exception:  # a broken cache file is re-encoded
+                pass
+        todo.append(i)
+    failed: list[int] = []
+    done = len(items) - len(todo)
+    # Images of one bucket have the same size, so they can be encoded together.
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i in todo:
+        by_bucket.setdefault(items[i].bucket, []).append(i)
+    for group in by_bucket.values():
+        for start in range(0, len(group), batch_size):
+            chunk, pixels, crops = [], [], []
+            for i in group[start:start + batch_size]:
+                try:
+                    px, crop = image_tensor(items[i])
+                except Exception as exc:
+                    failed.append(i)
+                    if on_error:
+                        on_error(items[i], exc)
+                    continue
+                chunk.append(i)
+                pixels.append(px)
+                crops.append(crop)
+            if chunk:
+                dist = vae.encode(torch.stack(pixels).to(device, dtype)).latent_dist
+                mean = ((dist.mean - shift) * scaling).float().cpu()
+                std = (dist.std * scaling).float().cpu()
+                for j, i in enumerate(chunk):
+                    entry = {"mean": mean[j].clone(), "std": std[j].clone(), "crop": torch.tensor(crops[j])}
+                    entries[i] = entry
+                    if disk_dir is not None:
+                        disk_dir.mkdir(parents=True, exist_ok=True)
+                        torch.save(entry, disk_dir / f"{_key(items[i], vae_id)}.pt")
+            done += len(group[start:start + batch_size])
+            if progress:
+                progress(done, len(items))
+    return LatentCache([e for e in entries if e is not None]), sorted(failed)
