@@ -333,3 +333,27 @@ def load_config(path: str | os.PathLike | None = None, *, preset: str | None = N
     if overrides:
         cfg = merge(cfg, overrides, source="command line")
     return cfg.validate()
+
+
+GROUP_TITLES = {"main": "Main settings", "advanced": "Advanced", "llm": "Language models (family: llm)"}
+
+
+def template_yaml() -> str:
+    """A commented YAML file listing every key with its default and help (presets/lora_default.yaml)."""
+    lines = ["# LoRA Studio training config: every key, its default and what it does.",
+             "# Copy this file, change what you need, delete the rest, then run:",
+             "#   python -m lora_studio train --config my_style.yaml [--preset 12gb] [key=value ...]",
+             "# Order: preset, then this file, then key=value on the command line.", ""]
+    for group, title in GROUP_TITLES.items():
+        lines.append(f"# ---- {title} " + "-" * max(4, 90 - len(title)))
+        for f in fields(TrainConfig):
+            if f.metadata.get("group") != group:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            choices = f.metadata.get("choices")
+            help_text = f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else "")
+            lines.append(f"# {help_text}")
+            value = yaml.safe_dump({f.name: default}, default_flow_style=True).strip()[1:-1]
+            lines.append(value)
+        lines.append("")
+    return "\n".join(lines)
