@@ -56,13 +56,13 @@ def _clip_text_config(vocab_size: int, hidden: int = 32, projection: int | None 
     )
 
 
-def _tiny_vae():
+def _tiny_vae(channels: tuple[int, ...] = (16, 32), layers: int = 1):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32),
-        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
+        layers_per_block=layers, latent_channels=4, norm_num_groups=8, sample_size=64,
     )
 
 
@@ -75,8 +75,14 @@ def _scheduler(prediction_type: str = "epsilon"):
     )
 
 
-def build_tiny_sd15(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """A tiny SD1.5-shaped pipeline saved as a diffusers folder. Returns the folder."""
+def build_tiny_sd15(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon",
+                    unet_channels: tuple[int, int] = (32, 64), vae_channels: tuple[int, ...] = (16, 32),
+                    vae_layers: int = 1) -> Path:
+    """A tiny SD1.5-shaped pipeline saved as a diffusers folder. Returns the folder.
+
+    The default is the smallest that exercises every code path; the benchmark passes larger channel
+    counts so the VAE/UNet cost ratio is closer to the real model's.
+    """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -89,12 +95,12 @@ def build_tiny_sd15(folder: str | Path, seed: int = 0, prediction_type: str = "e
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     text_encoder = CLIPTextModel(_clip_text_config(len(tokenizer)))
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=unet_channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     )
     pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        vae=_tiny_vae(vae_channels, vae_layers), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )

@@ -187,6 +187,9 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
     from transformers import get_scheduler
 
     try:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # LoRA initialisation, dropout; per-step noise uses trainer.generator
         bus.emit("state", state="preparing")
         trainer.prepare()
         batches_per_epoch = len(trainer.batches(0))
