@@ -124,6 +124,8 @@ class TrainConfig:
                                min=8, max=1_000_000, group="llm")
     load_in_4bit: bool = _opt(False, "LLM: QLoRA, load the base model in 4-bit NF4 (CUDA + bitsandbytes).",
                               group="llm")
+    save_merged_model: bool = _opt(False, "LLM: also write a merged full model folder (base + LoRA), for tools "
+                                   "that take no adapters. Needs the model's size in RAM.", group="llm")
 
     # --- saving, logging, samples --------------------------------------------------------------------
     save_steps: int = _opt(500, "Save a checkpoint every N steps (0: only at the end).", min=0, max=10_000_000)
