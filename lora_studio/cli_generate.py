@@ -1,0 +1,53 @@
+"""The ``generate`` command: one prompt and seed at several LoRA strengths, saved as one labelled PNG.
+
+    python -m lora_studio generate --base MODEL --lora my_lora.safetensors --prompt "a cat, my_style" \
+        --strengths 0,0.5,1 --out grid.png
+
+Several ``--lora`` files (e.g. checkpoints of one run) give one row each. Strength 0 is the base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .inference.grid import RenderSettings, lora_display_name, parse_strengths, render_grid
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="render a prompt at several LoRA strengths into one grid PNG",
+                       description="Render the same prompt and seed at several LoRA strengths (0 = base model).")
+    p.add_argument("--base", required=True, help="base model: diffusers folder, hub id or .safetensors checkpoint")
+    p.add_argument("--lora", required=True, action="append", metavar="FILE",
+                   help="LoRA file (kohya/A1111 or diffusers); repeat for a checkpoint-by-strength grid")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=7.0, help="guidance scale")
+    p.add_argument("--size", type=int, default=None, help="width and height in pixels (default: the model's)")
+    p.add_argument("--vae", default=None, help="optional VAE folder, hub id or file")
+    p.add_argument("--strengths", default="0,0.25,0.5,0.75,1", help="comma-separated strengths")
+    p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    strengths = parse_strengths(args.strengths)
+    settings = RenderSettings(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
+                              cfg=args.cfg, width=args.size, height=args.size)
+    loras = [(lora_display_name(f), f) for f in args.lora]
+    if len({label for label, _ in loras}) < len(loras):
+        loras = [(str(Path(f)), f) for f in args.lora]
+
+    def progress(done: int, total: int, label: str) -> None:
+        sys.stderr.write(f"\r[{done}/{total}] {label}          ")
+        sys.stderr.flush()
+
+    result = render_grid(args.base, loras, settings, strengths, vae=args.vae, progress=progress, out_path=args.out)
+    sys.stderr.write("\n")
+    print(f"Grid written to {result.path}")
+    if result.tags:
+        print("Paste into AUTOMATIC1111 / Forge: " + "  ".join(result.tags))
+    return 0
