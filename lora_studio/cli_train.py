@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -71,9 +72,8 @@ class _TerminalView:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from .training.job import TrainingJob
+    from .training.multi_gpu import is_main_process
 
     overrides = parse_overrides(args.overrides)
     if args.resume:
@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise StudioError("Give a config file (--config my.yaml) or key=value settings; "
                               "presets/lora_default.yaml is a commented template.")
         job = TrainingJob(load_config(args.config, preset=args.preset, overrides=overrides))
-    if PartialState().is_main_process:
+    if is_main_process():
         job.bus.subscribe(_TerminalView())
     job.start()
     previous = signal.getsignal(signal.SIGINT)
@@ -97,8 +97,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     while not job.wait(0.5):
         pass
     if job.status == "failed":
+        if not is_main_process():  # only the main process shows events; say why this one failed
+            sys.stderr.write(f"error (process {os.environ.get('RANK', '?')}): {job.error}\n")
         return 1
-    if job.status == "finished" and PartialState().is_main_process:
+    if job.status == "finished" and is_main_process():
         print(f"LoRA written to {job.run.path}")
         for f in job.files:
             print(f"  {f}")

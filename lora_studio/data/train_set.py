@@ -7,6 +7,7 @@ captions: a run without captions that "succeeds" is the most common silent failu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -120,27 +121,66 @@ def preflight(train_data_dir: str | Path, resolution: int, *, metadata_path: str
     return report
 
 
-def epoch_batches(items: Sequence[TrainItem], batch_size: int, seed: int, epoch: int,
-                  process_index: int = 0, num_processes: int = 1) -> list[list[int]]:
-    """Indices of ``items`` grouped into same-bucket batches, shuffled by (seed, epoch), sharded by process.
+class Batch(list):
+    """Indices of ``items`` for one micro-batch, and where it sits in the epoch.
 
-    Every process gets the same number of batches (the remainder after an even split is dropped), so
-    all processes step together.
+    ``number`` is the global batch (one optimizer micro-step of all processes together) and ``offset`` the
+    position of this micro-batch's first sample inside it, so sample ``k`` of the batch is sample
+    ``offset + k`` of global batch ``number`` whichever process trains it. Trainers key per-sample
+    randomness on ``(seed, epoch, number, offset + k)``: the same samples then get the same noise with
+    batch 2 on one process as with batch 1 on each of two processes.
+    """
+
+    def __init__(self, indices: Sequence[int], epoch: int = 0, number: int = 0, offset: int = 0):
+        super().__init__(indices)
+        self.epoch, self.number, self.offset = epoch, number, offset
+
+    def positions(self) -> list[tuple[int, int, int]]:
+        """``(epoch, global batch, position in it)`` of each sample."""
+        return [(self.epoch, self.number, self.offset + k) for k in range(len(self))]
+
+    def generators(self, seed: int) -> list["torch.Generator"]:
+        """One CPU ``torch.Generator`` per sample, seeded by ``(seed, epoch, global batch, position)``."""
+        import torch
+
+        return [torch.Generator(device="cpu").manual_seed(sample_seed(seed, *pos)) for pos in self.positions()]
+
+
+def sample_seed(seed: int, epoch: int, number: int, position: int) -> int:
+    """A 63-bit seed for one sample of one epoch (stable across processes, runs and platforms)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{number}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def epoch_batches(items: Sequence[TrainItem], batch_size: int, seed: int, epoch: int,
+                  process_index: int = 0, num_processes: int = 1) -> list[Batch]:
+    """Same-bucket batches of ``items`` indices, shuffled by (seed, epoch), this process's share.
+
+    The epoch is first cut into global batches of ``batch_size x num_processes`` samples of one bucket
+    and shuffled; each process then takes its ``batch_size`` slice of every global batch. So every
+    process gets the same number of equally sized batches (all processes step together), and what one
+    optimizer step sees depends only on the effective batch: batch 2 on one process and batch 1 on two
+    processes train on the same samples in the same order. With one process this is the plain
+    shuffled-buckets order. Under several processes a bucket whose image count does not divide by the
+    number of processes is filled up by repeating its first (shuffled) images.
     """
     rng = random.Random(seed * 1000003 + epoch)
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for idx, item in enumerate(items):
         by_bucket.setdefault(item.bucket, []).extend([idx] * max(item.repeats, 1))
-    batches: list[list[int]] = []
+    world = max(num_processes, 1)
+    global_size = batch_size * world
+    groups: list[list[int]] = []
     for bucket in sorted(by_bucket):
         idxs = by_bucket[bucket]
         rng.shuffle(idxs)
-        batches += [idxs[i:i + batch_size] for i in range(0, len(idxs), batch_size)]
-    rng.shuffle(batches)
-    if num_processes > 1:
-        usable = len(batches) // num_processes * num_processes
-        if usable == 0:
-            raise DatasetError(f"{len(batches)} batch(es) per epoch cannot be split over {num_processes} "
-                               "processes; add images or lower batch_size.")
-        batches = batches[:usable][process_index::num_processes]
-    return batches
+        if len(idxs) % world:
+            idxs = idxs + (idxs * world)[:world - len(idxs) % world]
+        groups += [idxs[i:i + global_size] for i in range(0, len(idxs), global_size)]
+    rng.shuffle(groups)
+    out = []
+    for number, group in enumerate(groups):
+        share = len(group) // world  # batch_size, or less for a bucket's last global batch
+        offset = process_index * share
+        out.append(Batch(group[offset:offset + share], epoch, number, offset))
+    return out

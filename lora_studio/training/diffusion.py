@@ -3,8 +3,12 @@
 What happens, in order: load the pipeline (frozen weights in half precision on a GPU), add PEFT LoRA
 adapters to the UNet attention projections (and optionally the text encoder), read and bucket the images,
 encode their latents once (the VAE then leaves the GPU), encode the captions once when the text encoder is
-frozen, then each step: draw noise and timesteps from the run's own generator, predict, and take the
-(optionally min-SNR weighted) MSE loss against the noise or the velocity.
+frozen, then each step: draw noise and timesteps, predict, and take the (optionally min-SNR weighted) MSE
+loss against the noise or the velocity.
+
+Per-sample randomness (latent sample, noise, noise offset, timestep) comes from a generator seeded by the
+sample's place in the epoch (``Batch.generators``), not from a running generator: a run is deterministic
+and resumes exactly, and batch 2 on one GPU draws the same noise as batch 1 on each of two GPUs.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DEFAULT_TEXT_ENCODER_TARGETS, TrainConfig
-from ..data.train_set import Preflight, TrainItem, epoch_batches, preflight
+from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight
 from ..errors import DatasetError
 from ..models.loading import load_diffusion_pipeline
 from .events import EventBus
-from .latent_cache import LatentCache, encode_latents
+from .latent_cache import LatentCache, encode_latents_shared
 from .loop import Trainer
 from .run_folder import RunFolder
 from .runtime import weight_dtype
@@ -127,9 +131,9 @@ class DiffusionTrainer(Trainer):
             skipped.append(item.path.name)
             self.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
 
-        self.latents, failed = encode_latents(
-            self.pipe.vae, self.items, device=self.accelerator.device, dtype=self.pipe.vae.dtype, disk_dir=disk,
-            vae_id=f"{cfg.base_model}|{cfg.vae}", progress=progress, on_error=on_error)
+        self.latents, failed = encode_latents_shared(  # split over the processes of a multi-GPU run
+            self.pipe.vae, self.items, self.accelerator, device=self.accelerator.device, dtype=self.pipe.vae.dtype,
+            disk_dir=disk, vae_id=f"{cfg.base_model}|{cfg.vae}", progress=progress, on_error=on_error)
         if failed:
             self.items = [it for i, it in enumerate(self.items) if i not in set(failed)]
         if not self.items:
@@ -144,7 +148,7 @@ class DiffusionTrainer(Trainer):
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Text conditioning for the UNet: ``encoder_hidden_states`` (SDXL adds pooled embeddings)."""
-        te = self.pipe.text_encoder
+        te = self.training_module("text_encoder")
         ids = tokens["input_ids"].to(self.accelerator.device)
         return {"encoder_hidden_states": te(ids)[0]}
 
@@ -162,6 +166,15 @@ class DiffusionTrainer(Trainer):
             return {k: torch.stack([self.text_cache[c][k] for c in captions]).to(self.accelerator.device)
                     for k in self.text_cache[captions[0]]}
         return self.encode_text(self.tokenize(captions))
+
+    def training_module(self, name: str) -> torch.nn.Module:
+        """``pipe.<name>`` as the step must call it: through its DDP wrapper once the loop prepared it
+        (a trained text encoder called around the wrapper would skip the gradient all-reduce)."""
+        module = getattr(self.pipe, name)
+        for prepared in getattr(self, "prepared_models", None) or ():
+            if self.accelerator.unwrap_model(prepared) is module:
+                return prepared
+        return module
 
     # --- the step --------------------------------------------------------------------------------
     def batches(self, epoch: int) -> list[list[int]]:
@@ -188,13 +201,16 @@ class DiffusionTrainer(Trainer):
         return {"encoder_hidden_states": cond["encoder_hidden_states"]}
 
     def compute_loss(self, batch: list[int]) -> torch.Tensor:
-        cfg, acc, gen = self.config, self.accelerator, self.generator
-        latents = self.latents.sample(batch, gen)
-        noise = torch.randn(latents.shape, generator=gen)
+        cfg, acc = self.config, self.accelerator
+        # one generator per sample, seeded by its place in the epoch (a plain list: the run's generator)
+        gens = batch.generators(cfg.seed) if isinstance(batch, Batch) else [self.generator] * len(batch)
+        latents = self.latents.sample(batch, gens)
+        shape = latents.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
         if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+            noise = noise + cfg.noise_offset * torch.stack([torch.randn((shape[0], 1, 1), generator=g) for g in gens])
         n_train = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, n_train, (latents.shape[0],), generator=gen)
+        timesteps = torch.cat([torch.randint(0, n_train, (1,), generator=g) for g in gens])
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -296,7 +312,20 @@ class DiffusionTrainer(Trainer):
             self.bus.emit("state", state="verifying export")
             report = self.verify(kohya_path)
             self.say(f"Export check passed: {report}")
+        self._write_card(step, files)
         return files
+
+    def _write_card(self, step: int, files: list[Path]) -> None:
+        """README.md (LoRA card) and the A1111 sidecar next to the LoRA; a failure here only warns."""
+        from ..data.tags import tag_frequency
+        from ..export.card import write_card
+
+        try:
+            write_card(self.run, self.config, self.family, files,
+                       tag_frequency({it.path: it.caption for it in self.items}, self.config.train_data_dir),
+                       captions=[it.caption for it in self.items], steps=step, num_images=len(self.items))
+        except Exception as exc:  # the LoRA itself is written; the card can be rewritten later
+            self.say(f"The LoRA card (README.md) could not be written: {exc.__class__.__name__}: {exc}", "warning")
 
     @torch.no_grad()
     def verify(self, lora_file: Path):

@@ -4,6 +4,10 @@ Without the cache the VAE encodes each image at every step, which costs more tim
 itself for small batches. The cache holds the latent distribution's mean and standard deviation, so each
 step still draws a fresh sample (as an uncached run would). On disk the files are keyed by the image's
 path, size, modification time, bucket and VAE, so a second run on the same data skips the encoding.
+
+Under several processes (``encode_latents_shared``) each process encodes every N-th image, so the VAE
+work is split, not repeated; the processes then exchange their latents (memory) or read each other's
+files after a barrier (disk), and every process ends with the same complete cache.
 """
 
 from __future__ import annotations
@@ -42,10 +46,14 @@ class LatentCache:
     def __init__(self, entries: list[dict[str, torch.Tensor]]):
         self.entries = entries
 
-    def sample(self, indices: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    def sample(self, indices: Sequence[int], generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+        """Latents drawn from the cached distributions: one generator for the batch, or one per sample."""
         mean = torch.stack([self.entries[i]["mean"] for i in indices]).float()
         std = torch.stack([self.entries[i]["std"] for i in indices]).float()
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        if isinstance(generator, torch.Generator):
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        else:
+            noise = torch.stack([torch.randn(mean.shape[1:], generator=g, dtype=mean.dtype) for g in generator])
         return mean + std * noise
 
     def crops(self, indices: Sequence[int]) -> list[tuple[int, int]]:
@@ -105,3 +113,47 @@ def encode_latents(vae, items: Sequence[TrainItem], *, device: torch.device, dty
             if progress:
                 progress(done, len(items))
     return LatentCache([e for e in entries if e is not None]), sorted(failed)
+
+
+def encode_latents_shared(vae, items: Sequence[TrainItem], accelerator, *, disk_dir: Path | None = None,
+                          progress: Callable[[int, int], None] | None = None,
+                          on_error: Callable[[TrainItem, Exception], None] | None = None,
+                          **kwargs) -> tuple[LatentCache, list[int]]:
+    """``encode_latents`` with the work split over the run's processes; every process gets the whole cache.
+
+    Process ``r`` of ``N`` encodes items ``r, r+N, r+2N ...``. With a disk cache the processes meet at a
+    barrier and then load all files (nothing is encoded twice); in memory they exchange their latents
+    with one ``gather_object``. Unreadable images are reported by every process (only the main one logs).
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world <= 1:
+        return encode_latents(vae, items, disk_dir=disk_dir, progress=progress, on_error=on_error, **kwargs)
+    from accelerate.utils import gather_object
+
+    mine = list(range(rank, len(items), world))
+    mine_items = [items[i] for i in mine]
+    index_of = {id(item): i for item, i in zip(mine_items, mine)}
+    errors: dict[int, str] = {}
+
+    def my_progress(done: int, total: int) -> None:
+        if progress:
+            progress(min(done * world, len(items)), len(items))
+
+    def my_error(item: TrainItem, exc: Exception) -> None:
+        errors[index_of[id(item)]] = f"{exc.__class__.__name__}: {exc}"
+
+    part, failed = encode_latents(vae, mine_items, disk_dir=disk_dir, progress=my_progress, on_error=my_error,
+                                  **kwargs)
+    ok = [i for j, i in enumerate(mine) if j not in set(failed)]
+    if disk_dir is not None:
+        accelerator.wait_for_everyone()  # every file is written; load them all (no encoding left to do)
+        return encode_latents(vae, items, disk_dir=disk_dir, on_error=on_error, **kwargs)
+    entries: dict[int, dict[str, torch.Tensor]] = {}
+    all_errors: dict[int, str] = {}
+    for indices, tensors, errs in gather_object([(ok, part.entries, errors)]):
+        entries.update(zip(indices, tensors))
+        all_errors.update(errs)
+    for i in sorted(all_errors):
+        if on_error:
+            on_error(items[i], RuntimeError(all_errors[i]))
+    return LatentCache([entries[i] for i in range(len(items)) if i in entries]), sorted(all_errors)

@@ -9,6 +9,7 @@ checkpoints with exact resume, and the NaN and out-of-memory guards.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from abc import ABC, abstractmethod
@@ -21,6 +22,7 @@ from ..config import TrainConfig
 from ..errors import StudioError, TrainingError
 from ..fileio import atomic_write
 from .events import Commands, EventBus
+from .multi_gpu import any_process, mean_over_processes
 from .run_folder import RunFolder
 from .runtime import all_finite, build_optimizer, free_memory, is_out_of_memory, make_accelerator, memory_gb
 from .runtime import rng_state, set_rng_state
@@ -222,7 +224,9 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
                     f"batch {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x {world} "
                     f"process(es) = effective batch {cfg.batch_size * cfg.gradient_accumulation_steps * world}.")
         if main:
-            run.write_state(status="training", step=step, total=total, message="")
+            run.take_commands()  # drop stop/save requests left over from an earlier process
+            run.write_state(status="training", step=step, total=total, message="", num_processes=world,
+                            effective_batch=cfg.batch_size * cfg.gradient_accumulation_steps * world)
         bus.emit("state", state="training")
         bus.emit("progress", step=step, total=total, epoch=start_epoch, it_per_s=0.0, eta_s=None, elapsed_s=0.0)
 
@@ -238,10 +242,10 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
             accumulated, micro = 0.0, 0
             for i in range(skip if epoch == start_epoch else 0, len(batches)):
                 sync = (micro + 1 == ga) or (i == len(batches) - 1)
-                ctx = acc.no_sync(models[0]) if (not sync and world > 1) else _null()
+                ctx = _no_sync(acc, models) if (not sync and world > 1) else _null()
                 with ctx:
                     loss = trainer.compute_loss(batches[i])
-                    if not torch.isfinite(loss.detach()).all():
+                    if any_process(acc, not torch.isfinite(loss.detach()).all()):  # all processes stop together
                         raise _NaNLoss(step + 1)
                     acc.backward(loss / ga)
                 accumulated += float(loss.detach()) / ga
@@ -254,7 +258,7 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                loss_value = accumulated * ga / micro
+                loss_value = mean_over_processes(acc, accumulated * ga / micro)  # the loss of the whole step
                 accumulated, micro = 0.0, 0
 
                 it_s = speed.tick()
@@ -270,7 +274,10 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
                 bus.emit("progress", step=step, total=total, epoch=epoch, it_per_s=round(it_s, 3), eta_s=eta,
                          eta=_eta_text(eta) if eta is not None else "", elapsed_s=time.time() - started)
 
-                stop = commands.take("stop")
+                if main:
+                    for name in run.take_commands():  # requests from another process (multi_gpu.request_command)
+                        commands.request(name)
+                stop = any_process(acc, commands.take("stop"))  # one decision for all processes
                 done = step >= total
                 periodic = cfg.save_steps and step % cfg.save_steps == 0 and not done
                 if (periodic or commands.take("save") or stop) and main:
@@ -345,6 +352,14 @@ def out_of_memory_advice(cfg: TrainConfig) -> str:
 class _NaNLoss(Exception):
     def __init__(self, step: int):
         self.step = step
+
+
+def _no_sync(acc, models: Sequence[torch.nn.Module]) -> contextlib.ExitStack:
+    """Skip the gradient all-reduce of every trained model (not only the first) while accumulating."""
+    stack = contextlib.ExitStack()
+    for model in models:
+        stack.enter_context(acc.no_sync(model))
+    return stack
 
 
 class _null:

@@ -15,6 +15,7 @@ The UI rebuilds its view from this folder after a browser refresh or an app rest
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -35,14 +36,34 @@ class RunFolder:
     # --- creating and opening --------------------------------------------------------------------
     @classmethod
     def create(cls, config: TrainConfig) -> "RunFolder":
-        """A new run folder under ``config.output_dir`` named ``<output_name>-<date>-<time>``."""
-        root = Path(config.output_dir)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = root / f"{config.output_name}-{stamp}"
-        n = 1
-        while path.exists():
-            n += 1
-            path = root / f"{config.output_name}-{stamp}-{n}"
+        """A new run folder under ``config.output_dir`` named ``<output_name>-<date>-<time>``.
+
+        Under several processes only the main process creates it and the others receive its path, so
+        all of them write into one folder. A launcher may fix the folder beforehand through the
+        ``LORA_STUDIO_RUN_DIR`` environment variable (``multi_gpu.start_multi_gpu`` does).
+        """
+        from .multi_gpu import ENV_RUN_DIR, broadcast_from_main, is_main_process
+
+        path = str(cls._create_here(config, os.environ.get(ENV_RUN_DIR)).path) if is_main_process() else None
+        return cls(Path(broadcast_from_main(path)))
+
+    @classmethod
+    def _create_here(cls, config: TrainConfig, fixed: str | None = None) -> "RunFolder":
+        if fixed:
+            run = cls(Path(fixed))
+            if run.config_path.is_file() and run.state_path.is_file():  # prepared by the launcher
+                for sub in ("logs", "checkpoints", "samples"):
+                    (run.path / sub).mkdir(parents=True, exist_ok=True)
+                return run
+            path = run.path
+        else:
+            root = Path(config.output_dir)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = root / f"{config.output_name}-{stamp}"
+            n = 1
+            while path.exists():
+                n += 1
+                path = root / f"{config.output_name}-{stamp}-{n}"
         run = cls(path)
         for sub in ("logs", "checkpoints", "samples"):
             (path / sub).mkdir(parents=True, exist_ok=True)
@@ -99,7 +120,12 @@ class RunFolder:
             return {}
 
     def write_state(self, **changes: Any) -> dict[str, Any]:
+        """Merge ``changes`` into ``job.json`` (only the main process writes it; others get the merge back)."""
+        from .multi_gpu import is_main_process
+
         state = self.read_state()
+        if not is_main_process():
+            return {**state, **changes}
         state.update(changes)
         state["updated_at"] = time.time()
         atomic_write_json(self.state_path, state)
@@ -127,6 +153,21 @@ class RunFolder:
         from ..fileio import atomic_write_text
 
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # --- commands from another process (multi_gpu.request_command) ---------------------------------
+    def take_commands(self) -> list[str]:
+        """Names of the command files (``commands/stop``, ``save``, ``sample``) present, removing them."""
+        folder = self.path / "commands"
+        if not folder.is_dir():
+            return []
+        taken = []
+        for name in ("stop", "save", "sample"):
+            try:
+                (folder / name).unlink()
+            except OSError:  # not requested (or already taken)
+                continue
+            taken.append(name)
+        return taken
 
     # --- checkpoints -----------------------------------------------------------------------------
     def checkpoint_dir(self, step: int) -> Path:

@@ -28,8 +28,12 @@ def make_accelerator(config: TrainConfig, say=None):
             say(f"No CUDA GPU found: training on the CPU in full precision (mixed_precision '{precision}' "
                 "is ignored). This is fine for tiny tests; real models need a GPU.")
         precision = "no"
-    return Accelerator(mixed_precision=precision, project_config=ProjectConfiguration(
-        project_dir=config.output_dir, automatic_checkpoint_naming=False))
+    from .multi_gpu import accelerator_kwargs, check_world
+
+    accelerator = Accelerator(mixed_precision=precision, project_config=ProjectConfiguration(
+        project_dir=config.output_dir, automatic_checkpoint_naming=False), **accelerator_kwargs(config))
+    check_world(accelerator)  # several launched processes must form one group (multi_gpu)
+    return accelerator
 
 
 def weight_dtype(accelerator) -> torch.dtype:
