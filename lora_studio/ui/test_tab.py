@@ -1,0 +1,206 @@
+"""Testing tab: the same prompt and seed at several LoRA strengths, side by side, and across checkpoints.
+
+Pick a LoRA from the runs (or type any file), write a prompt, press "Render strengths": one labelled
+picture per strength (0 = the base model) saved as one PNG, plus the ``<lora:name:strength>`` text for
+AUTOMATIC1111/Forge. "Checkpoint x strength grid" adds one row per saved checkpoint of the same run.
+For language-model LoRAs, the same prompt is answered side by side at each strength (when the LLM
+engine is installed). The rendering itself is ``inference.grid`` (the ``generate`` command uses it too).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ..inference.grid import RenderSettings, lora_display_name, parse_strengths, render_grid
+from ..training.run_folder import RunFolder, list_runs
+from .common import friendly, progress_callback
+from .context import StudioContext
+
+DEFAULT_STRENGTHS_TEXT = "0, 0.25, 0.5, 0.75, 1"
+
+
+def run_of(lora_file: str | Path) -> RunFolder | None:
+    """The run folder a LoRA file belongs to (the file itself or a checkpoint's file), if any."""
+    p = Path(lora_file)
+    for parent in list(p.parents)[:4]:
+        if (parent / "config.yaml").is_file() and (parent / "job.json").is_file():
+            return RunFolder(parent)
+    return None
+
+
+def lora_choices(runs_dir: Path) -> list[tuple[str, str]]:
+    """(label, file) for the image LoRA files of every run: the final file, then checkpoints newest first."""
+    out = []
+    for run in list_runs(runs_dir):
+        for f in sorted(run.path.glob("*.safetensors")):
+            out.append((f"{run.name} / {f.name} (final)", str(f)))
+        for step, d in reversed(run.list_checkpoints()):
+            for f in sorted(d.glob("*.safetensors")):
+                out.append((f"{run.name} / step {step}", str(f)))
+    return out
+
+
+def checkpoint_rows(lora_file: Path) -> list[tuple[str, Path]]:
+    """(label, file) rows for a checkpoint grid: each checkpoint of the file's run, then the final file."""
+    run = run_of(lora_file)
+    if run is None:
+        return [(lora_display_name(lora_file), lora_file)]
+    rows = [(f"step {step}", f) for step, d in run.list_checkpoints() for f in sorted(d.glob("*.safetensors"))[:1]]
+    rows += [("final", f) for f in sorted(run.path.glob("*.safetensors"))[:1]]
+    return rows or [(lora_display_name(lora_file), lora_file)]
+
+
+def _base_for(lora_file: str) -> str:
+    run = run_of(lora_file) if lora_file else None
+    if run is None:
+        return ""
+    try:
+        return run.load_config().base_model
+    except Exception:
+        return ""
+
+
+def _llm_engine():
+    """The LLM comparison module, when the LLM engine is installed (else None)."""
+    try:
+        from ..inference import llm_compare
+    except ImportError:
+        return None
+    return llm_compare if hasattr(llm_compare, "compare_answers") else None
+
+
+def build_test_tab(ctx: StudioContext) -> dict[str, Any]:
+    """Build the Testing tab's components and events; returns the components by id (and ``refresh``)."""
+    render_defaults = ctx.demo.render if ctx.demo else {}
+    gr.Markdown("Compare your LoRA at several strengths with the same prompt and seed (strength 0 is the base "
+                "model without the LoRA). Copy the `<lora:...>` text into AUTOMATIC1111 or Forge.")
+    choices = lora_choices(ctx.runs_dir)
+    with gr.Row(equal_height=True):
+        lora = gr.Dropdown(label="LoRA file", choices=choices, value=choices[0][1] if choices else None,
+                           allow_custom_value=True, scale=5,
+                           info="From your runs, or type the path of any .safetensors LoRA.")
+        refresh_btn = gr.Button("Refresh list", scale=0, min_width=110)
+    base = gr.Textbox(label="Base model", value=_base_for(choices[0][1]) if choices else "",
+                      info="Filled in from the run's config; any model of the same family works.")
+    prompt = gr.Textbox(label="Prompt", lines=2, value=render_defaults.get("prompt", ""),
+                        placeholder="mystyle, a portrait of a woman in a garden")
+    negative = gr.Textbox(label="Negative prompt", value="")
+    with gr.Row():
+        seed = gr.Number(label="Seed", value=42, precision=0, minimum=0)
+        steps = gr.Number(label="Steps", value=render_defaults.get("steps", 25), precision=0, minimum=1, maximum=150)
+        cfg = gr.Number(label="CFG (guidance)", value=render_defaults.get("cfg", 7.0), minimum=0, maximum=30, step=0.5)
+        size = gr.Number(label="Size (px, 0 = model default)", value=render_defaults.get("size", 0), precision=0,
+                         minimum=0, maximum=2048, step=64)
+    strengths = gr.Textbox(label="Strengths", value=DEFAULT_STRENGTHS_TEXT, info="Comma separated; 0 = base model.")
+    with gr.Row():
+        render_btn = gr.Button("Render strengths", variant="primary")
+        grid_btn = gr.Button("Checkpoint x strength grid")
+    grid_image = gr.Image(label="Result (one PNG)", type="filepath", interactive=False, height=420)
+    with gr.Row():
+        tags = gr.Textbox(label="Paste into AUTOMATIC1111 / Forge", buttons=["copy"], scale=3)
+        grid_file = gr.File(label="Grid PNG", interactive=False, scale=2, height=90)
+
+    def settings(prompt_v, negative_v, seed_v, steps_v, cfg_v, size_v) -> RenderSettings:
+        px = int(size_v or 0) or None
+        return RenderSettings(prompt=prompt_v or "", negative=negative_v or "", seed=int(seed_v or 0),
+                              steps=int(steps_v or 20), cfg=float(cfg_v if cfg_v is not None else 7.0),
+                              width=px, height=px)
+
+    def render(rows_of, lora_v, base_v, prompt_v, negative_v, seed_v, steps_v, cfg_v, size_v, strengths_v,
+               progress):
+        lora_path = ctx.policy.file(lora_v, "LoRA file", suffixes=(".safetensors",))
+        base_model = ctx.policy.model_ref(base_v or _base_for(str(lora_path)))
+        rows = rows_of(lora_path)
+        out = ctx.grids_dir / f"{lora_display_name(lora_path)}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+        progress(0, desc="Loading the base model and the LoRA")
+        result = render_grid(base_model, rows, settings(prompt_v, negative_v, seed_v, steps_v, cfg_v, size_v),
+                             parse_strengths(strengths_v), progress=progress_callback(progress, "Rendering"),
+                             out_path=out)
+        return str(result.path), "  ".join(result.tags), str(result.path)
+
+    @friendly
+    def render_strengths(lora_v, base_v, prompt_v, negative_v, seed_v, steps_v, cfg_v, size_v, strengths_v,
+                         progress=gr.Progress()):
+        return render(lambda p: [(lora_display_name(p), p)], lora_v, base_v, prompt_v, negative_v, seed_v, steps_v,
+                      cfg_v, size_v, strengths_v, progress)
+
+    @friendly
+    def render_checkpoints(lora_v, base_v, prompt_v, negative_v, seed_v, steps_v, cfg_v, size_v, strengths_v,
+                           progress=gr.Progress()):
+        return render(checkpoint_rows, lora_v, base_v, prompt_v, negative_v, seed_v, steps_v, cfg_v, size_v,
+                      strengths_v, progress)
+
+    def refresh(current: str | None, base_v: str):
+        new = lora_choices(ctx.runs_dir)
+        value = current if current else (new[0][1] if new else None)
+        return gr.update(choices=new, value=value), (base_v or _base_for(value or ""))
+
+    inputs = [lora, base, prompt, negative, seed, steps, cfg, size, strengths]
+    outputs = [grid_image, tags, grid_file]
+    render_btn.click(render_strengths, inputs, outputs, api_name="render_strengths", concurrency_id="gpu",
+                     concurrency_limit=1)
+    grid_btn.click(render_checkpoints, inputs, outputs, api_name="render_checkpoint_grid", concurrency_id="gpu",
+                   concurrency_limit=1)
+    refresh_btn.click(refresh, [lora, base], [lora, base], api_visibility="private")
+    lora.input(lambda f: _base_for(f) or gr.skip(), [lora], [base], api_visibility="private")
+    comps: dict[str, Any] = {"lora": lora, "base": base, "prompt": prompt, "render": render_btn, "grid": grid_btn,
+                             "image": grid_image, "tags": tags, "refresh": refresh}
+    engine = _llm_engine()
+    if engine is not None:
+        comps.update(_build_llm_section(ctx, engine))
+    return comps
+
+
+def _llm_runs(ctx: StudioContext, engine) -> list[tuple[str, str]]:
+    out = []
+    for run in list_runs(ctx.runs_dir):
+        try:
+            adapters = engine.list_adapters(run.path)
+        except Exception:
+            continue
+        for label, folder in adapters:
+            out.append((f"{run.name} / {label}", str(folder)))
+    return out
+
+
+def _build_llm_section(ctx: StudioContext, engine) -> dict[str, Any]:
+    """Language-model LoRAs: one prompt answered at each strength, side by side."""
+    with gr.Accordion("Language-model LoRA: answers side by side", open=False):
+        choices = _llm_runs(ctx, engine)
+        with gr.Row(equal_height=True):
+            adapter = gr.Dropdown(label="Adapter folder", choices=choices, value=choices[0][1] if choices else None,
+                                  allow_custom_value=True, scale=5)
+            llm_refresh = gr.Button("Refresh list", scale=0, min_width=110)
+        llm_base = gr.Textbox(label="Base model", value=_base_for(choices[0][1]) if choices else "")
+        llm_prompt = gr.Textbox(label="Prompt", lines=3)
+        with gr.Row():
+            llm_strengths = gr.Textbox(label="Strengths", value="0, 0.5, 1")
+            max_tokens = gr.Number(label="Max new tokens", value=128, precision=0, minimum=1, maximum=4096)
+            temperature = gr.Number(label="Temperature (0 = greedy)", value=0.0, minimum=0, maximum=2, step=0.1)
+            llm_seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
+        answer_btn = gr.Button("Answer at each strength", variant="primary")
+        answers = gr.Dataframe(headers=["strength", "answer", "new tokens", "seconds"], interactive=False, wrap=True,
+                               column_widths=["10%", "70%", "10%", "10%"])
+
+    @friendly
+    def answer(adapter_v, base_v, prompt_v, strengths_v, tokens_v, temp_v, seed_v, progress=gr.Progress()):
+        folder = ctx.policy.file(adapter_v, "adapter folder")
+        base_model = ctx.policy.model_ref(base_v or _base_for(str(folder)))
+        if not (prompt_v or "").strip():
+            raise gr.Error("Write a prompt first.")
+        progress(0, desc="Loading the language model")
+        result = engine.compare_answers(base_model, folder, prompt_v, parse_strengths(strengths_v),
+                                        max_new_tokens=int(tokens_v or 128), temperature=float(temp_v or 0),
+                                        seed=int(seed_v or 0))
+        return [[f"{a.strength:g}" + (" (base)" if a.strength == 0 else ""), a.text, a.new_tokens, a.seconds]
+                for a in result]
+
+    answer_btn.click(answer, [adapter, llm_base, llm_prompt, llm_strengths, max_tokens, temperature, llm_seed],
+                     [answers], api_name="compare_llm_answers", concurrency_id="gpu", concurrency_limit=1)
+    llm_refresh.click(lambda: gr.update(choices=_llm_runs(ctx, engine)), None, [adapter], api_visibility="private")
+    adapter.input(lambda f: _base_for(f) or gr.skip(), [adapter], [llm_base], api_visibility="private")
+    return {"llm_adapter": adapter, "llm_answers": answers}

@@ -1,0 +1,122 @@
+"""The Training tab's settings form, generated from ``TrainConfig``'s field metadata.
+
+Each field becomes one component (checkbox, dropdown, number or text box) with the field's help text as
+its hint and its min/max as limits; "main" fields are shown, "advanced" and "llm" ones are folded away.
+``form_to_config`` turns the form's values back into a validated ``TrainConfig`` (so a typo in the form
+gives the same ``ConfigError`` sentence as a typo in a YAML file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import fields
+from typing import Any, Sequence
+
+import gradio as gr
+
+from ..config import GROUP_TITLES, TrainConfig, merge
+
+# Fields the tab lays out itself (model and data row) rather than in the generic grid.
+SPECIAL_FIELDS = ("base_model", "model_family", "train_data_dir")
+PER_ROW = 3
+
+
+def _kind(f: dataclasses.Field) -> str:
+    return str(f.type).replace(" | None", "").replace("None | ", "")
+
+
+def _optional(f: dataclasses.Field) -> bool:
+    return "None" in str(f.type)
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def label_of(name: str) -> str:
+    """``learning_rate`` -> ``Learning rate (learning_rate)``: readable, and still the YAML key."""
+    words = name.replace("_", " ")
+    return f"{words[0].upper()}{words[1:]} ({name})"
+
+
+def to_component_value(f: dataclasses.Field, value: Any) -> Any:
+    kind = _kind(f)
+    if kind == "list[str]":
+        return ", ".join(value) if value else ""
+    if value is None and (kind == "str" or _optional(f)):
+        return ""
+    if kind in ("int", "float") and _optional(f):
+        return str(value)
+    return value
+
+
+def make_component(f: dataclasses.Field, value: Any) -> gr.components.Component:
+    """The component for one config field, showing ``value``."""
+    meta, kind = f.metadata, _kind(f)
+    info = meta.get("help", "")
+    label = label_of(f.name)
+    value = to_component_value(f, value)
+    if kind == "bool":
+        return gr.Checkbox(label=label, value=bool(value), info=info)
+    if meta.get("choices"):
+        return gr.Dropdown(label=label, choices=list(meta["choices"]), value=value, info=info)
+    if kind in ("int", "float") and _optional(f):  # a Number cannot be empty: a text box, empty = default
+        return gr.Textbox(label=label, value="" if value is None else str(value), info=info,
+                          placeholder="empty = default")
+    if kind in ("int", "float"):
+        step = 1 if kind == "int" else (1e-6 if (default_of(f) or 1) < 0.01 else 0.01)
+        return gr.Number(label=label, value=value, info=info, precision=0 if kind == "int" else None,
+                         minimum=meta.get("min"), maximum=meta.get("max"), step=step)
+    placeholder = "empty = default" if _optional(f) else None
+    return gr.Textbox(label=label, value=value, info=info, placeholder=placeholder)
+
+
+def form_fields(group: str) -> list[dataclasses.Field]:
+    return [f for f in fields(TrainConfig) if f.metadata.get("group") == group and f.name not in SPECIAL_FIELDS]
+
+
+def build_form(initial: TrainConfig) -> dict[str, gr.components.Component]:
+    """Lay out every field except ``SPECIAL_FIELDS``: main ones in rows, the other groups folded."""
+    comps: dict[str, gr.components.Component] = {}
+    for group, title in GROUP_TITLES.items():
+        group_fields = form_fields(group)
+        if not group_fields:
+            continue
+        container = gr.Group() if group == "main" else gr.Accordion(title, open=False)
+        with container:
+            for i in range(0, len(group_fields), PER_ROW):
+                with gr.Row():
+                    for f in group_fields[i:i + PER_ROW]:
+                        comps[f.name] = make_component(f, getattr(initial, f.name))
+    return comps
+
+
+def _from_component(f: dataclasses.Field, value: Any) -> Any:
+    kind = _kind(f)
+    if isinstance(value, str):
+        value = value.strip()
+        if value == "" and _optional(f):
+            return None
+    if kind == "list[str]":
+        items = [v.strip() for v in str(value or "").split(",") if v.strip()]
+        return items or None
+    if kind in ("int", "float") and value is None and not _optional(f):
+        return default_of(f)
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def form_to_config(names: Sequence[str], values: Sequence[Any], base: TrainConfig | None = None) -> TrainConfig:
+    """A validated config from the form's field names and values (ConfigError names the bad field)."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    changes = {name: _from_component(by_name[name], value) for name, value in zip(names, values)}
+    return merge(base or TrainConfig(), changes, source="the form")
+
+
+def config_to_values(config: TrainConfig, names: Sequence[str]) -> list[Any]:
+    """The form values showing ``config`` (in the order of ``names``)."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    return [to_component_value(by_name[n], getattr(config, n)) for n in names]

@@ -1,0 +1,190 @@
+"""The real app in a subprocess on 127.0.0.1, driven through its API with gradio_client.
+
+One ``--demo`` server runs the flow tab by tab (dataset, captioning, training, testing) and checks that
+only the outputs folder is served (403 elsewhere). A second server started with ``--share`` (no internet
+here) checks that it keeps serving locally, prints a generated password, answers 401 before login, and
+refuses typed paths outside its folders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 150
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppProcess:
+    """``python app.py ...`` in the background, its output in a log file."""
+
+    def __init__(self, args: list[str], log_path: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = log_path
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+               "PYTHONUNBUFFERED": "1"}
+        self._log = open(log_path, "w", encoding="utf-8")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--no-browser", "--port", str(self.port),
+                                      *args], cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self) -> "AppProcess":
+        deadline = time.time() + START_TIMEOUT
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            if "LoRA Studio is running on" in self.output():
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"app.py did not start in {START_TIMEOUT}s:\n{self.output()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def demo_app(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
+    app = AppProcess(["--demo", "--outputs", str(outputs)], outputs.parent / "demo_app.log")
+    try:
+        yield app.wait_ready(), outputs
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="module")
+def client(demo_app):
+    from gradio_client import Client
+
+    return Client(demo_app[0].url, verbose=False)
+
+
+def _defaults(client, api_name: str) -> dict:
+    """Values for the parameters the API has no default for (empty optional settings)."""
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"][api_name]
+    return {p["parameter_name"]: None for p in info["parameters"] if not p["parameter_has_default"]}
+
+
+def _wait_for_training(client, timeout: float = 150) -> dict:
+    deadline = time.time() + timeout
+    status = {}
+    while time.time() < deadline:
+        status = client.predict(api_name="/training_status")
+        if not status["running"] and status["status"] != "idle":
+            return status
+        time.sleep(1)
+    raise AssertionError(f"training did not finish in {timeout}s: {status}")
+
+
+def test_flow_through_every_tab(demo_app, client):
+    app, outputs = demo_app
+    images = outputs / "demo" / "images"
+
+    # Dataset: scan the demo images, prepare a working copy.
+    summary, gallery, problems, dataset_dir = client.predict(str(images), 32, 4.0, api_name="/scan_dataset")
+    assert "images usable" in summary and len(gallery) >= 6 and dataset_dir == str(images)
+    status, prepared = client.predict(str(images), 32, 4.0, 64, "center_crop", "none", "", api_name="/prepare_dataset")
+    assert "prepared" in status and Path(prepared).parent == outputs / "datasets"
+    assert len(list(Path(prepared).glob("*.png"))) >= 6
+
+    # Captioning: the tiny BLIP with a trigger word, a previewed batch edit, then save.
+    demo = outputs / "demo"
+    table, text = client.predict(str(images), ["BLIP caption"], "demo style", True, str(demo / "tiny-blip"),
+                                 str(demo / "tiny-clip"), api_name="/run_captioning")
+    rows = table["data"]
+    assert "captioned" in text and rows and all(r[2].startswith("demo style") for r in rows)
+    preview = client.predict(table, "", "", ", shapes", "", "", "", False, False, False,
+                             api_name="/preview_caption_edit")
+    assert all(r[2].endswith("shapes") for r in preview["data"])
+    saved = client.predict(str(images), table, ["metadata.csv", ".txt files"], api_name="/save_captions")
+    assert "Saved" in saved and (images / "metadata.csv").is_file()
+
+    # Training: the demo settings; a second start while it runs is refused with a reason.
+    params = _defaults(client, "/start_training")
+    client.predict(**params, api_name="/start_training")
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="already in progress"):
+        client.predict(**params, api_name="/start_training")
+    status = _wait_for_training(client)
+    assert status["status"] == "finished", status.get("error")
+    assert len(status["losses"]) >= 10
+    lora_file = next(f for f in status["files"] if f.endswith(".safetensors"))
+
+    yaml_text = client.predict(**params, api_name="/show_command")[1]
+    assert "base_model:" in yaml_text and "max_train_steps: 30" in yaml_text
+
+    # Testing: strengths side by side, and the checkpoint x strength grid.
+    grid, tags, _ = client.predict(lora_file, "", "demo style, a red circle", "", 1, 3, 5.0, 32, "0, 0.5, 1",
+                                   api_name="/render_strengths")
+    assert Path(grid).is_file() and tags == "<lora:demo_lora:0.5>  <lora:demo_lora:1>"
+    assert any((outputs / "grids").glob("demo_lora-*.png"))
+    grid2, _, _ = client.predict(lora_file, "", "demo style", "", 1, 2, 5.0, 32, "0, 1",
+                                 api_name="/render_checkpoint_grid")
+    assert Path(grid2).is_file()
+
+
+def test_files_are_served_only_from_the_outputs_folder(demo_app):
+    app, outputs = demo_app
+    inside = outputs / "served.txt"
+    inside.write_text("ok", encoding="utf-8")
+    with httpx.Client(base_url=app.url) as http:
+        assert http.get(f"/gradio_api/file={inside}").status_code == 200
+        assert http.get("/gradio_api/file=/etc/passwd").status_code == 403
+        assert http.get(f"/gradio_api/file={ROOT / 'app.py'}").status_code == 403
+        assert http.get(f"/gradio_api/file={outputs}/../demo_app.log").status_code == 403
+
+
+def test_typed_folder_must_exist(client, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="does not exist"):
+        client.predict(str(tmp_path / "nope"), 32, 4.0, api_name="/scan_dataset")
+
+
+def test_share_without_internet_needs_login_and_limits_paths(tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    outputs = tmp_path / "outputs"
+    app = AppProcess(["--share", "--outputs", str(outputs)], tmp_path / "share_app.log").wait_ready()
+    try:
+        out = app.output()
+        assert "share link could not be made" in out
+        password = re.search(r"password:\s+(\S+)", out).group(1)
+        with httpx.Client(base_url=app.url) as http:
+            assert http.get("/config").status_code == 401
+            assert http.get("/gradio_api/info").status_code == 401
+            assert http.post("/login", data={"username": "studio", "password": "wrong"}).status_code == 400
+            assert http.post("/login", data={"username": "studio", "password": password}).status_code == 200
+            assert http.get("/config").status_code == 200
+        client = Client(app.url, auth=("studio", password), verbose=False)
+        with pytest.raises(AppError, match="outside the folders"):
+            client.predict(str(tmp_path), 32, 4.0, api_name="/scan_dataset")
+        (outputs / "uploads" / "mine").mkdir(parents=True)
+        summary = client.predict(str(outputs / "uploads" / "mine"), 32, 4.0, api_name="/scan_dataset")[0]
+        assert "No images" in summary
+    finally:
+        app.stop()
