@@ -88,6 +88,10 @@ class Trainer(ABC):
         """Render a sample for ``config.sample_prompt`` into ``run.samples_dir``; None if not supported."""
         return None
 
+    def step_metrics(self) -> dict[str, float]:
+        """Extra numbers for this step's metrics record (e.g. tokens per second); none by default."""
+        return {}
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups() for p in group["params"]]
 
@@ -265,7 +269,8 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
                 eta = (total - step) / it_s if it_s > 0 else None
                 if main and (step % cfg.log_every_steps == 0 or step == total):
                     record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                              "time": round(time.time() - started, 3), **memory_gb(acc.device)}
+                              "time": round(time.time() - started, 3), **memory_gb(acc.device),
+                              **trainer.step_metrics()}
                     run.append_metrics(record)
                     if writer:
                         writer.add_scalar("loss", loss_value, step)
@@ -328,18 +333,26 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
     except Exception as exc:
         if is_out_of_memory(exc):
             free_memory()
-            raise TrainingError(out_of_memory_advice(cfg)) from None
+            raise TrainingError(out_of_memory_advice(cfg, getattr(trainer, "family", None))) from None
         raise
     finally:
         trainer.cleanup()
         free_memory()
 
 
-def out_of_memory_advice(cfg: TrainConfig) -> str:
+def out_of_memory_advice(cfg: TrainConfig, family: str | None = None) -> str:
     """The message for CUDA out-of-memory: what to change, naming the next smaller preset."""
     from ..presets import list_presets
 
-    family = cfg.model_family if cfg.model_family != "auto" else "sd15"
+    family = family or (cfg.model_family if cfg.model_family != "auto" else "sd15")
+    if family == "llm":
+        smaller = [p for p in list_presets("llm") if p.values.get("max_seq_length", 10**9) < cfg.max_seq_length
+                   or (p.values.get("load_in_4bit") and not cfg.load_in_4bit)]
+        hint = f" Try the preset '{smaller[-1].name}' ({smaller[-1].description})." if smaller else ""
+        return (f"The GPU ran out of memory (batch_size {cfg.batch_size}, max_seq_length {cfg.max_seq_length}, "
+                f"load_in_4bit {cfg.load_in_4bit}, gradient_checkpointing {cfg.gradient_checkpointing}).{hint} "
+                "Or lower batch_size (raise gradient_accumulation_steps to keep the effective batch), lower "
+                "max_seq_length, turn on gradient_checkpointing, or set load_in_4bit: true (QLoRA).")
     smaller = [p for p in list_presets(family) if p.values.get("batch_size", 99) < cfg.batch_size
                or (p.values.get("gradient_checkpointing") and not cfg.gradient_checkpointing)]
     hint = f" Try the preset '{smaller[-1].name}' ({smaller[-1].description})." if smaller else ""
