@@ -167,7 +167,8 @@ class TrainConfig:
         if not self.base_model:
             raise ConfigError("base_model", "is empty; give a model folder, a hub id or a .safetensors file.")
         if not self.train_data_dir:
-            raise ConfigError("train_data_dir", "is empty; give the folder with your training images.")
+            raise ConfigError("train_data_dir", "is empty; give the folder with your training images "
+                                                "(for an LLM: the data file or folder).")
 
     # --- derived values ------------------------------------------------------------------------------
     @property
