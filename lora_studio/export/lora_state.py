@@ -1,0 +1,249 @@
+"""Read an existing LoRA (kohya/A1111, diffusers, or a PEFT adapter folder) and start training from it.
+
+``load_lora_file`` tells the formats apart by their keys; ``to_peft_states`` turns any of them into PEFT
+state dicts per component (unet, text_encoder, text_encoder_2) with an alpha per module;
+``apply_init_lora`` loads those into the adapters the trainer has already added (``set_peft_model_state_dict``).
+The file's rank and target modules must match the run's; when only alpha differs, ``lora_up`` is rescaled
+so the LoRA keeps exactly the effect it had.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import ModelLoadError
+from .diffusers_format import WEIGHT_NAME, module_of, short_targets
+from .kohya import TE_COMPONENTS, kohya_to_peft
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("unet",) + TE_COMPONENTS
+_LABEL = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2"}
+PeftStates = tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+    return load_file(str(path)), metadata
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in ("adapter_model.safetensors", WEIGHT_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0]
+    raise ModelLoadError(f"'{folder}' holds {len(files) or 'no'} .safetensors files; give init_lora the LoRA file "
+                         "itself.")
+
+
+def load_lora_file(path: str | Path) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """``(format, state, metadata)``: format is ``"kohya"``, ``"diffusers"`` or ``"peft"``.
+
+    ``path`` is a ``.safetensors`` file, a diffusers LoRA folder, or a PEFT adapter folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``; its config is returned as
+    ``metadata["adapter_config"]``, JSON text).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"The LoRA '{path}' was not found.")
+    file = _weights_file(path) if path.is_dir() else path
+    if file.suffix != ".safetensors":
+        raise ModelLoadError(f"'{file.name}' is not a .safetensors file; LoRAs are read from .safetensors only.")
+    try:
+        state, metadata = _read_safetensors(file)
+    except Exception as exc:
+        raise ModelLoadError(f"'{file.name}' cannot be read as a safetensors file: {exc}.") from None
+    config = file.parent / "adapter_config.json"
+    if file.name == "adapter_model.safetensors" and config.is_file():
+        metadata["adapter_config"] = config.read_text(encoding="utf-8")
+        return "peft", state, metadata
+    keys = list(state)
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return "kohya", state, metadata
+    if any(k.split(".", 1)[0] in COMPONENTS for k in keys):
+        return "diffusers", state, metadata
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft", state, metadata
+    raise ModelLoadError(f"'{file.name}' is not a LoRA file this trainer can read (no kohya lora_unet_/lora_te "
+                         "keys, no diffusers unet./text_encoder. keys).")
+
+
+def _peft_key(key: str) -> str:
+    """Older diffusers spellings -> PEFT (``.lora.down.weight``, ``.lora_linear_layer.up.weight``)."""
+    for old, new in ((".lora.down.weight", ".lora_A.weight"), (".lora.up.weight", ".lora_B.weight"),
+                     (".lora_linear_layer.down.weight", ".lora_A.weight"),
+                     (".lora_linear_layer.up.weight", ".lora_B.weight")):
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
+
+
+def _alpha_from_config(config: Mapping[str, Any], module: str, rank: int) -> float:
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if module == pattern or module.endswith("." + pattern):
+            return float(value)
+    return float(config.get("lora_alpha", rank) or rank)
+
+
+def _diffusers_states(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> PeftStates:
+    packed = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    parts: dict[str, dict[str, torch.Tensor]] = {c: {} for c in COMPONENTS}
+    alphas: dict[str, float] = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        if component not in parts:
+            raise ModelLoadError(f"diffusers LoRA key '{key}' belongs to no unet/text encoder")
+        if rest.endswith(".alpha"):
+            alphas[f"{component}.{rest[:-len('.alpha')]}"] = float(tensor.item())
+        elif ".processor." in rest or "_lora." in rest:
+            raise ModelLoadError("This is an old diffusers attention-processor LoRA; load it in diffusers and save it "
+                                 "again with save_lora_weights, or use its kohya version.")
+        else:
+            parts[component][_peft_key(rest)] = tensor
+    for component, sd in parts.items():
+        config = {k[len(component) + 1:]: v for k, v in packed.items() if k.startswith(component + ".")}
+        for key, tensor in sd.items():
+            if key.endswith(".lora_A.weight"):
+                module = module_of(key)
+                alphas.setdefault(f"{component}.{module}", _alpha_from_config(config, module, tensor.shape[0]))
+    return parts, alphas
+
+
+def _peft_folder_states(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> PeftStates:
+    config = json.loads(metadata.get("adapter_config") or "{}")
+    sd = {_peft_key(k.removeprefix("base_model.model.")): v for k, v in state.items()}
+    is_te = all(".self_attn." in k or ".mlp." in k or k.startswith("text_projection") for k in sd)
+    component = "text_encoder" if is_te else "unet"
+    alphas = {f"{component}.{module_of(k)}": _alpha_from_config(config, module_of(k), v.shape[0])
+              for k, v in sd.items() if k.endswith(".lora_A.weight")}
+    parts = {c: {} for c in COMPONENTS}
+    parts[component] = sd
+    return parts, alphas
+
+
+def _nested(model: torch.nn.Module) -> bool:
+    return any(name == "text_model" for name, _ in model.named_children())
+
+
+def _relayout(key: str, nested: bool) -> str:
+    """A CLIP key or module path with (``nested``) or without the ``text_model.`` level."""
+    bare = key.removeprefix("text_model.")
+    return "text_model." + bare if nested and not bare.startswith("text_projection") else bare
+
+
+def _is_clip(model: torch.nn.Module) -> bool:
+    return "clip" in str(getattr(getattr(model, "config", None), "model_type", ""))
+
+
+def to_peft_states(fmt: str, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], family: str,
+                   unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.Module] | None = None) -> PeftStates:
+    """``({component: PEFT state}, {"<component>.<module>": alpha})`` for the given models' key layout."""
+    text_encoders = dict(text_encoders or {})
+    if fmt == "kohya":
+        modules = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        layouts = {name: _nested(model) for name, model in text_encoders.items()}
+        try:
+            unet_sd, te_sds, alphas = kohya_to_peft(state, family, unet.config, unet_modules=modules,
+                                                    te_layouts=layouts or None)
+        except ValueError as exc:
+            raise ModelLoadError(f"The kohya LoRA does not fit this {family} model: {exc}.") from None
+        parts = {"unet": unet_sd, **te_sds}
+    elif fmt == "diffusers":
+        parts, alphas = _diffusers_states(state, metadata)
+    elif fmt == "peft":
+        parts, alphas = _peft_folder_states(state, metadata)
+    else:
+        raise ValueError(f"unknown LoRA format {fmt!r}")
+    for name, model in text_encoders.items():  # transformers 4 vs 5 CLIP layouts
+        if parts.get(name) and _is_clip(model):
+            nested = _nested(model)
+            parts[name] = {_relayout(k, nested): v for k, v in parts[name].items()}
+            alphas = {(f"{name}.{_relayout(k[len(name) + 1:], nested)}" if k.startswith(name + ".") else k): v
+                      for k, v in alphas.items()}
+    return parts, alphas
+
+
+def _describe(sd: Mapping[str, torch.Tensor], label: str) -> str:
+    modules = list(dict.fromkeys(module_of(k) for k in sd))
+    ranks = sorted({int(sd[f"{m}.lora_A.weight"].shape[0]) for m in modules if f"{m}.lora_A.weight" in sd})
+    rank = "/".join(str(r) for r in ranks)
+    return f"rank {rank} on {','.join(short_targets(modules))} ({label}, {len(modules)} modules)"
+
+
+def _model_alpha(model: torch.nn.Module, module: str, rank: int) -> float:
+    config = model.peft_config["default"]
+    return _alpha_from_config({"lora_alpha": config.lora_alpha, "alpha_pattern": config.alpha_pattern}, module, rank)
+
+
+def _has_adapter(model: torch.nn.Module) -> bool:
+    return "default" in (getattr(model, "peft_config", None) or {})
+
+
+def apply_init_lora(unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.Module], path: str | Path,
+                    family: str) -> dict[str, int]:
+    """Load an existing LoRA's weights into the PEFT adapter ("default") already added to each model.
+
+    ``text_encoders`` are the models by component name (text_encoder, text_encoder_2); those without an
+    adapter must have no weights in the file. Raises ``ModelLoadError`` naming what the file has when its
+    rank or targets differ from the run's. Returns ``{component: modules loaded}``.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    fmt, state, metadata = load_lora_file(path)
+    name = Path(path).name
+    models = {"unet": unet, **dict(text_encoders or {})}
+    parts, alphas = to_peft_states(fmt, state, metadata, family, unet, text_encoders)
+    loaded: dict[str, int] = {}
+    for component in COMPONENTS:
+        file_sd, model = parts.get(component) or {}, models.get(component)
+        has_adapter = model is not None and _has_adapter(model)
+        if not file_sd:
+            if has_adapter:
+                log.warning("%s has no %s weights; the %s LoRA starts fresh.", name, _LABEL[component], _LABEL[component])
+            continue
+        if not has_adapter:
+            hint = "set train_text_encoder: true" if component != "unet" else "the UNet has no LoRA adapter"
+            raise ModelLoadError(f"'{name}' has {_describe(file_sd, _LABEL[component])}, but this run trains no "
+                                 f"{_LABEL[component]} LoRA; {hint}.")
+        model_sd = get_peft_model_state_dict(model)
+        shapes_differ = set(file_sd) != set(model_sd) or any(file_sd[k].shape != model_sd[k].shape for k in file_sd)
+        if shapes_differ:
+            theirs = _describe(file_sd, _LABEL[component])
+            ranks = sorted({int(file_sd[k].shape[0]) for k in file_sd if k.endswith(".lora_A.weight")})
+            targets = short_targets(module_of(k) for k in file_sd)
+            raise ModelLoadError(
+                f"'{name}' has {theirs}; this run has {_describe(model_sd, _LABEL[component])}. Set lora_rank: "
+                f"{ranks[0]}" + (f" and target_modules: [{', '.join(targets)}]" if component == "unet" else "")
+                + " to continue from it.")
+        new_sd = {}
+        for key, tensor in file_sd.items():
+            value = tensor.to(model_sd[key].dtype)
+            if key.endswith(".lora_B.weight"):
+                module = module_of(key)
+                rank = int(file_sd[f"{module}.lora_A.weight"].shape[0])
+                file_alpha = alphas.get(f"{component}.{module}", float(rank))
+                run_alpha = _model_alpha(model, module, rank)
+                if file_alpha != run_alpha:  # same rank: keep alpha * B constant so the LoRA's effect is unchanged
+                    value = (tensor.double() * (file_alpha / run_alpha)).to(model_sd[key].dtype)
+            new_sd[key] = value
+        result = set_peft_model_state_dict(model, new_sd, adapter_name="default")
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        if unexpected:
+            raise ModelLoadError(f"'{name}': {len(unexpected)} weights did not load into the {_LABEL[component]} "
+                                 f"(first: {unexpected[0]}).")
+        loaded[component] = len(new_sd) // 2
+        file_alphas = {v for k, v in alphas.items() if k.startswith(component + ".")}
+        log.info("init_lora: %s %s loaded from %s (%s format, alpha %s)", loaded[component], _LABEL[component],
+                 name, fmt, ",".join(f"{a:g}" for a in sorted(file_alphas)))
+    return loaded
