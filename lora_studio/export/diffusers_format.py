@@ -37,9 +37,13 @@ def short_target(module: str) -> str:
     return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
+_USUAL_ORDER = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+
+
 def short_targets(modules: Iterable[str]) -> list[str]:
-    """The distinct ``short_target`` names, in order of first appearance (to_q, to_k, to_v, to_out.0)."""
-    return list(dict.fromkeys(short_target(m) for m in modules))
+    """The distinct ``short_target`` names, the usual ones first in their usual order (to_q, to_k, to_v, to_out.0)."""
+    names = {short_target(m) for m in modules}
+    return sorted(names, key=lambda n: (_USUAL_ORDER.index(n) if n in _USUAL_ORDER else len(_USUAL_ORDER), n))
 
 
 def adapter_config(state: Mapping[str, torch.Tensor], rank: int, alpha: float | Mapping[str, float],

@@ -292,6 +292,7 @@ def kohya_to_peft(state: Mapping[str, torch.Tensor], family: str, unet_config: A
     block_map = sai_block_map(unet_config) if family == "sdxl" else None
     lookup: dict[str, tuple[str, str]] = {}
     for module in unet_modules:
+        module = module.removesuffix(".base_layer")  # a module wrapped by a PEFT adapter
         if not _is_adapter_part(module):
             try:
                 lookup[unet_kohya_name(module, family, block_map)] = ("unet", module)
@@ -302,10 +303,14 @@ def kohya_to_peft(state: Mapping[str, torch.Tensor], family: str, unet_config: A
     unet_sd: dict[str, torch.Tensor] = {}
     te_sds: dict[str, dict[str, torch.Tensor]] = {c: {} for c in TE_COMPONENTS}
     alphas: dict[str, float] = {}
+    unknown = sorted({k.partition(".")[0] for k in state} - set(lookup))
+    if unknown:
+        looks_xl = any(n.startswith("lora_te2_") or "_input_blocks_" in n or "_output_blocks_" in n for n in unknown)
+        hint = "; it looks like an SDXL LoRA" if looks_xl and family != "sdxl" else ""
+        raise ValueError(f"{len(unknown)} of its modules match no module of this {family} model "
+                         f"(first: {unknown[0]}){hint}")
     for key, tensor in state.items():
         name, _, suffix = key.partition(".")
-        if name not in lookup:
-            raise ValueError(f"kohya key '{key}' matches no module of this {family} model")
         component, module = lookup[name]
         if suffix == "alpha":
             alphas[f"{component}.{module}"] = float(tensor.item())

@@ -83,8 +83,9 @@ def load_fresh_pipeline(base_model: str | Path, family: str, *, device: str | to
     """The base model loaded anew, float32 on ``device`` (through ``base_dtype`` first when given)."""
     from ..models.loading import load_diffusion_pipeline
 
-    pipe = load_diffusion_pipeline(str(base_model), family, torch_dtype=base_dtype or torch.float32, vae=vae)
-    if base_dtype not in (None, torch.float32):
+    pipe = load_diffusion_pipeline(str(base_model), family, torch_dtype=base_dtype, vae=vae)
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    if any(p.dtype != torch.float32 for m in modules for p in m.parameters()):
         pipe.to(torch.float32)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
