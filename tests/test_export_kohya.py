@@ -179,14 +179,15 @@ def test_metadata_and_hash(sd15, tmp_path):
     assert all(isinstance(v, str) for v in meta.values())
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
     assert meta["ss_network_module"] == "networks.lora"
-    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
     assert meta["ss_resolution"] == "(512, 512)" and meta["ss_num_train_images"] == "8"
     assert json.loads(meta["ss_tag_frequency"]) == {"10_style": {"red": 3, "circle": 2}}
     assert (meta["ss_steps"], meta["ss_epoch"], meta["ss_sd_model_name"]) == ("20", "2", "tiny-sd15")
     assert float(meta["ss_training_started_at"]) == 1700000000.5 and meta["ss_output_name"] == "my_style"
     xl = build_kohya_metadata(output_name="x", family="sdxl", rank=8, alpha=8, resolution=1024, num_train_images=1,
                               tag_frequency={}, base_model_name="b", training_started_at=0, steps=1, epoch=1)
-    assert xl["ss_base_model_version"] == "sdxl_base_v1-0" and xl["modelspec.architecture"].startswith("stable-diffusion-xl")
+    assert xl["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert xl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     sd2 = build_kohya_metadata(output_name="x", family="sd2", rank=8, alpha=8, resolution=768, num_train_images=1,
                                tag_frequency={}, base_model_name="b", training_started_at=0, steps=1, epoch=1,
                                extra={"ss_v_parameterization": True})

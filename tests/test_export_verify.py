@@ -110,3 +110,22 @@ def test_check_catches_a_base_mismatch(sd15, tmp_path):
     with pytest.raises(TrainingError, match="strength 0 does not give the base"):
         check_export(folder, "sd15", path, expected_images=expected, base_images=np.clip(base + 0.05, 0, 1),
                      prompt=PROMPT, seed=SEED)
+
+
+def test_half_precision_base_needs_base_dtype(tiny_sd15, tmp_path):
+    """A trainer that held the frozen weights in fp16 renders with fp16-rounded weights: base_dtype mirrors that."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, torch_dtype=torch.float16).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    base = render(pipe, PROMPT, SEED)
+    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=["to_q"]))
+    for pname, param in pipe.unet.named_parameters():
+        if "lora_B" in pname:
+            param.data.normal_(0, 0.3)
+    expected = render(pipe, PROMPT, SEED)
+    path = save_kohya_lora(tmp_path / "half.safetensors",
+                           peft_to_kohya(get_peft_model_state_dict(pipe.unet), {}, "sd15", ALPHA), {})
+    report = check_export(tiny_sd15, "sd15", path, expected_images=expected, base_images=base, prompt=PROMPT,
+                          seed=SEED, base_dtype=torch.float16)
+    assert report.base_diff == 0.0
+    with pytest.raises(TrainingError, match="strength 0"):  # a float32 reload has other frozen weights
+        check_export(tiny_sd15, "sd15", path, expected_images=expected, base_images=base, prompt=PROMPT, seed=SEED)

@@ -114,7 +114,7 @@ def test_wrong_rank_names_what_the_file_has(trained, tiny_sd15):
         apply_init_lora(pipe.unet, text_encoders(pipe, "sd15"), trained["kohya"], "sd15")
     message = str(err.value)
     assert "'style.safetensors' has rank 4 on to_q,to_k,to_v,to_out.0 (UNet" in message
-    assert "this run has rank 8" in message and "Set lora_rank: 4" in message
+    assert "this run has rank 8" in message and "Set lora_rank: 4 to continue" in message
 
 
 def test_wrong_targets_and_text_encoder(trained, tiny_sd15):
@@ -139,3 +139,10 @@ def test_sdxl_kohya_init(tiny_sdxl, tmp_path):
     assert all(torch.equal(got_te["text_encoder_2"][k], v.half().float()) for k, v in te_sds["text_encoder_2"].items())
     with pytest.raises(ModelLoadError, match="does not fit this sd15 model.*looks like an SDXL LoRA"):
         apply_init_lora(pipe.unet, {}, path, "sd15")  # an SDXL file read as SD1.5
+
+
+def test_rank_only_mismatch_does_not_mention_targets(trained, tiny_sd15):
+    pipe, _ = pipe_with_adapters(tiny_sd15, "sd15", rank=2)
+    with pytest.raises(ModelLoadError) as err:
+        apply_init_lora(pipe.unet, text_encoders(pipe, "sd15"), trained["diffusers"], "sd15")
+    assert str(err.value).endswith("Set lora_rank: 4 to continue from it.")

@@ -339,6 +339,7 @@ def save_kohya_lora(path: str | Path, kohya_state: Mapping[str, torch.Tensor], m
     path = atomic_save_safetensors(path, tensors, meta)
     written = model_hash(path)
     if written != meta["sshs_model_hash"]:  # only if safetensors changed its layout; never ship a wrong hash
-        raise RuntimeError(f"{path.name}: sshs_model_hash {meta['sshs_model_hash']} does not match the file ({written})")
+        raise RuntimeError(f"{path.name}: sshs_model_hash {meta['sshs_model_hash']} does not match the file "
+                           f"({written})")
     log.info("wrote %s (%d tensors, sshs_model_hash %s)", path, len(tensors), written[:12])
     return path

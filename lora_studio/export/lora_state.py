@@ -181,6 +181,25 @@ def _describe(sd: Mapping[str, torch.Tensor], label: str) -> str:
     return f"rank {rank} on {','.join(short_targets(modules))} ({label}, {len(modules)} modules)"
 
 
+def _ranks(sd: Mapping[str, torch.Tensor]) -> list[int]:
+    return sorted({int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_A.weight")})
+
+
+def _mismatch(name: str, component: str, file_sd: Mapping[str, torch.Tensor],
+              model_sd: Mapping[str, torch.Tensor]) -> str:
+    """What the file has, what the run has, and the config keys that make them match."""
+    label = _LABEL[component]
+    fixes = []
+    if _ranks(file_sd) != _ranks(model_sd) and len(_ranks(file_sd)) == 1:
+        fixes.append(f"lora_rank: {_ranks(file_sd)[0]}")
+    if {module_of(k) for k in file_sd} != {module_of(k) for k in model_sd}:
+        targets = short_targets(module_of(k) for k in file_sd)
+        fixes.append(f"target_modules: [{', '.join(targets)}]" if component == "unet"
+                     else f"text encoder LoRA on {','.join(targets)}")
+    advice = f" Set {' and '.join(fixes)} to continue from it." if fixes else ""
+    return f"'{name}' has {_describe(file_sd, label)}; this run has {_describe(model_sd, label)}.{advice}"
+
+
 def _model_alpha(model: torch.nn.Module, module: str, rank: int) -> float:
     config = model.peft_config["default"]
     return _alpha_from_config({"lora_alpha": config.lora_alpha, "alpha_pattern": config.alpha_pattern}, module, rank)
@@ -210,7 +229,7 @@ def apply_init_lora(unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.
         has_adapter = model is not None and _has_adapter(model)
         if not file_sd:
             if has_adapter:
-                log.warning("%s has no %s weights; the %s LoRA starts fresh.", name, _LABEL[component], _LABEL[component])
+                log.warning("%s has no %s weights; that LoRA starts fresh.", name, _LABEL[component])
             continue
         if not has_adapter:
             hint = "set train_text_encoder: true" if component != "unet" else "the UNet has no LoRA adapter"
@@ -219,13 +238,7 @@ def apply_init_lora(unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.
         model_sd = get_peft_model_state_dict(model)
         shapes_differ = set(file_sd) != set(model_sd) or any(file_sd[k].shape != model_sd[k].shape for k in file_sd)
         if shapes_differ:
-            theirs = _describe(file_sd, _LABEL[component])
-            ranks = sorted({int(file_sd[k].shape[0]) for k in file_sd if k.endswith(".lora_A.weight")})
-            targets = short_targets(module_of(k) for k in file_sd)
-            raise ModelLoadError(
-                f"'{name}' has {theirs}; this run has {_describe(model_sd, _LABEL[component])}. Set lora_rank: "
-                f"{ranks[0]}" + (f" and target_modules: [{', '.join(targets)}]" if component == "unet" else "")
-                + " to continue from it.")
+            raise ModelLoadError(_mismatch(name, component, file_sd, model_sd))
         new_sd = {}
         for key, tensor in file_sd.items():
             value = tensor.to(model_sd[key].dtype)

@@ -21,13 +21,9 @@ from typing import Any, Mapping
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 _ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}  # kohya: SDXL LoRA -> SAI, else diffusers
+# kohya's sai_model_spec: an SDXL LoRA names the SAI implementation, SD1.x/SD2.x LoRAs name diffusers
+_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}
 _BLOCK = 1024 * 1024
-
-
-def _number(value: float) -> str:
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def build_kohya_metadata(*, output_name: str, family: str, rank: int, alpha: float | Mapping[str, float],
@@ -54,7 +50,7 @@ def build_kohya_metadata(*, output_name: str, family: str, rank: int, alpha: flo
         "ss_v2": family == "sd2",
         "ss_network_module": "networks.lora",
         "ss_network_dim": int(rank),
-        "ss_network_alpha": _number(alpha),
+        "ss_network_alpha": float(alpha),  # kohya writes str(float): "8.0"
         "ss_resolution": f"({width}, {height})",
         "ss_num_train_images": int(num_train_images),
         "ss_tag_frequency": json.dumps(dict(tag_frequency), ensure_ascii=False),
