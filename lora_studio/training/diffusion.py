@@ -270,7 +270,7 @@ class DiffusionTrainer(Trainer):
         from ..export.kohya import peft_to_kohya
 
         unet_sd, te_sds = self._peft_states()
-        return peft_to_kohya(unet_sd, te_sds, self.family, self.config.alpha)
+        return peft_to_kohya(unet_sd, te_sds, self.family, self.config.alpha, unet_config=self.pipe.unet.config)
 
     def _metadata(self, step: int, epoch: int) -> dict[str, str]:
         from ..data.tags import tag_frequency
@@ -345,7 +345,8 @@ class DiffusionTrainer(Trainer):
             getattr(pipe, name).enable_adapters()
         return check_export(self.config.base_model, self.family, lora_file, expected_images=expected,
                             base_images=base, prompt=prompt, seed=seed, steps=VERIFY_STEPS, size=VERIFY_SIZE,
-                            vae=self.config.vae)
+                            vae=self.config.vae, device=self.accelerator.device,
+                            base_dtype=weight_dtype(self.accelerator))
 
     @torch.no_grad()
     def render_sample(self, step: int) -> Path | None:
