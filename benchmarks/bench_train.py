@@ -155,13 +155,13 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\nTraining benchmark, {time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}")
     print(f"small SD1.5-shaped model {MODEL}, {args.images} images at {args.size}px, batch 2, {args.steps} steps\n")
-    print(f"| {'loop':<28} | steps/s | first step (s) | peak RSS (GB) |" + (" CUDA peak (GB) |" if torch.cuda.is_available() else ""))
-    print("|" + "-" * 30 + "|---------|----------------|---------------|" + ("----------------|" if torch.cuda.is_available() else ""))
+    print(f"| {"loop":<29} | steps/s | first step (s) | peak RSS (GB) |" + (" CUDA peak (GB) |" if torch.cuda.is_available() else ""))
+    print("|" + "-" * 31 + "|---------|----------------|---------------|" + ("----------------|" if torch.cuda.is_available() else ""))
     names = {"ours": "LoRA Studio (cached)", "plain": "plain loop (encode each step)"}
     for k in ("ours", "plain"):
         r = results[k]
         extra = f" {r.get('cuda_peak_gb', 0):14.2f} |" if torch.cuda.is_available() else ""
-        print(f"| {names[k]:<28} | {r['steps_per_s']:7.2f} | {r['first_step_s']:14.1f} | {r['peak_rss_gb']:13.2f} |{extra}")
+        print(f"| {names[k]:<29} | {r['steps_per_s']:7.2f} | {r['first_step_s']:14.1f} | {r['peak_rss_gb']:13.2f} |{extra}")
     ratio = results["ours"]["steps_per_s"] / results["plain"]["steps_per_s"]
     print(f"\nspeed ratio ours/plain: {ratio:.2f}x (goal: at least 1.5x)")
 
