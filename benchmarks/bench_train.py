@@ -155,7 +155,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\nTraining benchmark, {time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}")
     print(f"small SD1.5-shaped model {MODEL}, {args.images} images at {args.size}px, batch 2, {args.steps} steps\n")
-    print(f"| {"loop":<29} | steps/s | first step (s) | peak RSS (GB) |" + (" CUDA peak (GB) |" if torch.cuda.is_available() else ""))
+    print(f"| {'loop':<29} | steps/s | first step (s) | peak RSS (GB) |" + (" CUDA peak (GB) |" if torch.cuda.is_available() else ""))
     print("|" + "-" * 31 + "|---------|----------------|---------------|" + ("----------------|" if torch.cuda.is_available() else ""))
     names = {"ours": "LoRA Studio (cached)", "plain": "plain loop (encode each step)"}
     for k in ("ours", "plain"):

@@ -77,7 +77,7 @@ def build_caption_tab(ctx: StudioContext) -> dict[str, gr.components.Component]:
     with gr.Row():
         run_btn = gr.Button("Run captioning", variant="primary")
         cancel_btn = gr.Button("Cancel", variant="stop")
-    status = gr.Markdown()
+    status = gr.Markdown(elem_id="caption-status")
     table = gr.Dataframe(headers=HEADERS, datatype=["html", "str", "str"], label="Captions (click a caption to edit)",
                          interactive=True, static_columns=[0, 1], column_widths=["80px", "22%", "70%"], wrap=True,
                          max_height=460, row_count=0)
@@ -99,7 +99,7 @@ def build_caption_tab(ctx: StudioContext) -> dict[str, gr.components.Component]:
     with gr.Row(equal_height=True):
         formats = gr.CheckboxGroup(list(SAVE_FORMATS), value=list(SAVE_FORMATS), label="Save as")
         save_btn = gr.Button("Save captions", variant="primary")
-    save_status = gr.Markdown()
+    save_status = gr.Markdown(elem_id="caption-save-status")
 
     @friendly
     def load(folder_text: str):

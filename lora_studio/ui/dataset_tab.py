@@ -62,7 +62,7 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, gr.components.Component]:
                              info="Smaller images are skipped.")
         max_aspect = gr.Number(label="Widest aspect ratio allowed", value=DEFAULT_MAX_ASPECT, minimum=1.0,
                                info="e.g. 4 means 4:1.")
-    summary = gr.Markdown()
+    summary = gr.Markdown(elem_id="dataset-summary")
     gallery = gr.Gallery(label="Usable images", columns=8, height=330, object_fit="cover", allow_preview=True)
     problems = gr.Dataframe(headers=ROW_HEADERS, label="Files with a problem (and what will be done)",
                             interactive=False, max_height=260, wrap=True)

@@ -99,9 +99,10 @@ def build_test_tab(ctx: StudioContext) -> dict[str, Any]:
     with gr.Row():
         render_btn = gr.Button("Render strengths", variant="primary")
         grid_btn = gr.Button("Checkpoint x strength grid")
-    grid_image = gr.Image(label="Result (one PNG)", type="filepath", interactive=False, height=420)
+    grid_image = gr.Image(label="Result (one PNG)", type="filepath", interactive=False, height=420,
+                          elem_id="grid-image")
     with gr.Row():
-        tags = gr.Textbox(label="Paste into AUTOMATIC1111 / Forge", buttons=["copy"], scale=3)
+        tags = gr.Textbox(label="Paste into AUTOMATIC1111 / Forge", buttons=["copy"], scale=3, elem_id="a1111-tags")
         grid_file = gr.File(label="Grid PNG", interactive=False, scale=2, height=90)
 
     def settings(prompt_v, negative_v, seed_v, steps_v, cfg_v, size_v) -> RenderSettings:

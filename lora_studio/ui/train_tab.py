@@ -145,11 +145,11 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         yaml_code = gr.Code(language="yaml", label="config", interactive=False, lines=12)
         yaml_file = gr.File(label="YAML file", interactive=False)
 
-    progress = gr.HTML(progress_html(0, 0, "idle"))
-    stats = gr.Markdown()
+    progress = gr.HTML(progress_html(0, 0, "idle"), elem_id="train-progress")
+    stats = gr.Markdown(elem_id="train-stats")
     with gr.Row():
         loss_plot = gr.LinePlot(empty_loss_frame(), x="step", y="loss", title="Training loss", height=300,
-                                scale=3, x_title="step", y_title="loss")
+                                scale=3, elem_id="loss-plot", x_title="step", y_title="loss")
         sample = gr.Image(label="Latest sample image", type="pil", interactive=False, height=300, scale=2)
     log_box = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False)
     files = gr.File(label="LoRA files of this run", file_count="multiple", interactive=False)
