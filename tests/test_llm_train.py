@@ -60,6 +60,8 @@ def test_loss_goes_down_and_exports_a_checked_adapter(tiny_llm, llm_data, tmp_pa
     assert any("16 rows read" in line and "alpaca 16" in line for line in log)
     assert any("Export check passed" in line and "identical logits" in line for line in log)
     assert all(m["tokens_per_s"] >= 0 for m in job.run.read_metrics())
+    card = (job.run.path / "README.md").read_text(encoding="utf-8")
+    assert "my_lora" in card and str(tiny_llm) in card
     assert job.run.read_state()["files"] == [str(adapter)]
 
 

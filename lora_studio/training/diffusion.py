@@ -312,20 +312,11 @@ class DiffusionTrainer(Trainer):
             self.bus.emit("state", state="verifying export")
             report = self.verify(kohya_path)
             self.say(f"Export check passed: {report}")
-        self._write_card(step, files)
-        return files
-
-    def _write_card(self, step: int, files: list[Path]) -> None:
-        """README.md (LoRA card) and the A1111 sidecar next to the LoRA; a failure here only warns."""
         from ..data.tags import tag_frequency
-        from ..export.card import write_card
 
-        try:
-            write_card(self.run, self.config, self.family, files,
-                       tag_frequency({it.path: it.caption for it in self.items}, self.config.train_data_dir),
-                       captions=[it.caption for it in self.items], steps=step, num_images=len(self.items))
-        except Exception as exc:  # the LoRA itself is written; the card can be rewritten later
-            self.say(f"The LoRA card (README.md) could not be written: {exc.__class__.__name__}: {exc}", "warning")
+        self.write_card(step, files, tag_frequency({it.path: it.caption for it in self.items}, cfg.train_data_dir),
+                        captions=[it.caption for it in self.items], num_images=len(self.items))
+        return files
 
     @torch.no_grad()
     def verify(self, lora_file: Path):

@@ -322,6 +322,7 @@ class LLMTrainer(Trainer):
                                        tokenizer=self.tokenizer)
             self.say(f"Merged model written to {merged}.")
             files.append(merged)
+        self.write_card(step, files, num_images=len(self.report.examples))
         return files
 
     @torch.no_grad()

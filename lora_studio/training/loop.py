@@ -92,6 +92,17 @@ class Trainer(ABC):
         """Extra numbers for this step's metrics record (e.g. tokens per second); none by default."""
         return {}
 
+    def write_card(self, step: int, files: list[Path], tag_frequency: dict | None = None,
+                   captions: list[str] | None = None, num_images: int | None = None) -> None:
+        """README.md (the LoRA card) and, for images, the A1111 sidecar; a failure here only warns."""
+        from ..export.card import write_card
+
+        try:
+            write_card(self.run, self.config, getattr(self, "family", "sd15"), files, tag_frequency,
+                       captions=captions, steps=step, num_images=num_images)
+        except Exception as exc:  # the LoRA itself is written; the card can be rewritten later
+            self.say(f"The LoRA card (README.md) could not be written: {exc.__class__.__name__}: {exc}", "warning")
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups() for p in group["params"]]
 
