@@ -201,3 +201,29 @@ def test_cli_train_and_bad_config(tiny_sd15, demo_images, tmp_path):
     assert "batch_sise" in bad.stderr and "batch_size" in bad.stderr and "Traceback" not in bad.stderr
     state = json.loads(next((tmp_path / "out").glob("cli_lora-*/job.json")).read_text())
     assert state["status"] == "finished"
+
+
+def test_v_prediction_text_encoder_and_all_knobs(tmp_path, demo_images):
+    """SD2-style v-prediction model, text-encoder LoRA with its own lr, accumulation, min-SNR, noise offset,
+    disk latent cache: the run finishes and its kohya file (UNet + lora_te_ keys) passes the reload check."""
+    from safetensors import safe_open
+
+    from lora_studio.models.tiny import build_tiny_sd15
+
+    model = build_tiny_sd15(tmp_path / "vpred", prediction_type="v_prediction")
+    cfg = make_config(model, demo_images, tmp_path / "out", max_train_steps=4, train_text_encoder=True,
+                      text_encoder_lr=5e-4, gradient_accumulation_steps=2, min_snr_gamma=5.0, noise_offset=0.05,
+                      cache_latents="disk", lr_scheduler="constant_with_warmup", lr_warmup_steps=1)
+    job = run_job(cfg)
+    assert job.status == "finished", job.error
+    log = "\n".join(job.snapshot()["log"])
+    assert "(sd2), prediction type v_prediction" in log and "Export check passed" in log
+    assert "effective batch 4" in log
+    with safe_open(str(job.run.path / "my_lora.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+        meta = fh.metadata()
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert meta["ss_base_model_version"] == "sd_v2" and meta["ss_v2"] == "True"
+    assert list((tmp_path / "out" / ".cache" / "latents").glob("*.pt")), "disk cache written"
+    lrs = [m["lr"] for m in job.run.read_metrics()]
+    assert lrs[0] < lrs[-1] == pytest.approx(1e-3)  # warm-up, then constant

@@ -269,6 +269,7 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
                     continue
                 if cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]  # the rate this step used
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -279,7 +280,7 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
                 it_s = speed.tick()
                 eta = (total - step) / it_s if it_s > 0 else None
                 if main and (step % cfg.log_every_steps == 0 or step == total):
-                    record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                    record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
                               "time": round(time.time() - started, 3), **memory_gb(acc.device),
                               **trainer.step_metrics()}
                     run.append_metrics(record)
