@@ -224,6 +224,7 @@ def test_v_prediction_text_encoder_and_all_knobs(tmp_path, demo_images):
         meta = fh.metadata()
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
     assert meta["ss_base_model_version"] == "sd_v2" and meta["ss_v2"] == "True"
+    assert meta["ss_v_parameterization"] == "True"
     assert list((tmp_path / "out" / ".cache" / "latents").glob("*.pt")), "disk cache written"
     lrs = [m["lr"] for m in job.run.read_metrics()]
     assert lrs[0] < lrs[-1] == pytest.approx(1e-3)  # warm-up, then constant

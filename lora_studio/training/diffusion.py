@@ -282,7 +282,8 @@ class DiffusionTrainer(Trainer):
             resolution=self.resolution, num_train_images=len(self.items),
             tag_frequency=tag_frequency({it.path: it.caption for it in self.items}, cfg.train_data_dir),
             base_model_name=Path(cfg.base_model).name or cfg.base_model, training_started_at=self.started_at,
-            steps=step, epoch=epoch)
+            steps=step, epoch=epoch,
+            extra={"ss_v_parameterization": "True"} if self.prediction_type == "v_prediction" else None)
 
     def save_lora(self, folder: Path, name: str, step: int, epoch: int) -> list[Path]:
         from ..export.kohya import save_kohya_lora
