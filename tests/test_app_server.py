@@ -121,20 +121,35 @@ def test_flow_through_every_tab(demo_app, client):
     saved = client.predict(str(images), table, ["metadata.csv", ".txt files"], api_name="/save_captions")
     assert "Saved" in saved and (images / "metadata.csv").is_file()
 
-    # Training: the demo settings; a second start while it runs is refused with a reason.
-    params = _defaults(client, "/start_training")
+    # Training: start, stop after a few steps (a checkpoint is saved), resume to the end. A second start
+    # while a run is going is refused with a reason.
+    params = {**_defaults(client, "/start_training"), "max_train_steps": 12, "save_steps": 6, "sample_steps": 6}
     client.predict(**params, api_name="/start_training")
+    deadline = time.time() + 60
+    while client.predict(api_name="/training_status")["step"] < 2 and time.time() < deadline:
+        time.sleep(0.3)
+    client.predict(api_name="/stop_training")
+    stopped = _wait_for_training(client)
+    assert stopped["status"] == "stopped", stopped.get("error")
+    client.predict(stopped["run_dir"], api_name="/resume_training")
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="already in progress"):
         client.predict(**params, api_name="/start_training")
     status = _wait_for_training(client)
     assert status["status"] == "finished", status.get("error")
-    assert len(status["losses"]) >= 10
+    assert status["run_dir"] == stopped["run_dir"]
+    steps = [step for step, _ in status["losses"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+    assert status["sample"] and Path(status["sample"]).is_file()
     lora_file = next(f for f in status["files"] if f.endswith(".safetensors"))
 
+    # The run folder alone tells the story (what the page shows after an app restart).
+    shown = client.predict(status["run_dir"], api_name="/show_run")
+    assert "Step 12 / 12" in shown[0] and "finished" in shown[0]
+
     yaml_text = client.predict(**params, api_name="/show_command")[1]
-    assert "base_model:" in yaml_text and "max_train_steps: 30" in yaml_text
+    assert "base_model:" in yaml_text and "max_train_steps: 12" in yaml_text
 
     # Testing: strengths side by side, and the checkpoint x strength grid.
     grid, tags, _ = client.predict(lora_file, "", "demo style, a red circle", "", 1, 3, 5.0, 32, "0, 0.5, 1",

@@ -63,7 +63,7 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, gr.components.Component]:
         max_aspect = gr.Number(label="Widest aspect ratio allowed", value=DEFAULT_MAX_ASPECT, minimum=1.0,
                                info="e.g. 4 means 4:1.")
     summary = gr.Markdown(elem_id="dataset-summary")
-    gallery = gr.Gallery(label="Usable images", columns=8, height=330, object_fit="cover", allow_preview=True)
+    gallery = gr.Gallery(label="Usable images", columns=8, height=260, object_fit="cover", allow_preview=True)
     problems = gr.Dataframe(headers=ROW_HEADERS, label="Files with a problem (and what will be done)",
                             interactive=False, max_height=260, wrap=True)
     with gr.Accordion("Prepare a working copy (resize, turn upright, convert to RGB)", open=True):
@@ -84,7 +84,8 @@ def build_dataset_tab(ctx: StudioContext) -> dict[str, gr.components.Component]:
         root = ctx.policy.folder(folder_text, "image folder")
         report = scan_folder(root, min_size=int(min_px or 1), max_aspect=float(aspect or DEFAULT_MAX_ASPECT),
                              progress=progress_callback(progress, "Checking"))
-        rows = report.rows(problems_only=True) or [["", "", "no problems found", ""]]
+        rows = sorted(report.rows(problems_only=True), key=lambda r: r[3] != "skip")  # skipped files first
+        rows = rows or [["", "", "no problems found", ""]]
         return _summary(report), _gallery(report), rows, str(root)
 
     @friendly

@@ -19,7 +19,7 @@ DEMO_TRIGGER = "demo style"
 
 # Training settings that finish in seconds on a CPU with the tiny model.
 DEMO_TRAIN: dict[str, Any] = {
-    "output_name": "demo_lora", "resolution": 64, "max_train_steps": 30, "save_steps": 10, "keep_checkpoints": 3,
+    "output_name": "demo_lora", "resolution": 64, "max_train_steps": 20, "save_steps": 10, "keep_checkpoints": 3,
     "lora_rank": 4, "learning_rate": 1e-3, "batch_size": 2, "mixed_precision": "no", "optimizer": "adamw",
     "gradient_checkpointing": False, "sample_prompt": f"{DEMO_TRIGGER}, a red circle", "sample_steps": 10,
     "lr_scheduler": "constant",

@@ -155,7 +155,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     files = gr.File(label="LoRA files of this run", file_count="multiple", interactive=False)
     with gr.Accordion("Runs: look at earlier runs, resume a stopped or interrupted one", open=True):
         with gr.Row(equal_height=True):
-            runs = gr.Dropdown(label="Runs in the output folder", choices=run_choices(initial.output_dir), scale=4)
+            runs = gr.Dropdown(label="Runs in the output folder", choices=run_choices(initial.output_dir), scale=4,
+                               allow_custom_value=True)
             runs_btn = gr.Button("Refresh", scale=0, min_width=90)
             show_run_btn = gr.Button("Show", scale=0, min_width=90)
             resume_btn = gr.Button("Resume", scale=0, min_width=100)
@@ -219,7 +220,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         if job is None:
             return [gr.skip()] * len(view_outputs) + [gr.skip(), gr.Timer(active=False)]
         running = job.is_running()
-        runs_update = gr.skip() if running else gr.update(choices=run_choices(output_dir or ctx.runs_dir))
+        runs_update = gr.skip() if running else gr.update(choices=run_choices(output_dir or ctx.runs_dir),
+                                                          value=str(job.run.path) if job.run else None)
         return view(job.snapshot(), shown) + [runs_update, gr.Timer(active=running)]
 
     def attach(output_dir: str):

@@ -1,0 +1,107 @@
+"""Click through the ``--demo`` flow in a real headless Chromium, and keep the screenshots for the README.
+
+Dataset check, captioning, training a few steps (the loss plot draws while it runs), a strength grid.
+Screenshots go to ``docs/img/`` (dataset.png, captioning.png, training.png, testing.png).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_app_server import AppProcess  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "docs" / "img"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                 reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium)")]
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("browser_outputs")
+    app = AppProcess(["--demo", "--outputs", str(outputs)], outputs.parent / "browser_app.log")
+    try:
+        yield app.wait_ready().url
+    finally:
+        app.stop()
+
+
+@pytest.fixture()
+def page(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1280, "height": 900})
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def _shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    tmp = SHOTS / f".{name}.tmp.png"
+    page.screenshot(path=str(tmp), full_page=True)
+    shutil.move(tmp, SHOTS / name)
+
+
+def test_demo_flow_in_the_browser(demo_url, page):
+    from playwright.sync_api import expect
+
+    page.goto(demo_url)
+    page.get_by_role("tab", name="1. Dataset").wait_for(timeout=30_000)
+
+    # 1. Dataset: check the demo folder; thumbnails and the summary appear.
+    page.get_by_role("button", name="Check folder").click()
+    expect(page.locator("#dataset-summary")).to_contain_text("images usable", timeout=30_000)
+    expect(page.locator("img").first).to_be_visible()
+    _shot(page, "dataset.png")
+
+    # 2. Captioning: run the tiny BLIP with the trigger word, then save.
+    page.get_by_role("tab", name="2. Captioning").click()
+    page.get_by_role("button", name="Run captioning").click()
+    expect(page.locator("#caption-status")).to_contain_text("captioned", timeout=60_000)
+    page.get_by_role("button", name="Save captions").click()
+    expect(page.locator("#caption-save-status")).to_contain_text("Saved", timeout=30_000)
+    _shot(page, "captioning.png")
+
+    # 3. Training: start; the progress and the loss plot update live; wait for the end.
+    page.get_by_role("tab", name="3. Training").click()
+    page.get_by_role("button", name="Start training").click()
+    progress = page.locator("#train-progress")
+    expect(progress).to_contain_text(re.compile(r"Step ([5-9]|[1-9]\d) / 20"), timeout=90_000)
+    # A second browser tab re-attaches to the running job.
+    second = page.context.new_page()
+    second.goto(demo_url)
+    second.get_by_role("tab", name="3. Training").click()
+    expect(second.locator("#train-stats")).to_contain_text("demo_lora-", timeout=30_000)
+    second.close()
+    plot = page.locator("#loss-plot")
+    expect(plot.locator("canvas, svg").first).to_be_visible(timeout=15_000)
+    expect(progress).to_contain_text("finished", timeout=120_000)
+    expect(page.locator("#train-stats")).to_contain_text("Loss:")
+    page.wait_for_timeout(1500)  # let the last sample image and the plot settle
+    _shot(page, "training.png")
+
+    # 4. Testing: the new run's LoRA is listed; render the strength grid.
+    page.get_by_role("tab", name="4. Testing").click()
+    page.wait_for_timeout(1500)
+    page.get_by_role("button", name="Render strengths").click()
+    expect(page.locator("#grid-image img")).to_be_visible(timeout=90_000)
+    expect(page.locator("#a1111-tags textarea, #a1111-tags input").first).to_have_value(
+        re.compile(r"<lora:demo_lora:0\.25>"), timeout=10_000)
+    page.wait_for_timeout(500)
+    _shot(page, "testing.png")
