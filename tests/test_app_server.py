@@ -161,6 +161,21 @@ def test_flow_through_every_tab(demo_app, client):
     assert Path(grid2).is_file()
 
 
+def test_language_model_lora_answers_side_by_side(demo_app, client):
+    pytest.importorskip("lora_studio.inference.llm_compare")
+    app, outputs = demo_app
+    demo = outputs / "demo"
+    params = {**_defaults(client, "/start_training"), "base_model": str(demo / "tiny-llm"),
+              "train_data_dir": str(demo / "llm_data.jsonl"), "output_name": "llm_demo", "max_train_steps": 6,
+              "save_steps": 0, "sample_steps": 0, "resolution": "", "learning_rate": 0.01}
+    client.predict(**params, api_name="/start_training")
+    status = _wait_for_training(client)
+    assert status["status"] == "finished", status.get("error")
+    table = client.predict(status["files"][0], "", "What is LoRA?", "0, 1", 12, 0, 0, api_name="/compare_llm_answers")
+    rows = table["data"]
+    assert [r[0] for r in rows] == ["0 (base)", "1"] and all(r[2] > 0 for r in rows)
+
+
 def test_files_are_served_only_from_the_outputs_folder(demo_app):
     app, outputs = demo_app
     inside = outputs / "served.txt"

@@ -28,11 +28,11 @@ pytestmark = [pytest.mark.browser,
 
 
 @pytest.fixture(scope="module")
-def demo_url(tmp_path_factory):
+def demo_app(tmp_path_factory):
     outputs = tmp_path_factory.mktemp("browser_outputs")
     app = AppProcess(["--demo", "--outputs", str(outputs)], outputs.parent / "browser_app.log")
     try:
-        yield app.wait_ready().url
+        yield app.wait_ready()
     finally:
         app.stop()
 
@@ -58,7 +58,18 @@ def _shot(page, name: str) -> None:
     shutil.move(tmp, SHOTS / name)
 
 
-def test_demo_flow_in_the_browser(demo_url, page):
+def test_demo_flow_in_the_browser(demo_app, page):
+    """On failure the page's training numbers and the server's log tail are in the message."""
+    try:
+        _click_through(demo_app.url, page)
+    except AssertionError as exc:
+        stats = page.locator("#train-stats").inner_text(timeout=2000) if page.locator("#train-stats").count() else ""
+        toasts = " | ".join(page.locator(".toast-body").all_inner_texts())
+        raise AssertionError(f"{exc}\n--- messages: {toasts}\n--- training stats on the page:\n{stats}\n--- app log (tail):\n"
+                             f"{demo_app.output()[-4000:]}") from None
+
+
+def _click_through(demo_url: str, page) -> None:
     from playwright.sync_api import expect
 
     page.goto(demo_url)

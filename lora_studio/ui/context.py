@@ -75,6 +75,8 @@ class StudioContext:
         found: list[str] = []
         if self.demo is not None:
             found.append(str(self.demo.model))
+            if self.demo.llm_model is not None:
+                found.append(str(self.demo.llm_model))
         if self.models_dir.is_dir():
             for p in sorted(self.models_dir.iterdir()):
                 if p.name.startswith("."):

@@ -37,6 +37,8 @@ class DemoAssets:
     blip: Path
     clip: Path
     images: Path
+    llm_model: Path | None = None
+    llm_data: Path | None = None
     train: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAIN))
     render: dict[str, Any] = field(default_factory=lambda: dict(DEMO_RENDER))
 
@@ -55,5 +57,16 @@ def build_demo(root: str | Path) -> DemoAssets:
     images = root / "images"
     if not images.is_dir() or not any(images.glob("*.png")):
         make_demo_images(images, count=DEMO_IMAGE_COUNT, size=DEMO_IMAGE_SIZE, with_captions=False)
+    llm_model = llm_data = None
+    try:  # the language-model side, when the LLM engine is installed
+        from ..models.tiny_llm import build_tiny_llm, make_demo_llm_data
+
+        llm_model = build_tiny_llm(root / "tiny-llm")
+        llm_data = root / "llm_data.jsonl"
+        if not llm_data.is_file():
+            make_demo_llm_data(llm_data)
+    except ImportError:
+        log.info("no LLM engine: the demo covers image LoRAs only")
     log.info("demo assets ready in %.1fs under %s", time.time() - started, root)
-    return DemoAssets(root=root, model=model, blip=blip, clip=clip, images=images)
+    return DemoAssets(root=root, model=model, blip=blip, clip=clip, images=images, llm_model=llm_model,
+                      llm_data=llm_data)

@@ -112,7 +112,11 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     gpu_line, gpu_gb = _gpu_line()
     recommended = recommend_preset(gpu_gb, "sd15") if gpu_gb and not demo else None
 
-    gr.Markdown(f"Pick the base model and your GPU's preset, check the main settings, press **Start**. {gpu_line}")
+    intro = f"Pick the base model and your GPU's preset, check the main settings, press **Start**. {gpu_line}"
+    if demo and demo.llm_model:
+        intro += (f"\n\nDemo language model: pick `{demo.llm_model}` as base model and use `{demo.llm_data}` as "
+                  "training data (then compare answers at the bottom of the Testing tab).")
+    gr.Markdown(intro)
     with gr.Row(equal_height=True):
         base = gr.Dropdown(label="Base model (base_model)", choices=ctx.model_choices(), scale=5,
                            value=initial.base_model or None, allow_custom_value=True,
@@ -175,8 +179,10 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
 
     def checked_config(values: tuple) -> TrainConfig:
         cfg = form_to_config(names, values)
-        cfg = cfg.replace(base_model=ctx.policy.model_ref(cfg.base_model),
-                          train_data_dir=str(ctx.policy.folder(cfg.train_data_dir, "training image folder")))
+        data = cfg.train_data_dir
+        data_path = (ctx.policy.file(data, "training data file") if data and Path(data.strip()).is_file()
+                     else ctx.policy.folder(data, "training data folder"))
+        cfg = cfg.replace(base_model=ctx.policy.model_ref(cfg.base_model), train_data_dir=str(data_path))
         if not ctx.policy.allows(cfg.output_dir):
             raise gr.Error(f"The output folder '{cfg.output_dir}' is outside the folders this shared app may use.")
         return cfg
