@@ -30,3 +30,8 @@ class ModelLoadError(StudioError):
 
 class TrainingError(StudioError):
     """Training stopped for a reason the user can act on (NaN loss, out of memory, export mismatch)."""
+
+
+class OutOfMemoryError(TrainingError):
+    """The GPU ran out of memory. The message names what to change (the next smaller preset); with
+    ``auto_fit: true`` the job catches it and retries with smaller settings."""

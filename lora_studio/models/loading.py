@@ -35,20 +35,31 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _family_from_folder(folder: Path) -> str | None:
     index = _read_json(folder / "model_index.json")
     if index:
-        cls = str(index.get("_class_name", ""))
-        if "XL" in cls or "text_encoder_2" in index:
-            return "sdxl"
-        unet = _read_json(folder / "unet" / "config.json")
-        sched = _read_json(folder / "scheduler" / "scheduler_config.json")
-        if unet.get("cross_attention_dim") == 1024 or sched.get("prediction_type") == "v_prediction":
-            return "sd2"
-        return "sd15"
+        return _family_from_index(folder, index)
     config = _read_json(folder / "config.json")
     if config.get("architectures") or config.get("model_type"):
         archs = " ".join(config.get("architectures") or [])
         if "CausalLM" in archs or "LMHead" in archs or config.get("model_type") in _causal_lm_types():
             return "llm"
     return None
+
+
+def _family_from_index(folder: Path, index: dict[str, Any]) -> str:
+    """SD1.x, SD2.x or SDXL from a diffusers ``model_index.json`` (and the UNet/scheduler configs)."""
+    cls = str(index.get("_class_name", ""))
+    if "unet" not in index or "vae" not in index:  # SD3, Flux, PixArt (transformers), Kandinsky (MoVQ) ...
+        raise ModelLoadError(f"'{folder.name}' is a {cls or 'diffusers'} model; LoRA Studio trains Stable "
+                             "Diffusion 1.x, 2.x and SDXL (and causal language models).")
+    if "text_encoder_2" in index or "XL" in cls:
+        if not index.get("text_encoder") or index.get("text_encoder") == [None, None]:
+            raise ModelLoadError(f"'{folder.name}' is an SDXL refiner (it has no first text encoder); train "
+                                 "LoRAs on an SDXL base model instead.")
+        return "sdxl"
+    unet = _read_json(folder / "unet" / "config.json")
+    sched = _read_json(folder / "scheduler" / "scheduler_config.json")
+    if unet.get("cross_attention_dim") == 1024 or sched.get("prediction_type") == "v_prediction":
+        return "sd2"
+    return "sd15"
 
 
 def _causal_lm_types() -> set[str]:
@@ -60,22 +71,48 @@ def _causal_lm_types() -> set[str]:
         return {"llama", "mistral", "qwen2", "gpt2", "phi3", "gemma"}
 
 
-def _family_from_single_file(path: Path) -> str:
-    from safetensors import safe_open
+def _single_file_keys(path: Path) -> set[str] | None:
+    """The tensor names of a checkpoint file (None when a .ckpt cannot be read without running its pickle)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
 
-    if path.suffix != ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return set(fh.keys())
+        except Exception as exc:
+            raise ModelLoadError(f"'{path.name}' is not a readable .safetensors file ({_first_line(exc)}).") from None
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # old pickles with training objects: leave the family to the config (SD1.x by default)
+        return None
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return {k for k in state if isinstance(k, str)}
+
+
+def _family_from_single_file(path: Path) -> str:
+    keys = _single_file_keys(path)
+    if keys is None:
         return "sd15"
-    with safe_open(str(path), framework="pt") as fh:
-        keys = set(fh.keys())
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise ModelLoadError(f"'{path.name}' is an SDXL refiner checkpoint; train LoRAs on an SDXL base model.")
     if any("cond_stage_model.model." in k for k in keys):
         return "sd2"
+    if any(k.startswith(("model.diffusion_model.joint_blocks", "double_blocks.", "model.diffusion_model.double_"))
+           for k in keys):
+        raise ModelLoadError(f"'{path.name}' is an SD3 or Flux checkpoint; LoRA Studio trains Stable Diffusion 1.x, "
+                             "2.x and SDXL.")
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "sd15"
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k for k in keys):
         raise ModelLoadError(f"'{path.name}' is a LoRA file, not a base model. Put it in init_lora to continue "
                              "training it, or pick a full checkpoint as base_model.")
+    if any(k.startswith(("model.layers.", "model.embed_tokens", "transformer.h.")) for k in keys):
+        raise ModelLoadError(f"'{path.name}' holds language-model weights; give the model's folder (with its "
+                             "config.json and tokenizer) as base_model.")
     raise ModelLoadError(f"'{path.name}' does not look like a Stable Diffusion checkpoint (no UNet weights found).")
 
 

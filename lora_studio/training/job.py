@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, merge
-from ..errors import StudioError, TrainingError
+from ..errors import OutOfMemoryError, StudioError, TrainingError
 from .events import Commands, Event, EventBus
 from .run_folder import RunFolder
 
@@ -130,12 +130,9 @@ class TrainingJob:
 
     # --- the thread --------------------------------------------------------------------------------
     def _main(self) -> None:
-        from .loop import run_training
-
         try:
             self.run.write_state(status="starting", pid_started_at=time.time())
-            trainer = make_trainer(self.config, self.run, self.bus)
-            files = run_training(trainer, self.commands, resume=self.resume_run)
+            files = self._train_fitting()
             self.files = [str(f) for f in files]
             if self.status not in FINAL_STATES:
                 self.status = "finished" if files else "stopped"
@@ -148,6 +145,66 @@ class TrainingJob:
                        "The run can be resumed from its last checkpoint; please report this with the log.")
         finally:
             self._done.set()
+
+    def _train_fitting(self) -> list[Path]:
+        """``run_training``; on out-of-memory with ``auto_fit``, again with the next smaller setting, until it fits.
+
+        Each step down is logged and stored in the run folder (``config.yaml`` gets the settings that fit,
+        ``job.json`` the list of steps). A step that keeps the batch and the optimizer (gradient
+        checkpointing) resumes from the last checkpoint; any other restarts the run from step 0, since
+        checkpoints of another batch size or optimizer cannot be continued exactly.
+        """
+        from .loop import run_training
+        from .memory import next_step_down
+
+        resume, steps = self.resume_run, []
+        while True:
+            trainer = make_trainer(self.config, self.run, self.bus)
+            self._check_memory(trainer)
+            try:
+                return run_training(trainer, self.commands, resume=resume)
+            except OutOfMemoryError as exc:
+                if not self.config.auto_fit:
+                    raise
+                step = next_step_down(self.config, getattr(trainer, "family", None))
+                if step is None:
+                    raise OutOfMemoryError(f"{exc} auto_fit has already stepped down every setting it can "
+                                           f"({'; '.join(steps) or 'none left'}).") from None
+                self.config, change = step
+                steps.append(change)
+                resume = self._restart_after_step_down(change, steps)
+
+    def _restart_after_step_down(self, change: str, steps: list[str]) -> bool:
+        """Store the smaller config; True to resume from the last checkpoint, else clear the run's progress."""
+        self.config.save(self.run.config_path)
+        self.run.write_state(auto_fit_steps=steps)
+        resume = change.startswith("gradient_checkpointing") and self.run.latest_checkpoint() is not None
+        if not resume:
+            import shutil
+
+            for _, folder in self.run.list_checkpoints():
+                shutil.rmtree(folder, ignore_errors=True)
+            self.run.truncate_metrics(0)
+            self._losses = []
+        where = "resuming from the last checkpoint" if resume else "restarting from step 0"
+        self.bus.log(f"Out of GPU memory: auto_fit steps down ({change}) and tries again, {where}.", "warning")
+        return resume
+
+    def _check_memory(self, trainer) -> None:
+        """On a CUDA GPU, log the estimated peak memory, and a warning when it is above the card's memory."""
+        from ..presets import detect_gpu
+        from .memory import check_fits, estimate_breakdown
+
+        gpu = detect_gpu()
+        family = getattr(trainer, "family", None)
+        if gpu is None or family is None:
+            return
+        warning = check_fits(self.config, family, gpu["memory_gb"])
+        if warning:
+            trainer.say(warning, "warning")
+        else:
+            trainer.say(f"Estimated peak GPU memory: {estimate_breakdown(self.config, family)} of the "
+                        f"{gpu['memory_gb']:.1f} GB of {gpu['name']}.")
 
     def _fail(self, message: str) -> None:
         self.error = message

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..config import TrainConfig
-from ..errors import StudioError, TrainingError
+from ..errors import OutOfMemoryError, StudioError, TrainingError
 from ..fileio import atomic_write
 from .events import Commands, EventBus
 from .multi_gpu import any_process, mean_over_processes
@@ -345,7 +345,7 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
     except Exception as exc:
         if is_out_of_memory(exc):
             free_memory()
-            raise TrainingError(out_of_memory_advice(cfg, getattr(trainer, "family", None))) from None
+            raise OutOfMemoryError(out_of_memory_advice(cfg, getattr(trainer, "family", None))) from None
         raise
     finally:
         trainer.cleanup()

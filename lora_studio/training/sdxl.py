@@ -13,6 +13,8 @@ What SDXL adds to the SD1.5 step:
   ``vae`` key names a VAE that declares itself fp16-safe (``force_upcast: false`` in its config, as
   madebyollin/sdxl-vae-fp16-fix does). The cached latents are checked, and non-finite ones stop the run
   with a message naming the ``vae`` key: a NaN latent can never train silently.
+- Memory: while latents are cached only the VAE is on the GPU, while captions are encoded only the text
+  encoders, so neither phase adds to the training peak (UNet + LoRA + activations).
 - 1024 px default resolution (``DEFAULT_RESOLUTION`` in ``diffusion.py``).
 """
 
@@ -52,8 +54,21 @@ class SDXLTrainer(DiffusionTrainer):
         return dtype
 
     def _cache_latents(self) -> None:
-        self.pipe.vae.enable_slicing()  # one image at a time through the VAE: 1024 px activations are large
-        super()._cache_latents()
+        """Encode with only the VAE on the GPU (UNet and encoders wait in RAM), one image at a time: the
+        caching peak then stays far below the training peak (see ``memory.py``)."""
+        pipe, device = self.pipe, self.accelerator.device
+        waiting = [pipe.unet] + [getattr(pipe, n) for n in self.text_encoder_names]
+        for module in waiting:
+            module.to("cpu")
+        free_memory()
+        pipe.vae.enable_slicing()
+        try:
+            super()._cache_latents()
+        finally:
+            for name in self.text_encoder_names:
+                getattr(pipe, name).to(device)
+            if self.config.train_text_encoder:  # no text caching follows: the UNet comes back now
+                pipe.unet.to(device)
         self.check_latents()
 
     def check_latents(self) -> None:
@@ -93,6 +108,7 @@ class SDXLTrainer(DiffusionTrainer):
     def _cache_text(self) -> None:
         super()._cache_text()
         self._offload_text_encoders()
+        self.pipe.unet.to(self.accelerator.device)  # after the encoders left: the peaks do not add up
 
     def _offload_text_encoders(self) -> None:
         """Frozen, cached encoders are not needed for training: free their GPU memory (about 1.6 GB in fp16)."""

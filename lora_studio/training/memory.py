@@ -1,0 +1,276 @@
+"""GPU memory before a run starts: an estimate of the peak, a fit check, and the auto_fit step-down.
+
+    estimate_memory(config, "sdxl")                 -> 9.4 (GB, the peak the run will reach)
+    estimate_breakdown(config, "sdxl")              -> MemoryEstimate (the parts, for a tooltip)
+    check_fits(config, "sdxl", gpu_memory_gb=12.0)  -> a warning sentence, or None when it fits
+    next_step_down(config, "sdxl")                  -> (smaller config, "batch_size 4 -> 2 ..."), or None
+
+The peak of an image run is the larger of two phases:
+
+- **training**: CUDA context + frozen weights in the weight dtype (the UNet; the SD1.x/SD2.x trainer also
+  keeps its frozen text encoder on the GPU, the SDXL trainer moves its encoders off after caching) + the
+  LoRA's fp32 weights, gradients and optimizer state (AdamW 8 bytes a weight, 8-bit AdamW 2) + the
+  activations the backward pass needs (proportional to batch x pixels) + cuBLAS/cuDNN workspace;
+- **latent caching**: SD1.x/SD2.x keep UNet, text encoder and VAE on the GPU while the VAE encodes four
+  images at a time in the weight dtype; SDXL has only the VAE there (one image at a time, fp32), then
+  only the text encoders while the captions are encoded.
+
+Where the constants come from: the activation bytes per megapixel are what ``benchmarks/bench_memory.py
+--count`` measures on the meta device: every tensor the autograd graph saves for backward in a LoRA step
+of the full-size UNet, with CUDA autocast's casts and flash attention modelled, with and without gradient
+checkpointing (rerun it after a diffusers or torch upgrade). The parameter counts are those of the
+released models. ``ALLOCATOR_OVERHEAD``, ``WORKSPACE_GB``, ``CONTEXT_GB`` and ``VAE_ENCODE_GB_PER_MP``
+are NOT YET MEASURED on a GPU: they are set from published reports (kohya-ss sd-scripts: an SDXL LoRA
+with UNet only, gradient checkpointing, cached text encoder outputs and batch 1 trains in 8 GB, 10 GB
+recommended; diffusers PR #4470: SDXL LoRA with gradient checkpointing and 8-bit Adam under 16 GB, text
+encoders trained). Compare with ``bench_memory.py`` on a GPU and adjust. LLM estimates are rougher still.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import TrainConfig
+from .diffusion import DEFAULT_RESOLUTION
+
+GB = 1e9
+CONTEXT_GB = 0.5            # CUDA context + cuBLAS/cuDNN handles (outside max_memory_allocated); not yet measured
+WORKSPACE_GB = 0.3          # cuBLAS/cuDNN workspaces and temporary buffers of the step; not yet measured
+ALLOCATOR_OVERHEAD = 0.15   # caching-allocator fragmentation and activation gradients in backward; not yet measured
+VAE_ENCODE_GB_PER_MP = 2.0  # peak VAE encoder activations per megapixel in fp32 (half in fp16); not yet measured
+FIT_MARGIN = 0.95           # warn when the estimate is above this share of the card's memory
+
+
+@dataclass(frozen=True)
+class FamilyFigures:
+    """Sizes of one model family (parameter counts of the released models) and its activation cost."""
+
+    unet_params: int
+    text_encoders: tuple[tuple[int, int, int], ...]  # (parameters, layers, hidden size) per encoder
+    keeps_text_encoders: bool                        # frozen encoders stay on the GPU during training
+    lora_params_per_rank: int                        # UNet LoRA on to_q, to_k, to_v, to_out.0, per unit of rank
+    act_mb_per_mp: dict[str, float]                  # "half"/"fp32" x ""/"_ckpt" -> MB per megapixel per image
+    vae_batch: int                                   # images the VAE encodes at once while caching
+    caches_alone: bool = False                       # only the VAE (then only the encoders) on the GPU while caching
+    vae_params: int = 83_653_863
+    tokens: int = 77
+
+
+# Activation figures: ``bench_memory.py --count`` (diffusers 0.42, torch 2.13, rank 16 on the default
+# targets), per megapixel of one image. SD2 fp32 is scaled from SD2 half by SD1.5's fp32/half ratio.
+FAMILIES: dict[str, FamilyFigures] = {
+    "sd15": FamilyFigures(
+        unet_params=859_520_964, text_encoders=((123_060_480, 12, 768),), keeps_text_encoders=True,
+        lora_params_per_rank=199_296, vae_batch=4,
+        act_mb_per_mp={"half": 4422, "half_ckpt": 961, "fp32": 6136, "fp32_ckpt": 1568}),
+    "sd2": FamilyFigures(
+        unet_params=865_910_724, text_encoders=((340_387_840, 23, 1024),), keeps_text_encoders=True,
+        lora_params_per_rank=207_488, vae_batch=4,
+        act_mb_per_mp={"half": 4227, "half_ckpt": 782, "fp32": 5866, "fp32_ckpt": 1276}),
+    "sdxl": FamilyFigures(
+        unet_params=2_567_463_684, text_encoders=((123_060_480, 12, 768), (694_659_840, 32, 1280)),
+        keeps_text_encoders=False, lora_params_per_rank=1_451_520, vae_batch=1, caches_alone=True,
+        act_mb_per_mp={"half": 7403, "half_ckpt": 680, "fp32": 10717, "fp32_ckpt": 1158}),
+}
+MIN_RESOLUTION = {"sd15": 256, "sd2": 384, "sdxl": 512}
+RESOLUTION_STEP = 128
+
+
+@dataclass
+class MemoryEstimate:
+    """The estimated peak (GB) and its parts; ``str()`` is one line for a log or a tooltip."""
+
+    family: str
+    parts: dict[str, float] = field(default_factory=dict)   # the training phase
+    caching_gb: float = 0.0                                 # the latent-caching phase (images only)
+
+    @property
+    def training_gb(self) -> float:
+        """The training phase alone (what ``bench_memory.py`` measures)."""
+        return round(sum(self.parts.values()), 2)
+
+    @property
+    def total_gb(self) -> float:
+        return round(max(self.training_gb, self.caching_gb), 2)
+
+    def __float__(self) -> float:
+        return self.total_gb
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {gb:.1f}" for name, gb in self.parts.items() if gb >= 0.05)
+        cache = f"; caching latents {self.caching_gb:.1f}" if self.caching_gb else ""
+        return f"about {self.total_gb:.1f} GB ({parts}{cache})"
+
+
+def _weight_bytes(config: TrainConfig) -> int:
+    return 4 if config.mixed_precision == "no" else 2
+
+
+def _optimizer_bytes(config: TrainConfig) -> int:
+    """Per trainable weight: fp32 weight + fp32 gradient + optimizer state + the half copy autocast makes."""
+    state = 2 if config.optimizer == "adamw8bit" else 8
+    return 4 + 4 + state + (0 if config.mixed_precision == "no" else 2)
+
+
+def _rank_scale(config: TrainConfig) -> float:
+    """More target modules than the default four cost proportionally more LoRA weights (a rough guess)."""
+    return max(len(config.unet_targets()), 1) / 4
+
+
+def estimate_breakdown(config: TrainConfig, family: str) -> MemoryEstimate:
+    """The parts of the peak GPU memory of a run with ``config`` on a ``family`` model (see the module doc)."""
+    if family == "llm":
+        return _estimate_llm(config)
+    fig = FAMILIES.get(family, FAMILIES["sd15"])
+    wb = _weight_bytes(config)
+    resolution = config.resolution or DEFAULT_RESOLUTION.get(family, 512)
+    megapixels = resolution * resolution / 1e6
+    key = ("half" if wb == 2 else "fp32") + ("_ckpt" if config.gradient_checkpointing else "")
+    te_params = sum(p for p, _, _ in fig.text_encoders)
+    lora = fig.lora_params_per_rank * config.lora_rank * _rank_scale(config)
+    te_activations = 0.0
+    if config.train_text_encoder:
+        lora += sum(4 * 2 * hidden * layers for _, layers, hidden in fig.text_encoders) * config.lora_rank
+        te_activations = sum(40 * layers * fig.tokens * hidden for _, layers, hidden in fig.text_encoders)
+        te_activations *= config.batch_size * (0.25 if config.gradient_checkpointing else 1.0)
+    activations = fig.act_mb_per_mp[key] * 1e6 * megapixels * config.batch_size
+    parts = {
+        "CUDA context": CONTEXT_GB,
+        "UNet weights": fig.unet_params * wb / GB,
+        "text encoder weights": te_params * wb / GB if (fig.keeps_text_encoders or config.train_text_encoder) else 0.0,
+        "LoRA weights, gradients and optimizer": lora * _optimizer_bytes(config) / GB,
+        "activations": (activations + te_activations) * (1 + ALLOCATOR_OVERHEAD) / GB,
+        "workspace": WORKSPACE_GB,
+    }
+    vae_dtype_bytes = 4 if family == "sdxl" or wb == 4 else 2
+    encode = (fig.vae_params * vae_dtype_bytes / GB
+              + VAE_ENCODE_GB_PER_MP * vae_dtype_bytes / 4 * megapixels * fig.vae_batch)
+    if fig.caches_alone:  # the VAE alone, then the text encoders alone
+        caching = CONTEXT_GB + max(encode, te_params * wb / GB + WORKSPACE_GB)
+    else:
+        caching = CONTEXT_GB + (fig.unet_params + te_params) * wb / GB + encode
+    return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))
+
+
+def estimate_memory(config: TrainConfig, family: str) -> float:
+    """Estimated peak GPU memory of the run in GB (decimal, as the presets' budgets)."""
+    return estimate_breakdown(config, family).total_gb
+
+
+def check_fits(config: TrainConfig, family: str, gpu_memory_gb: float | None) -> str | None:
+    """A warning naming what to change when the estimate is above the card's memory; None when it fits."""
+    if not gpu_memory_gb:
+        return None
+    est = estimate_breakdown(config, family)
+    if est.total_gb <= gpu_memory_gb * FIT_MARGIN:
+        return None
+    from ..presets import recommend_preset
+
+    preset = recommend_preset(gpu_memory_gb, family)
+    hint = f"Pick the preset '{preset.name}' ({preset.description}), or " if preset else ""
+    step = next_step_down(config, family)
+    first = f"; auto_fit would first try: {step[1]}" if step else ""
+    return (f"This run may not fit in the GPU's {gpu_memory_gb:.1f} GB: the estimated peak is {est}. "
+            f"{hint}lower batch_size, turn on gradient_checkpointing, use optimizer adamw8bit or lower the "
+            f"resolution, or set auto_fit: true to step down on out-of-memory{first}. "
+            "(The estimate is not yet calibrated on a GPU; it can be off by a GB or two.)")
+
+
+# --- auto_fit: the step-down sequence -------------------------------------------------------------------
+def _smaller_batch(batch: int) -> int:
+    """The largest divisor of ``batch`` at most half of it, so the effective batch stays exactly the same."""
+    return max(d for d in range(1, batch // 2 + 1) if batch % d == 0)
+
+
+def next_step_down(config: TrainConfig, family: str | None = None) -> tuple[TrainConfig, str] | None:
+    """The next smaller setting after an out-of-memory, or None when nothing is left to try.
+
+    Order: batch size (halved or so, gradient accumulation raised to keep the effective batch), then
+    gradient checkpointing on, then 8-bit AdamW, then the resolution (128 px at a time, down to half the
+    family's default). LLMs: batch, checkpointing, 8-bit AdamW, 4-bit base (QLoRA), then max_seq_length.
+    Pure: the config given is not changed.
+    """
+    family = family or (config.model_family if config.model_family != "auto" else "sd15")
+    if config.batch_size > 1:
+        new = _smaller_batch(config.batch_size)
+        ga = config.gradient_accumulation_steps * config.batch_size // new
+        return (config.replace(batch_size=new, gradient_accumulation_steps=ga),
+                f"batch_size {config.batch_size} -> {new} (gradient_accumulation_steps "
+                f"{config.gradient_accumulation_steps} -> {ga}, same effective batch)")
+    if not config.gradient_checkpointing:
+        return config.replace(gradient_checkpointing=True), "gradient_checkpointing off -> on"
+    if config.optimizer != "adamw8bit":
+        return config.replace(optimizer="adamw8bit"), f"optimizer {config.optimizer} -> adamw8bit"
+    if family == "llm":
+        if not config.load_in_4bit:
+            return config.replace(load_in_4bit=True), "load_in_4bit off -> on (QLoRA)"
+        if config.max_seq_length > 128:
+            new = max(config.max_seq_length // 2, 128)
+            return config.replace(max_seq_length=new), f"max_seq_length {config.max_seq_length} -> {new}"
+        return None
+    current = config.resolution or DEFAULT_RESOLUTION.get(family, 512)
+    new = (current - RESOLUTION_STEP) // 64 * 64
+    if new >= MIN_RESOLUTION.get(family, 256):
+        return config.replace(resolution=new), f"resolution {current} -> {new}"
+    return None
+
+
+# --- language models (rough) -------------------------------------------------------------------------------
+_LLM_DIMS = {"q_proj": ("h", "h"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("h", "h"),
+             "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h")}
+
+
+def _llm_shape(base_model: str) -> dict[str, int] | None:
+    try:
+        cfg = json.loads((Path(base_model).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    h = int(cfg.get("hidden_size") or 0)
+    if not h:
+        return None
+    heads = int(cfg.get("num_attention_heads") or 1)
+    return {"h": h, "i": int(cfg.get("intermediate_size") or 4 * h), "layers": int(cfg.get("num_hidden_layers") or 1),
+            "kv": h * int(cfg.get("num_key_value_heads") or heads) // heads, "vocab": int(cfg.get("vocab_size") or 32000),
+            "tied": bool(cfg.get("tie_word_embeddings", False))}
+
+
+def _estimate_llm(config: TrainConfig) -> MemoryEstimate:
+    """Weights (4-bit NF4 about 0.56 bytes a weight), LoRA state, activations per token (rough)."""
+    s = _llm_shape(config.base_model) or {"h": 4096, "i": 14336, "layers": 32, "kv": 1024, "vocab": 128256,
+                                          "tied": False}
+    h, i, layers, kv, vocab = s["h"], s["i"], s["layers"], s["kv"], s["vocab"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    embed = vocab * h * (1 if s["tied"] else 2)
+    weight_bytes = 0.56 if config.load_in_4bit else _weight_bytes(config)
+    dims = {"h": h, "kv": kv, "i": i}
+    lora = sum(dims[a] + dims[b] for t in config.llm_targets() if t in _LLM_DIMS for a, b in [_LLM_DIMS[t]])
+    lora *= config.lora_rank * layers
+    tokens = config.batch_size * config.max_seq_length
+    per_token = layers * (2 * h * 2 if config.gradient_checkpointing else 2 * (10 * h + 3 * i))
+    logits = tokens * vocab * 6 * 0.5  # fp32 logits and their gradient at the trained (answer) positions
+    parts = {
+        "CUDA context": CONTEXT_GB,
+        "model weights": (layers * per_layer * weight_bytes + embed * 2) / GB,
+        "LoRA weights, gradients and optimizer": lora * _optimizer_bytes(config) / GB,
+        "activations": (tokens * per_token + logits) * (1 + ALLOCATOR_OVERHEAD) / GB,
+        "workspace": WORKSPACE_GB,
+    }
+    return MemoryEstimate("llm", {k: round(v, 3) for k, v in parts.items()})
+
+
+def largest_fitting_batch(config: TrainConfig, family: str, budget_gb: float, limit: int = 64) -> int:
+    """The largest batch size whose estimate stays within ``budget_gb`` (0 if even batch 1 does not)."""
+    best = 0
+    for batch in range(1, limit + 1):
+        if estimate_memory(config.replace(batch_size=batch), family) <= budget_gb:
+            best = batch
+        else:
+            break
+    return best
+
+
+__all__ = ["MemoryEstimate", "estimate_memory", "estimate_breakdown", "check_fits", "next_step_down",
+           "largest_fitting_batch", "FAMILIES"]
