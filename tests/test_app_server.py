@@ -194,6 +194,43 @@ def test_typed_folder_must_exist(client, tmp_path):
         client.predict(str(tmp_path / "nope"), 32, 4.0, api_name="/scan_dataset")
 
 
+def test_uploaded_images_land_in_the_uploads_folder(demo_app, client):
+    from gradio_client import handle_file
+
+    app, outputs = demo_app
+    image = next((outputs / "demo" / "images").glob("*.png"))
+    folder = client.predict([handle_file(str(image))], api_name="/upload_images")
+    assert Path(folder).parent == outputs / "uploads" and (Path(folder) / image.name).is_file()
+
+
+def test_path_policy(tmp_path):
+    from lora_studio.ui.security import PathError, PathPolicy, parse_auth
+
+    root = tmp_path / "outputs"
+    (root / "data").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    shared = PathPolicy(roots=[root], restricted=True)
+    assert shared.folder(root / "data") == root / "data"
+    for bad in (outside, root / "escape", root / ".." / "elsewhere"):
+        with pytest.raises(PathError, match="outside the folders"):
+            shared.folder(bad)
+    assert shared.model_ref("owner/model") == "owner/model"
+    with pytest.raises(PathError, match="outside"):
+        shared.model_ref(str(outside))
+    local = PathPolicy(roots=[root])
+    assert local.folder(outside) == outside
+    with pytest.raises(PathError, match="does not exist"):
+        local.folder(tmp_path / "missing")
+    with pytest.raises(PathError, match="is a file"):
+        (tmp_path / "f.txt").write_text("x")
+        local.folder(tmp_path / "f.txt")
+    assert parse_auth("me:se:cret") == ("me", "se:cret")
+    with pytest.raises(ValueError):
+        parse_auth("nopassword")
+
+
 def test_share_without_internet_needs_login_and_limits_paths(tmp_path):
     from gradio_client import Client
     from gradio_client.exceptions import AppError

@@ -62,10 +62,11 @@ def test_demo_flow_in_the_browser(demo_app, page):
     """On failure the page's training numbers and the server's log tail are in the message."""
     try:
         _click_through(demo_app.url, page)
-    except AssertionError as exc:
+    except Exception as exc:  # expect() failures and Playwright timeouts
         stats = page.locator("#train-stats").inner_text(timeout=2000) if page.locator("#train-stats").count() else ""
         toasts = " | ".join(page.locator(".toast-body").all_inner_texts())
-        raise AssertionError(f"{exc}\n--- messages: {toasts}\n--- training stats on the page:\n{stats}\n--- app log (tail):\n"
+        raise AssertionError(f"{exc}\n--- messages: {toasts}\n--- training stats on the page:\n{stats}\n"
+                             f"--- app log (tail):\n"
                              f"{demo_app.output()[-4000:]}") from None
 
 

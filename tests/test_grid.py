@@ -10,7 +10,8 @@ import torch
 
 from lora_studio.errors import ConfigError, ModelLoadError
 from lora_studio.inference.grid import (DEFAULT_STRENGTHS, PipelineCache, RenderSettings, a1111_tag, compose_grid,
-                                        parse_strengths, render_grid, render_one, render_strengths)
+                                        parse_strengths, pick_device, render_grid, render_one,
+                                        render_strengths)
 
 SETTINGS = RenderSettings("a red circle", seed=7, steps=3, cfg=5.0, width=32, height=32)
 
@@ -43,7 +44,8 @@ def lora_file(tiny_sd15, tmp_path_factory) -> Path:
 def test_strength_zero_is_the_base_model_and_strengths_differ(tiny_sd15, lora_file, tmp_path):
     from lora_studio.models.loading import load_diffusion_pipeline
 
-    fresh = load_diffusion_pipeline(str(tiny_sd15), "sd15", torch_dtype=torch.float32)
+    device, dtype = pick_device()  # the same device and precision the cache uses
+    fresh = load_diffusion_pipeline(str(tiny_sd15), "sd15", torch_dtype=dtype).to(device)
     fresh.set_progress_bar_config(disable=True)
     base = np.asarray(render_one(fresh, SETTINGS, None, 0.0))
 

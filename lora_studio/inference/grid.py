@@ -325,7 +325,9 @@ def compose_grid(cells: Sequence[Sequence[Image.Image]], row_labels: Sequence[st
     pad = font_size // 2
     top = font_size * 2 + pad * 2 if title else 0
     header = font_size + pad * 2
-    left = max([int(font.getlength(label)) for label in row_labels] + [0]) + pad * 2 if rows > 1 or any(row_labels) else 0
+    left = 0
+    if rows > 1 or any(row_labels):
+        left = max([int(font.getlength(label)) for label in row_labels] + [0]) + pad * 2
     left = min(left, w)
     grid = Image.new("RGB", (left + cols * w, top + header + rows * h), "white")
     draw = ImageDraw.Draw(grid)

@@ -170,7 +170,8 @@ def build_caption_tab(ctx: StudioContext) -> dict[str, gr.components.Component]:
             written.append(write_metadata_csv(root / METADATA_NAME, captions))
         if ".txt files" in formats_v:
             written += write_txt_captions(root, captions)
-        return f"Saved {len(captions)} caption(s) ({len(written)} file(s) written in {root}; old versions kept as .bak)."
+        return (f"Saved {len(captions)} caption(s) ({len(written)} file(s) written in {root}; "
+                "old versions kept as .bak).")
 
     edit_inputs = [trigger, prefix, suffix, remove, find, replace, regex, dedupe, lowercase]
     load_btn.click(load, [folder], [table, status], api_name="load_captions")

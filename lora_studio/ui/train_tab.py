@@ -259,7 +259,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         path = ctx.configs_dir / f"{cfg.output_name}.yaml"
         cfg.save(path)
         python = "python" if sys.platform == "win32" else "python3"
-        cmd = f"{python} -m lora_studio train --config {shlex.quote(str(path))}"
+        quoted = f'"{path}"' if sys.platform == "win32" else shlex.quote(str(path))
+        cmd = f"{python} -m lora_studio train --config {quoted}"
         text = (f"Saved as `{path}`. The same run from a terminal (in the LoRA Studio folder, with its "
                 f"virtual environment active):\n\n```\n{cmd}\n```\n\nTo continue a stopped run: "
                 f"`{python} -m lora_studio train --resume <run folder>`")

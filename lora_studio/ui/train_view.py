@@ -55,7 +55,8 @@ def stats_markdown(snap: dict[str, Any]) -> str:
         parts.append(f"**Loss:** {losses[-1][1]:.4f}")
     mem = snap.get("memory") or {}
     if "gpu_peak_gb" in mem:
-        parts.append(f"**GPU memory:** {mem['gpu_peak_gb']:.1f} GB peak, {mem.get('gpu_reserved_gb', 0):.1f} GB reserved")
+        parts.append(f"**GPU memory:** {mem['gpu_peak_gb']:.1f} GB peak, "
+                     f"{mem.get('gpu_reserved_gb', 0):.1f} GB reserved")
     elif "ram_gb" in mem:
         parts.append(f"**Memory:** {mem['ram_gb']:.1f} GB RAM (no GPU)")
     text = " &nbsp;|&nbsp; ".join(parts)
