@@ -289,3 +289,15 @@ def test_sd15_activation_constant_matches_the_count():
     full, ckpt = bench_memory.count_activations("sd15", 512, 1).per_megapixel()
     assert full / 1e6 == pytest.approx(FAMILIES["sd15"].act_mb_per_mp["half"], rel=0.05)
     assert ckpt / 1e6 == pytest.approx(FAMILIES["sd15"].act_mb_per_mp["half_ckpt"], rel=0.05)
+
+
+def test_out_of_memory_while_exporting_does_not_retrain(tiny_sd15, demo_images, tmp_path, monkeypatch):
+    from lora_studio.training.diffusion import DiffusionTrainer
+
+    def export(self, step, epoch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(DiffusionTrainer, "export", export)
+    job = _run(_sd15_config(tiny_sd15, demo_images, tmp_path / "out", batch_size=2, max_train_steps=2, auto_fit=True))
+    assert job.status == "failed" and "ran out of memory" in job.error
+    assert "auto_fit steps down" not in "\n".join(job.snapshot()["log"])

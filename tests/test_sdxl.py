@@ -62,13 +62,19 @@ def test_sdxl_trains_exports_and_reloads(tiny_sdxl, demo_images, tmp_path):
     assert np.abs(_render(pipe, prompt) - base).max() > 1e-4
 
 
-def test_sdxl_text_encoder_lora_exports_te1_and_te2(tiny_sdxl, demo_images, tmp_path):
+def test_sdxl_text_encoder_lora_exports_te1_and_te2(tiny_sdxl, demo_images, tmp_path, monkeypatch):
+    """Also the export check's CPU path (taken on GPUs without room for two fp32 SDXL pipelines)."""
     from safetensors import safe_open
 
+    from lora_studio.training.sdxl import SDXLTrainer
+
+    monkeypatch.setattr(SDXLTrainer, "_verify_on_cpu", lambda self: True)
     job = run_job(make_config(tiny_sdxl, demo_images, tmp_path / "out", train_text_encoder=True,
                               gradient_checkpointing=True, max_train_steps=4))
     assert job.status == "finished", job.error
-    assert any("Export check passed" in line for line in job.snapshot()["log"])
+    log = job.snapshot()["log"]
+    assert any("Checking the export on the CPU" in line for line in log)
+    assert any("Export check passed" in line for line in log)
     with safe_open(str(job.run.path / "my_lora.safetensors"), framework="pt") as fh:
         keys = list(fh.keys())
     assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in keys)
@@ -162,3 +168,16 @@ def test_sdxl_defaults_to_1024_and_fp32_vae(tiny_sdxl, tmp_path):
     trainer.config = cfg.replace(vae="some/fp16-fix")
     assert trainer.vae_dtype(torch.float16) == torch.float16
     assert trainer.vae_dtype(torch.float32) == torch.float32
+
+
+def test_a_sample_that_runs_out_of_memory_is_skipped_not_the_run(tiny_sdxl, demo_images, tmp_path, monkeypatch):
+    from lora_studio.training.diffusion import DiffusionTrainer
+
+    def render_sample(self, step):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(DiffusionTrainer, "render_sample", render_sample)
+    job = run_job(make_config(tiny_sdxl, demo_images, tmp_path / "out", max_train_steps=2, sample_steps=1,
+                              sample_prompt="a red circle", verify_export=False))
+    assert job.status == "finished", job.error
+    assert any("Sample at step 1 skipped" in line for line in job.snapshot()["log"])

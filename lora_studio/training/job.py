@@ -164,8 +164,8 @@ class TrainingJob:
             try:
                 return run_training(trainer, self.commands, resume=resume)
             except OutOfMemoryError as exc:
-                if not self.config.auto_fit:
-                    raise
+                if not self.config.auto_fit or self.status in ("exporting", "verifying export"):
+                    raise  # smaller training settings cannot help an export that ran out of memory
                 step = next_step_down(self.config, getattr(trainer, "family", None))
                 if step is None:
                     raise OutOfMemoryError(f"{exc} auto_fit has already stepped down every setting it can "

@@ -27,10 +27,10 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import TrainingError
-from .diffusion import DiffusionTrainer
+from .diffusion import VERIFY_SIZE, VERIFY_STEPS, DiffusionTrainer
 from .events import EventBus
 from .run_folder import RunFolder
-from .runtime import free_memory, weight_dtype
+from .runtime import free_memory, is_out_of_memory, weight_dtype
 
 FP16_SAFE_VAE_HINT = "madebyollin/sdxl-vae-fp16-fix"
 
@@ -142,6 +142,62 @@ class SDXLTrainer(DiffusionTrainer):
 
     @torch.no_grad()
     def render_sample(self, step: int) -> Path | None:
-        path = super().render_sample(step)
-        self._offload_text_encoders()
-        return path
+        """A sample beside training: VAE tiling at 1024 px, and out of memory skips it (a warning), not the run."""
+        self.pipe.vae.enable_tiling()
+        try:
+            return super().render_sample(step)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self.pipe.vae.to("cpu")
+            free_memory()
+            self.say(f"Sample at step {step} skipped: the GPU has no room to render it beside training.", "warning")
+            return None
+        finally:
+            self._offload_text_encoders()
+
+    @torch.no_grad()
+    def verify(self, lora_file: Path):
+        """The reload-and-compare check, on the CPU unless the GPU has room for two SDXL pipelines in fp32.
+
+        The check compares the trained pipeline with a fresh one, both in fp32: about 14 GB each for SDXL,
+        more than a 12-24 GB card holds. On the CPU it renders the same 64 px, 2-step images (seconds).
+        """
+        if not self._verify_on_cpu():
+            return super().verify(lora_file)
+        from ..export.verify import check_export
+
+        self.say("Checking the export on the CPU (two SDXL pipelines in fp32 do not fit this GPU).")
+        pipe = self.inference_pipe().to("cpu").to(torch.float32)
+        expected, base = self._reference_renders(pipe)
+        pipe.to(self.accelerator.device, weight_dtype(self.accelerator))  # frees RAM for the fresh pipeline
+        return check_export(self.config.base_model, self.family, lora_file, expected_images=expected,
+                            base_images=base, prompt=self.items[0].caption, seed=self.config.seed,
+                            steps=VERIFY_STEPS, size=VERIFY_SIZE, vae=self.config.vae, device="cpu",
+                            base_dtype=weight_dtype(self.accelerator))
+
+    def _reference_renders(self, pipe):
+        """The trained pipeline's render, and the same with the adapters off (the base)."""
+        from ..export.verify import render
+
+        prompt, seed = self.items[0].caption, self.config.seed
+        expected = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
+        trained = ["unet"] + (list(self.text_encoder_names) if self.config.train_text_encoder else [])
+        for name in trained:
+            getattr(pipe, name).disable_adapters()
+        try:
+            base = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
+        finally:
+            for name in trained:
+                getattr(pipe, name).enable_adapters()
+        return expected, base
+
+    def _verify_on_cpu(self) -> bool:
+        """True when training on a GPU without room for two fp32 pipelines (plus a quarter)."""
+        device = self.accelerator.device
+        if device.type != "cuda":
+            return False
+        modules = [self.pipe.unet, self.pipe.vae] + [getattr(self.pipe, n) for n in self.text_encoder_names]
+        fp32_bytes = 4 * sum(p.numel() for m in modules for p in m.parameters())
+        free, _ = torch.cuda.mem_get_info(device)
+        return free < 2.5 * fp32_bytes
