@@ -410,7 +410,8 @@ def report_presets(device: str, steps: int, small: bool, say: Callable[[str], No
             tflops = f"{r.tflops:.1f}" if r.tflops else "-"
             say(f"| {preset.name} | {v.get('batch_size', 1)} | {v.get('gradient_checkpointing', False)} | "
                 f"{v.get('mixed_precision', 'fp16')} | {v.get('optimizer', 'adamw')} | {r.resolution} | "
-                f"{r.peak_gb:.2f} | {0.9 * preset.vram_gb:.1f} | {estimate} | {r.steps_per_s:.2f} | {tflops} | {share} |")
+                f"{r.peak_gb:.2f} | {0.9 * preset.vram_gb:.1f} | {estimate} | {r.steps_per_s:.2f} | {tflops} | "
+                f"{share} |")
             results.append(r)
     return results
 

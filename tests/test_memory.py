@@ -95,7 +95,8 @@ def test_detects_ckpt_files_and_names_wrong_single_files(tmp_path):
     torch.save({"state_dict": {UNET_KEY: torch.zeros(1), "conditioner.embedders.1.model.ln_final.weight":
                                torch.zeros(1)}}, ckpt)
     assert detect_family(str(ckpt)) == "sdxl"
-    refiner = _single_file(tmp_path / "refiner.safetensors", [UNET_KEY, "conditioner.embedders.0.model.ln_final.weight"])
+    refiner = _single_file(tmp_path / "refiner.safetensors",
+                           [UNET_KEY, "conditioner.embedders.0.model.ln_final.weight"])
     with pytest.raises(ModelLoadError, match="refiner"):
         detect_family(str(refiner))
     llm = _single_file(tmp_path / "llama.safetensors", ["model.layers.0.self_attn.q_proj.weight"])
@@ -147,7 +148,8 @@ def test_llm_estimate_follows_sequence_length_and_4bit(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}))
-    cfg = TrainConfig(base_model=str(tmp_path), max_seq_length=1024, gradient_checkpointing=True, mixed_precision="bf16")
+    cfg = TrainConfig(base_model=str(tmp_path), max_seq_length=1024, gradient_checkpointing=True,
+                      mixed_precision="bf16")
     full = estimate_memory(cfg, "llm")
     assert 15 < full < 22  # an 8B model in bf16: about 16 GB of weights
     assert 5 < estimate_memory(cfg.replace(load_in_4bit=True), "llm") < 10  # QLoRA: 4-bit layers, bf16 embeddings

@@ -233,7 +233,8 @@ def _llm_shape(base_model: str) -> dict[str, int] | None:
         return None
     heads = int(cfg.get("num_attention_heads") or 1)
     return {"h": h, "i": int(cfg.get("intermediate_size") or 4 * h), "layers": int(cfg.get("num_hidden_layers") or 1),
-            "kv": h * int(cfg.get("num_key_value_heads") or heads) // heads, "vocab": int(cfg.get("vocab_size") or 32000),
+            "kv": h * int(cfg.get("num_key_value_heads") or heads) // heads,
+            "vocab": int(cfg.get("vocab_size") or 32000),
             "tied": bool(cfg.get("tie_word_embeddings", False))}
 
 
