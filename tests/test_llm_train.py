@@ -13,6 +13,7 @@ import torch
 from lora_studio.config import TrainConfig
 from lora_studio.training.job import TrainingJob
 from lora_studio.training.run_folder import RunFolder
+from helpers import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,11 +39,6 @@ def make_config(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
     values.update(kw)
     return TrainConfig(**values).validate()
 
-
-def run_job(cfg: TrainConfig) -> TrainingJob:
-    job = TrainingJob(cfg).start()
-    assert job.wait(600)
-    return job
 
 
 def test_loss_goes_down_and_exports_a_checked_adapter(tiny_llm, llm_data, tmp_path):

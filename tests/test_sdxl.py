@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from lora_studio.config import TrainConfig
-from lora_studio.training.job import TrainingJob
+from helpers import run_job
 
 
 def make_config(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
@@ -18,11 +18,6 @@ def make_config(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
     values.update(kw)
     return TrainConfig(**values).validate()
 
-
-def run_job(cfg: TrainConfig) -> TrainingJob:
-    job = TrainingJob(cfg).start()
-    assert job.wait(600)
-    return job
 
 
 def _render(pipe, prompt: str, seed: int = 3) -> np.ndarray:

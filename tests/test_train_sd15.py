@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lora_studio.config import TrainConfig
-from lora_studio.errors import DatasetError
 from lora_studio.training.job import TrainingJob
 from lora_studio.training.run_folder import RunFolder
+from helpers import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,11 +25,6 @@ def make_config(tiny_sd15: Path, data: Path, out: Path, **kw) -> TrainConfig:
     values.update(kw)
     return TrainConfig(**values).validate()
 
-
-def run_job(cfg: TrainConfig) -> TrainingJob:
-    job = TrainingJob(cfg).start()
-    assert job.wait(600)
-    return job
 
 
 @torch.no_grad()
