@@ -352,22 +352,26 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
         free_memory()
 
 
-def out_of_memory_advice(cfg: TrainConfig, family: str | None = None) -> str:
-    """The message for CUDA out-of-memory: what to change, naming the next smaller preset."""
+def _smaller_preset_hint(family: str, is_smaller) -> str:
+    """' Try the preset X (...).' for the largest preset of the family that ``is_smaller(values)`` accepts."""
     from ..presets import list_presets
 
+    smaller = [p for p in list_presets("sd15" if family == "sd2" else family) if is_smaller(p.values)]
+    return f" Try the preset '{smaller[-1].name}' ({smaller[-1].description})." if smaller else ""
+
+
+def out_of_memory_advice(cfg: TrainConfig, family: str | None = None) -> str:
+    """The message for CUDA out-of-memory: what to change, naming the next smaller preset."""
     family = family or (cfg.model_family if cfg.model_family != "auto" else "sd15")
     if family == "llm":
-        smaller = [p for p in list_presets("llm") if p.values.get("max_seq_length", 10**9) < cfg.max_seq_length
-                   or (p.values.get("load_in_4bit") and not cfg.load_in_4bit)]
-        hint = f" Try the preset '{smaller[-1].name}' ({smaller[-1].description})." if smaller else ""
+        hint = _smaller_preset_hint(family, lambda v: v.get("max_seq_length", 10**9) < cfg.max_seq_length
+                                    or (v.get("load_in_4bit") and not cfg.load_in_4bit))
         return (f"The GPU ran out of memory (batch_size {cfg.batch_size}, max_seq_length {cfg.max_seq_length}, "
                 f"load_in_4bit {cfg.load_in_4bit}, gradient_checkpointing {cfg.gradient_checkpointing}).{hint} "
                 "Or lower batch_size (raise gradient_accumulation_steps to keep the effective batch), lower "
                 "max_seq_length, turn on gradient_checkpointing, or set load_in_4bit: true (QLoRA).")
-    smaller = [p for p in list_presets(family) if p.values.get("batch_size", 99) < cfg.batch_size
-               or (p.values.get("gradient_checkpointing") and not cfg.gradient_checkpointing)]
-    hint = f" Try the preset '{smaller[-1].name}' ({smaller[-1].description})." if smaller else ""
+    hint = _smaller_preset_hint(family, lambda v: v.get("batch_size", 99) < cfg.batch_size
+                                or (v.get("gradient_checkpointing") and not cfg.gradient_checkpointing))
     return (f"The GPU ran out of memory (batch_size {cfg.batch_size}, resolution {cfg.resolution}, "
             f"gradient_checkpointing {cfg.gradient_checkpointing}).{hint} Or lower batch_size, turn on "
             "gradient_checkpointing, use optimizer adamw8bit, or lower the resolution. "
