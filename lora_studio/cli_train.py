@@ -18,7 +18,8 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA from a YAML config",
                        description="Train a LoRA. Settings: preset, then the config file, then key=value overrides.")
     p.add_argument("--config", help="YAML config file (see presets/lora_default.yaml)")
-    p.add_argument("--preset", help="hardware preset applied first, e.g. 12gb, 16gb, 24gb, sdxl_16gb")
+    p.add_argument("--preset", help="hardware preset applied first, e.g. 12gb, 16gb, 24gb, sdxl_16gb; "
+                                    "'auto' picks the one for the model's family that fits the detected GPU")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. batch_size=2")
     p.set_defaults(func=cmd_train)
@@ -82,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.config and not overrides:
             raise StudioError("Give a config file (--config my.yaml) or key=value settings; "
                               "presets/lora_default.yaml is a commented template.")
-        job = TrainingJob(load_config(args.config, preset=args.preset, overrides=overrides))
+        preset = auto_preset(args.config, overrides) if args.preset == "auto" else args.preset
+        job = TrainingJob(load_config(args.config, preset=preset, overrides=overrides))
     if is_main_process():
         job.bus.subscribe(_TerminalView())
     job.start()
@@ -105,6 +107,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         for f in job.files:
             print(f"  {f}")
     return 0
+
+
+def auto_preset(config_path: str | None, overrides: dict) -> str | None:
+    """The preset for the config's base model family that fits the detected GPU (None without a GPU)."""
+    from .models.family import family_info
+    from .presets import detect_gpu
+
+    cfg = load_config(config_path, overrides=overrides)
+    gpu = detect_gpu()
+    if gpu is None:
+        sys.stderr.write("--preset auto: no CUDA GPU detected, so no preset is applied.\n")
+        return None
+    name = family_info(cfg.base_model).recommended_preset(gpu["memory_gb"])
+    sys.stderr.write(f"--preset auto: {gpu['name']} ({gpu['memory_gb']:.1f} GB) -> preset {name}\n")
+    return name
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -91,3 +91,16 @@ def test_doctor_trains_a_tiny_model():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "CUDA available: " in out.stdout
     assert "tiny training OK" in out.stdout and "All checks passed." in out.stdout
+
+
+def test_preset_auto_without_gpu_applies_none(tiny_sd15, demo_images, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: {tiny_sd15}\ntrain_data_dir: {demo_images}\noutput_dir: {tmp_path / 'out'}\n"
+                   "resolution: 64\nlora_rank: 4\nsave_steps: 0\nverify_export: false\n", encoding="utf-8")
+    out = _cli("train", "--config", str(cfg), "--preset", "auto", "max_train_steps=2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU detected, so no preset is applied" in out.stderr
+    assert "2/2" in out.stderr
