@@ -255,3 +255,23 @@ def test_share_without_internet_needs_login_and_limits_paths(tmp_path):
         assert "No images" in summary
     finally:
         app.stop()
+
+
+def test_memory_estimate_follows_the_settings(client):
+    params = _defaults(client, "/memory_estimate")
+    small = client.predict(**{**params, "batch_size": 1}, api_name="/memory_estimate")
+    large = client.predict(**{**params, "batch_size": 8}, api_name="/memory_estimate")
+
+    def gb(text: str) -> float:
+        return float(text.split("about ")[1].split(" GB")[0])
+
+    assert small.startswith("**Estimated peak GPU memory:**") and "not yet measured" in small
+    assert gb(large) > gb(small)
+
+
+def test_command_for_several_gpus_is_accelerate_launch(client):
+    params = _defaults(client, "/show_command")
+    one = client.predict(**{**params, "num_gpus": 1}, api_name="/show_command")[0]
+    two = client.predict(**{**params, "num_gpus": 2}, api_name="/show_command")[0]
+    assert "-m lora_studio train --config" in one and "accelerate" not in one
+    assert "accelerate launch --multi_gpu --num_processes 2" in two and "-m lora_studio train --config" in two

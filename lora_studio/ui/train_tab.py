@@ -27,6 +27,7 @@ from ..training.job import TrainingJob, active_job
 from ..training.run_folder import RunFolder, list_runs
 from .common import friendly
 from .context import StudioContext
+from .train_extras import ProcessJob, command_text, memory_text, start_on_gpus
 from .train_form import SPECIAL_FIELDS, build_form, config_to_values, form_to_config
 from .train_view import (empty_loss_frame, existing_files, log_text, loss_frame, progress_html, run_choices,
                          snapshot_from_run, stats_markdown)
@@ -39,11 +40,16 @@ MAX_PLOT_POINTS = 1000
 class _Jobs:
     """The last job started from the app in this process (the engine allows one running job at a time)."""
 
-    job: TrainingJob | None = None
+    job: TrainingJob | ProcessJob | None = None
 
     @classmethod
-    def current(cls) -> TrainingJob | None:
+    def current(cls) -> TrainingJob | ProcessJob | None:
         return active_job() or cls.job
+
+    @classmethod
+    def running(cls) -> TrainingJob | ProcessJob | None:
+        job = cls.current()
+        return job if job is not None and job.is_running() else None
 
 
 def _thin(losses: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -75,6 +81,15 @@ def _preset_text(name: str, gpu_gb: float | None) -> str:
     if gpu_gb is not None:
         fit = " Fits this GPU." if p.vram_gb * 0.93 <= gpu_gb else " **More than this GPU has:** pick a smaller preset."
     return f"**{p.description}**. Made to stay under about **{p.vram_gb:g} GB** of GPU memory.{fit}\n\nSets {sets}."
+
+
+def _estimate(cfg: TrainConfig, gpu_gb: float | None) -> str:
+    """The memory estimate line for ``cfg`` (family from the base model; SD1.5 when unknown)."""
+    try:
+        fam = detect_family(cfg.base_model) if cfg.base_model else "sd15"
+    except StudioError:
+        fam = "sd15"
+    return memory_text(cfg, fam, gpu_gb)
 
 
 def _family_text(base_model: str) -> str:
@@ -135,6 +150,13 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         preset_md = gr.Markdown(_preset_text(recommended.name if recommended else "", gpu_gb))
     if recommended is not None:
         initial = initial.replace(**recommended.values)
+    memory_md = gr.Markdown(_estimate(initial, gpu_gb), elem_id="memory-estimate")
+    from ..training.multi_gpu import available_gpus
+
+    n_gpus = available_gpus()
+    gpus = gr.Number(label="GPUs", value=1, precision=0, minimum=1, maximum=64, visible=n_gpus >= 2,
+                     info=f"This machine has {n_gpus} GPUs: more than 1 trains data-parallel through "
+                          "accelerate (effective batch = batch x accumulation x GPUs).")
     form = build_form(initial)
     names = list(SPECIAL_FIELDS) + list(form)
     comps = [base, family, data_dir] + list(form.values())
@@ -189,15 +211,19 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
 
     @friendly
     def start(*values):
-        cfg = checked_config(values)
-        job = TrainingJob(cfg).start()
+        cfg = checked_config(values[:-1])
+        if _Jobs.running() is not None:
+            raise gr.Error(f"A training run is already in progress ({_Jobs.running().run_name}); stop it or "
+                           "wait for it to finish before starting another.")
+        num_gpus = int(values[-1] or 1)
+        job = start_on_gpus(cfg, num_gpus) if num_gpus > 1 else TrainingJob(cfg).start()
         _Jobs.job = job
         gr.Info(f"Training started: {job.run_name}")
         return view(job.snapshot(), "") + [gr.Timer(active=True)]
 
     @friendly
     def stop() -> str:
-        job = active_job()
+        job = _Jobs.running()
         if job is None:
             raise gr.Error("No training is running.")
         job.stop()
@@ -205,7 +231,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
 
     @friendly
     def save_now() -> str:
-        job = active_job()
+        job = _Jobs.running()
         if job is None:
             raise gr.Error("No training is running.")
         job.save_now()
@@ -255,12 +281,14 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
 
     @friendly
     def show_command(*values):
-        cfg = checked_config(values)
+        cfg = checked_config(values[:-1])
         path = ctx.configs_dir / f"{cfg.output_name}.yaml"
         cfg.save(path)
         python = "python" if sys.platform == "win32" else "python3"
         quoted = f'"{path}"' if sys.platform == "win32" else shlex.quote(str(path))
         cmd = f"{python} -m lora_studio train --config {quoted}"
+        if int(values[-1] or 1) > 1:
+            cmd = command_text(path, int(values[-1]), python)
         text = (f"Saved as `{path}`. The same run from a terminal (in the LoRA Studio folder, with its "
                 f"virtual environment active):\n\n```\n{cmd}\n```\n\nTo continue a stopped run: "
                 f"`{python} -m lora_studio train --resume <run folder>`")
@@ -294,10 +322,18 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
             return snap
         return {"status": "idle", "running": False}
 
-    _name_parameters(start, names)
-    _name_parameters(show_command, names)
+    def update_estimate(*values):
+        try:
+            cfg = form_to_config(names, values)
+        except StudioError as exc:
+            return f"Estimated peak GPU memory: not available until the settings are valid ({exc})."
+        return _estimate(cfg, gpu_gb)
+
+    _name_parameters(start, names + ["num_gpus"])
+    _name_parameters(show_command, names + ["num_gpus"])
+    _name_parameters(update_estimate, names)
     run_outputs = view_outputs + [timer]
-    start_btn.click(start, comps, run_outputs, api_name="start_training")
+    start_btn.click(start, comps + [gpus], run_outputs, api_name="start_training")
     stop_btn.click(stop, None, [stats], api_name="stop_training")
     save_btn.click(save_now, None, [stats], api_name="save_checkpoint_now")
     resume_btn.click(resume, [runs], run_outputs, api_name="resume_training")
@@ -306,7 +342,12 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                    api_visibility="private")
     timer.tick(poll, [seen, form["output_dir"]], view_outputs + [runs, timer], api_visibility="private",
                show_progress="hidden", concurrency_limit=None)
-    cmd_btn.click(show_command, comps, [cmd_md, yaml_code, yaml_file, cmd_box], api_name="show_command")
+    cmd_btn.click(show_command, comps + [gpus], [cmd_md, yaml_code, yaml_file, cmd_box], api_name="show_command")
+    estimate_inputs = [base] + [form[k] for k in ("batch_size", "resolution", "gradient_checkpointing",
+                                                  "mixed_precision", "optimizer", "train_text_encoder", "lora_rank",
+                                                  "max_seq_length", "load_in_4bit") if k in form]
+    gr.on([c.change for c in estimate_inputs], update_estimate, comps, [memory_md], api_name="memory_estimate",
+          show_progress="hidden")
     preset.change(apply_preset, [preset], [preset_md] + list(form.values()), api_visibility="private")
     base.change(on_base_change, [base], [family_md, preset], api_visibility="private")
     models_btn.click(lambda: gr.update(choices=ctx.model_choices()), None, [base], api_visibility="private")

@@ -1,0 +1,91 @@
+"""Training-tab helpers that need no gradio: the memory estimate line, and a job-like view of a multi-GPU run.
+
+A run on several GPUs is a separate ``accelerate launch`` process (``training.multi_gpu.start_multi_gpu``);
+``ProcessJob`` gives it the same face as an in-process ``TrainingJob`` (snapshot, stop, save now), read from
+its run folder, so the tab polls both the same way.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from ..errors import StudioError
+from ..training.run_folder import RunFolder
+from .train_view import snapshot_from_run
+
+
+def memory_text(cfg: TrainConfig, family: str, gpu_gb: float | None) -> str:
+    """'Estimated peak GPU memory: about X GB (...)' plus a warning when it is above the detected GPU."""
+    from ..training.memory import check_fits, estimate_breakdown
+
+    est = estimate_breakdown(cfg, family)
+    text = f"**Estimated peak GPU memory:** {est} (an estimate, not yet measured on a GPU)."
+    if gpu_gb is None:
+        return text + " No CUDA GPU detected here."
+    warning = check_fits(cfg, family, gpu_gb)
+    return text + (f"\n\n**Warning:** {warning}" if warning else f" Fits this GPU ({gpu_gb:.1f} GB).")
+
+
+def command_text(config_path: Path, num_gpus: int, python: str) -> str:
+    """The terminal command that trains ``config_path`` on ``num_gpus`` GPUs."""
+    import shlex
+
+    from ..training.multi_gpu import launch_command
+
+    cmd = launch_command(config_path, num_gpus, python=python, port=29500)
+    if num_gpus > 1:  # show the familiar spelling of the same command
+        cmd = ["accelerate", "launch"] + cmd[3:]
+        cmd.remove("--main_process_port")
+        cmd.remove("29500")
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+class ProcessJob:
+    """A multi-GPU run started as its own process, watched through its run folder."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.run = RunFolder(Path(proc.run_dir))  # type: ignore[attr-defined]
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name
+
+    def is_running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        from ..training.multi_gpu import request_command
+
+        request_command(self.run.path, "stop")
+
+    def save_now(self) -> None:
+        from ..training.multi_gpu import request_command
+
+        request_command(self.run.path, "save")
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = snapshot_from_run(self.run)
+        if self.is_running():
+            snap["status"] = self.run.read_state().get("status", "running")
+            snap["log"] = []
+        elif self.proc.returncode not in (0, None) and snap["status"] not in ("failed", "stopped"):
+            snap["status"] = "failed"
+            snap["error"] = f"The multi-GPU run exited with code {self.proc.returncode}; see train.log in {self.run.path}."
+        log_file = self.run.path / "train.log"
+        if log_file.is_file():
+            lines = log_file.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()
+            snap["log"] = [line for line in lines if line.strip()][-200:]
+        return snap
+
+
+def start_on_gpus(cfg: TrainConfig, num_gpus: int) -> ProcessJob:
+    from ..training.multi_gpu import available_gpus, start_multi_gpu
+
+    have = available_gpus()
+    if num_gpus > have:
+        raise StudioError(f"{num_gpus} GPUs were asked for but this machine has {have}.")
+    return ProcessJob(start_multi_gpu(cfg, num_gpus))

@@ -1,0 +1,50 @@
+"""The Training tab's helpers without a browser: memory text, the multi-GPU command, a process-backed job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lora_studio.config import TrainConfig
+from lora_studio.errors import StudioError
+from lora_studio.training.run_folder import RunFolder
+from lora_studio.ui.train_extras import ProcessJob, command_text, memory_text, start_on_gpus
+
+
+def test_memory_text_warns_only_when_the_gpu_is_too_small():
+    cfg = TrainConfig(batch_size=8, resolution=1024).validate()
+    assert "No CUDA GPU detected" in memory_text(cfg, "sdxl", None)
+    assert "Warning" in memory_text(cfg, "sdxl", 4.0)
+    assert "Fits this GPU" in memory_text(TrainConfig(batch_size=1).validate(), "sd15", 80.0)
+
+
+def test_command_text_for_one_and_two_gpus(tmp_path):
+    path = tmp_path / "c.yaml"
+    TrainConfig(mixed_precision="bf16").validate().save(path)
+    assert command_text(path, 1, "python3") == f"python3 -m lora_studio train --config {path}"
+    two = command_text(path, 2, "python3")
+    assert two.startswith("accelerate launch --multi_gpu --num_processes 2")
+    assert "--mixed_precision bf16" in two and two.endswith(f"-m lora_studio train --config {path}")
+
+
+def test_process_job_reads_its_run_folder(tmp_path):
+    run = RunFolder.create(TrainConfig(output_dir=str(tmp_path)).validate())
+    run.write_state(status="training", step=3, total=10)
+    run.append_metrics({"step": 1, "loss": 0.5})
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('hello from rank 0'); sys.exit(3)"],
+                            stdout=open(run.path / "train.log", "wb"), stderr=subprocess.STDOUT)
+    proc.run_dir = run.path
+    job = ProcessJob(proc)
+    proc.wait(30)
+    snap = job.snapshot()
+    assert not job.is_running() and snap["status"] == "failed" and "exited with code 3" in snap["error"]
+    assert snap["losses"] == [(1, 0.5)] and "hello from rank 0" in snap["log"]
+    job.stop()
+    assert (run.path / "commands" / "stop").is_file()
+
+
+def test_more_gpus_than_the_machine_has_is_refused(tmp_path):
+    with pytest.raises(StudioError, match="GPUs were asked for"):
+        start_on_gpus(TrainConfig(output_dir=str(tmp_path)).validate(), 64)
