@@ -48,3 +48,13 @@ def test_process_job_reads_its_run_folder(tmp_path):
 def test_more_gpus_than_the_machine_has_is_refused(tmp_path):
     with pytest.raises(StudioError, match="GPUs were asked for"):
         start_on_gpus(TrainConfig(output_dir=str(tmp_path)).validate(), 64)
+
+
+def test_target_help_lists_the_llm_layers(tmp_path):
+    from lora_studio.models.tiny_llm import build_tiny_llm
+    from lora_studio.ui.train_tab import _targets_info
+
+    model = build_tiny_llm(tmp_path / "llm")
+    text = _targets_info(str(model), "llm")
+    assert "q_proj" in text and "down_proj" in text
+    assert "to_q" in _targets_info("", "sd15")

@@ -92,6 +92,20 @@ def _estimate(cfg: TrainConfig, gpu_gb: float | None) -> str:
     return memory_text(cfg, fam, gpu_gb)
 
 
+def _targets_info(base_model: str, family: str) -> str:
+    """Help for target_modules: for a language model, the Linear layer names it actually has."""
+    if family != "llm":
+        return "Layers that get a LoRA (comma separated). Empty: to_q, to_k, to_v, to_out.0."
+    from ..training.llm import linear_module_names
+
+    try:
+        found = ", ".join(linear_module_names(base_model))
+    except Exception as exc:  # a model that cannot be read: keep the default help
+        log.debug("no layer names for %s: %s", base_model, exc)
+        found = "(could not read the model)"
+    return f"Layers that get a LoRA (comma separated). Empty: q_proj, v_proj. This model has: {found}."
+
+
 def _family_text(base_model: str) -> str:
     if not base_model:
         return "Pick or type a base model."
@@ -312,7 +326,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
             fam = "sd15"
         choices = _preset_choices(fam)
         rec = recommend_preset(gpu_gb, fam) if gpu_gb else None
-        return text, gr.update(choices=choices, value=rec.name if rec and not demo else "")
+        return (text, gr.update(choices=choices, value=rec.name if rec and not demo else ""),
+                gr.update(info=_targets_info(base_model, fam)))
 
     def status_json() -> dict[str, Any]:
         job = _Jobs.current()
@@ -349,7 +364,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     gr.on([c.change for c in estimate_inputs], update_estimate, comps, [memory_md], api_name="memory_estimate",
           show_progress="hidden")
     preset.change(apply_preset, [preset], [preset_md] + list(form.values()), api_visibility="private")
-    base.change(on_base_change, [base], [family_md, preset], api_visibility="private")
+    base.change(on_base_change, [base], [family_md, preset, form["target_modules"]], api_visibility="private")
     models_btn.click(lambda: gr.update(choices=ctx.model_choices()), None, [base], api_visibility="private")
     gr.api(status_json, api_name="training_status")
 
