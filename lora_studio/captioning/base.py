@@ -77,9 +77,9 @@ class Captioner(ABC):
         self.device = device
 
     @property
-    @abstractmethod
     def loaded(self) -> bool:
-        """True while the model is in memory."""
+        """True while the model is in memory (subclasses keep it in ``self._model``)."""
+        return getattr(self, "_model", None) is not None
 
     @abstractmethod
     def load(self) -> None:

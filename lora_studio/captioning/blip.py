@@ -57,10 +57,6 @@ class BlipCaptioner(Captioner):
         self._model = None
         self._processor = None
 
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None
-
     def load(self) -> None:
         if self.loaded:
             return

@@ -60,10 +60,6 @@ class ClipStyleTagger(Captioner):
         self._tokenizer = None
         self._text = None  # {category: normalised text embeddings}
 
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None
-
     def load(self) -> None:
         if self.loaded:
             return

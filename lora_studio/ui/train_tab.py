@@ -235,20 +235,20 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         gr.Info(f"Training started: {job.run_name}")
         return view(job.snapshot(), "") + [gr.Timer(active=True)]
 
-    @friendly
-    def stop() -> str:
+    def running_job() -> TrainingJob | ProcessJob:
         job = _Jobs.running()
         if job is None:
             raise gr.Error("No training is running.")
-        job.stop()
+        return job
+
+    @friendly
+    def stop() -> str:
+        running_job().stop()
         return "Stopping after this step; a checkpoint is saved so the run can be resumed."
 
     @friendly
     def save_now() -> str:
-        job = _Jobs.running()
-        if job is None:
-            raise gr.Error("No training is running.")
-        job.save_now()
+        running_job().save_now()
         return "A checkpoint will be saved after this step."
 
     @friendly
