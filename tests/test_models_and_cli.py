@@ -104,3 +104,16 @@ def test_preset_auto_without_gpu_applies_none(tiny_sd15, demo_images, tmp_path):
     if not torch.cuda.is_available():
         assert "no CUDA GPU detected, so no preset is applied" in out.stderr
     assert "2/2" in out.stderr
+
+
+def test_single_file_checkpoint_that_cannot_load_is_one_sentence(tmp_path):
+    """An A1111-style file goes through from_single_file; one that cannot load gives one sentence."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "half_downloaded.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(ckpt))
+    assert detect_family(str(ckpt)) == "sd15"
+    with pytest.raises(ModelLoadError) as err:
+        load_diffusion_pipeline(str(ckpt), "sd15")
+    assert str(err.value).startswith("Could not load the Stable Diffusion 1.x model") and "\n" not in str(err.value)
