@@ -275,3 +275,109 @@ def test_command_for_several_gpus_is_accelerate_launch(client):
     two = client.predict(**{**params, "num_gpus": 2}, api_name="/show_command")[0]
     assert "-m lora_studio train --config" in one and "accelerate" not in one
     assert "accelerate launch --multi_gpu --num_processes 2" in two and "-m lora_studio train --config" in two
+    assert "accelerate launch" in two.split("continue a stopped run:")[1] and "train --resume" in two
+
+
+def test_memory_estimate_follows_the_family(demo_app, client):
+    app, outputs = demo_app
+    params = {**_defaults(client, "/memory_estimate"), "resolution": "512", "batch_size": 1}
+    sd15 = client.predict(**{**params, "model_family": "sd15"}, api_name="/memory_estimate")
+    sdxl = client.predict(**{**params, "model_family": "sdxl"}, api_name="/memory_estimate")
+    llm = client.predict(**{**params, "base_model": str(outputs / "demo" / "tiny-llm")}, api_name="/memory_estimate")
+    assert "UNet weights" in sd15 and "UNet weights" in sdxl and "UNet" not in llm
+    assert float(sdxl.split("about ")[1].split(" GB")[0]) > float(sd15.split("about ")[1].split(" GB")[0])
+
+
+def test_preset_list_and_layer_choices_follow_the_family(demo_app):
+    from lora_studio.ui.train_family import family_choices
+
+    app, outputs = demo_app
+    sd15, llm = str(outputs / "demo" / "tiny-sd15"), str(outputs / "demo" / "tiny-llm")
+
+    def names(choices):
+        return [value for _, value in choices.presets]
+
+    image = family_choices(sd15, "auto", None)
+    assert image.family == "sd15" and names(image) == ["", "12gb", "16gb", "24gb"] and image.preset == ""
+    assert image.target_value == [] and "to_q" in image.targets and not image.llm
+    assert "Stable Diffusion 1.x" in image.text
+    assert family_choices(sd15, "auto", 16.0).preset == "16gb"
+    assert family_choices(sd15, "auto", 16.0, preselect=False).preset == ""  # what --demo asks for
+    assert names(family_choices(sd15, "sd2", None)) == ["", "12gb", "16gb", "24gb"]
+    assert names(family_choices(sd15, "sdxl", None)) == ["", "sdxl_12gb", "sdxl_16gb", "sdxl_24gb"]
+    assert family_choices(sd15, "sdxl", 24.0).preset == "sdxl_24gb"
+
+    lm = family_choices(llm, "auto", None)
+    assert lm.family == "llm" and lm.llm and names(lm) == ["", "llm_12gb", "llm_16gb", "llm_24gb"]
+    assert lm.target_value == ["q_proj", "v_proj"] and {"k_proj", "o_proj", "down_proj"} <= set(lm.targets)
+    assert "down_proj" in lm.target_info
+    assert family_choices(llm, "auto", 12.0).preset == "llm_12gb"
+    # A choice the new model has is kept; the other family's layer names are not.
+    assert family_choices(llm, "auto", None, ["k_proj", "o_proj"]).target_value == ["k_proj", "o_proj"]
+    assert family_choices(sd15, "auto", None, ["q_proj", "v_proj"]).target_value == []
+
+    unknown = family_choices(str(outputs / "missing"), "auto", 16.0)
+    assert unknown.text.startswith("Model family: unknown") and names(unknown)[1] == "12gb"
+
+
+def test_start_job_trains_here_on_one_gpu_and_launches_accelerate_on_several(monkeypatch, tmp_path):
+    """The choice behind Start and Resume, with the engine's job and launcher replaced by fakes."""
+    from lora_studio.config import TrainConfig
+    from lora_studio.training import multi_gpu
+    from lora_studio.training.run_folder import RunFolder
+    from lora_studio.ui import train_extras
+
+    calls = []
+
+    class FakeJob:
+        def __init__(self, cfg):
+            calls.append(("here", cfg))
+
+        @classmethod
+        def resume(cls, run_dir):
+            calls.append(("here, resume", str(run_dir)))
+            return cls(None)
+
+        def start(self):
+            return self
+
+    class FakeProc:
+        def __init__(self, run_dir):
+            self.run_dir, self.returncode = run_dir, None
+
+        def poll(self):
+            return None
+
+    cfg = TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16").validate()
+    run = RunFolder.create(cfg)
+
+    def fake_launch(config, num_gpus, *, resume_dir=None):
+        calls.append(("accelerate", config.mixed_precision, num_gpus, str(resume_dir) if resume_dir else None))
+        return FakeProc(run.path)
+
+    monkeypatch.setattr(train_extras, "TrainingJob", FakeJob)
+    monkeypatch.setattr(multi_gpu, "available_gpus", lambda: 2)
+    monkeypatch.setattr(multi_gpu, "start_multi_gpu", fake_launch)
+
+    assert isinstance(train_extras.start_job(cfg, 1), FakeJob) and calls.pop() == ("here", cfg)
+    job = train_extras.start_job(cfg, 2)
+    assert isinstance(job, train_extras.ProcessJob) and calls.pop() == ("accelerate", "bf16", 2, None)
+    assert job.is_running() and job.run.path == run.path
+    train_extras.start_job(None, 2, resume_dir=run.path)  # the run folder's config.yaml
+    assert calls.pop() == ("accelerate", "bf16", 2, str(run.path))
+    train_extras.start_job(None, 1, resume_dir=run.path)
+    assert calls[-2] == ("here, resume", str(run.path))
+    # Stop and Save now reach the other process through the run folder's commands/.
+    job.stop()
+    job.save_now()
+    assert (run.path / "commands" / "stop").is_file() and (run.path / "commands" / "save").is_file()
+    with pytest.raises(train_extras.StudioError, match="3 GPUs were asked for but this machine has 2"):
+        train_extras.start_job(cfg, 3)
+
+
+def test_several_gpus_on_a_machine_without_them_are_refused(client):
+    from gradio_client.exceptions import AppError
+
+    params = {**_defaults(client, "/start_training"), "max_train_steps": 2, "num_gpus": 2}
+    with pytest.raises(AppError, match="GPUs were asked for"):
+        client.predict(**params, api_name="/start_training")

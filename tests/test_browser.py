@@ -117,3 +117,51 @@ def _click_through(demo_url: str, page) -> None:
         re.compile(r"<lora:demo_lora:0\.25>"), timeout=10_000)
     page.wait_for_timeout(500)
     _shot(page, "testing.png")
+
+
+def test_language_model_settings_follow_the_base_model(demo_app, page):
+    """Picking the demo's tiny language model: its presets, its layer names as LoRA targets (q_proj and
+    v_proj picked), the language-model settings unfolded, a new memory estimate; back to SD1.5 undoes it,
+    and an SD1.5 preset changes the settings and the estimate."""
+    from playwright.sync_api import expect
+
+    try:
+        page.goto(demo_app.url)
+        page.get_by_role("tab", name="3. Training").click()
+        estimate = page.locator("#memory-estimate")
+        expect(estimate).to_contain_text("not yet measured on a GPU", timeout=30_000)
+        image_estimate = estimate.inner_text()
+        expect(page.locator("#cfg-max_seq_length")).to_be_hidden()
+
+        _pick(page, "#base-model", "tiny-llm")
+        expect(page.locator("#model-family")).to_contain_text("causal language model", timeout=30_000)
+        targets = page.locator("#cfg-target_modules")
+        expect(targets).to_contain_text("q_proj")
+        expect(targets).to_contain_text("v_proj")
+        expect(page.locator("#cfg-max_seq_length")).to_be_visible()
+        expect(estimate).not_to_have_text(image_estimate, timeout=10_000)
+        targets.locator("input").click()
+        expect(page.get_by_role("option", name="down_proj")).to_be_visible()
+        page.keyboard.press("Escape")
+        page.locator("#preset input").click()
+        expect(page.get_by_role("option", name=re.compile(r"^llm_12gb: "))).to_be_visible()
+        expect(page.get_by_role("option", name=re.compile(r"^12gb: "))).to_have_count(0)
+        page.keyboard.press("Escape")
+
+        _pick(page, "#base-model", "tiny-sd15")
+        expect(page.locator("#model-family")).to_contain_text("Stable Diffusion 1.x", timeout=30_000)
+        expect(targets).not_to_contain_text("q_proj")
+        expect(page.locator("#cfg-max_seq_length")).to_be_hidden()
+        expect(estimate).to_have_text(image_estimate, timeout=10_000)
+        # A preset sets its values, and the estimate follows them.
+        _pick(page, "#preset", "24gb: ")
+        expect(page.locator("#cfg-batch_size input")).to_have_value("8", timeout=10_000)
+        expect(estimate).not_to_have_text(image_estimate, timeout=10_000)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n--- app log (tail):\n{demo_app.output()[-3000:]}") from None
+
+
+def _pick(page, dropdown: str, text: str) -> None:
+    """Open a dropdown and click the option containing ``text``."""
+    page.locator(f"{dropdown} input").click()
+    page.get_by_role("option", name=re.compile(re.escape(text))).first.click()

@@ -1,7 +1,9 @@
 """The Training tab's settings form, generated from ``TrainConfig``'s field metadata.
 
-Each field becomes one component (checkbox, dropdown, number or text box) with the field's help text as
-its hint and its min/max as limits; "main" fields are shown, "advanced" and "llm" ones are folded away.
+Each field becomes one component (checkbox, dropdown, multiselect for lists, number or text box) with the
+field's help text as its hint and its min/max as limits; "main" fields are shown, "advanced" and "llm" ones
+are folded away (the tab unfolds "llm" for a language model). ``UI_GROUP`` moves a field to another group
+on the page only (target_modules sits with the main settings: its choices follow the base model).
 ``form_to_config`` turns the form's values back into a validated ``TrainConfig`` (so a typo in the form
 gives the same ``ConfigError`` sentence as a typo in a YAML file).
 """
@@ -18,6 +20,7 @@ from ..config import GROUP_TITLES, TrainConfig, merge
 
 # Fields the tab lays out itself (model and data row) rather than in the generic grid.
 SPECIAL_FIELDS = ("base_model", "model_family", "train_data_dir")
+UI_GROUP = {"target_modules": "main"}
 PER_ROW = 3
 
 
@@ -44,7 +47,7 @@ def label_of(name: str) -> str:
 def to_component_value(f: dataclasses.Field, value: Any) -> Any:
     kind = _kind(f)
     if kind == "list[str]":
-        return ", ".join(value) if value else ""
+        return list(value) if value else []
     if value is None and (kind == "str" or _optional(f)):
         return ""
     if kind in ("int", "float") and _optional(f):
@@ -52,44 +55,54 @@ def to_component_value(f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def make_component(f: dataclasses.Field, value: Any) -> gr.components.Component:
-    """The component for one config field, showing ``value``."""
+def make_component(f: dataclasses.Field, value: Any, choices: Sequence[str] | None = None,
+                   info: str | None = None) -> gr.components.Component:
+    """The component for one config field, showing ``value`` (``choices`` for a list field's picker;
+    ``info`` instead of the field's help). Its elem_id is ``cfg-<field name>``."""
     meta, kind = f.metadata, _kind(f)
-    info = meta.get("help", "")
-    label = label_of(f.name)
+    common = {"label": label_of(f.name), "info": info or meta.get("help", ""), "elem_id": f"cfg-{f.name}"}
     value = to_component_value(f, value)
     if kind == "bool":
-        return gr.Checkbox(label=label, value=bool(value), info=info)
+        return gr.Checkbox(value=bool(value), **common)
+    if kind == "list[str]":  # the tab sets the choices (e.g. a language model's layer names)
+        return gr.Dropdown(choices=list(choices or value or []), value=value, multiselect=True,
+                           allow_custom_value=True, **common)
     if meta.get("choices"):
-        return gr.Dropdown(label=label, choices=list(meta["choices"]), value=value, info=info)
+        return gr.Dropdown(choices=list(meta["choices"]), value=value, **common)
     if kind in ("int", "float") and _optional(f):  # a Number cannot be empty: a text box, empty = default
-        return gr.Textbox(label=label, value="" if value is None else str(value), info=info,
-                          placeholder="empty = default")
+        return gr.Textbox(value="" if value is None else str(value), placeholder="empty = default", **common)
     if kind in ("int", "float"):
         step = 1 if kind == "int" else (1e-6 if (default_of(f) or 1) < 0.01 else 0.01)
-        return gr.Number(label=label, value=value, info=info, precision=0 if kind == "int" else None,
-                         minimum=meta.get("min"), maximum=meta.get("max"), step=step)
+        return gr.Number(value=value, precision=0 if kind == "int" else None, minimum=meta.get("min"),
+                         maximum=meta.get("max"), step=step, **common)
     placeholder = "empty = default" if _optional(f) else None
-    return gr.Textbox(label=label, value=value, info=info, placeholder=placeholder)
+    return gr.Textbox(value=value, placeholder=placeholder, **common)
 
 
 def form_fields(group: str) -> list[dataclasses.Field]:
-    return [f for f in fields(TrainConfig) if f.metadata.get("group") == group and f.name not in SPECIAL_FIELDS]
+    """The fields shown in ``group`` on the page (config group, or ``UI_GROUP``'s override)."""
+    return [f for f in fields(TrainConfig)
+            if UI_GROUP.get(f.name, f.metadata.get("group")) == group and f.name not in SPECIAL_FIELDS]
 
 
-def build_form(initial: TrainConfig) -> dict[str, gr.components.Component]:
-    """Lay out every field except ``SPECIAL_FIELDS``: main ones in rows, the other groups folded."""
+def build_form(initial: TrainConfig, open_groups: Sequence[str] = (), containers: dict[str, Any] | None = None,
+               overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, gr.components.Component]:
+    """Lay out every field except ``SPECIAL_FIELDS``: main ones in rows, the other groups folded (unless
+    named in ``open_groups``). ``containers``, when given, receives each folded group's accordion;
+    ``overrides`` gives a field's component its ``choices`` or ``info``."""
     comps: dict[str, gr.components.Component] = {}
     for group, title in GROUP_TITLES.items():
         group_fields = form_fields(group)
         if not group_fields:
             continue
-        container = gr.Group() if group == "main" else gr.Accordion(title, open=False)
+        container = gr.Group() if group == "main" else gr.Accordion(title, open=group in open_groups)
+        if containers is not None and group != "main":
+            containers[group] = container
         with container:
             for i in range(0, len(group_fields), PER_ROW):
                 with gr.Row():
                     for f in group_fields[i:i + PER_ROW]:
-                        comps[f.name] = make_component(f, getattr(initial, f.name))
+                        comps[f.name] = make_component(f, getattr(initial, f.name), **(overrides or {}).get(f.name, {}))
     return comps
 
 
@@ -100,7 +113,8 @@ def _from_component(f: dataclasses.Field, value: Any) -> Any:
         if value == "" and _optional(f):
             return None
     if kind == "list[str]":
-        items = [v.strip() for v in str(value or "").split(",") if v.strip()]
+        raw = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
+        items = [str(v).strip() for v in raw if str(v).strip()]
         return items or None
     if kind in ("int", "float") and value is None and not _optional(f):
         return default_of(f)

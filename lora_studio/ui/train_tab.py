@@ -1,10 +1,15 @@
 """Training tab: base model and preset, the settings form, Start/Stop/Save/Resume, and the live view.
 
-The job runs on the engine's background thread (``TrainingJob``); the page polls it with a ``gr.Timer``
-(no worker is held while training runs). The job is process-wide, so a reloaded page or a second browser
-tab re-attaches to it on load. After an app restart the runs are listed from the outputs folder and a
-stopped or interrupted one can be resumed. "Show YAML and command" writes the same config as a YAML file
-and shows the command line that trains exactly the same run.
+The job runs on the engine's background thread (``TrainingJob``), or, with several GPUs, as an
+``accelerate launch`` process watched through its run folder (``ProcessJob``); the page polls it with a
+``gr.Timer`` (no worker is held while training runs). The job is process-wide, so a reloaded page or a
+second browser tab re-attaches to it on load. After an app restart the runs are listed from the outputs
+folder and a stopped or interrupted one can be resumed. "Show YAML and command" writes the same config as a
+YAML file and shows the command line that trains exactly the same run.
+
+The base model's family (``train_family.family_choices``) decides the preset list and its preselection for
+the detected GPU, the target_modules choices (a language model's own layer names) and whether the
+language-model settings are unfolded. The estimated peak GPU memory follows the settings as they change.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ from PIL import Image
 
 from ..config import FAMILIES, TrainConfig
 from ..errors import StudioError
-from ..models.loading import FAMILY_NAMES, detect_family
-from ..presets import detect_gpu, get_preset, list_presets, recommend_preset
+from ..presets import detect_gpu, get_preset
 from ..training.job import TrainingJob, active_job
 from ..training.run_folder import RunFolder, list_runs
 from .common import friendly
 from .context import StudioContext
-from .train_extras import ProcessJob, command_text, memory_text, start_on_gpus
+from .train_extras import ProcessJob, command_text, memory_text, start_job
+from .train_family import family_choices, targets_info
 from .train_form import SPECIAL_FIELDS, build_form, config_to_values, form_to_config
 from .train_view import (empty_loss_frame, existing_files, log_text, loss_frame, progress_html, run_choices,
                          snapshot_from_run, stats_markdown)
@@ -66,12 +71,6 @@ def _gpu_line() -> tuple[str, float | None]:
     return f"GPU: **{gpu['name']}**, {gpu['memory_gb']:.1f} GB.", gpu["memory_gb"]
 
 
-def _preset_choices(family: str) -> list[tuple[str, str]]:
-    fam = family if family in ("sd15", "sdxl", "llm") else ("sd15" if family in ("auto", "sd2") else family)
-    return [("none: keep the settings below", "")] + [(f"{p.name}: {p.description}", p.name)
-                                                        for p in list_presets(fam)]
-
-
 def _preset_text(name: str, gpu_gb: float | None) -> str:
     if not name:
         return "No preset: the settings below are used as they are."
@@ -83,37 +82,7 @@ def _preset_text(name: str, gpu_gb: float | None) -> str:
     return f"**{p.description}**. Made to stay under about **{p.vram_gb:g} GB** of GPU memory.{fit}\n\nSets {sets}."
 
 
-def _estimate(cfg: TrainConfig, gpu_gb: float | None) -> str:
-    """The memory estimate line for ``cfg`` (family from the base model; SD1.5 when unknown)."""
-    try:
-        fam = detect_family(cfg.base_model) if cfg.base_model else "sd15"
-    except StudioError:
-        fam = "sd15"
-    return memory_text(cfg, fam, gpu_gb)
-
-
-def _targets_info(base_model: str, family: str) -> str:
-    """Help for target_modules: for a language model, the Linear layer names it actually has."""
-    if family != "llm":
-        return "Layers that get a LoRA (comma separated). Empty: to_q, to_k, to_v, to_out.0."
-    from ..training.llm import linear_module_names
-
-    try:
-        found = ", ".join(linear_module_names(base_model))
-    except Exception as exc:  # a model that cannot be read: keep the default help
-        log.debug("no layer names for %s: %s", base_model, exc)
-        found = "(could not read the model)"
-    return f"Layers that get a LoRA (comma separated). Empty: q_proj, v_proj. This model has: {found}."
-
-
-def _family_text(base_model: str) -> str:
-    if not base_model:
-        return "Pick or type a base model."
-    try:
-        fam = detect_family(base_model)
-    except StudioError as exc:
-        return f"Model family: unknown. {exc}"
-    return f"Model family: **{FAMILY_NAMES.get(fam, fam)}** (`{fam}`)."
+_targets_info = targets_info  # the target_modules help (tests/test_train_extras.py calls it by this name)
 
 
 def _image(path: str | None) -> Image.Image | None:
@@ -139,7 +108,12 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     if demo:
         initial = initial.replace(base_model=str(demo.model), train_data_dir=str(demo.images), **demo.train)
     gpu_line, gpu_gb = _gpu_line()
-    recommended = recommend_preset(gpu_gb, "sd15") if gpu_gb and not demo else None
+    # The demo keeps its tiny settings: no preset is preselected there (one is only a click away).
+    fam = family_choices(initial.base_model, initial.model_family, gpu_gb, preselect=not demo)
+    if fam.preset:
+        initial = initial.replace(**get_preset(fam.preset).values)
+    if fam.llm:
+        initial = initial.replace(target_modules=fam.target_value or None)
 
     intro = f"Pick the base model and your GPU's preset, check the main settings, press **Start**. {gpu_line}"
     if demo and demo.llm_model:
@@ -147,31 +121,33 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                   "training data (then compare answers at the bottom of the Testing tab).")
     gr.Markdown(intro)
     with gr.Row(equal_height=True):
-        base = gr.Dropdown(label="Base model (base_model)", choices=ctx.model_choices(), scale=5,
+        base = gr.Dropdown(label="Base model (base_model)", choices=ctx.model_choices(), scale=5, elem_id="base-model",
                            value=initial.base_model or None, allow_custom_value=True,
                            info="A diffusers folder, a .safetensors checkpoint, or a hub id such as "
                                 "stable-diffusion-v1-5/stable-diffusion-v1-5. Models in the models/ folder are listed.")
         family = gr.Dropdown(label="Family (model_family)", choices=list(FAMILIES), value=initial.model_family,
                              scale=1)
         models_btn = gr.Button("Refresh list", scale=0, min_width=110)
-    family_md = gr.Markdown(_family_text(initial.base_model) if initial.base_model else "")
+    family_md = gr.Markdown(fam.text, elem_id="model-family")
     data_dir = gr.Textbox(label="Training images (train_data_dir)", value=initial.train_data_dir,
                           info="Filled in from the Dataset tab; images need captions (Captioning tab).")
-    with gr.Row(equal_height=True):
-        preset = gr.Dropdown(label="Hardware preset", choices=_preset_choices("sd15"),
-                             value=recommended.name if recommended else "", scale=2,
-                             info="Preselected from the detected GPU. Applying it changes the settings below.")
-        preset_md = gr.Markdown(_preset_text(recommended.name if recommended else "", gpu_gb))
-    if recommended is not None:
-        initial = initial.replace(**recommended.values)
-    memory_md = gr.Markdown(_estimate(initial, gpu_gb), elem_id="memory-estimate")
     from ..training.multi_gpu import available_gpus
 
     n_gpus = available_gpus()
-    gpus = gr.Number(label="GPUs", value=1, precision=0, minimum=1, maximum=64, visible=n_gpus >= 2,
-                     info=f"This machine has {n_gpus} GPUs: more than 1 trains data-parallel through "
-                          "accelerate (effective batch = batch x accumulation x GPUs).")
-    form = build_form(initial)
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            preset = gr.Dropdown(label="Hardware preset", choices=fam.presets, value=fam.preset, elem_id="preset",
+                                 info="The presets of the model's family, preselected from the detected GPU. "
+                                      "Picking one changes the settings below.")
+            gpus = gr.Number(label="GPUs", value=1, precision=0, minimum=1, maximum=64, visible=n_gpus >= 2,
+                             info=f"This machine has {n_gpus} GPUs: more than 1 trains data-parallel through "
+                                  "accelerate (effective batch = batch x accumulation x GPUs).")
+        with gr.Column(scale=3):
+            preset_md = gr.Markdown(_preset_text(fam.preset, gpu_gb))
+            memory_md = gr.Markdown(memory_text(initial, fam.family, gpu_gb), elem_id="memory-estimate")
+    groups: dict[str, Any] = {}
+    form = build_form(initial, open_groups=("llm",) if fam.llm else (), containers=groups,
+                      overrides={"target_modules": {"choices": fam.targets, "info": fam.target_info}})
     names = list(SPECIAL_FIELDS) + list(form)
     comps = [base, family, data_dir] + list(form.values())
 
@@ -229,8 +205,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         if _Jobs.running() is not None:
             raise gr.Error(f"A training run is already in progress ({_Jobs.running().run_name}); stop it or "
                            "wait for it to finish before starting another.")
-        num_gpus = int(values[-1] or 1)
-        job = start_on_gpus(cfg, num_gpus) if num_gpus > 1 else TrainingJob(cfg).start()
+        job = start_job(cfg, int(values[-1] or 1))
         _Jobs.job = job
         gr.Info(f"Training started: {job.run_name}")
         return view(job.snapshot(), "") + [gr.Timer(active=True)]
@@ -252,11 +227,14 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         return "A checkpoint will be saved after this step."
 
     @friendly
-    def resume(run_dir: str):
+    def resume(run_dir: str, num_gpus: float | None = 1):
         if not run_dir:
             raise gr.Error("Pick a run to resume.")
         folder = ctx.policy.folder(run_dir, "run folder")
-        job = TrainingJob.resume(folder).start()
+        if _Jobs.running() is not None:
+            raise gr.Error(f"A training run is already in progress ({_Jobs.running().run_name}); stop it or "
+                           "wait for it to finish before resuming another.")
+        job = start_job(None, int(num_gpus or 1), resume_dir=folder)
         _Jobs.job = job
         gr.Info(f"Resuming {job.run_name}")
         return view(job.snapshot(), "") + [gr.Timer(active=True)]
@@ -301,11 +279,15 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         python = "python" if sys.platform == "win32" else "python3"
         quoted = f'"{path}"' if sys.platform == "win32" else shlex.quote(str(path))
         cmd = f"{python} -m lora_studio train --config {quoted}"
-        if int(values[-1] or 1) > 1:
-            cmd = command_text(path, int(values[-1]), python)
+        resume_cmd = f"{python} -m lora_studio train --resume <run folder>"
+        num_gpus = int(values[-1] or 1)
+        if num_gpus > 1:
+            cmd = command_text(path, num_gpus, python)
+            resume_cmd = command_text(path, num_gpus, python, resume_dir="RUN_FOLDER").replace("RUN_FOLDER",
+                                                                                             "<run folder>")
         text = (f"Saved as `{path}`. The same run from a terminal (in the LoRA Studio folder, with its "
                 f"virtual environment active):\n\n```\n{cmd}\n```\n\nTo continue a stopped run: "
-                f"`{python} -m lora_studio train --resume <run folder>`")
+                f"`{resume_cmd}`")
         return text, cfg.to_yaml(), str(path), gr.Accordion(open=True)
 
     @friendly
@@ -318,16 +300,11 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                          for n, v in zip(form, config_to_values(TrainConfig(**{k: v for k, v in values.items()}),
                                                                list(form)))]
 
-    def on_base_change(base_model: str):
-        text = _family_text(base_model)
-        try:
-            fam = detect_family(base_model) if base_model else "sd15"
-        except StudioError:
-            fam = "sd15"
-        choices = _preset_choices(fam)
-        rec = recommend_preset(gpu_gb, fam) if gpu_gb else None
-        return (text, gr.update(choices=choices, value=rec.name if rec and not demo else ""),
-                gr.update(info=_targets_info(base_model, fam)))
+    def on_model_change(base_model: str, model_family: str, targets: list[str] | None):
+        """A new base model or family: its presets (the recommended one picked), layer choices, LLM fields."""
+        c = family_choices(base_model, model_family, gpu_gb, targets, preselect=not demo)
+        return (c.text, gr.update(choices=c.presets, value=c.preset),
+                gr.update(choices=c.targets, value=c.target_value, info=c.target_info), gr.Accordion(open=c.llm))
 
     def status_json() -> dict[str, Any]:
         job = _Jobs.current()
@@ -341,8 +318,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         try:
             cfg = form_to_config(names, values)
         except StudioError as exc:
-            return f"Estimated peak GPU memory: not available until the settings are valid ({exc})."
-        return _estimate(cfg, gpu_gb)
+            return f"**Estimated peak GPU memory:** not available until the settings are valid ({exc})."
+        return memory_text(cfg, None, gpu_gb)
 
     _name_parameters(start, names + ["num_gpus"])
     _name_parameters(show_command, names + ["num_gpus"])
@@ -351,20 +328,22 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     start_btn.click(start, comps + [gpus], run_outputs, api_name="start_training")
     stop_btn.click(stop, None, [stats], api_name="stop_training")
     save_btn.click(save_now, None, [stats], api_name="save_checkpoint_now")
-    resume_btn.click(resume, [runs], run_outputs, api_name="resume_training")
+    resume_btn.click(resume, [runs, gpus], run_outputs, api_name="resume_training")
     show_run_btn.click(show_run, [runs], view_outputs, api_name="show_run")
     runs_btn.click(lambda d: gr.update(choices=run_choices(d or ctx.runs_dir)), [form["output_dir"]], [runs],
                    api_visibility="private")
     timer.tick(poll, [seen, form["output_dir"]], view_outputs + [runs, timer], api_visibility="private",
                show_progress="hidden", concurrency_limit=None)
     cmd_btn.click(show_command, comps + [gpus], [cmd_md, yaml_code, yaml_file, cmd_box], api_name="show_command")
-    estimate_inputs = [base] + [form[k] for k in ("batch_size", "resolution", "gradient_checkpointing",
-                                                  "mixed_precision", "optimizer", "train_text_encoder", "lora_rank",
-                                                  "max_seq_length", "load_in_4bit") if k in form]
+    # A preset changes some of these fields, so the estimate follows a preset too.
+    estimate_inputs = [base, family] + [form[k] for k in (
+        "batch_size", "resolution", "gradient_checkpointing", "mixed_precision", "optimizer", "train_text_encoder",
+        "lora_rank", "target_modules", "max_seq_length", "load_in_4bit") if k in form]
     gr.on([c.change for c in estimate_inputs], update_estimate, comps, [memory_md], api_name="memory_estimate",
-          show_progress="hidden")
+          show_progress="hidden", trigger_mode="always_last")
     preset.change(apply_preset, [preset], [preset_md] + list(form.values()), api_visibility="private")
-    base.change(on_base_change, [base], [family_md, preset, form["target_modules"]], api_visibility="private")
+    gr.on([base.change, family.change], on_model_change, [base, family, form["target_modules"]],
+          [family_md, preset, form["target_modules"], groups["llm"]], api_visibility="private")
     models_btn.click(lambda: gr.update(choices=ctx.model_choices()), None, [base], api_visibility="private")
     gr.api(status_json, api_name="training_status")
 
