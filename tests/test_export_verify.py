@@ -112,9 +112,12 @@ def test_check_catches_a_base_mismatch(sd15, tmp_path):
                      prompt=PROMPT, seed=SEED)
 
 
-def test_half_precision_base_needs_base_dtype(tiny_sd15, tmp_path):
-    """A trainer that held the frozen weights in fp16 renders with fp16-rounded weights: base_dtype mirrors that."""
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, torch_dtype=torch.float16).to(torch.float32)
+def test_half_precision_base_needs_held_dtypes(tiny_sd15, tmp_path):
+    """A trainer that held the frozen weights in fp16 (the VAE in fp32) renders with those roundings:
+    held_dtypes mirrors them in the fresh pipeline."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None)
+    pipe.unet.to(torch.float16).to(torch.float32)
+    pipe.text_encoder.to(torch.float16).to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     base = render(pipe, PROMPT, SEED)
     pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=["to_q"]))
@@ -124,8 +127,12 @@ def test_half_precision_base_needs_base_dtype(tiny_sd15, tmp_path):
     expected = render(pipe, PROMPT, SEED)
     path = save_kohya_lora(tmp_path / "half.safetensors",
                            peft_to_kohya(get_peft_model_state_dict(pipe.unet), {}, "sd15", ALPHA), {})
+    held = {"unet": torch.float16, "text_encoder": torch.float16, "vae": torch.float32}
     report = check_export(tiny_sd15, "sd15", path, expected_images=expected, base_images=base, prompt=PROMPT,
-                          seed=SEED, base_dtype=torch.float16)
+                          seed=SEED, held_dtypes=held)
     assert report.base_diff == 0.0
     with pytest.raises(TrainingError, match="strength 0"):  # a float32 reload has other frozen weights
         check_export(tiny_sd15, "sd15", path, expected_images=expected, base_images=base, prompt=PROMPT, seed=SEED)
+    with pytest.raises(TrainingError, match="strength 0"):  # so has one whose VAE is rounded too
+        check_export(tiny_sd15, "sd15", path, expected_images=expected, base_images=base, prompt=PROMPT, seed=SEED,
+                     held_dtypes={**held, "vae": torch.float16})

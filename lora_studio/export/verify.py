@@ -18,9 +18,10 @@ any error small too, the report also gives the LoRA's own effect ``|expected - b
 it is below the tolerance (the check then cannot tell the LoRA from the base). Strength 0 must give the
 base render exactly (``base_atol`` 0 on the same device, default 1e-5 to allow GPU kernels' jitter).
 
-When the trained pipeline's frozen weights were held in half precision (training on a GPU), pass that
-dtype as ``base_dtype``: the fresh pipeline is then loaded in it and cast to float32, so its frozen
-weights round the same way as the trained pipeline's.
+When the trained pipeline's frozen weights were held in half precision (mixed-precision training), pass
+the dtype each component was held in as ``held_dtypes`` (``{"unet": torch.bfloat16, "vae": torch.float32,
+...}``): the fresh pipeline's components are cast to it and back to float32, as the trainer cast them, so
+its frozen weights round the same way (the SDXL trainer keeps its VAE in fp32 while the rest is in half).
 """
 
 from __future__ import annotations
@@ -79,14 +80,19 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def load_fresh_pipeline(base_model: str | Path, family: str, *, device: str | torch.device = "cpu",
-                        vae: str | None = None, base_dtype: torch.dtype | None = None):
-    """The base model loaded anew, float32 on ``device`` (through ``base_dtype`` first when given)."""
+                        vae: str | None = None, held_dtypes: dict[str, torch.dtype] | None = None):
+    """The base model loaded anew, float32 on ``device``; components named in ``held_dtypes`` are rounded
+    through that dtype first, as the trainer held them."""
     from ..models.loading import load_diffusion_pipeline
 
-    pipe = load_diffusion_pipeline(str(base_model), family, torch_dtype=base_dtype, vae=vae)
-    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    if any(p.dtype != torch.float32 for m in modules for p in m.parameters()):
-        pipe.to(torch.float32)
+    pipe = load_diffusion_pipeline(str(base_model), family, vae=vae)
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        dtype = (held_dtypes or {}).get(name, torch.float32)
+        if dtype != torch.float32:
+            module.to(dtype)
+        module.to(torch.float32)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -95,7 +101,7 @@ def load_fresh_pipeline(base_model: str | Path, family: str, *, device: str | to
 def check_export(base_model: str | Path, family: str, lora_file: Path, *, expected_images: np.ndarray,
                  base_images: np.ndarray | None, prompt: str, seed: int, steps: int = 2, size: int = 64,
                  atol: float | None = None, base_atol: float = 1e-5, device: str | torch.device = "cpu",
-                 vae: str | None = None, base_dtype: torch.dtype | None = None) -> VerifyReport:
+                 vae: str | None = None, held_dtypes: dict[str, torch.dtype] | None = None) -> VerifyReport:
     """Reload ``lora_file`` into a fresh pipeline; raise ``TrainingError`` unless it reproduces the trained model.
 
     ``expected_images`` and ``base_images`` come from ``render`` on the in-memory pipeline (float32, LoRA
@@ -103,7 +109,7 @@ def check_export(base_model: str | Path, family: str, lora_file: Path, *, expect
     """
     lora_file = Path(lora_file)
     atol = DEFAULT_ATOL if atol is None else float(atol)
-    pipe = load_fresh_pipeline(base_model, family, device=device, vae=vae, base_dtype=base_dtype)
+    pipe = load_fresh_pipeline(base_model, family, device=device, vae=vae, held_dtypes=held_dtypes)
     try:
         fresh_base = render(pipe, prompt, seed, steps, size)
         try:

@@ -28,7 +28,7 @@ from .events import EventBus
 from .latent_cache import LatentCache, encode_latents_shared
 from .loop import Trainer
 from .run_folder import RunFolder
-from .runtime import weight_dtype
+from .runtime import full_precision_forward, weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ class DiffusionTrainer(Trainer):
         for name in self.text_encoder_names:
             getattr(pipe, name).to(acc.device, dtype=dtype)
         pipe.vae.to(acc.device, dtype=self.vae_dtype(dtype))
+        # What each frozen part is held in: the export check rounds a fresh pipeline the same way.
+        self.held_dtypes = {name: dtype for name in ["unet", *self.text_encoder_names]}
+        self.held_dtypes["vae"] = self.vae_dtype(dtype)
         self._add_adapters()
         self.bus.emit("state", state="caching latents")
         self._cache_latents()
@@ -322,23 +325,37 @@ class DiffusionTrainer(Trainer):
     @torch.no_grad()
     def verify(self, lora_file: Path):
         """Reload the written file into a fresh pipeline; it must reproduce the trained model (and the base)."""
-        from ..export.verify import check_export, render
+        from ..export.verify import check_export
 
         pipe = self.inference_pipe()
         pipe.to(torch.float32)
-        prompt, seed = self.items[0].caption, self.config.seed
-        expected = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
-        pipe.unet.disable_adapters()
-        for name in self.text_encoder_names if self.config.train_text_encoder else ():
-            getattr(pipe, name).disable_adapters()
-        base = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
-        pipe.unet.enable_adapters()
-        for name in self.text_encoder_names if self.config.train_text_encoder else ():
-            getattr(pipe, name).enable_adapters()
+        expected, base = self._reference_renders(pipe)
         return check_export(self.config.base_model, self.family, lora_file, expected_images=expected,
-                            base_images=base, prompt=prompt, seed=seed, steps=VERIFY_STEPS, size=VERIFY_SIZE,
-                            vae=self.config.vae, device=self.accelerator.device,
-                            base_dtype=weight_dtype(self.accelerator))
+                            base_images=base, prompt=self.items[0].caption, seed=self.config.seed,
+                            steps=VERIFY_STEPS, size=VERIFY_SIZE, vae=self.config.vae, device=self.accelerator.device,
+                            held_dtypes=self.held_dtypes)
+
+    def _reference_renders(self, pipe):
+        """The trained pipeline's float32 render, and the same with the adapters off (the base).
+
+        Rendered without accelerate's autocast wrapper (``full_precision_forward``): the fresh pipeline the
+        check compares with runs in float32, so the trained one must too.
+        """
+        from ..export.verify import render
+
+        prompt, seed = self.items[0].caption, self.config.seed
+        trained = [pipe.unet] + ([getattr(pipe, n) for n in self.text_encoder_names]
+                                 if self.config.train_text_encoder else [])
+        with full_precision_forward(*trained):
+            expected = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
+            for module in trained:
+                module.disable_adapters()
+            try:
+                base = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
+            finally:
+                for module in trained:
+                    module.enable_adapters()
+        return expected, base
 
     @torch.no_grad()
     def render_sample(self, step: int) -> Path | None:

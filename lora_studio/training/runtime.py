@@ -6,6 +6,7 @@ needs bitsandbytes with CUDA; without it the run uses AdamW and says so.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Iterable
@@ -23,22 +24,68 @@ def make_accelerator(config: TrainConfig, say=None):
     from accelerate.utils import ProjectConfiguration
 
     precision = config.mixed_precision
-    if not torch.cuda.is_available() and precision != "no":
+    if not torch.cuda.is_available() and precision != "no" and not cpu_bf16_allowed(precision):
         if say:
             say(f"No CUDA GPU found: training on the CPU in full precision (mixed_precision '{precision}' "
                 "is ignored). This is fine for tiny tests; real models need a GPU.")
         precision = "no"
-    from .multi_gpu import accelerator_kwargs, check_world
+    from .multi_gpu import accelerator_kwargs, check_world, is_distributed
 
+    if not is_distributed():
+        _forget_previous_precision(precision)
     accelerator = Accelerator(mixed_precision=precision, project_config=ProjectConfiguration(
         project_dir=config.output_dir, automatic_checkpoint_naming=False), **accelerator_kwargs(config))
     check_world(accelerator)  # several launched processes must form one group (multi_gpu)
     return accelerator
 
 
+def _forget_previous_precision(precision: str) -> None:
+    """Let this run use its own precision after an earlier run in the same process used another.
+
+    accelerate keeps one ``AcceleratorState`` per process and refuses a second ``Accelerator`` with other
+    mixed precision ("AcceleratorState has already been initialized and cannot be changed"). The app trains
+    one run after another in one process (a bf16 preset, then an fp16 one), one at a time, so the state of
+    the finished run is dropped here; the process group (``PartialState``) is kept. Only for a single
+    process: under ``accelerate launch`` every process trains one run.
+    """
+    from accelerate.state import AcceleratorState
+
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != precision:
+        AcceleratorState._reset_state()
+
+
+def cpu_bf16_allowed(precision: str) -> bool:
+    """bf16 on the CPU when ``LORA_STUDIO_CPU_BF16=1``: slow, but it runs the half-precision code path
+    (frozen weights in bf16, fp32 LoRA, autocast) without a GPU, as the tests do."""
+    return precision == "bf16" and os.environ.get("LORA_STUDIO_CPU_BF16") == "1"
+
+
 def weight_dtype(accelerator) -> torch.dtype:
     """The dtype of frozen weights: half precision on a GPU run with mixed precision, else fp32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+@contextlib.contextmanager
+def full_precision_forward(*models: torch.nn.Module):
+    """Run models that ``accelerator.prepare`` wrapped for mixed precision without that wrapper for a while.
+
+    With fp16/bf16, accelerate replaces a prepared model's ``forward`` by one that runs under autocast (and
+    keeps the original as ``_original_forward``); ``unwrap_model`` keeps that wrapper. The export check
+    renders the trained model in float32 to compare it with a fresh float32 pipeline, so the wrapper is
+    lifted here and put back afterwards (training or sampling may go on after the check).
+    """
+    lifted = []
+    for model in models:
+        original = model.__dict__.get("_original_forward")
+        if original is not None and "forward" in model.__dict__:
+            lifted.append((model, model.__dict__["forward"]))
+            model.forward = original
+    try:
+        yield
+    finally:
+        for model, wrapped in lifted:
+            model.forward = wrapped
 
 
 def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]], say=None) -> torch.optim.Optimizer:

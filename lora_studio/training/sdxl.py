@@ -174,23 +174,7 @@ class SDXLTrainer(DiffusionTrainer):
         return check_export(self.config.base_model, self.family, lora_file, expected_images=expected,
                             base_images=base, prompt=self.items[0].caption, seed=self.config.seed,
                             steps=VERIFY_STEPS, size=VERIFY_SIZE, vae=self.config.vae, device="cpu",
-                            base_dtype=weight_dtype(self.accelerator))
-
-    def _reference_renders(self, pipe):
-        """The trained pipeline's render, and the same with the adapters off (the base)."""
-        from ..export.verify import render
-
-        prompt, seed = self.items[0].caption, self.config.seed
-        expected = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
-        trained = ["unet"] + (list(self.text_encoder_names) if self.config.train_text_encoder else [])
-        for name in trained:
-            getattr(pipe, name).disable_adapters()
-        try:
-            base = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
-        finally:
-            for name in trained:
-                getattr(pipe, name).enable_adapters()
-        return expected, base
+                            held_dtypes=self.held_dtypes)
 
     def _verify_on_cpu(self) -> bool:
         """True when training on a GPU without room for two fp32 pipelines (plus a quarter)."""

@@ -1,0 +1,82 @@
+"""Mixed precision without a GPU: bf16 on the CPU runs the half-precision code path of every trainer.
+
+A GPU run keeps the frozen weights in fp16/bf16, the LoRA in fp32, and runs the model under accelerate's
+autocast wrapper. On the CPU that path is off unless ``LORA_STUDIO_CPU_BF16=1`` asks for bf16, which these
+tests do, so a dtype mistake there (for example the export check comparing an autocast render with a float32
+one, or rounding the SDXL VAE that training kept in fp32) fails here rather than at the end of a user's run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_studio.config import TrainConfig
+from lora_studio.training.runtime import make_accelerator, weight_dtype
+from helpers import run_job
+
+
+@pytest.fixture()
+def cpu_bf16(monkeypatch):
+    monkeypatch.setenv("LORA_STUDIO_CPU_BF16", "1")
+
+
+def _image_config(model: Path, data: Path, out: Path) -> TrainConfig:
+    return TrainConfig(base_model=str(model), train_data_dir=str(data), output_dir=str(out), resolution=64,
+                       lora_rank=4, learning_rate=3e-3, batch_size=2, max_train_steps=6, save_steps=3,
+                       mixed_precision="bf16", train_text_encoder=True, seed=5).validate()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_bf16_image_lora_trains_and_passes_the_export_check(family, tiny_sd15, tiny_sdxl, demo_images, tmp_path,
+                                                            cpu_bf16):
+    model = tiny_sd15 if family == "sd15" else tiny_sdxl
+    job = run_job(_image_config(model, demo_images, tmp_path / "out"))
+    assert job.status == "finished", job.error
+    log = job.snapshot()["log"]
+    assert any("weights bfloat16" in line for line in log), log
+    passed = [line for line in log if "Export check passed" in line]
+    assert passed, log
+    # Reloaded within 1e-3 (fp16 rounding of the file's LoRA weights), far inside the 0.01 tolerance that an
+    # autocast render or a differently rounded VAE overshot; strength 0 gives the base exactly.
+    within = float(passed[0].split("within ")[1].split(" ")[0])
+    assert within < 1e-3 and "strength 0 vs base 0" in passed[0], passed[0]
+    losses = [loss for _, loss in job.snapshot()["losses"]]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert [step for step, _ in job.run.list_checkpoints()] == [3]  # the last step is the export
+
+
+def test_bf16_llm_lora_trains_and_passes_the_export_check(tmp_path, cpu_bf16):
+    from lora_studio.models.tiny_llm import build_tiny_llm, make_demo_llm_data
+
+    model = build_tiny_llm(tmp_path / "tiny-llm")
+    data = make_demo_llm_data(tmp_path / "train.jsonl")
+    cfg = TrainConfig(base_model=str(model), train_data_dir=str(data), output_dir=str(tmp_path / "out"), lora_rank=4,
+                      learning_rate=5e-2, batch_size=4, max_train_steps=16, save_steps=0, mixed_precision="bf16",
+                      seed=7, lr_scheduler="constant", max_seq_length=64).validate()
+    job = run_job(cfg)
+    assert job.status == "finished", job.error
+    log = job.snapshot()["log"]
+    assert any("weights bfloat16" in line for line in log), log
+    assert any("Export check passed" in line for line in log), log
+    losses = [loss for _, loss in job.snapshot()["losses"]]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+
+
+def test_without_the_switch_the_cpu_trains_in_full_precision(tmp_path, monkeypatch):
+    """Also: one process may create accelerators of different precisions one after another, as the app does
+    when a bf16 run is followed by a full-precision one."""
+    monkeypatch.delenv("LORA_STUDIO_CPU_BF16", raising=False)
+    said: list[str] = []
+    acc = make_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16"), say=said.append)
+    assert weight_dtype(acc) == torch.float32
+    assert said and "full precision" in said[0] and "'bf16' is ignored" in said[0]
+    monkeypatch.setenv("LORA_STUDIO_CPU_BF16", "1")  # fp16 stays off on the CPU: the switch is for bf16 only
+    acc = make_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="fp16"), say=said.append)
+    assert weight_dtype(acc) == torch.float32
+    acc = make_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16"), say=said.append)
+    assert weight_dtype(acc) == torch.bfloat16
+    acc = make_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="no"), say=said.append)
+    assert weight_dtype(acc) == torch.float32
