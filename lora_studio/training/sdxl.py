@@ -170,7 +170,8 @@ class SDXLTrainer(DiffusionTrainer):
         self.say("Checking the export on the CPU (two SDXL pipelines in fp32 do not fit this GPU).")
         pipe = self.inference_pipe().to("cpu").to(torch.float32)
         expected, base = self._reference_renders(pipe)
-        pipe.to(self.accelerator.device, weight_dtype(self.accelerator))  # frees RAM for the fresh pipeline
+        for name, dtype in self.held_dtypes.items():  # back as training held them: frees RAM for the fresh pipeline
+            getattr(pipe, name).to(self.accelerator.device, dtype)
         return check_export(self.config.base_model, self.family, lora_file, expected_images=expected,
                             base_images=base, prompt=self.items[0].caption, seed=self.config.seed,
                             steps=VERIFY_STEPS, size=VERIFY_SIZE, vae=self.config.vae, device="cpu",

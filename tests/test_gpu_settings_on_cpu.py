@@ -1,9 +1,10 @@
-"""Mixed precision without a GPU: bf16 on the CPU runs the half-precision code path of every trainer.
+"""The settings GPU presets use, run on the CPU: bf16 mixed precision and gradient checkpointing.
 
 A GPU run keeps the frozen weights in fp16/bf16, the LoRA in fp32, and runs the model under accelerate's
 autocast wrapper. On the CPU that path is off unless ``LORA_STUDIO_CPU_BF16=1`` asks for bf16, which these
 tests do, so a dtype mistake there (for example the export check comparing an autocast render with a float32
 one, or rounding the SDXL VAE that training kept in fp32) fails here rather than at the end of a user's run.
+Gradient checkpointing must train exactly the same LoRA as a run without it.
 """
 
 from __future__ import annotations
@@ -80,3 +81,32 @@ def test_without_the_switch_the_cpu_trains_in_full_precision(tmp_path, monkeypat
     assert weight_dtype(acc) == torch.bfloat16
     acc = make_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="no"), say=said.append)
     assert weight_dtype(acc) == torch.float32
+
+
+@pytest.mark.parametrize("family,train_text_encoder", [("sd15", False), ("sdxl", True)])
+def test_gradient_checkpointing_trains_the_same_lora(family, train_text_encoder, tiny_sd15, tiny_sdxl, demo_images,
+                                                     tmp_path):
+    """Checkpointing (on in every 12/16 GB preset) only trades time for memory: the same losses and LoRA.
+
+    A checkpointed frozen model whose inputs need no gradient can silently cut the LoRA off from the loss
+    (reentrant checkpointing); then the losses after the first step would differ.
+    """
+    from safetensors.torch import load_file
+
+    model = tiny_sd15 if family == "sd15" else tiny_sdxl
+    runs = {}
+    for checkpointing in (False, True):
+        cfg = TrainConfig(base_model=str(model), train_data_dir=str(demo_images), resolution=64, lora_rank=4,
+                          output_dir=str(tmp_path / f"ckpt_{checkpointing}"), learning_rate=3e-3, batch_size=2,
+                          max_train_steps=4, save_steps=0, mixed_precision="no", seed=3, verify_export=False,
+                          gradient_checkpointing=checkpointing, train_text_encoder=train_text_encoder).validate()
+        job = run_job(cfg)
+        assert job.status == "finished", job.error
+        runs[checkpointing] = ([loss for _, loss in job.snapshot()["losses"]],
+                               load_file(str(job.run.path / "my_lora.safetensors")))
+    (plain_losses, plain), (ckpt_losses, ckpt) = runs[False], runs[True]
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5) and plain_losses[0] != plain_losses[-1]
+    assert plain.keys() == ckpt.keys()
+    assert any(k.startswith("lora_te") for k in plain) == train_text_encoder
+    for key in plain:
+        torch.testing.assert_close(ckpt[key].float(), plain[key].float(), rtol=1e-3, atol=1e-5)
