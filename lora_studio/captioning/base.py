@@ -82,8 +82,9 @@ class Captioner(ABC):
         return getattr(self, "_model", None) is not None
 
     @abstractmethod
-    def load(self) -> None:
-        """Load the model (raises ``ModelLoadError`` with one clear sentence)."""
+    def load(self, report: Callable[[str], None] | None = None) -> None:
+        """Load the model (raises ``ModelLoadError`` with one clear sentence); ``report`` hears how a hub
+        download is going."""
 
     @abstractmethod
     def release(self) -> None:
@@ -109,7 +110,7 @@ class Captioner(ABC):
             return results
         was_loaded = self.loaded
         if not was_loaded:
-            self.load()
+            self.load(report=(lambda text: progress(0, len(items), text)) if progress is not None else None)
         try:
             for start in range(0, len(items), self.batch_size):
                 if cancel is not None and cancel.is_set():

@@ -57,7 +57,7 @@ class BlipCaptioner(Captioner):
         self._model = None
         self._processor = None
 
-    def load(self) -> None:
+    def load(self, report=None) -> None:
         if self.loaded:
             return
         import torch
@@ -69,7 +69,7 @@ class BlipCaptioner(Captioner):
             model = BlipForConditionalGeneration.from_pretrained(ref)
             return processor, model
 
-        processor, model = load_model_part(_load, self.model_ref, "BLIP captioning model")
+        processor, model = load_model_part(_load, self.model_ref, "BLIP captioning model", report)
         device = pick_device(self.device)
         dtype = torch.float16 if device == "cuda" else torch.float32
         self._model = model.to(device=device, dtype=dtype).eval()

@@ -60,7 +60,7 @@ class ClipStyleTagger(Captioner):
         self._tokenizer = None
         self._text = None  # {category: normalised text embeddings}
 
-    def load(self) -> None:
+    def load(self, report=None) -> None:
         if self.loaded:
             return
         import torch
@@ -70,7 +70,7 @@ class ClipStyleTagger(Captioner):
             return (CLIPModel.from_pretrained(ref), _image_processor_class().from_pretrained(ref),
                     AutoTokenizer.from_pretrained(ref))
 
-        model, processor, tokenizer = load_model_part(_load, self.model_ref, "CLIP model")
+        model, processor, tokenizer = load_model_part(_load, self.model_ref, "CLIP model", report)
         device = pick_device(self.device)
         self._device = device
         self._dtype = torch.float16 if device == "cuda" else torch.float32

@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from lora_studio.errors import ModelLoadError
+from lora_studio.models.download import download_progress, is_hub_id
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def is_hub_id(ref: str) -> bool:
-    """True for a string that names a hub repository and is not an existing local path."""
-    ref = str(ref)
-    return not Path(ref).expanduser().exists() and bool(_HUB_ID.match(ref)) and not ref.endswith((".", "-"))
 
 
 def _offline() -> bool:
@@ -32,14 +25,18 @@ def _offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def load_model_part(loader: Callable[[str], T], ref: str | os.PathLike, what: str) -> T:
-    """Call ``loader(ref)``; turn any failure into ``ModelLoadError`` with one sentence about ``what``."""
+def load_model_part(loader: Callable[[str], T], ref: str | os.PathLike, what: str,
+                    report: Callable[[str], None] | None = None) -> T:
+    """Call ``loader(ref)``; turn any failure into ``ModelLoadError`` with one sentence about ``what``.
+
+    ``report`` receives how much of a hub model has arrived while it downloads (``models.download``)."""
     ref_s = str(Path(ref).expanduser()) if not is_hub_id(str(ref)) else str(ref)
     if not is_hub_id(ref_s) and not Path(ref_s).exists():
         raise ModelLoadError(f"The {what} folder '{ref_s}' does not exist; give an existing folder or a "
                              f"Hugging Face model id.")
     try:
-        return loader(ref_s)
+        with download_progress(ref_s, report):
+            return loader(ref_s)
     except ModelLoadError:
         raise
     except ImportError as exc:

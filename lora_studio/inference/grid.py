@@ -116,8 +116,9 @@ class PipelineCache:
         self._adapters: dict[tuple, str] = {}
         self._counter = 0
 
-    def pipeline(self, base_model: str, vae: str | None = None):
-        """The pipeline of ``base_model`` (loaded on first use, reused while the model stays the same)."""
+    def pipeline(self, base_model: str, vae: str | None = None, report: Callable[[str], None] | None = None):
+        """The pipeline of ``base_model`` (loaded on first use, reused while the model stays the same);
+        ``report`` hears how a hub download is going."""
         from ..models.loading import detect_family, load_diffusion_pipeline
 
         with self.lock:
@@ -130,7 +131,7 @@ class PipelineCache:
                 raise ModelLoadError(f"'{base_model}' is a language model; image grids need a Stable Diffusion "
                                      "base model (use the language-model comparison instead).")
             device, dtype = pick_device()
-            pipe = load_diffusion_pipeline(str(base_model), family, torch_dtype=dtype, vae=vae)
+            pipe = load_diffusion_pipeline(str(base_model), family, torch_dtype=dtype, vae=vae, report=report)
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
             self._key, self._pipe, self._family = key, pipe, family
@@ -267,7 +268,8 @@ def render_grid(base_model: str, loras: Sequence[tuple[str, str | Path]], settin
     total = len(loras) * len(strengths)
     done = 0
     with cache.lock:
-        pipe = cache.pipeline(base_model, vae)
+        pipe = cache.pipeline(base_model, vae,
+                              report=(lambda text: progress(0, total, text)) if progress is not None else None)
         base_image: Image.Image | None = None
         cells: list[list[Image.Image]] = []
         for label, lora_file in loras:

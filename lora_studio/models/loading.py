@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ModelLoadError
 
@@ -174,8 +174,22 @@ def resolve_family(config_family: str, base_model: str) -> str:
     return detected
 
 
-def load_diffusion_pipeline(base_model: str, family: str, *, torch_dtype=None, vae: str | None = None):
-    """Load a StableDiffusionPipeline / StableDiffusionXLPipeline from a folder, hub id or single file."""
+def load_diffusion_pipeline(base_model: str, family: str, *, torch_dtype=None, vae: str | None = None,
+                            report: Callable[[str], None] | None = None):
+    """Load a StableDiffusionPipeline / StableDiffusionXLPipeline from a folder, hub id or single file.
+
+    ``report`` hears how a hub download of the model or the VAE is going (``models.download``)."""
+    from .download import download_progress
+
+    with download_progress(base_model, report):
+        pipe = _load_pipeline(base_model, family, torch_dtype)
+    if vae:
+        with download_progress(vae, report):
+            pipe.vae = load_vae(vae, torch_dtype)
+    return pipe
+
+
+def _load_pipeline(base_model: str, family: str, torch_dtype):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
@@ -197,8 +211,6 @@ def load_diffusion_pipeline(base_model: str, family: str, *, torch_dtype=None, v
     except Exception as exc:
         raise ModelLoadError(f"Could not load the {FAMILY_NAMES.get(family, family)} model '{base_model}': "
                              f"{_first_line(exc)}. Check that it is complete and of that family.") from None
-    if vae:
-        pipe.vae = load_vae(vae, torch_dtype)
     return pipe
 
 

@@ -64,7 +64,7 @@ class DiffusionTrainer(Trainer):
         self.items = list(self.report.items)
         self.bus.emit("state", state="loading model")
         dtype = weight_dtype(acc)
-        self.pipe = pipe = load_diffusion_pipeline(cfg.base_model, self.family, vae=cfg.vae)
+        self.pipe = pipe = load_diffusion_pipeline(cfg.base_model, self.family, vae=cfg.vae, report=self.say)
         self.noise_scheduler = _training_scheduler(pipe.scheduler)
         self.prediction_type = (cfg.prediction_type if cfg.prediction_type != "auto"
                                 else self.noise_scheduler.config.prediction_type)

@@ -23,6 +23,7 @@ from ..errors import ConfigError, ModelLoadError
 from .events import EventBus
 from .loop import Trainer
 from .run_folder import RunFolder
+from ..models.download import download_progress
 from .runtime import weight_dtype
 
 VERIFY_TOKENS = 64
@@ -189,7 +190,8 @@ class LLMTrainer(Trainer):
         self.bus.emit("state", state="loading model")
         self.quantized = use_4bit(cfg, say=self.say)
         dtype = weight_dtype(acc)
-        model = load_causal_lm(cfg.base_model, dtype=dtype, device=acc.device, load_in_4bit=self.quantized)
+        with download_progress(cfg.base_model, self.say):
+            model = load_causal_lm(cfg.base_model, dtype=dtype, device=acc.device, load_in_4bit=self.quantized)
         model.config.use_cache = False
         model.requires_grad_(False)
         # QLoRA too: peft's prepare_model_for_kbit_training is not used, it would upcast the embeddings and

@@ -41,8 +41,10 @@ def progress_callback(progress: gr.Progress, what: str, start: float = 0.0, span
     """An engine-style ``progress(done, total, item)`` that drives a gradio progress bar."""
 
     def update(done: int, total: int, item: Any = None) -> None:
+        """``item``: a file (its name is shown) or a message such as a download's progress (shown as is)."""
         frac = start + span * (done / max(total, 1))
-        name = Path(item).name if isinstance(item, (str, Path)) else (str(item) if item else "")
+        is_file = isinstance(item, Path) or (isinstance(item, str) and Path(item).exists())
+        name = Path(item).name if is_file else (str(item) if item else "")
         progress(frac, desc=f"{what} {done}/{total}" + (f": {name}" if name else ""))
 
     return update
