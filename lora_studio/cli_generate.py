@@ -28,6 +28,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--cfg", type=float, default=7.0, help="guidance scale")
     p.add_argument("--size", type=int, default=None, help="width and height in pixels (default: the model's)")
     p.add_argument("--vae", default=None, help="optional VAE folder, hub id or file")
+    p.add_argument("--single-file-config", default=None, metavar="MODEL",
+                   help="for a single-file --base: a diffusers folder or hub id of the same family (its configs)")
     p.add_argument("--strengths", default="0,0.25,0.5,0.75,1", help="comma-separated strengths")
     p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
     p.set_defaults(func=cmd_generate)
@@ -45,7 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stderr.write(f"\r[{done}/{total}] {label}          ")
         sys.stderr.flush()
 
-    result = render_grid(args.base, loras, settings, strengths, vae=args.vae, progress=progress, out_path=args.out)
+    result = render_grid(args.base, loras, settings, strengths, vae=args.vae, progress=progress, out_path=args.out,
+                         single_file_config=args.single_file_config)
     sys.stderr.write("\n")
     print(f"Grid written to {result.path}")
     if result.tags:

@@ -60,6 +60,10 @@ class TrainConfig:
                              choices=FAMILIES)
     vae: str | None = _opt(None, "Optional VAE (folder, hub id or file), e.g. an fp16-safe SDXL VAE.",
                            group="advanced")
+    single_file_config: str | None = _opt(
+        None, "For a single-file checkpoint (.safetensors/.ckpt): a diffusers folder or hub id of the same family "
+        "whose configs and tokenizer it uses. Empty: the family's standard ones from the hub (a few MB, once).",
+        group="advanced")
     train_data_dir: str = _opt("", "Folder with the training images (or LLM data file/folder).")
     metadata_path: str | None = _opt(None, "Caption table (metadata.csv). Empty: use <train_data_dir>/"
                                      "metadata.csv if present, else .txt caption files.")

@@ -80,12 +80,13 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def load_fresh_pipeline(base_model: str | Path, family: str, *, device: str | torch.device = "cpu",
-                        vae: str | None = None, held_dtypes: dict[str, torch.dtype] | None = None):
+                        vae: str | None = None, held_dtypes: dict[str, torch.dtype] | None = None,
+                        single_file_config: str | None = None):
     """The base model loaded anew, float32 on ``device``; components named in ``held_dtypes`` are rounded
     through that dtype first, as the trainer held them."""
     from ..models.loading import load_diffusion_pipeline
 
-    pipe = load_diffusion_pipeline(str(base_model), family, vae=vae)
+    pipe = load_diffusion_pipeline(str(base_model), family, vae=vae, single_file_config=single_file_config)
     for name, module in pipe.components.items():
         if not isinstance(module, torch.nn.Module):
             continue
@@ -101,7 +102,8 @@ def load_fresh_pipeline(base_model: str | Path, family: str, *, device: str | to
 def check_export(base_model: str | Path, family: str, lora_file: Path, *, expected_images: np.ndarray,
                  base_images: np.ndarray | None, prompt: str, seed: int, steps: int = 2, size: int = 64,
                  atol: float | None = None, base_atol: float = 1e-5, device: str | torch.device = "cpu",
-                 vae: str | None = None, held_dtypes: dict[str, torch.dtype] | None = None) -> VerifyReport:
+                 vae: str | None = None, held_dtypes: dict[str, torch.dtype] | None = None,
+                 single_file_config: str | None = None) -> VerifyReport:
     """Reload ``lora_file`` into a fresh pipeline; raise ``TrainingError`` unless it reproduces the trained model.
 
     ``expected_images`` and ``base_images`` come from ``render`` on the in-memory pipeline (float32, LoRA
@@ -109,7 +111,8 @@ def check_export(base_model: str | Path, family: str, lora_file: Path, *, expect
     """
     lora_file = Path(lora_file)
     atol = DEFAULT_ATOL if atol is None else float(atol)
-    pipe = load_fresh_pipeline(base_model, family, device=device, vae=vae, held_dtypes=held_dtypes)
+    pipe = load_fresh_pipeline(base_model, family, device=device, vae=vae, held_dtypes=held_dtypes,
+                               single_file_config=single_file_config)
     try:
         fresh_base = render(pipe, prompt, seed, steps, size)
         try:

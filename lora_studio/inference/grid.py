@@ -116,13 +116,14 @@ class PipelineCache:
         self._adapters: dict[tuple, str] = {}
         self._counter = 0
 
-    def pipeline(self, base_model: str, vae: str | None = None, report: Callable[[str], None] | None = None):
+    def pipeline(self, base_model: str, vae: str | None = None, report: Callable[[str], None] | None = None,
+                 single_file_config: str | None = None):
         """The pipeline of ``base_model`` (loaded on first use, reused while the model stays the same);
-        ``report`` hears how a hub download is going."""
+        ``report`` hears how a hub download is going; ``single_file_config`` as in ``load_diffusion_pipeline``."""
         from ..models.loading import detect_family, load_diffusion_pipeline
 
         with self.lock:
-            key = (str(base_model), vae or "")
+            key = (str(base_model), vae or "", single_file_config or "")
             if self._key == key and self._pipe is not None:
                 return self._pipe
             self.clear()
@@ -131,7 +132,8 @@ class PipelineCache:
                 raise ModelLoadError(f"'{base_model}' is a language model; image grids need a Stable Diffusion "
                                      "base model (use the language-model comparison instead).")
             device, dtype = pick_device()
-            pipe = load_diffusion_pipeline(str(base_model), family, torch_dtype=dtype, vae=vae, report=report)
+            pipe = load_diffusion_pipeline(str(base_model), family, torch_dtype=dtype, vae=vae, report=report,
+                                           single_file_config=single_file_config)
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
             self._key, self._pipe, self._family = key, pipe, family
@@ -251,7 +253,7 @@ def render_strengths(base_model: str, lora_file: str | Path, settings: RenderSet
 def render_grid(base_model: str, loras: Sequence[tuple[str, str | Path]], settings: RenderSettings,
                 strengths: Sequence[float] = DEFAULT_STRENGTHS, *, vae: str | None = None,
                 cache: PipelineCache | None = None, progress: Progress | None = None,
-                out_path: str | Path | None = None) -> GridResult:
+                out_path: str | Path | None = None, single_file_config: str | None = None) -> GridResult:
     """A LoRA-by-strength grid (rows: ``loras`` as (label, file), columns: ``strengths``), labelled.
 
     The strength-0 picture is rendered once and reused in every row (it is the same base image).
@@ -268,7 +270,7 @@ def render_grid(base_model: str, loras: Sequence[tuple[str, str | Path]], settin
     total = len(loras) * len(strengths)
     done = 0
     with cache.lock:
-        pipe = cache.pipeline(base_model, vae,
+        pipe = cache.pipeline(base_model, vae, single_file_config=single_file_config,
                               report=(lambda text: progress(0, total, text)) if progress is not None else None)
         base_image: Image.Image | None = None
         cells: list[list[Image.Image]] = []

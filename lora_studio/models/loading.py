@@ -175,21 +175,23 @@ def resolve_family(config_family: str, base_model: str) -> str:
 
 
 def load_diffusion_pipeline(base_model: str, family: str, *, torch_dtype=None, vae: str | None = None,
-                            report: Callable[[str], None] | None = None):
+                            report: Callable[[str], None] | None = None, single_file_config: str | None = None):
     """Load a StableDiffusionPipeline / StableDiffusionXLPipeline from a folder, hub id or single file.
 
-    ``report`` hears how a hub download of the model or the VAE is going (``models.download``)."""
+    ``report`` hears how a hub download of the model or the VAE is going (``models.download``). A single
+    file takes its configs and tokenizer from ``single_file_config`` (a diffusers folder or hub id of the
+    same family), else diffusers fetches the family's standard ones from the hub (once, then cached)."""
     from .download import download_progress
 
     with download_progress(base_model, report):
-        pipe = _load_pipeline(base_model, family, torch_dtype)
+        pipe = _load_pipeline(base_model, family, torch_dtype, single_file_config)
     if vae:
         with download_progress(vae, report):
             pipe.vae = load_vae(vae, torch_dtype)
     return pipe
 
 
-def _load_pipeline(base_model: str, family: str, torch_dtype):
+def _load_pipeline(base_model: str, family: str, torch_dtype, single_file_config: str | None = None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
@@ -201,6 +203,9 @@ def _load_pipeline(base_model: str, family: str, torch_dtype):
     path = Path(base_model).expanduser()
     try:
         if path.is_file():
+            if single_file_config:
+                kwargs["config"] = str(Path(single_file_config).expanduser()) if is_local(single_file_config) \
+                    else single_file_config
             pipe = cls.from_single_file(str(path), **kwargs)
         else:
             local_only = os.environ.get("HF_HUB_OFFLINE") == "1" and not path.is_dir()
@@ -209,8 +214,12 @@ def _load_pipeline(base_model: str, family: str, torch_dtype):
     except ModelLoadError:
         raise
     except Exception as exc:
+        hint = "Check that it is complete and of that family."
+        if path.is_file() and not single_file_config:
+            hint = (f"{hint} A single-file checkpoint takes its configs and tokenizer from the hub the first time "
+                    "(a few MB): connect once, or set single_file_config to a diffusers folder of the same family.")
         raise ModelLoadError(f"Could not load the {FAMILY_NAMES.get(family, family)} model '{base_model}': "
-                             f"{_first_line(exc)}. Check that it is complete and of that family.") from None
+                             f"{_first_line(exc)}. {hint}") from None
     return pipe
 
 

@@ -163,3 +163,100 @@ def make_demo_images(folder: str | Path, count: int = 8, size: int = 64, seed: i
         if with_captions:
             (folder / f"img_{i:03d}.txt").write_text(f"a {colour} {shape} on a light background", encoding="utf-8")
     return folder
+
+
+# --- an A1111-style single file of a diffusers SD1.x folder -----------------------------------------------
+_RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                  ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+_VAE_ATTN_TO_LDM = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
+
+
+def _rename(rest: str, pairs) -> str:
+    for new, old in pairs:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def _unet_to_ldm(sd: dict, layers: int, up_with_attention: list[bool]) -> dict:
+    """diffusers UNet names -> the original ``model.diffusion_model.*`` names (what diffusers converts back)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    out = {}
+    for key, value in sd.items():
+        p = key.split(".")
+        if key in fixed:
+            name = fixed[key]
+        elif p[0] == "down_blocks" and p[2] == "downsamplers":
+            name = f"input_blocks.{(int(p[1]) + 1) * (layers + 1)}.0.op.{p[-1]}"
+        elif p[0] == "down_blocks":
+            i, rest = 1 + int(p[1]) * (layers + 1) + int(p[3]), ".".join(p[4:])
+            name = (f"input_blocks.{i}.0.{_rename(rest, _RESNET_TO_LDM)}" if p[2] == "resnets"
+                    else f"input_blocks.{i}.1.{rest}")
+        elif p[0] == "mid_block":  # resnet 0, attention, resnet 1
+            rest = ".".join(p[3:])
+            name = (f"middle_block.{0 if p[2] == '0' else 2}.{_rename(rest, _RESNET_TO_LDM)}" if p[1] == "resnets"
+                    else f"middle_block.1.{rest}")
+        elif p[0] == "up_blocks" and p[2] == "upsamplers":
+            b = int(p[1])
+            name = f"output_blocks.{b * (layers + 1) + layers}.{2 if up_with_attention[b] else 1}.conv.{p[-1]}"
+        elif p[0] == "up_blocks":
+            i, rest = int(p[1]) * (layers + 1) + int(p[3]), ".".join(p[4:])
+            name = (f"output_blocks.{i}.0.{_rename(rest, _RESNET_TO_LDM)}" if p[2] == "resnets"
+                    else f"output_blocks.{i}.1.{rest}")
+        else:
+            raise ValueError(f"no original name for the UNet weight {key}")
+        out["model.diffusion_model." + name] = value
+    return out
+
+
+def _vae_to_ldm(sd: dict, blocks: int) -> dict:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    out = {}
+    for key, value in sd.items():
+        p = key.split(".")
+        if key in fixed:
+            name = fixed[key]
+        elif p[1] == "mid_block" and p[2] == "attentions":
+            name = f"{p[0]}.mid.attn_1.{_rename('.'.join(p[4:]), _VAE_ATTN_TO_LDM)}"
+        elif p[1] == "mid_block":
+            name = f"{p[0]}.mid.block_{int(p[3]) + 1}.{'.'.join(p[4:]).replace('conv_shortcut', 'nin_shortcut')}"
+        elif p[1] in ("down_blocks", "up_blocks"):
+            b = int(p[2]) if p[1] == "down_blocks" else blocks - 1 - int(p[2])
+            level = "down" if p[1] == "down_blocks" else "up"
+            if p[3] in ("downsamplers", "upsamplers"):
+                name = f"{p[0]}.{level}.{b}.{'downsample' if level == 'down' else 'upsample'}.conv.{p[-1]}"
+            else:
+                name = f"{p[0]}.{level}.{b}.block.{p[4]}.{'.'.join(p[5:]).replace('conv_shortcut', 'nin_shortcut')}"
+        else:
+            raise ValueError(f"no original name for the VAE weight {key}")
+        out["first_stage_model." + name] = value
+    return out
+
+
+def save_as_single_file(folder: str | Path, path: str | Path) -> Path:
+    """The SD1.x diffusers pipeline in ``folder`` as one A1111-style ``.safetensors`` checkpoint.
+
+    Weights get the original (LDM) names that AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file``
+    read: ``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``. The tests
+    use it to load a checkpoint file offline, as a creator loads one downloaded from a model site.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    folder, path = Path(folder), Path(path)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    up_attention = ["CrossAttn" in t for t in unet.config.up_block_types]
+    state = _unet_to_ldm(unet.state_dict(), unet.config.layers_per_block, up_attention)
+    state.update(_vae_to_ldm(vae.state_dict(), len(vae.config.up_block_types)))
+    state.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+                  for k, v in text_encoder.state_dict().items()})  # the original CLIP names (text_model.*)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

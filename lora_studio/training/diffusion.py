@@ -64,7 +64,8 @@ class DiffusionTrainer(Trainer):
         self.items = list(self.report.items)
         self.bus.emit("state", state="loading model")
         dtype = weight_dtype(acc)
-        self.pipe = pipe = load_diffusion_pipeline(cfg.base_model, self.family, vae=cfg.vae, report=self.say)
+        self.pipe = pipe = load_diffusion_pipeline(cfg.base_model, self.family, vae=cfg.vae, report=self.say,
+                                                   single_file_config=cfg.single_file_config)
         self.noise_scheduler = _training_scheduler(pipe.scheduler)
         self.prediction_type = (cfg.prediction_type if cfg.prediction_type != "auto"
                                 else self.noise_scheduler.config.prediction_type)
@@ -333,7 +334,7 @@ class DiffusionTrainer(Trainer):
         return check_export(self.config.base_model, self.family, lora_file, expected_images=expected,
                             base_images=base, prompt=self.items[0].caption, seed=self.config.seed,
                             steps=VERIFY_STEPS, size=VERIFY_SIZE, vae=self.config.vae, device=self.accelerator.device,
-                            held_dtypes=self.held_dtypes)
+                            held_dtypes=self.held_dtypes, single_file_config=self.config.single_file_config)
 
     def _reference_renders(self, pipe):
         """The trained pipeline's float32 render, and the same with the adapters off (the base).

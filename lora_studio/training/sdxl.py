@@ -175,7 +175,7 @@ class SDXLTrainer(DiffusionTrainer):
         return check_export(self.config.base_model, self.family, lora_file, expected_images=expected,
                             base_images=base, prompt=self.items[0].caption, seed=self.config.seed,
                             steps=VERIFY_STEPS, size=VERIFY_SIZE, vae=self.config.vae, device="cpu",
-                            held_dtypes=self.held_dtypes)
+                            held_dtypes=self.held_dtypes, single_file_config=self.config.single_file_config)
 
     def _verify_on_cpu(self) -> bool:
         """True when training on a GPU without room for two fp32 pipelines (plus a quarter)."""

@@ -54,14 +54,28 @@ def checkpoint_rows(lora_file: Path) -> list[tuple[str, Path]]:
     return rows or [(lora_display_name(lora_file), lora_file)]
 
 
-def _base_for(lora_file: str) -> str:
+def _run_config(lora_file: str):
+    """The TrainConfig of the run a LoRA file belongs to, or None."""
     run = run_of(lora_file) if lora_file else None
     if run is None:
-        return ""
+        return None
     try:
-        return run.load_config().base_model
+        return run.load_config()
     except Exception:
-        return ""
+        return None
+
+
+def _base_for(lora_file: str) -> str:
+    cfg = _run_config(lora_file)
+    return cfg.base_model if cfg is not None else ""
+
+
+def model_options(lora_file: str, base_model: str) -> dict[str, Any]:
+    """How the run loaded its base model (``vae``, ``single_file_config``), when ``base_model`` is that one."""
+    cfg = _run_config(lora_file)
+    if cfg is None or (base_model and base_model != cfg.base_model):
+        return {}
+    return {"vae": cfg.vae, "single_file_config": cfg.single_file_config}
 
 
 def _llm_engine():
@@ -120,7 +134,7 @@ def build_test_tab(ctx: StudioContext) -> dict[str, Any]:
         progress(0, desc="Loading the base model and the LoRA")
         result = render_grid(base_model, rows, settings(prompt_v, negative_v, seed_v, steps_v, cfg_v, size_v),
                              parse_strengths(strengths_v), progress=progress_callback(progress, "Rendering"),
-                             out_path=out)
+                             out_path=out, **model_options(str(lora_path), (base_v or "").strip()))
         return str(result.path), "  ".join(result.tags), str(result.path)
 
     @friendly
