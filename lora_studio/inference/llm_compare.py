@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -58,8 +58,12 @@ class LLMTester:
     """A base model with one LoRA adapter loaded, for comparisons and chat. Reuse it between calls."""
 
     def __init__(self, base_model: str, adapter_dir: str | Path, *, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, load_in_4bit: bool = False):
+                 dtype: torch.dtype | None = None, load_in_4bit: bool = False,
+                 report: Callable[[str], None] | None = None):
+        """``report`` hears how a hub download of the base model is going."""
         from peft import PeftModel
+
+        from ..models.download import download_progress
 
         from ..export.peft_llm import is_adapter_folder
         from ..training.llm import load_causal_lm
@@ -72,8 +76,9 @@ class LLMTester:
             dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.base_model, self.adapter_dir, self.dtype = base_model, str(adapter_dir), dtype
         self.tokenizer = load_tokenizer(base_model)
-        model = load_causal_lm(base_model, dtype=dtype, device=self.device,
-                               load_in_4bit=load_in_4bit and self.device.type == "cuda")
+        with download_progress(base_model, report):
+            model = load_causal_lm(base_model, dtype=dtype, device=self.device,
+                                   load_in_4bit=load_in_4bit and self.device.type == "cuda")
         self.adapter_name, self._loads = ADAPTER, 0
         self.model = PeftModel.from_pretrained(model, self.adapter_dir, adapter_name=ADAPTER)
         self.model.eval()
@@ -162,17 +167,20 @@ _cache: dict[tuple[str, str], LLMTester] = {}
 
 def get_tester(base_model: str, adapter_dir: str | Path, **kwargs) -> LLMTester:
     """A cached ``LLMTester`` (one base model in memory at a time; the adapter is swapped when it changes)."""
+    report = kwargs.pop("report", None)
     key = (str(base_model), str(kwargs.get("device") or ""))
     tester = _cache.get(key)
     if tester is None:
         _cache.clear()
-        tester = _cache[key] = LLMTester(base_model, adapter_dir, **kwargs)
+        tester = _cache[key] = LLMTester(base_model, adapter_dir, report=report, **kwargs)
     else:
         tester.use_adapter(adapter_dir)
     return tester
 
 
 def compare_answers(base_model: str, adapter_dir: str | Path, prompt: str,
-                    strengths: Sequence[float] = (0.0, 0.5, 1.0), **generation) -> list[Answer]:
-    """Answers to ``prompt`` at each strength (0 = base), greedy unless ``temperature`` > 0 (then seeded)."""
-    return get_tester(base_model, adapter_dir).compare(prompt, strengths, **generation)
+                    strengths: Sequence[float] = (0.0, 0.5, 1.0), *, report: Callable[[str], None] | None = None,
+                    **generation) -> list[Answer]:
+    """Answers to ``prompt`` at each strength (0 = base), greedy unless ``temperature`` > 0 (then seeded).
+    ``report`` hears how a first download of the base model is going."""
+    return get_tester(base_model, adapter_dir, report=report).compare(prompt, strengths, **generation)

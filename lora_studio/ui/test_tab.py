@@ -210,7 +210,7 @@ def _build_llm_section(ctx: StudioContext, engine) -> dict[str, Any]:
         progress(0, desc="Loading the language model")
         result = engine.compare_answers(base_model, folder, prompt_v, parse_strengths(strengths_v),
                                         max_new_tokens=int(tokens_v or 128), temperature=float(temp_v or 0),
-                                        seed=int(seed_v or 0))
+                                        seed=int(seed_v or 0), report=lambda text: progress(0, desc=text))
         return [[f"{a.strength:g}" + (" (base)" if a.strength == 0 else ""), a.text, a.new_tokens, a.seconds]
                 for a in result]
 
