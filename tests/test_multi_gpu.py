@@ -37,16 +37,6 @@ LR, STEPS = 1e-3, 4
 SETTINGS = dict(resolution=64, lora_rank=4, learning_rate=LR, lr_scheduler="constant", max_train_steps=STEPS,
                 save_steps=2, mixed_precision="no", seed=7, output_name="mg", verify_export=False)
 
-def _has_kohya_exporter() -> bool:
-    import importlib.util
-
-    return "lora_studio.export.kohya" in sys.modules or importlib.util.find_spec("lora_studio.export.kohya") is not None
-
-
-needs_export = pytest.mark.skipif(not _has_kohya_exporter(),
-                                  reason="the kohya exporter (lora_studio/export/kohya.py) is not in this tree yet")
-
-
 def _env() -> dict[str, str]:
     # CPU processes everywhere (also on a machine with one GPU, where two ranks cannot share it)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -84,7 +74,6 @@ def two_process_run(tmp_path_factory, tiny_sd15) -> dict:
     return {"root": root, "data": data, "values": values, "runs": runs, "output": proc.stdout + proc.stderr}
 
 
-@needs_export
 def test_two_processes_write_one_run(two_process_run):
     runs = two_process_run["runs"]
     assert len(runs) == 1, f"expected one run folder, got {[r.name for r in runs]}"
@@ -101,7 +90,6 @@ def test_two_processes_write_one_run(two_process_run):
     assert not any(n.startswith(".") and n.endswith(".tmp") for n in names)
 
 
-@needs_export
 def test_two_processes_match_one_process(two_process_run, tmp_path):
     values = dict(two_process_run["values"], batch_size=2, output_dir=str(tmp_path / "out1"))
     config_path = tmp_path / "one.yaml"
@@ -121,7 +109,6 @@ def test_two_processes_match_one_process(two_process_run, tmp_path):
     assert one_loss == pytest.approx(two_loss, rel=1e-4)  # the logged loss is the mean over processes
 
 
-@needs_export
 def test_two_processes_resume_exactly(two_process_run):
     run = two_process_run["runs"][0]
     before = _lora(run)
@@ -209,7 +196,6 @@ def test_start_multi_gpu_prepares_one_run_folder(tmp_path, monkeypatch, tiny_sd1
     assert [p.name for p in (tmp_path / "out").iterdir()] == [run.path.name]
 
 
-@needs_export
 def test_stop_through_a_command_file(tmp_path, tiny_sd15, demo_images):
     """A run in another process is stopped by a file (what the UI does for a multi-GPU run)."""
     from lora_studio.training.job import make_trainer
