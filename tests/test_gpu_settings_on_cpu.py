@@ -1,10 +1,11 @@
-"""The settings GPU presets use, run on the CPU: bf16 mixed precision and gradient checkpointing.
+"""The settings GPU presets use, run on the CPU: bf16, 8-bit AdamW, 4-bit QLoRA, gradient checkpointing.
 
-A GPU run keeps the frozen weights in fp16/bf16, the LoRA in fp32, and runs the model under accelerate's
-autocast wrapper. On the CPU that path is off unless ``LORA_STUDIO_CPU_BF16=1`` asks for bf16, which these
-tests do, so a dtype mistake there (for example the export check comparing an autocast render with a float32
-one, or rounding the SDXL VAE that training kept in fp32) fails here rather than at the end of a user's run.
-Gradient checkpointing must train exactly the same LoRA as a run without it.
+A GPU run keeps the frozen weights in fp16/bf16 (or 4-bit), the LoRA in fp32, and runs the model under
+accelerate's autocast wrapper. On the CPU those settings are replaced by plain ones unless
+``LORA_STUDIO_CPU_CHECK=1`` asks for them (bf16, bitsandbytes' CPU kernels), which these tests do, so a
+mistake there (the export check comparing an autocast render with a float32 one, rounding the SDXL VAE that
+training kept in fp32, a 4-bit LoRA that gets no gradient) fails here rather than in a user's run. Every
+preset runs once on a tiny model; gradient checkpointing must train exactly the same LoRA as a run without.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from helpers import run_job
 
 
 @pytest.fixture()
-def cpu_bf16(monkeypatch):
-    monkeypatch.setenv("LORA_STUDIO_CPU_BF16", "1")
+def cpu_check(monkeypatch):
+    monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")
 
 
 def _image_config(model: Path, data: Path, out: Path) -> TrainConfig:
@@ -32,7 +33,7 @@ def _image_config(model: Path, data: Path, out: Path) -> TrainConfig:
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_bf16_image_lora_trains_and_passes_the_export_check(family, tiny_sd15, tiny_sdxl, demo_images, tmp_path,
-                                                            cpu_bf16):
+                                                            cpu_check):
     model = tiny_sd15 if family == "sd15" else tiny_sdxl
     job = run_job(_image_config(model, demo_images, tmp_path / "out"))
     assert job.status == "finished", job.error
@@ -49,7 +50,7 @@ def test_bf16_image_lora_trains_and_passes_the_export_check(family, tiny_sd15, t
     assert [step for step, _ in job.run.list_checkpoints()] == [3]  # the last step is the export
 
 
-def test_bf16_llm_lora_trains_and_passes_the_export_check(tmp_path, cpu_bf16):
+def test_bf16_llm_lora_trains_and_passes_the_export_check(tmp_path, cpu_check):
     from lora_studio.models.tiny_llm import build_tiny_llm, make_demo_llm_data
 
     model = build_tiny_llm(tmp_path / "tiny-llm")
@@ -69,12 +70,12 @@ def test_bf16_llm_lora_trains_and_passes_the_export_check(tmp_path, cpu_bf16):
 def test_without_the_switch_the_cpu_trains_in_full_precision(tmp_path, monkeypatch):
     """Also: one process may create accelerators of different precisions one after another, as the app does
     when a bf16 run is followed by a full-precision one."""
-    monkeypatch.delenv("LORA_STUDIO_CPU_BF16", raising=False)
+    monkeypatch.delenv("LORA_STUDIO_CPU_CHECK", raising=False)
     said: list[str] = []
     acc = make_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16"), say=said.append)
     assert weight_dtype(acc) == torch.float32
     assert said and "full precision" in said[0] and "'bf16' is ignored" in said[0]
-    monkeypatch.setenv("LORA_STUDIO_CPU_BF16", "1")  # fp16 stays off on the CPU: the switch is for bf16 only
+    monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")  # fp16 stays off on the CPU: the switch is for bf16 only
     acc = make_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="fp16"), say=said.append)
     assert weight_dtype(acc) == torch.float32
     acc = make_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16"), say=said.append)
@@ -110,3 +111,51 @@ def test_gradient_checkpointing_trains_the_same_lora(family, train_text_encoder,
     assert any(k.startswith("lora_te") for k in plain) == train_text_encoder
     for key in plain:
         torch.testing.assert_close(ckpt[key].float(), plain[key].float(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm64(tmp_path_factory):
+    """A tiny LLM whose layers are a multiple of bitsandbytes' 4-bit block size (64), as real ones are."""
+    from lora_studio.models.tiny_llm import build_tiny_llm, make_demo_llm_data
+
+    root = tmp_path_factory.mktemp("llm64")
+    return build_tiny_llm(root / "model", hidden=64), make_demo_llm_data(root / "train.jsonl")
+
+
+def _preset_names(family: str) -> list[str]:
+    from lora_studio.presets import list_presets
+
+    return [p.name for p in list_presets(family)]
+
+
+@pytest.mark.parametrize("name", _preset_names("sd15") + _preset_names("sdxl") + _preset_names("llm"))
+def test_every_preset_runs_as_set(name, tiny_sd15, tiny_sdxl, tiny_llm64, demo_images, tmp_path, cpu_check):
+    """The preset's own settings (precision, optimizer, checkpointing, 4-bit), on a tiny model and small shapes."""
+    from lora_studio.presets import get_preset
+
+    preset = get_preset(name)
+    family = preset.family
+    small = dict(max_train_steps=8, save_steps=0, seed=1, gradient_accumulation_steps=1,
+                 batch_size=min(preset.values.get("batch_size", 1), 2), output_dir=str(tmp_path / "out"))
+    if family == "llm":
+        model, data = tiny_llm64
+        small.update(base_model=str(model), train_data_dir=str(data), max_seq_length=64, learning_rate=5e-2,
+                     lr_scheduler="constant", lora_rank=4)
+    else:
+        small.update(base_model=str(tiny_sd15 if family == "sd15" else tiny_sdxl), train_data_dir=str(demo_images),
+                     resolution=64, learning_rate=3e-3, lora_rank=4)
+    cfg = TrainConfig().replace(**preset.values).replace(**small).validate()
+    job = run_job(cfg)
+    assert job.status == "finished", job.error
+    log = job.snapshot()["log"]
+    assert any("Export check passed" in line for line in log), log
+    assert not any("learned very little" in line for line in log), log
+    assert not any("instead" in line for line in log), log  # no 8-bit or 4-bit fallback under the CPU check
+    if cfg.load_in_4bit:
+        assert any("4-bit NF4 (QLoRA)" in line for line in log), log
+    elif cfg.mixed_precision == "bf16":
+        assert any("weights bfloat16" in line for line in log), log
+    losses = [loss for _, loss in job.snapshot()["losses"]]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    if family == "llm":
+        assert sum(losses[-3:]) < sum(losses[:3]), losses

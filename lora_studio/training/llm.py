@@ -24,7 +24,7 @@ from .events import EventBus
 from .loop import Trainer
 from .run_folder import RunFolder
 from ..models.download import download_progress
-from .runtime import weight_dtype
+from .runtime import cpu_check, weight_dtype
 
 VERIFY_TOKENS = 64
 SAMPLE_NEW_TOKENS = 64
@@ -79,7 +79,7 @@ def use_4bit(config: TrainConfig, say=None) -> bool:
     """True when QLoRA can run: ``load_in_4bit`` set, a CUDA GPU, and a working bitsandbytes."""
     if not config.load_in_4bit:
         return False
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not cpu_check():
         reason = "load_in_4bit (QLoRA) needs a CUDA GPU"
     else:
         try:
@@ -117,7 +117,22 @@ def load_causal_lm(base_model: str, *, dtype: torch.dtype = torch.float32, devic
                              "Check that it is a complete transformers model folder or hub id.") from None
     if device is not None and "device_map" not in kwargs:
         model.to(device)
+    if load_in_4bit and "device_map" not in kwargs:
+        _keep_4bit_weights_unpacked(model)
     return model
+
+
+def _keep_4bit_weights_unpacked(model) -> None:
+    """4-bit on the CPU (``LORA_STUDIO_CPU_CHECK``): bitsandbytes repacks a 4-bit layer's weights for fast CPU
+    inference at its first no-grad forward, and a LoRA on a repacked layer gets no gradient afterwards (the
+    run would train nothing). The trainer's own no-grad probes (``answer_logits_mode``) come first, so the
+    repacking is switched off for training."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+NO_EFFECT = 1e-3  # a trained LoRA that moves no logit by this much has learned (next to) nothing
 
 
 # --- the loss --------------------------------------------------------------------------------------------
@@ -318,6 +333,9 @@ class LLMTrainer(Trainer):
             batch = collate([_head(e, VERIFY_TOKENS) for e in self.report.examples[:2]], self.tokenizer.pad_token_id)
             self.model, report = reload_and_compare(model, adapter, batch, autocast=self.accelerator.autocast)
             self.say(f"Export check passed: {report}")
+            if report.lora_effect < NO_EFFECT:
+                self.say(f"The LoRA changes the model's logits by only {report.lora_effect:.2g}: it has learned very "
+                         "little. Train longer or raise learning_rate.", "warning")
         if getattr(cfg, "save_merged_model", False):
             self.bus.emit("state", state="merging")
             merged = save_merged_model(cfg.base_model, adapter, self.run.path / f"{cfg.output_name}-merged",

@@ -55,10 +55,16 @@ def _forget_previous_precision(precision: str) -> None:
         AcceleratorState._reset_state()
 
 
+def cpu_check() -> bool:
+    """``LORA_STUDIO_CPU_CHECK=1``: run the GPU presets' settings on the CPU as asked (bf16 mixed precision,
+    8-bit AdamW, 4-bit QLoRA through bitsandbytes' CPU kernels) instead of their plain versions. Slow, and
+    meant for checking those code paths without a GPU, as the tests do."""
+    return os.environ.get("LORA_STUDIO_CPU_CHECK") == "1"
+
+
 def cpu_bf16_allowed(precision: str) -> bool:
-    """bf16 on the CPU when ``LORA_STUDIO_CPU_BF16=1``: slow, but it runs the half-precision code path
-    (frozen weights in bf16, fp32 LoRA, autocast) without a GPU, as the tests do."""
-    return precision == "bf16" and os.environ.get("LORA_STUDIO_CPU_BF16") == "1"
+    """bf16 on the CPU under ``cpu_check`` (fp16 stays off: the CPU has no loss scaling)."""
+    return precision == "bf16" and cpu_check()
 
 
 def weight_dtype(accelerator) -> torch.dtype:
@@ -91,7 +97,7 @@ def full_precision_forward(*models: torch.nn.Module):
 def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]], say=None) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW where it works (CUDA); falls back to AdamW with a message."""
     if config.optimizer == "adamw8bit":
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() or cpu_check():
             try:
                 import bitsandbytes as bnb
 
