@@ -20,6 +20,19 @@ def test_memory_text_warns_only_when_the_gpu_is_too_small():
     assert "Fits this GPU" in memory_text(TrainConfig(batch_size=1).validate(), "sd15", 80.0)
 
 
+def test_memory_text_says_when_the_model_is_not_full_size(tiny_sd15, tmp_path):
+    """The estimate assumes the released model's size; for the demo's tiny model it says so."""
+    from lora_studio.training.memory import unet_parameters
+
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15 / "unet")
+    assert unet_parameters(str(tiny_sd15)) == sum(p.numel() for p in unet.parameters())
+    text = memory_text(TrainConfig(base_model=str(tiny_sd15)).validate(), "sd15", None)
+    assert "the estimate is for a full-size model" in text and "860 M" in text
+    assert "full-size" not in memory_text(TrainConfig(base_model=str(tmp_path)).validate(), "sd15", None)
+
+
 def test_command_text_for_one_and_two_gpus(tmp_path):
     path = tmp_path / "c.yaml"
     TrainConfig(mixed_precision="bf16").validate().save(path)

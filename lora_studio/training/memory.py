@@ -154,6 +154,38 @@ def estimate_breakdown(config: TrainConfig, family: str) -> MemoryEstimate:
     return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))
 
 
+def unet_parameters(base_model: str) -> int | None:
+    """The UNet's parameter count of a local diffusers folder, from its safetensors headers (no weights read)."""
+    from safetensors import safe_open
+
+    files = sorted((Path(base_model).expanduser() / "unet").glob("*.safetensors")) if base_model else []
+    if not files:
+        return None
+    total = 0
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    shape = fh.get_slice(key).get_shape()
+                    n = 1
+                    for d in shape:
+                        n *= d
+                    total += n
+    except Exception:  # an unreadable file: no note
+        return None
+    return total
+
+
+def size_note(config: TrainConfig, family: str) -> str | None:
+    """A sentence when the model's UNet is far from the released one's size the estimate assumes."""
+    fig = FAMILIES.get(family)
+    have = unet_parameters(config.base_model) if fig else None
+    if not have or 0.5 <= have / fig.unet_params <= 1.5:
+        return None
+    return (f"This model's UNet has {have / 1e6:,.1f} M weights, the released {family} model's "
+            f"{fig.unet_params / 1e6:,.0f} M: the estimate is for a full-size model.")
+
+
 def estimate_memory(config: TrainConfig, family: str) -> float:
     """Estimated peak GPU memory of the run in GB (decimal, as the presets' budgets)."""
     return estimate_breakdown(config, family).total_gb
