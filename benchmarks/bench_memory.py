@@ -7,6 +7,7 @@ gradient checkpointing, precision, optimizer, resolution).
 
     python benchmarks/bench_memory.py                 # GPU: every preset, full size
     python benchmarks/bench_memory.py --count         # any machine: what the autograd graph keeps (meta device)
+    python benchmarks/bench_memory.py --peak          # any machine: each preset's live peak of a real step (meta)
     python benchmarks/bench_memory.py --cpu           # CPU: the same code path on small shapes (testable)
 
 On a GPU it prints, per preset: peak memory (``torch.cuda.max_memory_allocated`` plus what the CUDA
@@ -243,6 +244,99 @@ def count_activations(family: str, resolution: int, batch: int = 1, dtype: torch
                            unet_params=unet_params, forward_flops=int(counter.get_total_flops()))
 
 
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most bytes held at once by tensors created while active (what ``max_memory_allocated`` adds to
+    the memory in use before the step), counted by storage: a view or an in-place result of an existing
+    tensor adds nothing, a storage counts until it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        import weakref
+
+        self._seen = weakref.WeakKeyDictionary()
+        self._finalize = weakref.finalize
+        self.current = self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(a.untyped_storage()) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage in self._seen or id(storage) in inputs:
+                continue
+            nbytes = storage.nbytes()
+            self._seen[storage] = nbytes
+            self.current += nbytes
+            self._finalize(storage, self._free, nbytes)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@dataclass
+class StepPeak:
+    family: str
+    resolution: int
+    batch: int
+    checkpointing: bool
+    weights_bytes: int     # frozen weights in half precision + the fp32 LoRA (in memory before the step)
+    step_peak_bytes: int   # the most the step adds at once: activations, gradients, optimizer state, casts
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.step_peak_bytes
+
+
+def measure_step_peak(family: str, resolution: int, batch: int, checkpointing: bool, optimizer: str = "adamw",
+                      dtype: torch.dtype = torch.float16, rank: int = 16,
+                      config: dict[str, Any] | None = None) -> StepPeak:
+    """The live-memory peak of two real LoRA steps (forward, backward, optimizer) on the meta device.
+
+    The same step as on a GPU, with CUDA autocast's casting policy (``_AutocastLike``, also while
+    checkpointed blocks are recomputed, as autocast is) and flash attention's saved tensors and gradients
+    (``_FlashLikeSDPA``); diffusers' own gradient checkpointing. Not counted: the CUDA context, cuBLAS and
+    cuDNN workspaces and the caching allocator's fragmentation, which only a GPU shows. 8-bit AdamW keeps
+    2 bytes of state a weight instead of AdamW's 8; the difference is subtracted (the state lives through
+    the whole step).
+    """
+    config = config or UNET_CONFIGS[family]
+    unet = build_unet(config, "meta", dtype, rank)
+    if checkpointing:
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(
+            torch.utils.checkpoint.checkpoint, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _AutocastLike(dtype))))
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    args, kwargs = unet_inputs(config, batch, resolution, "meta", dtype)
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    tracker = _LiveBytes()
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _sdpa
+    try:
+        with tracker:
+            for _ in range(2):  # the second step has the optimizer state from the start
+                with _AutocastLike(dtype):
+                    pred = unet(*args, **kwargs).sample
+                    loss = torch.nn.functional.mse_loss(pred.float(), args[0].float())
+                    loss.backward()
+                del pred, loss
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real_sdpa
+    peak = tracker.peak
+    if optimizer == "adamw8bit":
+        peak -= sum(p.numel() for p in params) * (8 - 2)
+    return StepPeak(family, resolution, batch, checkpointing, weights, peak)
+
+
 # --- running steps ----------------------------------------------------------------------------------------
 @dataclass
 class StepResult:
@@ -416,9 +510,46 @@ def report_presets(device: str, steps: int, small: bool, say: Callable[[str], No
     return results
 
 
+def report_peaks(say: Callable[[str], None] = print,
+                 only: set[str] | None = None) -> list[tuple[str, StepPeak, float, float]]:
+    """Per SD1.5/SDXL preset: the measured live peak on the meta device against the estimate's same parts.
+
+    Returns (preset, StepPeak, measured GB with the frozen SD1.5 text encoder, estimate of the same GB)."""
+    from lora_studio.config import TrainConfig
+    from lora_studio.presets import list_presets
+    from lora_studio.training.diffusion import DEFAULT_RESOLUTION
+    from lora_studio.training.memory import CONTEXT_GB, WORKSPACE_GB, estimate_breakdown
+
+    say("| preset | batch | checkpointing | resolution | weights GB | step peak GB | measured total GB | "
+        "estimate of the same GB | estimate / measured |")
+    say("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    out = []
+    for family in ("sd15", "sdxl"):
+        for preset in list_presets(family):
+            if only and preset.name not in only:
+                continue
+            cfg = TrainConfig().replace(**preset.values)
+            resolution = cfg.resolution or DEFAULT_RESOLUTION[family]
+            dtype = torch.float32 if cfg.mixed_precision == "no" else torch.float16
+            peak = measure_step_peak(family, resolution, cfg.batch_size, cfg.gradient_checkpointing, cfg.optimizer,
+                                     dtype=dtype, rank=cfg.lora_rank)
+            parts = estimate_breakdown(cfg, family).parts
+            text_encoder = parts.get("text encoder weights", 0.0)  # the SD1.5 trainer keeps it on the GPU
+            measured = peak.total_bytes / 1e9 + text_encoder
+            same = sum(parts.values()) - CONTEXT_GB - WORKSPACE_GB
+            say(f"| {preset.name} | {cfg.batch_size} | {cfg.gradient_checkpointing} | {resolution} | "
+                f"{peak.weights_bytes / 1e9 + text_encoder:.2f} | {peak.step_peak_bytes / 1e9:.2f} | {measured:.2f} | "
+                f"{same:.2f} | {same / measured:.2f} |")
+            out.append((preset.name, peak, measured, same))
+            gc.collect()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", action="store_true", help="count saved activations on the meta device")
+    parser.add_argument("--peak", action="store_true",
+                        help="measure each preset's live-memory peak of a real step on the meta device")
     parser.add_argument("--cpu", action="store_true", help="small shapes on the CPU even if a GPU is present")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--families", default="sd15,sd2,sdxl", help="for --count")
@@ -427,11 +558,14 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []" for every UNet
+    only = {p for p in args.presets.split(",") if p} or None
     if args.count:
         report_count(args.families.split(","))
         return 0
+    if args.peak:
+        report_peaks(only=only)
+        return 0
     gpu = torch.cuda.is_available() and not args.cpu
-    only = {p for p in args.presets.split(",") if p} or None
     report_presets("cuda" if gpu else "cpu", args.steps if gpu else min(args.steps, 2), small=not gpu, only=only)
     return 0
 

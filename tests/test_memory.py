@@ -293,6 +293,23 @@ def test_sd15_activation_constant_matches_the_count():
     assert ckpt / 1e6 == pytest.approx(FAMILIES["sd15"].act_mb_per_mp["half_ckpt"], rel=0.05)
 
 
+def test_estimate_covers_the_measured_live_peak_of_a_real_step():
+    """The 12 GB preset's step on the full-size SD1.5 UNet (meta device, bench_memory --peak): the estimate of
+    the same parts (everything but CUDA context and workspace) must not be below the measured peak, and not
+    far above it (the 15% allocator margin)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_memory
+
+    ((name, peak, measured, estimate),) = bench_memory.report_peaks(say=lambda line: None, only={"12gb"})
+    assert name == "12gb" and peak.checkpointing and peak.batch == 2
+    assert 1.0 <= estimate / measured <= 1.2, (estimate, measured)
+    small = bench_memory.SMALL_CONFIGS["sd15"]
+    full = bench_memory.measure_step_peak("sd15", 128, 2, False, config=small)
+    ckpt = bench_memory.measure_step_peak("sd15", 128, 2, True, config=small)
+    saved = bench_memory.count_activations("sd15", 128, 2, config=small).full_bytes
+    assert ckpt.step_peak_bytes < full.step_peak_bytes and full.step_peak_bytes >= saved
+
+
 def test_out_of_memory_while_exporting_does_not_retrain(tiny_sd15, demo_images, tmp_path, monkeypatch):
     from lora_studio.training.diffusion import DiffusionTrainer
 

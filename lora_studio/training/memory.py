@@ -24,6 +24,10 @@ are NOT YET MEASURED on a GPU: they are set from published reports (kohya-ss sd-
 with UNet only, gradient checkpointing, cached text encoder outputs and batch 1 trains in 8 GB, 10 GB
 recommended; diffusers PR #4470: SDXL LoRA with gradient checkpointing and 8-bit Adam under 16 GB, text
 encoders trained). Compare with ``bench_memory.py`` on a GPU and adjust. LLM estimates are rougher still.
+
+Checked by measurement without a GPU: ``bench_memory.py --peak`` runs a real LoRA step of every image preset
+on the full-size UNets on the meta device and tracks the live tensors; the training phase estimated here
+(without context and workspace) is 2-12% above that live peak (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
