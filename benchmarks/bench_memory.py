@@ -62,6 +62,12 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         projection_class_embeddings_input_dim=2816, norm_num_groups=32,
     ),
 }
+# The SD1.x/SD2.x/SDXL VAE (all three share this shape).
+VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=4, norm_num_groups=32, sample_size=512,
+)
 # Reduced shapes for --cpu: the same block types, a fraction of the channels.
 SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "sd15": {**UNET_CONFIGS["sd15"], "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
@@ -510,6 +516,28 @@ def report_presets(device: str, steps: int, small: bool, say: Callable[[str], No
     return results
 
 
+def measure_vae_encode_peak(resolution: int, batch: int, dtype: torch.dtype = torch.float32) -> int:
+    """Live-memory peak (bytes) of the VAE encoding ``batch`` images while latents are cached (meta device).
+
+    Flash attention stands in for the mid-block attention; PyTorch's math attention at 1024 px in half
+    precision holds the (tokens x tokens) scores instead and peaks higher (about 2.3 GB per megapixel)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**VAE_CONFIG)
+    vae.to(dtype).requires_grad_(False)
+    images = torch.empty(batch, 3, resolution, resolution, device="meta", dtype=dtype)
+    tracker = _LiveBytes()
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _sdpa
+    try:
+        with torch.no_grad(), tracker:
+            vae.encode(images).latent_dist.sample()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real_sdpa
+    return tracker.peak
+
+
 def report_peaks(say: Callable[[str], None] = print,
                  only: set[str] | None = None) -> list[tuple[str, StepPeak, float, float]]:
     """Per SD1.5/SDXL preset: the measured live peak on the meta device against the estimate's same parts.
@@ -542,6 +570,19 @@ def report_peaks(say: Callable[[str], None] = print,
                 f"{same:.2f} | {same / measured:.2f} |")
             out.append((preset.name, peak, measured, same))
             gc.collect()
+    from lora_studio.training.memory import VAE_ENCODE_GB_PER_MP
+
+    say("")
+    say("| latent caching: VAE encode | resolution | images at once | dtype | measured GB | per megapixel GB | "
+        "estimate's per megapixel GB |")
+    say("|---|---:|---:|---|---:|---:|---:|")
+    for name, resolution, batch, dtype in (("SD1.x/SD2.x trainer", 512, 4, torch.float16),
+                                           ("SDXL trainer", 1024, 1, torch.float32)):
+        peak = measure_vae_encode_peak(resolution, batch, dtype)
+        mp = batch * resolution ** 2 / 1e6
+        half = 0.5 if dtype == torch.float16 else 1.0
+        say(f"| {name} | {resolution} | {batch} | {str(dtype).replace('torch.', '')} | {peak / 1e9:.2f} | "
+            f"{peak / 1e9 / mp:.2f} | {VAE_ENCODE_GB_PER_MP * half:.2f} |")
     return out
 
 

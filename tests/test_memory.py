@@ -293,6 +293,19 @@ def test_sd15_activation_constant_matches_the_count():
     assert ckpt / 1e6 == pytest.approx(FAMILIES["sd15"].act_mb_per_mp["half_ckpt"], rel=0.05)
 
 
+def test_vae_caching_constant_matches_the_measurement():
+    """memory.py's VAE figure is the encoder's live peak measured on the meta device (rerun --peak)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_memory
+
+    from lora_studio.training.memory import VAE_ENCODE_GB_PER_MP
+
+    per_mp = bench_memory.measure_vae_encode_peak(512, 1, torch.float32) / 1e9 / (512 * 512 / 1e6)
+    assert per_mp == pytest.approx(VAE_ENCODE_GB_PER_MP, rel=0.05)
+    half = bench_memory.measure_vae_encode_peak(512, 2, torch.float16) / 1e9 / (2 * 512 * 512 / 1e6)
+    assert half == pytest.approx(VAE_ENCODE_GB_PER_MP / 2, rel=0.05)
+
+
 def test_estimate_covers_the_measured_live_peak_of_a_real_step():
     """The 12 GB preset's step on the full-size SD1.5 UNet (meta device, bench_memory --peak): the estimate of
     the same parts (everything but CUDA context and workspace) must not be below the measured peak, and not

@@ -19,8 +19,9 @@ Where the constants come from: the activation bytes per megapixel are what ``ben
 --count`` measures on the meta device: every tensor the autograd graph saves for backward in a LoRA step
 of the full-size UNet, with CUDA autocast's casts and flash attention modelled, with and without gradient
 checkpointing (rerun it after a diffusers or torch upgrade). The parameter counts are those of the
-released models. ``ALLOCATOR_OVERHEAD``, ``WORKSPACE_GB``, ``CONTEXT_GB`` and ``VAE_ENCODE_GB_PER_MP``
-are NOT YET MEASURED on a GPU: they are set from published reports (kohya-ss sd-scripts: an SDXL LoRA
+released models. ``VAE_ENCODE_GB_PER_MP`` is the VAE encoder's live peak measured by ``bench_memory.py
+--peak`` on the meta device (the same at 512 and 1024 px in fp32). ``ALLOCATOR_OVERHEAD``, ``WORKSPACE_GB``
+and ``CONTEXT_GB`` are NOT YET MEASURED on a GPU: they are set from published reports (kohya-ss sd-scripts: an SDXL LoRA
 with UNet only, gradient checkpointing, cached text encoder outputs and batch 1 trains in 8 GB, 10 GB
 recommended; diffusers PR #4470: SDXL LoRA with gradient checkpointing and 8-bit Adam under 16 GB, text
 encoders trained). Compare with ``bench_memory.py`` on a GPU and adjust. LLM estimates are rougher still.
@@ -43,7 +44,7 @@ GB = 1e9
 CONTEXT_GB = 0.5            # CUDA context + cuBLAS/cuDNN handles (outside max_memory_allocated); not yet measured
 WORKSPACE_GB = 0.3          # cuBLAS/cuDNN workspaces and temporary buffers of the step; not yet measured
 ALLOCATOR_OVERHEAD = 0.15   # caching-allocator fragmentation and activation gradients in backward; not yet measured
-VAE_ENCODE_GB_PER_MP = 2.0  # peak VAE encoder activations per megapixel in fp32 (half in fp16); not yet measured
+VAE_ENCODE_GB_PER_MP = 2.56  # peak VAE encoder activations per megapixel in fp32 (half in fp16); bench_memory --peak
 FIT_MARGIN = 0.95           # warn when the estimate is above this share of the card's memory
 
 
