@@ -538,6 +538,89 @@ def measure_vae_encode_peak(resolution: int, batch: int, dtype: torch.dtype = to
     return tracker.peak
 
 
+# A Llama-3-8B-shaped language model (the LLM presets are written for 7-8B models).
+LLM_SHAPE: dict[str, Any] = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+
+
+def measure_llm_step_peak(batch: int, seq: int, checkpointing: bool, shape: dict[str, Any] | None = None,
+                          rank: int = 16, trained_fraction: float = 0.5) -> StepPeak:
+    """The live-memory peak of two real LoRA steps of a bf16 Llama model on the meta device.
+
+    The trainer's step: LoRA (rank ``rank``) on q_proj and v_proj in fp32, autocast to bf16, logits only at
+    the trained positions (the last ``trained_fraction`` of each sequence, as answers are), cross-entropy in
+    fp32, transformers' own gradient checkpointing, flash attention (causal, no mask tensor). For QLoRA add
+    the 4-bit weights instead of the bf16 ones: the step itself is the same.
+    """
+    import transformers.models.llama.modeling_llama as llama
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**(shape or LLM_SHAPE), max_position_embeddings=max(seq, 2048), tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to(torch.bfloat16).requires_grad_(False)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), _AutocastLike(torch.bfloat16))})
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    positions = torch.arange(seq - int(seq * trained_fraction), seq - 1, device="meta")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tracker = _LiveBytes()
+    real_sdpa, real_mask = torch.nn.functional.scaled_dot_product_attention, llama.create_causal_mask
+    torch.nn.functional.scaled_dot_product_attention = _sdpa
+    llama.create_causal_mask = lambda *args, **kwargs: None  # causal flash attention needs no mask tensor
+    try:
+        with tracker:
+            for _ in range(2):
+                with _AutocastLike(torch.bfloat16):
+                    logits = model(input_ids=ids, logits_to_keep=positions).logits
+                    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                             ids[:, positions + 1].flatten())
+                    loss.backward()
+                del logits, loss
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention, llama.create_causal_mask = real_sdpa, real_mask
+    return StepPeak("llm", seq, batch, checkpointing, weights, tracker.peak)
+
+
+def report_llm_peaks(say: Callable[[str], None] = print) -> list[tuple[str, StepPeak, float]]:
+    """The LLM presets' step on an 8B-shaped model (meta device) against the estimate's step part."""
+    import json
+    import tempfile
+
+    from lora_studio.config import TrainConfig
+    from lora_studio.presets import list_presets
+    from lora_studio.training.memory import estimate_breakdown
+
+    say("| LLM preset (8B shape) | batch | tokens | checkpointing | step peak GB | estimate of the step GB | "
+        "estimate / measured |")
+    say("|---|---:|---:|---|---:|---:|---:|")
+    out = []
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "config.json").write_text(json.dumps({**LLM_SHAPE, "model_type": "llama"}))
+        for preset in list_presets("llm"):
+            cfg = TrainConfig(base_model=folder).replace(**preset.values)
+            peak = measure_llm_step_peak(cfg.batch_size, cfg.max_seq_length, cfg.gradient_checkpointing,
+                                         rank=cfg.lora_rank)
+            parts = estimate_breakdown(cfg, "llm").parts
+            step = parts["activations"] + parts["LoRA weights, gradients and optimizer"]
+            say(f"| {preset.name} | {cfg.batch_size} | {cfg.max_seq_length} | {cfg.gradient_checkpointing} | "
+                f"{peak.step_peak_bytes / 1e9:.2f} | {step:.2f} | {step / (peak.step_peak_bytes / 1e9):.2f} |")
+            out.append((preset.name, peak, step))
+    return out
+
+
 def report_peaks(say: Callable[[str], None] = print,
                  only: set[str] | None = None) -> list[tuple[str, StepPeak, float, float]]:
     """Per SD1.5/SDXL preset: the measured live peak on the meta device against the estimate's same parts.
@@ -605,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.peak:
         report_peaks(only=only)
+        print()
+        report_llm_peaks()
         return 0
     gpu = torch.cuda.is_available() and not args.cpu
     report_presets("cuda" if gpu else "cpu", args.steps if gpu else min(args.steps, 2), small=not gpu, only=only)

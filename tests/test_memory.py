@@ -323,6 +323,26 @@ def test_estimate_covers_the_measured_live_peak_of_a_real_step():
     assert ckpt.step_peak_bytes < full.step_peak_bytes and full.step_peak_bytes >= saved
 
 
+def test_llm_estimate_covers_the_measured_step(tmp_path):
+    """An LLM step measured on the meta device (bench_memory --peak): the estimate's step part is above it,
+    with and without checkpointing, and not far above (a smaller Llama shape, so it takes seconds)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_memory
+
+    from lora_studio.training.memory import estimate_breakdown
+
+    shape = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=32000)
+    (tmp_path / "config.json").write_text(json.dumps({**shape, "model_type": "llama"}))
+    for checkpointing in (True, False):
+        cfg = TrainConfig(base_model=str(tmp_path), batch_size=2, max_seq_length=512, lora_rank=16,
+                          gradient_checkpointing=checkpointing, mixed_precision="bf16")
+        parts = estimate_breakdown(cfg, "llm").parts
+        estimate = parts["activations"] + parts["LoRA weights, gradients and optimizer"]
+        measured = bench_memory.measure_llm_step_peak(2, 512, checkpointing, shape=shape).step_peak_bytes / 1e9
+        assert 1.0 <= estimate / measured <= 1.4, (checkpointing, estimate, measured)
+
+
 def test_out_of_memory_while_exporting_does_not_retrain(tiny_sd15, demo_images, tmp_path, monkeypatch):
     from lora_studio.training.diffusion import DiffusionTrainer
 

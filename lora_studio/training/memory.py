@@ -24,7 +24,8 @@ released models. ``VAE_ENCODE_GB_PER_MP`` is the VAE encoder's live peak measure
 and ``CONTEXT_GB`` are NOT YET MEASURED on a GPU: they are set from published reports (kohya-ss sd-scripts: an SDXL LoRA
 with UNet only, gradient checkpointing, cached text encoder outputs and batch 1 trains in 8 GB, 10 GB
 recommended; diffusers PR #4470: SDXL LoRA with gradient checkpointing and 8-bit Adam under 16 GB, text
-encoders trained). Compare with ``bench_memory.py`` on a GPU and adjust. LLM estimates are rougher still.
+encoders trained). Compare with ``bench_memory.py`` on a GPU and adjust. The LLM step's coefficients are
+measured the same way on an 8B-shaped Llama (see ``_estimate_llm``); its 4-bit weight size is computed.
 
 Checked by measurement without a GPU: ``bench_memory.py --peak`` runs a real LoRA step of every image preset
 on the full-size UNets on the meta device and tracks the live tensors; the training phase estimated here
@@ -254,7 +255,7 @@ def next_step_down(config: TrainConfig, family: str | None = None) -> tuple[Trai
     return None
 
 
-# --- language models (rough) -------------------------------------------------------------------------------
+# --- language models -------------------------------------------------------------------------------------
 _LLM_DIMS = {"q_proj": ("h", "h"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("h", "h"),
              "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h")}
 
@@ -275,8 +276,18 @@ def _llm_shape(base_model: str) -> dict[str, int] | None:
             "tied": bool(cfg.get("tie_word_embeddings", False))}
 
 
+# Measured with ``bench_memory.py --peak`` (a real LoRA step of an 8B-shaped Llama on the meta device, vocabulary
+# 32,000 and 256,000 to separate the two): with gradient checkpointing a token costs 2.6 bytes per hidden unit
+# per layer (the kept layer inputs and one layer recomputed); every trained position costs 13.7 bytes per
+# vocabulary entry (bf16 logits, their fp32 copy, log-softmax and gradient). Without checkpointing a token costs
+# 2 x (10h + 3i) bytes per layer (measured: 7% less). Answers are taken as half of the tokens.
+LLM_CKPT_BYTES_PER_H = 2.6
+LLM_LOGIT_BYTES = 13.7
+LLM_TRAINED_SHARE = 0.5
+
+
 def _estimate_llm(config: TrainConfig) -> MemoryEstimate:
-    """Weights (4-bit NF4 about 0.56 bytes a weight), LoRA state, activations per token (rough)."""
+    """Weights (4-bit NF4 about 0.56 bytes a weight), LoRA state, activations per token (measured coefficients)."""
     s = _llm_shape(config.base_model) or {"h": 4096, "i": 14336, "layers": 32, "kv": 1024, "vocab": 128256,
                                           "tied": False}
     h, i, layers, kv, vocab = s["h"], s["i"], s["layers"], s["kv"], s["vocab"]
@@ -287,8 +298,8 @@ def _estimate_llm(config: TrainConfig) -> MemoryEstimate:
     lora = sum(dims[a] + dims[b] for t in config.llm_targets() if t in _LLM_DIMS for a, b in [_LLM_DIMS[t]])
     lora *= config.lora_rank * layers
     tokens = config.batch_size * config.max_seq_length
-    per_token = layers * (2 * h * 2 if config.gradient_checkpointing else 2 * (10 * h + 3 * i))
-    logits = tokens * vocab * 6 * 0.5  # fp32 logits and their gradient at the trained (answer) positions
+    per_token = layers * (LLM_CKPT_BYTES_PER_H * h if config.gradient_checkpointing else 2 * (10 * h + 3 * i))
+    logits = tokens * LLM_TRAINED_SHARE * vocab * LLM_LOGIT_BYTES
     parts = {
         "CUDA context": CONTEXT_GB,
         "model weights": (layers * per_layer * weight_bytes + embed * 2) / GB,
