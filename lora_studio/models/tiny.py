@@ -178,63 +178,48 @@ def _rename(rest: str, pairs) -> str:
     return rest
 
 
-def _unet_to_ldm(sd: dict, layers: int, up_with_attention: list[bool]) -> dict:
-    """diffusers UNet names -> the original ``model.diffusion_model.*`` names (what diffusers converts back)."""
+def _to_ldm(sd: dict, part: str, prefix: str, name_of) -> dict:
+    """diffusers weight names -> the original (LDM) ones: diffusers' own table for the fixed layers, else
+    ``name_of(key.split("."))`` (the inverse of what ``from_single_file`` converts)."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
-    out = {}
-    for key, value in sd.items():
-        p = key.split(".")
-        if key in fixed:
-            name = fixed[key]
-        elif p[0] == "down_blocks" and p[2] == "downsamplers":
-            name = f"input_blocks.{(int(p[1]) + 1) * (layers + 1)}.0.op.{p[-1]}"
-        elif p[0] == "down_blocks":
-            i, rest = 1 + int(p[1]) * (layers + 1) + int(p[3]), ".".join(p[4:])
-            name = (f"input_blocks.{i}.0.{_rename(rest, _RESNET_TO_LDM)}" if p[2] == "resnets"
-                    else f"input_blocks.{i}.1.{rest}")
-        elif p[0] == "mid_block":  # resnet 0, attention, resnet 1
-            rest = ".".join(p[3:])
-            name = (f"middle_block.{0 if p[2] == '0' else 2}.{_rename(rest, _RESNET_TO_LDM)}" if p[1] == "resnets"
-                    else f"middle_block.1.{rest}")
-        elif p[0] == "up_blocks" and p[2] == "upsamplers":
-            b = int(p[1])
-            name = f"output_blocks.{b * (layers + 1) + layers}.{2 if up_with_attention[b] else 1}.conv.{p[-1]}"
-        elif p[0] == "up_blocks":
-            i, rest = int(p[1]) * (layers + 1) + int(p[3]), ".".join(p[4:])
-            name = (f"output_blocks.{i}.0.{_rename(rest, _RESNET_TO_LDM)}" if p[2] == "resnets"
-                    else f"output_blocks.{i}.1.{rest}")
-        else:
-            raise ValueError(f"no original name for the UNet weight {key}")
-        out["model.diffusion_model." + name] = value
-    return out
+    fixed = DIFFUSERS_TO_LDM_MAPPING[part]["layers"] if part == "unet" else DIFFUSERS_TO_LDM_MAPPING[part]
+    return {prefix + (fixed[key] if key in fixed else name_of(key.split("."))): value for key, value in sd.items()}
 
 
-def _vae_to_ldm(sd: dict, blocks: int) -> dict:
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+def _unet_name(p: list[str], layers: int, up_with_attention: list[bool]) -> str:
+    if p[0] == "down_blocks" and p[2] == "downsamplers":
+        return f"input_blocks.{(int(p[1]) + 1) * (layers + 1)}.0.op.{p[-1]}"
+    if p[0] == "down_blocks":
+        i, rest = 1 + int(p[1]) * (layers + 1) + int(p[3]), ".".join(p[4:])
+        return f"input_blocks.{i}.0.{_rename(rest, _RESNET_TO_LDM)}" if p[2] == "resnets" else f"input_blocks.{i}.1.{rest}"
+    if p[0] == "mid_block":  # resnet 0, attention, resnet 1
+        rest = ".".join(p[3:])
+        return (f"middle_block.{0 if p[2] == '0' else 2}.{_rename(rest, _RESNET_TO_LDM)}" if p[1] == "resnets"
+                else f"middle_block.1.{rest}")
+    if p[0] == "up_blocks" and p[2] == "upsamplers":
+        b = int(p[1])
+        return f"output_blocks.{b * (layers + 1) + layers}.{2 if up_with_attention[b] else 1}.conv.{p[-1]}"
+    if p[0] == "up_blocks":
+        i, rest = int(p[1]) * (layers + 1) + int(p[3]), ".".join(p[4:])
+        return (f"output_blocks.{i}.0.{_rename(rest, _RESNET_TO_LDM)}" if p[2] == "resnets"
+                else f"output_blocks.{i}.1.{rest}")
+    raise ValueError(f"no original name for the UNet weight {'.'.join(p)}")
 
-    fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
-    out = {}
-    for key, value in sd.items():
-        p = key.split(".")
-        if key in fixed:
-            name = fixed[key]
-        elif p[1] == "mid_block" and p[2] == "attentions":
-            name = f"{p[0]}.mid.attn_1.{_rename('.'.join(p[4:]), _VAE_ATTN_TO_LDM)}"
-        elif p[1] == "mid_block":
-            name = f"{p[0]}.mid.block_{int(p[3]) + 1}.{'.'.join(p[4:]).replace('conv_shortcut', 'nin_shortcut')}"
-        elif p[1] in ("down_blocks", "up_blocks"):
-            b = int(p[2]) if p[1] == "down_blocks" else blocks - 1 - int(p[2])
-            level = "down" if p[1] == "down_blocks" else "up"
-            if p[3] in ("downsamplers", "upsamplers"):
-                name = f"{p[0]}.{level}.{b}.{'downsample' if level == 'down' else 'upsample'}.conv.{p[-1]}"
-            else:
-                name = f"{p[0]}.{level}.{b}.block.{p[4]}.{'.'.join(p[5:]).replace('conv_shortcut', 'nin_shortcut')}"
-        else:
-            raise ValueError(f"no original name for the VAE weight {key}")
-        out["first_stage_model." + name] = value
-    return out
+
+def _vae_name(p: list[str], blocks: int) -> str:
+    if p[1] == "mid_block" and p[2] == "attentions":
+        return f"{p[0]}.mid.attn_1.{_rename('.'.join(p[4:]), _VAE_ATTN_TO_LDM)}"
+    if p[1] == "mid_block":
+        return f"{p[0]}.mid.block_{int(p[3]) + 1}.{'.'.join(p[4:]).replace('conv_shortcut', 'nin_shortcut')}"
+    if p[1] in ("down_blocks", "up_blocks"):
+        down = p[1] == "down_blocks"
+        b = int(p[2]) if down else blocks - 1 - int(p[2])
+        level = "down" if down else "up"
+        if p[3] in ("downsamplers", "upsamplers"):
+            return f"{p[0]}.{level}.{b}.{'downsample' if down else 'upsample'}.conv.{p[-1]}"
+        return f"{p[0]}.{level}.{b}.block.{p[4]}.{'.'.join(p[5:]).replace('conv_shortcut', 'nin_shortcut')}"
+    raise ValueError(f"no original name for the VAE weight {'.'.join(p)}")
 
 
 def save_as_single_file(folder: str | Path, path: str | Path) -> Path:
@@ -253,8 +238,10 @@ def save_as_single_file(folder: str | Path, path: str | Path) -> Path:
     vae = AutoencoderKL.from_pretrained(folder / "vae")
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
     up_attention = ["CrossAttn" in t for t in unet.config.up_block_types]
-    state = _unet_to_ldm(unet.state_dict(), unet.config.layers_per_block, up_attention)
-    state.update(_vae_to_ldm(vae.state_dict(), len(vae.config.up_block_types)))
+    state = _to_ldm(unet.state_dict(), "unet", "model.diffusion_model.",
+                    lambda p: _unet_name(p, unet.config.layers_per_block, up_attention))
+    state.update(_to_ldm(vae.state_dict(), "vae", "first_stage_model.",
+                         lambda p: _vae_name(p, len(vae.config.up_block_types))))
     state.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
                   for k, v in text_encoder.state_dict().items()})  # the original CLIP names (text_model.*)
     path.parent.mkdir(parents=True, exist_ok=True)

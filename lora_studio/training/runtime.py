@@ -1,7 +1,8 @@
 """Where a run executes: the accelerate ``Accelerator``, precision, optimizer and memory readings.
 
 On a machine without CUDA the run falls back to the CPU in full precision and says so once. 8-bit AdamW
-needs bitsandbytes with CUDA; without it the run uses AdamW and says so.
+needs bitsandbytes with CUDA; without it the run uses AdamW and says so. ``LORA_STUDIO_CPU_CHECK=1`` keeps
+bf16 and 8-bit AdamW on the CPU (``cpu_check``), to check those code paths without a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def make_accelerator(config: TrainConfig, say=None):
     from accelerate.utils import ProjectConfiguration
 
     precision = config.mixed_precision
-    if not torch.cuda.is_available() and precision != "no" and not cpu_bf16_allowed(precision):
+    # Under cpu_check bf16 runs on the CPU; fp16 stays off there (the CPU has no loss scaling).
+    if not torch.cuda.is_available() and precision != "no" and not (precision == "bf16" and cpu_check()):
         if say:
             say(f"No CUDA GPU found: training on the CPU in full precision (mixed_precision '{precision}' "
                 "is ignored). This is fine for tiny tests; real models need a GPU.")
@@ -60,11 +62,6 @@ def cpu_check() -> bool:
     8-bit AdamW, 4-bit QLoRA through bitsandbytes' CPU kernels) instead of their plain versions. Slow, and
     meant for checking those code paths without a GPU, as the tests do."""
     return os.environ.get("LORA_STUDIO_CPU_CHECK") == "1"
-
-
-def cpu_bf16_allowed(precision: str) -> bool:
-    """bf16 on the CPU under ``cpu_check`` (fp16 stays off: the CPU has no loss scaling)."""
-    return precision == "bf16" and cpu_check()
 
 
 def weight_dtype(accelerator) -> torch.dtype:
