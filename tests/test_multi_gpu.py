@@ -118,6 +118,25 @@ def test_two_processes_resume_exactly(two_process_run):
     assert [r["step"] for r in RunFolder(run).read_metrics()] == list(range(1, STEPS + 1))
 
 
+def test_two_processes_in_bf16_with_text_encoders_pass_the_export_check(tiny_sd15, tmp_path, monkeypatch):
+    """The GPU presets' mixed precision under DDP (bf16 on the CPU, LORA_STUDIO_CPU_CHECK): accelerate wraps
+    each model for autocast and for DDP; the main process's export check must see through both."""
+    from lora_studio.models.tiny import make_demo_images
+
+    monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")  # _env() copies os.environ into the launched processes
+    data = make_demo_images(tmp_path / "images", count=8, size=64)
+    values = dict(SETTINGS, base_model=str(tiny_sd15), train_data_dir=str(data), batch_size=1, mixed_precision="bf16",
+                  train_text_encoder=True, verify_export=True, output_dir=str(tmp_path / "out"))
+    config_path = tmp_path / "bf16.yaml"
+    config_path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    proc = _launch(multi_gpu.launch_command(config_path, 2))
+    output = proc.stdout + proc.stderr
+    assert "weights bfloat16" in output and "x 2 process(es)" in output
+    assert "Export check passed" in output, output[-3000:]
+    (run,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert any(k.startswith("lora_te") for k in _lora(run))
+
+
 # --- fast checks of the pieces --------------------------------------------------------------------
 def _items(n: int, buckets: int = 1) -> list[TrainItem]:
     return [TrainItem(Path(f"{i}.png"), f"c{i}", (64, 64), (64 + 8 * (i % buckets), 64)) for i in range(n)]
