@@ -43,10 +43,9 @@ def _setup_environment(args: argparse.Namespace) -> None:
     if args.demo:  # the demo never needs the network
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "asyncio", "httpcore", "python_multipart"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from lora_studio.logging_setup import setup_logging
+
+    setup_logging(args.verbose, logging.INFO, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def _login(args: argparse.Namespace, exposed: bool) -> tuple[str, str] | None:

@@ -13,16 +13,10 @@ Runs the same engine as the app. Under ``accelerate launch`` the train command r
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .errors import StudioError
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from .logging_setup import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except StudioError as exc:

@@ -348,6 +348,7 @@ class DiffusionTrainer(Trainer):
         from ..export.verify import render
 
         prompt, seed = self.items[0].caption, self.config.seed
+        pipe.set_progress_bar_config(disable=True)  # two 2-step renders: a bar would only add noise
         trained = [pipe.unet] + ([getattr(pipe, n) for n in self.text_encoder_names]
                                  if self.config.train_text_encoder else [])
         with full_precision_forward(*trained):
