@@ -253,6 +253,15 @@ def test_share_without_internet_needs_login_and_limits_paths(tmp_path):
         (outputs / "uploads" / "mine").mkdir(parents=True)
         summary = client.predict(str(outputs / "uploads" / "mine"), 32, 4.0, api_name="/scan_dataset")[0]
         assert "No images" in summary
+        # Every path in the training settings is checked, the optional ones too.
+        (outputs / "uploads" / "base").mkdir()
+        secret = tmp_path / "secret.safetensors"
+        secret.write_bytes(b"not for visitors")
+        params = {**_defaults(client, "/show_command"), "base_model": str(outputs / "uploads" / "base"),
+                  "train_data_dir": str(outputs / "uploads" / "mine")}
+        for field in ("init_lora", "vae", "single_file_config", "metadata_path"):
+            with pytest.raises(AppError, match="outside the folders"):
+                client.predict(**{**params, field: str(secret)}, api_name="/show_command")
     finally:
         app.stop()
 

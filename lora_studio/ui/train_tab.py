@@ -195,6 +195,14 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         data_path = (ctx.policy.file(data, "training data file") if data and Path(data.strip()).is_file()
                      else ctx.policy.folder(data, "training data folder"))
         cfg = cfg.replace(base_model=ctx.policy.model_ref(cfg.base_model), train_data_dir=str(data_path))
+        # The optional paths too: a model part may be a hub id, the others are files or folders on this disk.
+        for name, what in (("vae", "VAE"), ("single_file_config", "single-file config model")):
+            if getattr(cfg, name):
+                cfg = cfg.replace(**{name: ctx.policy.model_ref(getattr(cfg, name), f"{what} ({name})")})
+        for name, what in (("init_lora", "LoRA to continue from (init_lora)"),
+                           ("metadata_path", "caption table (metadata_path)")):
+            if getattr(cfg, name):
+                cfg = cfg.replace(**{name: str(ctx.policy.file(getattr(cfg, name), what))})
         if not ctx.policy.allows(cfg.output_dir):
             raise gr.Error(f"The output folder '{cfg.output_dir}' is outside the folders this shared app may use.")
         return cfg
