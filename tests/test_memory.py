@@ -228,6 +228,20 @@ def test_auto_fit_steps_down_until_the_run_finishes(tiny_sd15, demo_images, tmp_
     assert [m["step"] for m in job.run.read_metrics()] == [1, 2, 3, 4]
 
 
+def test_with_several_processes_auto_fit_stops_them_all_with_the_step(tiny_sd15, demo_images, tmp_path,
+                                                                       oom_when_batched, monkeypatch):
+    """Under accelerate launch one process cannot retry alone (the others wait in the all-reduce): the run
+    stops, naming the step auto_fit would have taken, and the launcher ends the other processes."""
+    from lora_studio.training import job as job_module
+
+    monkeypatch.setattr(job_module, "is_distributed", lambda: True)  # this process as one of several
+    job = _run(_sd15_config(tiny_sd15, demo_images, tmp_path / "out", auto_fit=True, batch_size=2))
+    assert job.status == "failed"
+    assert "With several GPUs auto_fit cannot step down" in job.error
+    assert "Start the run again with batch_size 2 -> 1" in job.error
+    assert job.run.load_config().batch_size == 2  # nothing was stepped down
+
+
 def test_without_auto_fit_the_run_stops_naming_the_next_preset(tiny_sd15, demo_images, tmp_path, oom_when_batched):
     job = _run(_sd15_config(tiny_sd15, demo_images, tmp_path / "out"))
     assert job.status == "failed"

@@ -22,6 +22,7 @@ from typing import Any
 from ..config import TrainConfig, merge
 from ..errors import OutOfMemoryError, StudioError, TrainingError
 from .events import Commands, Event, EventBus
+from .multi_gpu import is_distributed
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,10 @@ class TrainingJob:
                 if not self.config.auto_fit or self.status in ("exporting", "verifying export"):
                     raise  # smaller training settings cannot help an export that ran out of memory
                 step = next_step_down(self.config, getattr(trainer, "family", None))
+                if is_distributed():  # the other processes wait in the next all-reduce: stop them all instead
+                    advice = f" Start the run again with {step[1]}." if step else ""
+                    raise OutOfMemoryError(f"{exc} With several GPUs auto_fit cannot step down while the run "
+                                           f"goes on (the other processes would wait for this one).{advice}") from None
                 if step is None:
                     raise OutOfMemoryError(f"{exc} auto_fit has already stepped down every setting it can "
                                            f"({'; '.join(steps) or 'none left'}).") from None
