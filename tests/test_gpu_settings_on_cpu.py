@@ -159,3 +159,26 @@ def test_every_preset_runs_as_set(name, tiny_sd15, tiny_sdxl, tiny_llm64, demo_i
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     if family == "llm":
         assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_bf16_resume_after_stop_gives_the_same_losses(tiny_sdxl, demo_images, tmp_path, cpu_check):
+    """Resume in mixed precision: the fp32 LoRA, optimizer and RNG state restore the run exactly."""
+    from lora_studio.training.job import TrainingJob
+    from lora_studio.training.run_folder import RunFolder
+
+    def config(out: str) -> TrainConfig:
+        return TrainConfig(base_model=str(tiny_sdxl), train_data_dir=str(demo_images), output_dir=str(tmp_path / out),
+                           resolution=64, lora_rank=4, learning_rate=3e-3, batch_size=2, max_train_steps=6,
+                           save_steps=2, mixed_precision="bf16", seed=9, verify_export=False).validate()
+
+    full = run_job(config("a"))
+    assert full.status == "finished", full.error
+    first = TrainingJob(config("b"))
+    first.bus.subscribe(lambda e: first.stop() if e.kind == "progress" and e.data.get("step") == 3 else None)
+    first.start().wait(600)
+    assert first.status == "stopped", first.error
+    resumed = TrainingJob.resume(first.run.path)
+    resumed.start().wait(600)
+    assert resumed.status == "finished", resumed.error
+    losses = [m["loss"] for m in RunFolder(first.run.path).read_metrics()]
+    assert losses == pytest.approx([loss for _, loss in full.snapshot()["losses"]], rel=1e-5, abs=1e-6)

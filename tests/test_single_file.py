@@ -73,3 +73,11 @@ def test_a_lora_trains_on_a_single_file_and_renders_on_it(tiny_sd15, checkpoint,
     assert np.array_equal(np.asarray(base_file), np.asarray(base_folder))
     assert np.array_equal(np.asarray(lora_file), np.asarray(lora_folder))
     assert not np.array_equal(np.asarray(lora_file), np.asarray(base_file))
+
+
+def test_the_training_tab_says_where_a_single_files_configs_come_from(tiny_sd15, checkpoint):
+    from lora_studio.ui.train_family import family_choices
+
+    text = family_choices(str(checkpoint), "auto", None).text
+    assert "Stable Diffusion 1.x" in text and "single_file_config" in text
+    assert "single_file_config" not in family_choices(str(tiny_sd15), "auto", None).text

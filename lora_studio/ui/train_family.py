@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import DEFAULT_LLM_TARGETS, DEFAULT_UNET_TARGETS, TrainConfig
 from ..errors import StudioError
@@ -74,10 +75,17 @@ def targets_info(base_model: str, family: str, names: list[str] | None = None) -
             f"{found}.")
 
 
-def _family_line(info_name: str, family: str, recommended: str | None) -> str:
+SINGLE_FILE_NOTE = (" A single-file checkpoint: its configs and tokenizer come from the hub the first time (a few "
+                    "MB); offline, set *Single file config* (`single_file_config`, under Advanced) to a diffusers "
+                    "folder of the same family.")
+
+
+def _family_line(info_name: str, family: str, recommended: str | None, base_model: str = "") -> str:
     text = f"Model family: **{info_name}** (`{family}`)."
     if recommended:
         text += f" Recommended preset for this GPU: `{recommended}`."
+    if Path(base_model).expanduser().is_file():
+        text += SINGLE_FILE_NOTE
     return text
 
 
@@ -101,7 +109,7 @@ def family_choices(base_model: str, family: str = "auto", gpu_gb: float | None =
         else:
             text = ""
     recommended = info.recommended_preset(gpu_gb) if preselect else None
-    text = text or _family_line(info.name, info.family, info.recommended_preset(gpu_gb))
+    text = text or _family_line(info.name, info.family, info.recommended_preset(gpu_gb), base_model)
     llm = info.family == "llm"
     if llm:
         names = llm_layer_names(base_model)
