@@ -63,8 +63,6 @@ class LLMTester:
         """``report`` hears how a hub download of the base model is going."""
         from peft import PeftModel
 
-        from ..models.download import download_progress
-
         from ..export.peft_llm import is_adapter_folder
         from ..training.llm import load_causal_lm
 
@@ -76,9 +74,8 @@ class LLMTester:
             dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.base_model, self.adapter_dir, self.dtype = base_model, str(adapter_dir), dtype
         self.tokenizer = load_tokenizer(base_model)
-        with download_progress(base_model, report):
-            model = load_causal_lm(base_model, dtype=dtype, device=self.device,
-                                   load_in_4bit=load_in_4bit and self.device.type == "cuda")
+        model = load_causal_lm(base_model, dtype=dtype, device=self.device,
+                               load_in_4bit=load_in_4bit and self.device.type == "cuda", report=report)
         self.adapter_name, self._loads = ADAPTER, 0
         self.model = PeftModel.from_pretrained(model, self.adapter_dir, adapter_name=ADAPTER)
         self.model.eval()

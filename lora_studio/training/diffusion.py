@@ -317,9 +317,7 @@ class DiffusionTrainer(Trainer):
             self.bus.emit("state", state="verifying export")
             report = self.verify(kohya_path)
             self.say(f"Export check passed: {report}")
-            if report.effect <= report.atol:
-                self.say(f"The LoRA changes the test image by only {report.effect:.2g}: it has learned very little. "
-                         "Train longer or raise learning_rate.", "warning")
+            self.warn_if_little_effect(report.effect, report.atol, "the test image")
         from ..data.tags import tag_frequency
 
         self.write_card(step, files, tag_frequency({it.path: it.caption for it in self.items}, cfg.train_data_dir),

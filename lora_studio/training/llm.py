@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..config import TrainConfig
 from ..data.llm_data import LLMPreflight, collate, epoch_batches, load_tokenizer, preflight_llm, prompt_ids
 from ..errors import ConfigError, ModelLoadError
+from ..models.download import download_progress
 from .events import EventBus
 from .loop import Trainer
 from .run_folder import RunFolder
-from ..models.download import download_progress
 from .runtime import cpu_check, weight_dtype
 
 VERIFY_TOKENS = 64
@@ -95,8 +95,10 @@ def use_4bit(config: TrainConfig, say=None) -> bool:
 
 
 def load_causal_lm(base_model: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                   load_in_4bit: bool = False):
-    """Load a transformers causal LM (folder or hub id); 4-bit NF4 with ``load_in_4bit`` (CUDA only)."""
+                   load_in_4bit: bool = False, report: Callable[[str], None] | None = None):
+    """Load a transformers causal LM (folder or hub id); 4-bit NF4 with ``load_in_4bit`` (CUDA only).
+
+    ``report`` hears how a hub download of the model is going (``models.download``)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -111,7 +113,8 @@ def load_causal_lm(base_model: str, *, dtype: torch.dtype = torch.float32, devic
     if device is not None and torch.device(device).type == "cuda":
         kwargs["device_map"] = {"": torch.device(device).index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        with download_progress(base_model, report):
+            model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"Could not load the language model '{base_model}': {str(exc).splitlines()[0]}. "
                              "Check that it is a complete transformers model folder or hub id.") from None
@@ -205,8 +208,8 @@ class LLMTrainer(Trainer):
         self.bus.emit("state", state="loading model")
         self.quantized = use_4bit(cfg, say=self.say)
         dtype = weight_dtype(acc)
-        with download_progress(cfg.base_model, self.say):
-            model = load_causal_lm(cfg.base_model, dtype=dtype, device=acc.device, load_in_4bit=self.quantized)
+        model = load_causal_lm(cfg.base_model, dtype=dtype, device=acc.device, load_in_4bit=self.quantized,
+                               report=self.say)
         model.config.use_cache = False
         model.requires_grad_(False)
         # QLoRA too: peft's prepare_model_for_kbit_training is not used, it would upcast the embeddings and
@@ -333,9 +336,7 @@ class LLMTrainer(Trainer):
             batch = collate([_head(e, VERIFY_TOKENS) for e in self.report.examples[:2]], self.tokenizer.pad_token_id)
             self.model, report = reload_and_compare(model, adapter, batch, autocast=self.accelerator.autocast)
             self.say(f"Export check passed: {report}")
-            if report.lora_effect < NO_EFFECT:
-                self.say(f"The LoRA changes the model's logits by only {report.lora_effect:.2g}: it has learned very "
-                         "little. Train longer or raise learning_rate.", "warning")
+            self.warn_if_little_effect(report.lora_effect, NO_EFFECT, "the model's logits")
         if getattr(cfg, "save_merged_model", False):
             self.bus.emit("state", state="merging")
             merged = save_merged_model(cfg.base_model, adapter, self.run.path / f"{cfg.output_name}-merged",

@@ -43,6 +43,12 @@ class Trainer(ABC):
         if self.accelerator_ready_and_main():
             self.bus.log(message, level)
 
+    def warn_if_little_effect(self, effect: float, limit: float, what: str) -> None:
+        """After the export check: a LoRA that changes ``what`` by at most ``limit`` has learned very little."""
+        if effect <= limit:
+            self.say(f"The LoRA changes {what} by only {effect:.2g}: it has learned very little. "
+                     "Train longer or raise learning_rate.", "warning")
+
     def accelerator_ready_and_main(self) -> bool:
         acc = getattr(self, "accelerator", None)
         return acc is None or acc.is_main_process

@@ -35,6 +35,7 @@ on the full-size UNets on the meta device and tracks the live tensors; the train
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,12 +172,7 @@ def unet_parameters(base_model: str) -> int | None:
     try:
         for file in files:
             with safe_open(str(file), framework="pt") as fh:
-                for key in fh.keys():
-                    shape = fh.get_slice(key).get_shape()
-                    n = 1
-                    for d in shape:
-                        n *= d
-                    total += n
+                total += sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())
     except Exception:  # an unreadable file: no note
         return None
     return total
