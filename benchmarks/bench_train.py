@@ -146,7 +146,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--variant", variant, "--model", str(model), "--data", str(data),
                    "--out", str(Path(tmp) / "out"), "--steps", str(args.steps), "--size", str(args.size)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
             results[variant] = json.loads(line[7:])

@@ -80,7 +80,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         print(f"failed {path}: {reason}", file=sys.stderr)
     print(run.summary())
     for path in run.written[:1]:
-        print(f"captions written to {path}" + (f" (+{len(run.written) - 1} more files)" if len(run.written) > 1 else ""))
+        more = f" (+{len(run.written) - 1} more files)" if len(run.written) > 1 else ""
+        print(f"captions written to {path}{more}")
     if report is None or not report.usable:
         print(f"No usable images found in '{args.input}'.", file=sys.stderr)
         return EXIT_NOTHING_USABLE
@@ -89,8 +90,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def add_caption_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``caption`` on ``subparsers`` (from ``parser.add_subparsers()``)."""
-    from lora_studio.captioning.blip import DEFAULT_BLIP
-    from lora_studio.captioning.clip_tags import DEFAULT_CLIP
+    from lora_studio.captioning import DEFAULT_BLIP, DEFAULT_CLIP
 
     p = subparsers.add_parser("caption", help="auto-caption a folder of images (BLIP, CLIP style tags)",
                               description="Caption every image in a folder into metadata.csv. Existing "
@@ -193,8 +193,8 @@ def cmd_dataset_convert(args: argparse.Namespace) -> int:
 
 def add_dataset_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``dataset`` (with ``check``, ``prepare``, ``convert``) on ``subparsers``."""
-    from lora_studio.data.prepare import CAPTION_FORMATS, MODES
-    from lora_studio.data.scan import DEFAULT_MAX_ASPECT, DEFAULT_MIN_SIZE
+    from lora_studio.data import CAPTION_FORMATS, DEFAULT_MAX_ASPECT, DEFAULT_MIN_SIZE
+    from lora_studio.data import PREPARE_MODES as MODES
 
     p = subparsers.add_parser("dataset", help="check, prepare or convert a folder of training images")
     sub = p.add_subparsers(dest="dataset_command", metavar="{check,prepare,convert}")
