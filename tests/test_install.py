@@ -15,8 +15,12 @@ from lora_studio import hardware, torch_build, versions
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(os.environ.get("LORA_STUDIO_REFRESHING_LOCK") == "1",
-                    reason=".ci/refresh_lock.py is trying newer versions; the lock is written after the tests pass")
+REFRESHING = pytest.mark.skipif(os.environ.get("LORA_STUDIO_REFRESHING_LOCK") == "1",
+                                reason=".ci/refresh_lock.py is trying newer versions; it writes the lock after the "
+                                       "tests pass")
+
+
+@REFRESHING
 def test_installed_versions_are_the_locked_ones():
     """CI installs from requirements.lock: this proves the suite ran on exactly those versions."""
     differences = versions.lock_differences(versions.installed_versions(), versions.read_lock())
@@ -24,6 +28,7 @@ def test_installed_versions_are_the_locked_ones():
                              "or refresh the lock with .ci/refresh_lock.py):\n" + "\n".join(differences))
 
 
+@REFRESHING
 def test_lock_pins_no_torch_and_fits_the_requirement_ranges():
     locked = versions.read_lock()
     assert locked and not any(versions.LOCK_EXCLUDED.match(name) for name in locked)
