@@ -103,10 +103,13 @@ def detect_captioner(model: str) -> str:
                      "folder, or a hub id whose name says which (florence, qwen...vl, joycaption, tagger, blip).")
 
 
-def make_captioner(model: str, options: CaptionerOptions | None = None) -> Captioner:
-    """The captioner for ``model`` (a name uses its default hub model) set up with ``options``."""
+def make_captioner(model: str, options: CaptionerOptions | None = None, kind: str | None = None) -> Captioner:
+    """The captioner for ``model`` (a name uses its default hub model) set up with ``options``; ``kind`` (a
+    captioner name) says which captioner runs it instead of telling from the model."""
     options = options or CaptionerOptions()
-    name = detect_captioner(model)
+    name = kind or detect_captioner(model)
+    if name not in CAPTIONERS:
+        raise ValueError(f"Unknown captioner '{name}'; known: {', '.join(CAPTIONERS)}.")
     ref = default_model(name) if str(model).strip().lower() in CAPTIONERS else str(model).strip()
     defaults = STYLE_DEFAULTS[check_style(options.style)]
     common = dict(device=options.device, batch_size=options.batch_size)
