@@ -99,11 +99,16 @@ class JoyCaptioner(GenerativeCaptioner):
             text = processor.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
         return text
 
-    def _caption_batch(self, images: list[Image.Image]) -> list[str]:
+    def model_inputs(self, images: list[Image.Image]) -> dict[str, Any]:
+        """The processor's tensors for ``images`` (already ``prepare``d), on the model's device."""
         processor = self._processor
         text = self._chat()
         bos = processor.tokenizer.bos_token
         inputs = processor(text=[text] * len(images), images=images, return_tensors="pt", padding=True,
                            do_resize=False, add_special_tokens=not (bos and text.startswith(bos)))
-        output = self._generate(self._to_model(inputs))
-        return self._decode_new(processor.tokenizer, output, inputs["input_ids"].shape[1])
+        return self._to_model(inputs)
+
+    def _caption_batch(self, images: list[Image.Image]) -> list[str]:
+        inputs = self.model_inputs(images)
+        output = self._generate(inputs)
+        return self._decode_new(self._processor.tokenizer, output, inputs["input_ids"].shape[1])

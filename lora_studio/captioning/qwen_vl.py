@@ -86,13 +86,17 @@ class QwenVLCaptioner(GenerativeCaptioner):
                                      max_pixels=min(size["longest_edge"], self.max_pixels))
         return resize_to(image, width, height)
 
-    def _caption_batch(self, images: list[Image.Image]) -> list[str]:
+    def model_inputs(self, images: list[Image.Image]) -> dict[str, Any]:
+        """Prompts (one image-token run per image) and pixels for ``images`` (already ``prepare``d)."""
         tokenizer, image_processor = self._processor
         pixels = image_processor(images=images, return_tensors="pt", do_resize=False)
         merge = image_processor.merge_size ** 2
         prompts = [chat_prompt(self.instruction, int(grid.prod()) // merge, self._system)
                    for grid in pixels["image_grid_thw"]]
         text = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        inputs = self._to_model({**text, **pixels})
+        return self._to_model({**text, **pixels})
+
+    def _caption_batch(self, images: list[Image.Image]) -> list[str]:
+        inputs = self.model_inputs(images)
         output = self._generate(inputs)
-        return self._decode_new(tokenizer, output, text["input_ids"].shape[1])
+        return self._decode_new(self._processor[0], output, inputs["input_ids"].shape[1])

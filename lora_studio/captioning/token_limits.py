@@ -11,7 +11,7 @@ follows is silently dropped in training:
 
 ``TokenCounter`` counts with the base model's own tokenizer when the base model is a local diffusers folder
 (exact), and otherwise estimates from the words and punctuation (marked "about"; tuned to err long).
-``check_lengths`` gives a ``LengthCheck`` per caption; ``flag_long_captions`` adds "caption is cut" to the
+``check_lengths`` gives a ``LengthCheck`` per caption; ``flag_long_captions`` adds "caption too long" to the
 matching files of a dataset scan, which ``dataset check`` and the Captioning tab show.
 """
 
@@ -53,7 +53,7 @@ FAMILY_LABELS = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", "flux": "FLUX.1"
 
 _WORDS = re.compile(r"'(?:s|t|re|ve|m|ll|d)\b|[^\W\d_]+|\d|[^\w\s]", re.IGNORECASE)
 # (letters one token covers, extra letters per further token, tokens the encoder adds)
-_ESTIMATE = {"clip": (8, 5, 2), "t5": (7, 4, 1), "qwen": (9, 5, 0)}
+_ESTIMATE = {"clip": (9, 5, 2), "t5": (7, 4, 1), "qwen": (9, 5, 0)}
 
 
 def estimate_tokens(text: str, kind: str) -> int:
@@ -90,8 +90,8 @@ class LengthCheck:
         return text + (" cut" if self.cut else "")
 
     def problem(self) -> str:
-        return (f"caption is {'' if self.exact else 'about '}{self.tokens} {self.encoder} tokens; "
-                f"{FAMILY_LABELS.get(self.family, self.family)} reads {self.limit}, the rest is cut")
+        return (f"caption too long: {'' if self.exact else 'about '}{self.tokens} {self.encoder} tokens, "
+                f"{FAMILY_LABELS.get(self.family, self.family)} reads {self.limit}")
 
 
 class TokenCounter:
@@ -131,7 +131,7 @@ def check_lengths(captions: Mapping[K, str], family: str, base_model: str | None
 
 
 def flag_long_captions(report, family: str, base_model: str | None = None) -> list[Path]:
-    """Add "caption is cut" to each usable file of a ``ScanReport`` whose caption is too long; their paths."""
+    """Add "caption too long" to each usable file of a ``ScanReport`` whose caption is too long; their paths."""
     checks = check_lengths(report.captions, family, base_model)
     flagged = []
     for item in report.usable:

@@ -10,7 +10,7 @@ model's ``generation_config`` suppresses its special tokens for the first few to
 empty. The captions are random words: these models test plumbing, not quality.
 
 The ONNX tagger is not random: its tags respond to the image's mean colour in BGR order on the 0-255 scale
-(``red theme`` for red pictures, ``blue theme`` for blue ones, the character ``demo character`` for green),
+(``red theme`` for red pictures, ``blue theme`` for blue ones, the character ``demo character`` at 0.95 for green),
 so a test can tell a wrong channel order or scale from the right one. Building it needs the ``onnx``
 package (a test requirement); running it needs only ``onnxruntime``.
 """
@@ -216,7 +216,7 @@ WD14_TAGS = [
     ("red_theme", 0, (-6, -6, 8), -1.0), ("blue_theme", 0, (8, -6, -6), -1.0), ("no_humans", 0, (0, 0, 0), 2.0),
     ("simple_background", 0, (0, 0, 0), 1.0), ("white_background", 0, (3, 3, 3), -7.0), ("^_^", 0, (0, 0, 0), 0.5),
     ("long_hair", 0, (0, 0, 0), -4.0),
-    ("demo_character", 4, (-6, 8, -6), 0.5), ("other_character", 4, (0, 0, 0), -5.0),
+    ("demo_character", 4, (-6, 8, -6), -3.3), ("other_character", 4, (0, 0, 0), -5.0),
 ]
 
 
@@ -260,3 +260,16 @@ def build_tiny_wd14(folder: str | Path, image_size: int = 64) -> Path:
         for i, (name, category, _, _) in enumerate(WD14_TAGS):
             writer.writerow([1000 + i, name, category, 100 - i])
     return folder
+
+
+def build_tiny_vlm_captioners(folder: str | Path, wd14: bool = True) -> dict[str, Path]:
+    """All of the above under ``folder``, by captioner name (``qwen-vl`` is Qwen2.5-VL, ``qwen3-vl`` Qwen3-VL);
+    ``wd14=False`` leaves out the ONNX tagger (it needs the ``onnx`` package to build)."""
+    folder = Path(folder)
+    models = {"florence2": build_tiny_florence2(folder / "tiny-florence2"),
+              "qwen-vl": build_tiny_qwen_vl(folder / "tiny-qwen2.5-vl", "2.5"),
+              "qwen3-vl": build_tiny_qwen_vl(folder / "tiny-qwen3-vl", "3"),
+              "joycaption": build_tiny_joycaption(folder / "tiny-joycaption")}
+    if wd14:
+        models["wd14"] = build_tiny_wd14(folder / "tiny-wd14")
+    return models
