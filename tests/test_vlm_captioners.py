@@ -238,3 +238,13 @@ def test_caption_command_offline_hub_model_and_long_captions(models, tmp_path, c
     assert "1 caption(s) are longer than SDXL reads 77 CLIP tokens" in out and "img_001.png" not in out
     assert main(["dataset", "check", str(folder), "--min-size", "8", "--family", "flux"]) == 0
     assert "longer than" not in capsys.readouterr().out
+
+
+def test_the_captioning_family_follows_the_training_tab(tiny_sdxl, tiny_sd15, tmp_path):
+    from lora_studio.models.tiny_llm import build_tiny_llm
+    from lora_studio.ui.caption_choice import family_from_training, family_style
+
+    assert family_from_training(str(tiny_sdxl), "auto") == ("sdxl", str(tiny_sdxl))
+    assert family_from_training(str(tiny_sd15), "flux") == ("flux", str(tiny_sd15))
+    assert family_style("flux") == "detailed" and family_style("sdxl", "/m/illustriousXL") == "tags"
+    assert family_from_training(str(build_tiny_llm(tmp_path / "llm")), "auto")[0] is None

@@ -58,6 +58,16 @@ def family_style(family: str | None, base_model: str = "") -> str:
     return default_style(family, base_model)
 
 
+def family_from_training(base_model: str | None, model_family: str | None) -> tuple[str | None, str]:
+    """The Training tab's (family, base model) for captioning; family None for one without a caption style
+    (a language model)."""
+    from .train_family import family_of
+
+    model = (base_model or "").strip()
+    family = family_of(model, model_family or "auto")
+    return (family if family in FAMILY_LIMITS else None), model
+
+
 def caption_table(root: Path, captions: Mapping[str, str], files: list[str], family: str | None,
                   base_model: str | None, thumbnail: Callable[[Path], str]) -> tuple[list[list[str]], int]:
     """Rows ``[thumbnail, file, caption, tokens]`` and how many captions the family's encoder cuts."""

@@ -77,22 +77,22 @@ def _wire(blocks: gr.Blocks, dataset: dict, caption: dict, train: dict, test: di
                     api_visibility="private")
     blocks.load(load_captions_if_set, caption_listing, [caption["table"], caption["status"]],
                 api_visibility="private")
-    _wire_caption_family(train, caption)
+    _wire_caption_family(blocks, train, caption)
     train["attach"](blocks)
 
 
-def _wire_caption_family(train: dict, caption: dict) -> None:
+def _wire_caption_family(blocks: gr.Blocks, train: dict, caption: dict) -> None:
     """The Captioning tab's target family (hence caption style and token check) follows the Training tab's model."""
-    from ..captioning.token_limits import FAMILY_LIMITS
-    from .train_family import family_of
+    from .caption_choice import family_from_training
 
     def follow(base_model: str, model_family: str):
-        family = family_of((base_model or "").strip(), model_family or "auto")
-        return (family if family in FAMILY_LIMITS else gr.skip()), (base_model or "")
+        family, model = family_from_training(base_model, model_family)
+        return (family or gr.skip()), model
 
-    for source in (train["base_model"], train["model_family"]):
-        source.change(follow, [train["base_model"], train["model_family"]], [caption["family"], caption["base_model"]],
-                      api_visibility="private")
+    inputs, outputs = [train["base_model"], train["model_family"]], [caption["family"], caption["base_model"]]
+    for source in inputs:
+        source.change(follow, inputs, outputs, api_visibility="private")
+    blocks.load(follow, inputs, outputs, api_visibility="private")
 
 
 def launch_options(ctx: StudioContext) -> dict[str, Any]:
