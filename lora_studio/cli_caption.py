@@ -95,8 +95,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for path, reason in run.failed.items():
         print(f"failed {path}: {reason}", file=sys.stderr)
     print(run.summary() + f" (style: {style})")
-    for path in run.written[:1]:
-        print(f"captions written to {path}" + (f" (+{len(run.written) - 1} more files)" if len(run.written) > 1 else ""))
+    if run.written:
+        more = len(run.written) - 1
+        print(f"captions written to {run.written[0]}" + (f" (+{more} more files)" if more else ""))
     _report_lengths(run.captions, family, args.base_model)
     if report is None or not report.usable:
         print(f"No usable images found in '{args.input}'.", file=sys.stderr)

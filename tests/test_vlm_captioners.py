@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_studio.captioning.batch import caption_folder
 from lora_studio.captioning.choose import CaptionerOptions, detect_captioner, make_captioner
 from lora_studio.captioning.florence import FlorenceCaptioner
-from lora_studio.captioning.joycaption import JoyCaptioner, joycaption_prompt
+from lora_studio.captioning.joycaption import joycaption_prompt
 from lora_studio.captioning.qwen_vl import IMAGE_PAD, QwenVLCaptioner
 from lora_studio.captioning.style import default_style, merge_parts, place_trigger, shape_caption
 from lora_studio.captioning.token_limits import TokenCounter, check_lengths, estimate_tokens

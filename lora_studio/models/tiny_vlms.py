@@ -187,9 +187,10 @@ def build_tiny_joycaption(folder: str | Path, seed: int = 0, image_size: int = 3
                                         pad_token="<|finetune_right_pad_id|>",
                                         extra_special_tokens={"image_token": "<image>"})
     patch = 8
-    processor = LlavaProcessor(image_processor=SiglipImageProcessorPil(size={"height": image_size, "width": image_size}),
-                               tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="full",
-                               chat_template=LLAMA3_TEMPLATE, image_token="<image>", num_additional_image_tokens=0)
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                               vision_feature_select_strategy="full", chat_template=LLAMA3_TEMPLATE,
+                               image_token="<image>", num_additional_image_tokens=0)
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in LLAMA3_SPECIALS}
     eos = [ids["<|eot_id|>"], ids["<|end_of_text|>"]]
     config = LlavaConfig(

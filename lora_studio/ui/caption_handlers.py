@@ -1,5 +1,5 @@
 """The Captioning tab's actions: load, run, cancel, re-caption one image, compare two captioners, keep or merge,
-batch edits, save. ``make_handlers(ctx)`` returns them by name; ``caption_tab`` wires them to its components.
+batch edits, save. ``CaptionActions(ctx)`` has them as methods; ``caption_tab`` wires them to its components.
 
 Every action that runs a model takes the tab's captioner settings last (``CaptionSetup`` order), so the
 same settings drive a whole run, one image and a comparison.
@@ -8,8 +8,6 @@ same settings drive a whole run, one image and a comparison.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
-
 import gradio as gr
 
 from ..captioning.edits import CaptionEdit, apply_edits, preview_edits
@@ -60,12 +58,15 @@ def _edit(trigger_v, prefix_v, suffix_v, remove_v, find_v, replace_v, regex_v, d
                        remove_tags=[t.strip() for t in (remove_v or "").split(",") if t.strip()])
 
 
-def make_handlers(ctx: StudioContext) -> dict[str, Callable]:
-    """The tab's event functions by name."""
+class CaptionActions:
+    """The tab's event functions (bound methods, wired by ``caption_tab``)."""
+
+    def __init__(self, ctx: StudioContext):
+        self.ctx = ctx
 
     @friendly
-    def load(folder_text: str, family: str | None = None, base_model: str = ""):
-        root = ctx.policy.folder(folder_text, "image folder")
+    def load(self, folder_text: str, family: str | None = None, base_model: str = ""):
+        root = self.ctx.policy.folder(folder_text, "image folder")
         images = list_images(root)
         captions = {relative_name(p, root): c for p, c in load_captions(root, images).items()}
         files = [relative_name(p, root) for p in images]
@@ -74,7 +75,7 @@ def make_handlers(ctx: StudioContext) -> dict[str, Callable]:
         return rows, f"{len(files)} image(s), {have} with a caption." + cut_note(cut, family)
 
     @friendly
-    def run(folder_text: str, kinds_v: list[str], trigger_v: str, overwrite_v: bool, blip_model, clip_model,
+    def run(self, folder_text: str, kinds_v: list[str], trigger_v: str, overwrite_v: bool, blip_model, clip_model,
             florence_model, qwen_model, joy_model, wd14_model, family, style, trigger_placement, base_model, task,
             instruction, four_bit, joy_type, joy_length, temperature, general_threshold, character_threshold, exclude,
             underscores_to_spaces, rating, max_tokens, request: gr.Request = None, progress=gr.Progress()):
@@ -82,8 +83,8 @@ def make_handlers(ctx: StudioContext) -> dict[str, Callable]:
         from ..data.scan import scan_folder
 
         setup = CaptionSetup.from_names(locals())
-        root = ctx.policy.folder(folder_text, "image folder")
-        captioners = _captioners(ctx, kinds_v, setup)
+        root = self.ctx.policy.folder(folder_text, "image folder")
+        captioners = _captioners(self.ctx, kinds_v, setup)
         cancel_flag = _cancel.fresh(session_key(request))
         progress(0, desc="Loading the captioning model")
         report = scan_folder(root, min_size=1, max_aspect=float("inf"))
@@ -92,59 +93,63 @@ def make_handlers(ctx: StudioContext) -> dict[str, Callable]:
                                 overwrite=overwrite_v, progress=progress_callback(progress, "Captioning"),
                                 cancel=cancel_flag, style=setup.style, trigger_placement=setup.trigger_placement)
         captions = {relative_name(p, root): c for p, c in result.captions.items()}
-        rows, cut = _table(root, captions, [relative_name(p, root) for p in images], setup.family, setup.base_model)
-        text = f"**{result.summary()}.** Not saved yet: check the captions, then press Save." + cut_note(cut, setup.family)
+        files = [relative_name(p, root) for p in images]
+        rows, cut = _table(root, captions, files, setup.family, setup.base_model)
+        text = f"**{result.summary()}.** Not saved yet: check the captions, then press Save."
+        text += cut_note(cut, setup.family)
         problems = [(check.path, "; ".join(check.problems)) for check in report.skipped]
         problems += list(result.failed.items())
         if problems:
             text += "\n" + "\n".join(f"- {Path(p).name}: {why}" for p, why in problems[:10])
         return rows, text
 
+    @staticmethod
     def cancel(request: gr.Request = None) -> str:
         found = _cancel.cancel(session_key(request))
         return "Cancelling after the current batch ..." if found else "Nothing to cancel."
 
+    @staticmethod
     def select(rows, evt: gr.SelectData):
         values = rows.values.tolist() if hasattr(rows, "values") else list(rows)
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         return str(values[row][1]) if 0 <= row < len(values) else gr.skip()
 
-    def _with_caption(folder_text, rows, file, caption, family, base_model, note=""):
-        root = ctx.policy.folder(folder_text, "image folder")
+    def _with_caption(self, folder_text, rows, file, caption, family, base_model, note=""):
+        root = self.ctx.policy.folder(folder_text, "image folder")
         captions = rows_to_captions(rows)
         captions[file.strip()] = caption
         table, cut = _table(root, captions, list(captions), family, base_model)
         return table, f"{file}: {note or 'caption set'}. Not saved yet." + cut_note(cut, family)
 
     @friendly
-    def recaption(folder_text: str, rows, file: str, kinds_v: list[str], trigger_v: str, blip_model, clip_model,
+    def recaption(self, folder_text: str, rows, file: str, kinds_v: list[str], trigger_v: str, blip_model, clip_model,
                   florence_model, qwen_model, joy_model, wd14_model, family, style, trigger_placement, base_model,
                   task, instruction, four_bit, joy_type, joy_length, temperature, general_threshold,
                   character_threshold, exclude, underscores_to_spaces, rating, max_tokens, progress=gr.Progress()):
         from ..captioning.batch import caption_images
 
         setup = CaptionSetup.from_names(locals())
-        _, path = _image(ctx, folder_text, file)
-        captioners = _captioners(ctx, kinds_v, setup)
+        _, path = _image(self.ctx, folder_text, file)
+        captioners = _captioners(self.ctx, kinds_v, setup)
         progress(0, desc=f"Re-captioning {path.name}")
         result = caption_images([path], captioners, {}, trigger=trigger_v or None, overwrite=True,
                                 style=setup.style, trigger_placement=setup.trigger_placement)
         if path in result.failed or path not in result.captions:
             raise gr.Error(f"{path.name} could not be captioned: {result.failed.get(path, 'no caption came back')}")
-        return _with_caption(folder_text, rows, file, result.captions[path], setup.family, setup.base_model,
+        return self._with_caption(folder_text, rows, file, result.captions[path], setup.family, setup.base_model,
                              "re-captioned")
 
     @friendly
-    def compare(folder_text: str, file: str, label_a: str, label_b: str, blip_model, clip_model, florence_model,
+    def compare(self, folder_text: str, file: str, label_a: str, label_b: str, blip_model, clip_model, florence_model,
                 qwen_model, joy_model, wd14_model, family, style, trigger_placement, base_model, task, instruction,
                 four_bit, joy_type, joy_length, temperature, general_threshold, character_threshold, exclude,
                 underscores_to_spaces, rating, max_tokens, progress=gr.Progress()):
         setup = CaptionSetup.from_names(locals())
-        _, path = _image(ctx, folder_text, file)
+        _, path = _image(self.ctx, folder_text, file)
         texts = []
         for label in (label_a, label_b):
             progress(len(texts) / 2, desc=f"{label} on {path.name}")
-            captioner = _captioners(ctx, [label], setup)[0]
+            captioner = _captioners(self.ctx, [label], setup)[0]
             result = captioner.caption([path])[0]
             if not result.ok:
                 raise gr.Error(f"{label} could not caption {path.name}: {result.error}")
@@ -152,16 +157,18 @@ def make_handlers(ctx: StudioContext) -> dict[str, Callable]:
         return texts[0], texts[1]
 
     @friendly
-    def set_caption(folder_text, rows, file, trigger_v, placement, family, base_model, text):
-        _image(ctx, folder_text, file)
-        return _with_caption(folder_text, rows, file, place_trigger(text or "", trigger_v, placement), family,
+    def set_caption(self, folder_text, rows, file, trigger_v, placement, family, base_model, text):
+        _image(self.ctx, folder_text, file)
+        return self._with_caption(folder_text, rows, file, place_trigger(text or "", trigger_v, placement), family,
                              base_model)
 
     @friendly
-    def merge(folder_text, rows, file, trigger_v, placement, family, base_model, text_a, text_b, label_a, label_b):
-        return set_caption(folder_text, rows, file, trigger_v, placement, family, base_model,
+    def merge(self, folder_text, rows, file, trigger_v, placement, family, base_model, text_a, text_b, label_a,
+              label_b):
+        return self.set_caption(folder_text, rows, file, trigger_v, placement, family, base_model,
                            merge_pair(text_a or "", text_b or "", label_a, label_b))
 
+    @staticmethod
     @friendly
     def preview(rows, *edit_args):
         changes = preview_edits(rows_to_captions(rows), _edit(*edit_args))
@@ -170,8 +177,8 @@ def make_handlers(ctx: StudioContext) -> dict[str, Callable]:
         return [[f, before, after] for f, before, after in changes]
 
     @friendly
-    def apply(folder_text: str, rows, family, base_model, *edit_args):
-        root = ctx.policy.folder(folder_text, "image folder")
+    def apply(self, folder_text: str, rows, family, base_model, *edit_args):
+        root = self.ctx.policy.folder(folder_text, "image folder")
         captions = rows_to_captions(rows)
         edited = apply_edits(captions, _edit(*edit_args))
         changed = sum(1 for k in captions if captions[k] != edited[k])
@@ -179,8 +186,8 @@ def make_handlers(ctx: StudioContext) -> dict[str, Callable]:
         return table, f"{changed} caption(s) changed in the table; not saved yet." + cut_note(cut, family)
 
     @friendly
-    def save(folder_text: str, rows, formats_v: list[str]):
-        root = ctx.policy.folder(folder_text, "image folder")
+    def save(self, folder_text: str, rows, formats_v: list[str]):
+        root = self.ctx.policy.folder(folder_text, "image folder")
         captions = {f: c.strip() for f, c in rows_to_captions(rows).items() if c and c.strip()}
         if not captions:
             raise gr.Error("The table has no captions to save. Load or run captioning first.")
@@ -194,5 +201,3 @@ def make_handlers(ctx: StudioContext) -> dict[str, Callable]:
         return (f"Saved {len(captions)} caption(s) ({len(written)} file(s) written in {root}; "
                 "old versions kept as .bak).")
 
-    return {"load": load, "run": run, "cancel": cancel, "select": select, "recaption": recaption,
-            "compare": compare, "set": set_caption, "merge": merge, "preview": preview, "apply": apply, "save": save}

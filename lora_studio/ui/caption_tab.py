@@ -19,7 +19,7 @@ from ..captioning.florence import FLORENCE_TASKS
 from ..captioning.joycaption import CAPTION_LENGTHS, CAPTION_TYPES
 from ..captioning.style import STYLE_DEFAULTS, STYLES, TRIGGER_PLACEMENTS
 from .caption_choice import CHOICES, FAMILY_CHOICES, HEADERS, ONE_CAPTIONER, SETUP_FIELDS, family_style
-from .caption_handlers import make_handlers
+from .caption_handlers import CaptionActions
 from .context import StudioContext
 
 CAPTIONERS = tuple(CHOICES)
@@ -53,7 +53,8 @@ def _setup_components(ctx: StudioContext) -> dict[str, gr.components.Component]:
         with gr.Row():
             c["task"] = gr.Dropdown([("from the style", "")] + [(k.replace("_", " "), k) for k in FLORENCE_TASKS],
                                     value="", label="Florence-2 task")
-            c["instruction"] = gr.Textbox(label="Qwen-VL / JoyCaption instruction (empty: from the style)", lines=2, value="",
+            c["instruction"] = gr.Textbox(label="Qwen-VL / JoyCaption instruction (empty: from the style)", lines=2,
+                                          value="",
                                           placeholder=STYLE_DEFAULTS["short"].instruction, scale=3)
             c["four_bit"] = gr.Checkbox(label="Qwen-VL in 4-bit (CUDA GPU)", value=False)
         with gr.Row():
@@ -104,32 +105,32 @@ def build_caption_tab(ctx: StudioContext) -> dict[str, gr.components.Component]:
         save_btn = gr.Button("Save captions", variant="primary")
     save_status = gr.Markdown(elem_id="caption-save-status")
 
-    handlers = make_handlers(ctx)
+    actions = CaptionActions(ctx)
     family, base_model = setup["family"], setup["base_model"]
     edit_inputs = [trigger, *edit["inputs"]]
-    load_btn.click(handlers["load"], [folder, family, base_model], [table, status], api_name="load_captions")
-    run_evt = run_btn.click(handlers["run"], [folder, kinds, trigger, overwrite, *setup_inputs], [table, status],
+    load_btn.click(actions.load, [folder, family, base_model], [table, status], api_name="load_captions")
+    run_evt = run_btn.click(actions.run, [folder, kinds, trigger, overwrite, *setup_inputs], [table, status],
                             api_name="run_captioning", concurrency_id="gpu", concurrency_limit=1)
-    cancel_btn.click(handlers["cancel"], None, [status], api_name="cancel_captioning", queue=False)
+    cancel_btn.click(actions.cancel, None, [status], api_name="cancel_captioning", queue=False)
     family.change(family_style, [family, base_model], [setup["style"]], api_visibility="private")
-    table.select(handlers["select"], [table], [one["selected"]], api_visibility="private")
-    one["recaption"].click(handlers["recaption"], [folder, table, one["selected"], kinds, trigger, *setup_inputs],
+    table.select(actions.select, [table], [one["selected"]], api_visibility="private")
+    one["recaption"].click(actions.recaption, [folder, table, one["selected"], kinds, trigger, *setup_inputs],
                            [table, status], api_name="recaption_image", concurrency_id="gpu")
-    one["compare"].click(handlers["compare"], [folder, one["selected"], one["a"], one["b"], *setup_inputs],
+    one["compare"].click(actions.compare, [folder, one["selected"], one["a"], one["b"], *setup_inputs],
                          [one["text_a"], one["text_b"]], api_name="compare_captioners", concurrency_id="gpu")
     pick_inputs = [folder, table, one["selected"], trigger, setup["trigger_placement"], family, base_model]
-    one["use_a"].click(handlers["set"], [*pick_inputs, one["text_a"]], [table, status], api_name="use_caption_a")
-    one["use_b"].click(handlers["set"], [*pick_inputs, one["text_b"]], [table, status], api_name="use_caption_b")
-    one["merge"].click(handlers["merge"], [*pick_inputs, one["text_a"], one["text_b"], one["a"], one["b"]],
+    one["use_a"].click(actions.set_caption, [*pick_inputs, one["text_a"]], [table, status], api_name="use_caption_a")
+    one["use_b"].click(actions.set_caption, [*pick_inputs, one["text_b"]], [table, status], api_name="use_caption_b")
+    one["merge"].click(actions.merge, [*pick_inputs, one["text_a"], one["text_b"], one["a"], one["b"]],
                        [table, status], api_name="merge_captions")
-    edit["preview_btn"].click(handlers["preview"], [table, *edit_inputs], [edit["preview"]],
+    edit["preview_btn"].click(actions.preview, [table, *edit_inputs], [edit["preview"]],
                               api_name="preview_caption_edit")
-    edit["apply_btn"].click(handlers["apply"], [folder, table, family, base_model, *edit_inputs], [table, save_status],
+    edit["apply_btn"].click(actions.apply, [folder, table, family, base_model, *edit_inputs], [table, save_status],
                             api_name="apply_caption_edit")
-    save_btn.click(handlers["save"], [folder, table, formats], [save_status], api_name="save_captions")
+    save_btn.click(actions.save, [folder, table, formats], [save_status], api_name="save_captions")
     return {"folder": folder, "table": table, "status": status, "run": run_btn, "cancel": cancel_btn,
             "save": save_btn, "save_status": save_status, "trigger": trigger, "run_event": run_evt,
-            "load_fn": handlers["load"], "family": family, "style": setup["style"], "base_model": base_model}
+            "load_fn": actions.load, "family": family, "style": setup["style"], "base_model": base_model}
 
 
 def _one_image_section() -> dict[str, gr.components.Component]:
