@@ -13,9 +13,8 @@ tokens to generate (``style.STYLE_DEFAULTS``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lora_studio.captioning.base import Captioner
 from lora_studio.captioning.style import STYLE_DEFAULTS, check_style
@@ -50,12 +49,6 @@ class CaptionerOptions:
     underscores_to_spaces: bool = True
     include_rating: bool = False
     prefix: str | None = None               # BLIP
-
-    def replace(self, **changes: Any) -> "CaptionerOptions":
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise TypeError(f"unknown captioner options {sorted(unknown)}")
-        return CaptionerOptions(**{**self.__dict__, **changes})
 
 
 def default_model(name: str) -> str:
