@@ -69,6 +69,13 @@ def _login(args: argparse.Namespace, exposed: bool) -> tuple[str, str] | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_environment(args)
+    from lora_studio.versions import InstallError, require_working_install
+
+    try:  # a broken combination of packages: one sentence now, not a traceback halfway through training
+        require_working_install()
+    except InstallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     from lora_studio.ui.security import is_local_host
 
     exposed = args.share or not is_local_host(args.host)

@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
+        if args.command != "doctor":  # doctor reports a broken install itself, among its other checks
+            from .versions import require_working_install
+
+            require_working_install()
         return int(args.func(args) or 0)
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)

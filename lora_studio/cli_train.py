@@ -32,7 +32,7 @@ def add_presets_parser(sub) -> None:
 
 def add_doctor_parser(sub) -> None:
     p = sub.add_parser("doctor", help="check the installation and train a few steps on a tiny model")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4, help="training steps on a tiny model (0: skip the training check)")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def auto_preset(config_path: str | None, overrides: dict) -> str | None:
     """The preset for the config's base model family that fits the detected GPU (None without a GPU)."""
     from .models.family import family_info
-    from .presets import detect_gpu
+    from .hardware import detect_gpu
 
     cfg = load_config(config_path, overrides=overrides)
     gpu = detect_gpu()
@@ -125,7 +125,8 @@ def auto_preset(config_path: str | None, overrides: dict) -> str | None:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import detect_gpu, list_presets, recommend_preset
+    from .hardware import detect_gpu
+    from .presets import list_presets, recommend_preset
 
     gpu = detect_gpu()
     print(f"GPU: {gpu['name']} ({gpu['memory_gb']:.1f} GB)" if gpu else "GPU: none found (CUDA not available)")
@@ -143,13 +144,34 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_install() -> bool:
+    """The install check and how the installed versions differ from the tested ones; True when whole."""
+    from .versions import LOCK, install_message, install_problems, installed_versions, lock_differences, read_lock
+
+    problems = install_problems()
+    if problems:
+        print(f"PROBLEM: {install_message(problems)}")
+    else:
+        print("Installed packages work together.")
+    if LOCK.is_file():
+        diffs = [d for d in lock_differences(installed_versions(), read_lock()) if "not installed" not in d]
+        print(f"Versions differ from the tested ones in {LOCK.name}: " + "; ".join(diffs) if diffs
+              else f"Versions are the tested ones ({LOCK.name}).")
+    return not problems
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
+    from .hardware import describe_device
 
-    ok = True
     print(f"LoRA Studio {__version__}, Python {sys.version.split()[0]}")
+    ok = _doctor_install()
+    line, warning = describe_device()
+    print(f"Device: {line}")
+    if warning:
+        print(f"WARNING: {warning}")
     print(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -169,8 +191,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                                                            " (8-bit AdamW needs CUDA; AdamW is used instead)"))
     except Exception as exc:
         print(f"bitsandbytes: not usable ({exc.__class__.__name__}); 8-bit AdamW falls back to AdamW")
-    print(f"\nTraining {args.steps} steps on a tiny built-in model ...")
-    ok = _doctor_train(args.steps) and ok
+    if args.steps > 0:
+        print(f"\nTraining {args.steps} steps on a tiny built-in model ...")
+        ok = _doctor_train(args.steps) and ok
     print("All checks passed." if ok else "Some checks failed (see above).")
     return 0 if ok else 1
 

@@ -59,18 +59,6 @@ def load_preset(name: str) -> dict[str, Any]:
     return dict(get_preset(name).values)
 
 
-def detect_gpu() -> dict[str, Any] | None:
-    """Name and memory of the first CUDA GPU, or None without CUDA."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard requirement
-        return None
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "memory_gb": props.total_memory / 1e9, "count": torch.cuda.device_count()}
-
-
 def recommend_preset(memory_gb: float | None, family: str = "sd15") -> Preset | None:
     """The largest preset of ``family`` that fits ``memory_gb`` (cards report a little under their label)."""
     if memory_gb is None:

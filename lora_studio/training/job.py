@@ -197,7 +197,7 @@ class TrainingJob:
 
     def _check_memory(self, trainer) -> None:
         """On a CUDA GPU, log the estimated peak memory, and a warning when it is above the card's memory."""
-        from ..presets import detect_gpu
+        from ..hardware import detect_gpu
         from .memory import check_fits, estimate_breakdown
 
         gpu = detect_gpu()

@@ -13,6 +13,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..hardware import describe_device
 from .caption_tab import build_caption_tab
 from .context import StudioContext
 from .dataset_tab import build_dataset_tab
@@ -32,9 +33,11 @@ CSS = """
 def _header(ctx: StudioContext) -> str:
     mode = " &middot; **demo mode**: tiny offline model, pictures are noise, the workflow is real" if ctx.demo else ""
     shared = " &middot; shared: typed paths must lie in the outputs or models folder" if ctx.shared else ""
+    device, warning = describe_device()
+    warning_line = f"\n\n**Warning:** {warning}" if warning else ""
     return (f"# LoRA Studio\nTrain LoRAs for Stable Diffusion 1.5, SDXL and language models: "
             f"**1** pick images, **2** caption them, **3** train, **4** compare strengths.{mode}{shared}\n\n"
-            f"Outputs: `{ctx.outputs}`")
+            f"Device: {device} &middot; Outputs: `{ctx.outputs}`{warning_line}")
 
 
 def build_studio(ctx: StudioContext) -> gr.Blocks:

@@ -26,7 +26,8 @@ from PIL import Image
 
 from ..config import FAMILIES, TrainConfig
 from ..errors import StudioError
-from ..presets import detect_gpu, get_preset
+from ..hardware import detect_gpu
+from ..presets import get_preset
 from ..training.job import TrainingJob, active_job
 from ..training.run_folder import RunFolder, list_runs
 from .common import friendly
