@@ -21,6 +21,7 @@ import sys
 from lora_studio.cli_dataset import EXIT_ERROR, EXIT_NOTHING_USABLE, EXIT_OK, _fail, _progress_bar
 from lora_studio.errors import StudioError
 
+
 def options_from_args(args: argparse.Namespace, style: str):
     """The ``CaptionerOptions`` the command line asked for."""
     from lora_studio.captioning.choose import CaptionerOptions
@@ -107,7 +108,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     from lora_studio.captioning.florence import FLORENCE_TASKS
-    from lora_studio.captioning.joycaption import CAPTION_TYPES, CAPTION_LENGTHS
+    from lora_studio.captioning.joycaption import CAPTION_LENGTHS, CAPTION_TYPES
 
     g = p.add_argument_group("Florence-2")
     g.add_argument("--task", choices=list(FLORENCE_TASKS), default=None, help="default: from the style")

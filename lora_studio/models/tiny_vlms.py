@@ -68,8 +68,13 @@ def _ready(folder: Path, *names: str) -> bool:
 def build_tiny_florence2(folder: str | Path, seed: int = 0, image_size: int = 64) -> Path:
     """A tiny ``Florence2ForConditionalGeneration`` + ``Florence2Processor`` (BART tokenizer, CLIP-style
     image processor with ``image_seq_length``, ``post_processor_config``) saved in ``folder``."""
-    from transformers import (BartTokenizer, CLIPImageProcessorPil, Florence2Config,
-                              Florence2ForConditionalGeneration, Florence2Processor)
+    from transformers import (
+        BartTokenizer,
+        CLIPImageProcessorPil,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
 
     folder = Path(folder)
     if _ready(folder, "config.json", "processor_config.json"):
@@ -171,8 +176,13 @@ def build_tiny_joycaption(folder: str | Path, seed: int = 0, image_size: int = 3
     """A tiny JoyCaption-shaped ``LlavaForConditionalGeneration`` (SigLIP vision tower, Llama text model, a
     Llama-3-style tokenizer that adds a BOS itself, the chat template) + ``LlavaProcessor`` in ``folder``."""
     from tokenizers import processors
-    from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast,
-                              SiglipImageProcessorPil)
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessorPil,
+    )
 
     folder = Path(folder)
     if _ready(folder, "config.json", "processor_config.json"):

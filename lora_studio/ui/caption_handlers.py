@@ -8,6 +8,7 @@ same settings drive a whole run, one image and a comparison.
 from __future__ import annotations
 
 from pathlib import Path
+
 import gradio as gr
 
 from ..captioning.edits import CaptionEdit, apply_edits, preview_edits
