@@ -359,6 +359,6 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     def attach_to(blocks: gr.Blocks) -> None:
         blocks.load(attach, [form["output_dir"]], view_outputs + [runs, timer], api_visibility="private")
 
-    return {"base_model": base, "train_data_dir": data_dir, "form": form, "start": start_btn, "stop": stop_btn,
+    return {"base_model": base, "model_family": family, "train_data_dir": data_dir, "form": form, "start": start_btn, "stop": stop_btn,
             "loss_plot": loss_plot, "progress": progress, "log": log_box, "runs": runs, "timer": timer,
             "attach": attach_to}
