@@ -189,13 +189,13 @@ def table(ours: dict, plain: dict, ablation: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    """Replace (or add) the "## LLM" section of docs/benchmarks.md, keeping every other section."""
+def write_docs(text: str, path: Path = ROOT / "docs" / "benchmarks.md", section: str = "## LLM") -> None:
+    """Replace (or add) the ``section`` ("## LLM") of docs/benchmarks.md, keeping every other section."""
     from lora_studio.fileio import atomic_write_text
 
     old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     lines = old.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## LLM"), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == section), None)
     if start is None:
         new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     else:

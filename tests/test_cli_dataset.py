@@ -68,7 +68,7 @@ def test_caption_command_keeps_edits_and_reports_missing_model(models, folder, c
     capsys.readouterr()
     assert main(["caption", "--input", str(folder), "--model", str(folder / "missing-model"), "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: The BLIP captioning model folder") and "does not exist" in err
+    assert err.startswith("error: The captioning model folder") and "does not exist" in err
 
 
 def test_caption_command_nothing_usable(models, tmp_path, capsys):

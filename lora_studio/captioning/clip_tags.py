@@ -41,6 +41,7 @@ class ClipStyleTagger(Captioner):
     """Tags from a fixed vocabulary ranked by CLIP image-text similarity (``per_category`` per category)."""
 
     name = "CLIP style tags"
+    kind = "tags"
 
     def __init__(self, model: str | os.PathLike = DEFAULT_CLIP,
                  vocabulary: Mapping[str, Sequence[str]] | None = None, per_category: int = 1,

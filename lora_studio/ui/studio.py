@@ -63,22 +63,39 @@ def _wire(blocks: gr.Blocks, dataset: dict, caption: dict, train: dict, test: di
             return gr.skip(), gr.skip()
         return folder, folder
 
-    def load_captions_if_set(folder: str):
+    def load_captions_if_set(folder: str, family: str | None = None, base_model: str = ""):
         if not folder:
             return gr.skip(), gr.skip()
         try:
-            return caption["load_fn"](folder)
+            return caption["load_fn"](folder, family, base_model)
         except gr.Error:
             return gr.skip(), gr.skip()
 
+    caption_listing = [caption["folder"], caption["family"], caption["base_model"]]
+
     dataset["dataset_dir"].change(pass_dataset, [dataset["dataset_dir"]], [caption["folder"], train["train_data_dir"]],
                                   api_visibility="private").then(
-        load_captions_if_set, [caption["folder"]], [caption["table"], caption["status"]], api_visibility="private")
+        load_captions_if_set, caption_listing, [caption["table"], caption["status"]], api_visibility="private")
     test_tab.select(test["refresh"], [test["lora"], test["base"]], [test["lora"], test["base"]],
                     api_visibility="private")
-    blocks.load(load_captions_if_set, [caption["folder"]], [caption["table"], caption["status"]],
+    blocks.load(load_captions_if_set, caption_listing, [caption["table"], caption["status"]],
                 api_visibility="private")
+    _wire_caption_family(blocks, train, caption)
     train["attach"](blocks)
+
+
+def _wire_caption_family(blocks: gr.Blocks, train: dict, caption: dict) -> None:
+    """The Captioning tab's target family (hence caption style and token check) follows the Training tab's model."""
+    from .caption_choice import family_from_training
+
+    def follow(base_model: str, model_family: str):
+        family, model = family_from_training(base_model, model_family)
+        return (family or gr.skip()), model
+
+    inputs, outputs = [train["base_model"], train["model_family"]], [caption["family"], caption["base_model"]]
+    for source in inputs:
+        source.change(follow, inputs, outputs, api_visibility="private")
+    blocks.load(follow, inputs, outputs, api_visibility="private")
 
 
 def launch_options(ctx: StudioContext) -> dict[str, Any]:

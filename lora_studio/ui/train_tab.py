@@ -353,6 +353,6 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     def attach_to(blocks: gr.Blocks) -> None:
         blocks.load(h.attach, [c.form["output_dir"]], c.view_outputs + [c.runs, c.timer], api_visibility="private")
 
-    return {"base_model": c.base, "train_data_dir": c.data_dir, "form": c.form, "start": c.start_btn,
-            "stop": c.stop_btn, "loss_plot": c.loss_plot, "progress": c.progress, "log": c.log_box, "runs": c.runs,
-            "timer": c.timer, "attach": attach_to}
+    return {"base_model": c.base, "model_family": c.family, "train_data_dir": c.data_dir, "form": c.form,
+            "start": c.start_btn, "stop": c.stop_btn, "loss_plot": c.loss_plot, "progress": c.progress,
+            "log": c.log_box, "runs": c.runs, "timer": c.timer, "attach": attach_to}
