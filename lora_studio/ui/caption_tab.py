@@ -13,7 +13,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..captioning.edits import CaptionEdit, apply_edits, preview_edits
-from ..data.captions import METADATA_NAME, load_captions, relative_name, write_metadata_csv, write_txt_captions
+from ..data.captions import (METADATA_NAME, load_captions, path_inside, relative_name, write_metadata_csv,
+                             write_txt_captions)
 from ..data.images import list_images
 from .common import CancelFlags, friendly, progress_callback, session_key, thumbnail_html
 from .context import StudioContext
@@ -165,6 +166,8 @@ def build_caption_tab(ctx: StudioContext) -> dict[str, gr.components.Component]:
             raise gr.Error("The table has no captions to save. Load or run captioning first.")
         if not formats_v:
             raise gr.Error("Choose metadata.csv and/or .txt files to save to.")
+        for name in captions:  # names come from the page: each must stay inside the folder, before any write
+            path_inside(root, name)
         written = []
         if "metadata.csv" in formats_v:
             written.append(write_metadata_csv(root / METADATA_NAME, captions))
