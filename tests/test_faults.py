@@ -55,3 +55,83 @@ def test_atomic_writes_keep_the_umask_and_the_old_mode(tmp_path):
         assert is_temp_name(name), name
     for name in (".cache", "crash.safetensors", "step_000006", ".gradio", "notes.tmp.txt"):
         assert not is_temp_name(name), name
+
+
+# --- interrupted and resumed runs ---------------------------------------------------------------------------
+def make_config(base: Path, data: Path | str, out: Path | str, **kw) -> TrainConfig:
+    values = dict(base_model=str(base), train_data_dir=str(data), output_dir=str(out), resolution=64, lora_rank=4,
+                  learning_rate=1e-3, batch_size=2, max_train_steps=6, save_steps=0, mixed_precision="no", seed=123,
+                  verify_export=False)
+    values.update(kw)
+    return TrainConfig(**values).validate()
+
+
+class _Crash(Exception):
+    """Stands for the process dying (kill -9) right after a step."""
+
+
+def crash_after(step: int):
+    def listener(event):
+        if event.kind == "progress" and event.data.get("step") == step and event.data.get("total"):
+            raise _Crash(f"killed after step {step}")
+    return listener
+
+
+def run(job, crash: int | None = None):
+    from lora_studio.training.job import TrainingJob
+
+    if crash is not None:
+        job.bus.subscribe(crash_after(crash))
+    job = job.start()
+    assert job.wait(300)
+    return job
+
+
+@pytest.mark.slow
+def test_each_step_is_recorded_once_after_crashes_and_resumes(tiny_sd15, demo_images, tmp_path):
+    """Crash twice before any checkpoint, once after one, then finish: metrics.jsonl, TensorBoard and the
+    live curve hold each of the 8 steps exactly once; leftovers of the dead processes are removed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lora_studio.training.job import TrainingJob
+    from lora_studio.ui.train_view import run_choices
+
+    first = run(TrainingJob(make_config(tiny_sd15, demo_images, tmp_path / "out", max_train_steps=8, save_steps=4,
+                                        batch_size=1)), crash=3)
+    assert first.status == "failed" and "No checkpoint had been saved yet" in first.error
+    folder = first.run.path
+    state = json.loads((folder / "job.json").read_text(encoding="utf-8"))
+    assert state["status"] == "failed" and "killed after step 3" in state["message"]
+    (label, _), = run_choices(tmp_path / "out")
+    assert "failed at" in label and "killed after step 3" in label
+    leftovers = [folder / ".my_lora.safetensors.k2j3_x9.tmp", folder / "checkpoints" / ".step_000004.tmp",
+                 folder / "checkpoints" / "step_000004" / ".state.pt.ab12cd34.tmp"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if path.suffix == ".tmp" and "step_" in path.name else path.write_bytes(b"half written")
+
+    assert run(TrainingJob.resume(folder), crash=3).status == "failed"  # again before any checkpoint
+    third = run(TrainingJob.resume(folder), crash=6)  # a checkpoint at step 4, then dies at 6
+    assert third.status == "failed" and "step_000004" in third.error
+    assert not any(p.exists() for p in leftovers)
+    last = run(TrainingJob.resume(folder))
+    assert last.status == "finished", last.error
+
+    steps = [r["step"] for r in last.run.read_metrics()]
+    assert steps == list(range(1, 9))
+    assert [s for s, _ in last.snapshot()["losses"]] == steps
+    events = EventAccumulator(str(folder / "logs"))
+    events.Reload()
+    tb = events.Scalars("loss")
+    assert [e.step for e in tb] == steps
+    assert [e.value for e in tb] == pytest.approx([r["loss"] for r in last.run.read_metrics()], rel=1e-5)
+    assert not [p for p in folder.rglob("*") if p.name.startswith(".")]
+
+
+def test_training_reads_captions_of_a_relative_folder(tiny_sd15, demo_images, tmp_path, monkeypatch):
+    from lora_studio.training.job import TrainingJob
+
+    monkeypatch.chdir(demo_images.parent)
+    job = run(TrainingJob(make_config(tiny_sd15, f"./{demo_images.name}", "out", max_train_steps=2)))
+    assert job.status == "finished", job.error
+    assert any("8 images found in" in line and "8 with captions, 8 will train" in line for line in job.snapshot()["log"])

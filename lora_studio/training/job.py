@@ -22,7 +22,7 @@ from typing import Any
 from ..config import TrainConfig, merge
 from ..errors import OutOfMemoryError, StudioError, TrainingError
 from .events import Commands, Event, EventBus
-from .multi_gpu import is_distributed
+from .multi_gpu import is_distributed, is_main_process
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,10 @@ class TrainingJob:
             if self.run is None:
                 self.run = RunFolder.create(self.config)
             self.status = "starting"
+            # Started before the lock is released: a second start() always sees this job running.
+            self._thread = threading.Thread(target=self._main, name=f"train-{self.run.name}", daemon=True)
+            self._thread.start()
             _active = self
-        self._thread = threading.Thread(target=self._main, name=f"train-{self.run.name}", daemon=True)
-        self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -132,6 +133,9 @@ class TrainingJob:
     # --- the thread --------------------------------------------------------------------------------
     def _main(self) -> None:
         try:
+            if is_main_process():
+                for leftover in self.run.remove_stale_temps():  # what a killed process was writing
+                    log.info("removed the leftover %s", leftover)
             self.run.write_state(status="starting", pid_started_at=time.time())
             files = self._train_fitting()
             self.files = [str(f) for f in files]
@@ -142,8 +146,11 @@ class TrainingJob:
         except Exception as exc:  # an unexpected bug: keep the traceback in the log, show one sentence
             log.exception("training crashed")
             self._log.append(traceback.format_exc())
+            latest = self.run.latest_checkpoint()
+            where = (f"The run can be resumed from its last checkpoint ({latest[1]})" if latest else
+                     "No checkpoint had been saved yet, so Resume starts it again from step 0")
             self._fail(f"Training crashed with an unexpected error: {exc.__class__.__name__}: {exc}. "
-                       "The run can be resumed from its last checkpoint; please report this with the log.")
+                       f"{where}; please report this with the log.")
         finally:
             self._done.set()
 
@@ -225,7 +232,10 @@ class TrainingJob:
         if event.kind == "progress":
             self._progress = d
         elif event.kind == "metrics":
-            self._losses.append((int(d["step"]), float(d["loss"])))
+            step = int(d["step"])
+            if self._losses and self._losses[-1][0] >= step:  # resumed before these steps: they are trained again
+                self._losses = [(s, v) for s, v in self._losses if s < step]
+            self._losses.append((step, float(d["loss"])))
             self._memory = {k: v for k, v in d.items() if k.endswith("_gb")}
         elif event.kind == "log":
             self._log.append(d["message"])

@@ -209,6 +209,7 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
     main = acc.is_main_process
     from transformers import get_scheduler
 
+    writer = None
     try:
         from accelerate.utils import set_seed
 
@@ -230,6 +231,8 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
             latest = run.latest_checkpoint()
             if latest is None:
                 trainer.say("No checkpoint to resume from: starting this run from step 0.", "warning")
+                if main:
+                    run.truncate_metrics(0)  # the steps are trained again: no row may stay twice
             else:
                 state = ckpt.load(latest[1])
                 step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -239,7 +242,7 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
                     run.truncate_metrics(step)
                 trainer.say(f"Resumed from checkpoint at step {step} of {total}.")
 
-        writer = _tensorboard(run) if main else None
+        writer = _tensorboard(run, step) if main else None
         world = acc.num_processes
         trainer.say(f"Training {total} steps: {batches_per_epoch} batches per epoch x {epochs} epochs, "
                     f"batch {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x {world} "
@@ -354,6 +357,8 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
             raise OutOfMemoryError(out_of_memory_advice(cfg, getattr(trainer, "family", None))) from None
         raise
     finally:
+        if writer is not None:  # also after a failure: what TensorBoard got so far is flushed to disk
+            writer.close()
         trainer.cleanup()
         free_memory()
 
@@ -405,12 +410,15 @@ class _null:
         return False
 
 
-def _tensorboard(run: RunFolder):
+def _tensorboard(run: RunFolder, step: int = 0):
+    """The run's TensorBoard writer. When the logs already hold events (a resumed or restarted run), the
+    steps after ``step`` are purged (``purge_step``), so TensorBoard shows each step once, not doubled curves."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is in requirements.txt; keep training without it
         return None
-    return SummaryWriter(log_dir=str(run.logs_dir))
+    earlier = run.logs_dir.is_dir() and any(run.logs_dir.glob("events.out.tfevents.*"))
+    return SummaryWriter(log_dir=str(run.logs_dir), purge_step=step + 1 if earlier else None)
 
 
 def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

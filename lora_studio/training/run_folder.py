@@ -148,11 +148,31 @@ class RunFolder:
         return rows
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop metrics beyond ``after_step`` (a resumed run repeats those steps)."""
-        rows = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        """Keep the metrics up to ``after_step``, each step once (a resumed run repeats the later steps).
+
+        A step found twice (left by an older file that was never trimmed) keeps its last row."""
+        by_step = {r.get("step", 0): r for r in self.read_metrics() if r.get("step", 0) <= after_step}
+        rows = [by_step[s] for s in sorted(by_step)]
         from ..fileio import atomic_write_text
 
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the temporary files and folders a killed process left (``.<name>.<random>.tmp``,
+        ``.step_N.tmp``, ``.diffusers.tmp-*`` ...). Only call it while no process writes this run."""
+        from ..fileio import is_temp_name
+
+        removed = []
+        for folder, dirs, files in os.walk(self.path):
+            for name in [d for d in dirs if is_temp_name(d)] + [f for f in files if is_temp_name(f)]:
+                target = Path(folder) / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+                removed.append(target)
+            dirs[:] = [d for d in dirs if not is_temp_name(d)]
+        return removed
 
     # --- commands from another process (multi_gpu.request_command) ---------------------------------
     def take_commands(self) -> list[str]:
