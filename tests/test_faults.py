@@ -135,3 +135,66 @@ def test_training_reads_captions_of_a_relative_folder(tiny_sd15, demo_images, tm
     job = run(TrainingJob(make_config(tiny_sd15, f"./{demo_images.name}", "out", max_train_steps=2)))
     assert job.status == "finished", job.error
     assert any("8 images found in" in line and "8 with captions, 8 will train" in line for line in job.snapshot()["log"])
+
+
+# --- two things at once ---------------------------------------------------------------------------------------
+def test_model_loads_take_turns_and_leave_torch_unpatched(tiny_sd15, monkeypatch):
+    """Loads on several threads (a training start, a grid, a captioner) run one at a time, so accelerate's
+    empty-weights patch is never interleaved: afterwards a new nn.Linear is a real CPU layer again."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from lora_studio.captioning.loading import load_model_part
+    from lora_studio.models.load_lock import model_loading
+    from lora_studio.models.loading import load_vae
+
+    original_register = torch.nn.Module.register_parameter
+    real = AutoencoderKL.from_pretrained
+    inside, most = [0], [0]
+    guard = threading.Lock()
+
+    def counting(*args, **kwargs):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.05)
+            return real(*args, **kwargs)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", counting)
+    vae = str(tiny_sd15 / "vae")
+    loaders = [lambda: load_vae(vae)] * 3 + [lambda: load_model_part(AutoencoderKL.from_pretrained, vae, "VAE")] * 3
+    errors = []
+
+    def work(load):
+        try:
+            assert load().encoder.conv_in.weight.device.type == "cpu"
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(load,)) for load in loaders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert most[0] == 1  # never two loads at once
+    assert torch.nn.Module.register_parameter is original_register
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    # Re-entrant: a trainer holding the lock may call a loader that takes it again; another thread waits.
+    order = []
+    with model_loading("outer"):
+        def other():
+            with model_loading("other"):
+                order.append("other")
+
+        waiter = threading.Thread(target=other)
+        waiter.start()
+        with model_loading("inner"):
+            time.sleep(0.1)
+            order.append("inner")
+    waiter.join(10)
+    assert order == ["inner", "other"]

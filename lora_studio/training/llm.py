@@ -112,8 +112,10 @@ def load_causal_lm(base_model: str, *, dtype: torch.dtype = torch.float32, devic
         kwargs["dtype"] = compute
     if device is not None and torch.device(device).type == "cuda":
         kwargs["device_map"] = {"": torch.device(device).index or 0}
+    from ..models.load_lock import model_loading
+
     try:
-        with download_progress(base_model, report):
+        with model_loading(base_model), download_progress(base_model, report):
             model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"Could not load the language model '{base_model}': {str(exc).splitlines()[0]}. "
@@ -217,7 +219,10 @@ class LLMTrainer(Trainer):
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.logits_mode = answer_logits_mode(model)
-        self.model = self._add_lora(model)
+        from ..models.load_lock import model_loading
+
+        with model_loading("the LoRA"):  # new LoRA layers must not be built while another thread loads
+            self.model = self._add_lora(model)
         for p in self.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
