@@ -198,3 +198,144 @@ def test_model_loads_take_turns_and_leave_torch_unpatched(tiny_sd15, monkeypatch
             order.append("inner")
     waiter.join(10)
     assert order == ["inner", "other"]
+
+
+# --- read-only and full disks ----------------------------------------------------------------------------------
+@contextmanager
+def tmpfs(where: Path, options: str):
+    """A tmpfs mounted at ``where`` (``ro`` or ``size=...``); skips the test where that is not possible."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only or tiny tmpfs (and chmod cannot make a folder read-only "
+                    "for root)")
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount is not permitted here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(folder: Path) -> None:
+    """Write a file until the disk under ``folder`` is full."""
+    with open(folder / "filler", "wb", buffering=0) as fh:
+        for size in (1 << 20, 1 << 12, 1):
+            try:
+                while fh.write(b"\0" * size):
+                    pass
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+
+
+def test_write_faults_are_recognised_and_told_in_one_sentence(tmp_path):
+    from lora_studio.training.disk import fault_errno, run_bytes, write_fault
+
+    ro = OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "x"))
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert "read-only file system" in write_fault(ro, tmp_path) and str(tmp_path) in write_fault(ro, tmp_path)
+    text = write_fault(full, tmp_path, need=3 * 2**20)
+    assert "is full" in text and "free" in text and "about 3.0 MB" in text
+    assert "permission denied" in write_fault(OSError(errno.EACCES, "Permission denied"), tmp_path)
+    # What torch.save and safetensors raise for a short write, also when wrapped in another error.
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert fault_errno(torch_error) == errno.ENOSPC
+    wrapped = ValueError("export failed")
+    wrapped.__cause__ = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert fault_errno(wrapped) == errno.ENOSPC
+    assert write_fault(ValueError("a bug"), tmp_path) is None
+    assert write_fault(FileNotFoundError(errno.ENOENT, "No such file"), tmp_path) is None
+    cfg = TrainConfig(save_steps=100, keep_checkpoints=3)
+    need, parts = run_bytes(cfg, 1_000_000, 4, total_steps=1000)
+    # 4 checkpoints (3 kept + the one being written) of LoRA file + state (LoRA + AdamW's 2 moments), export 2 files
+    assert need == 4 * (8_000_000 + 8_000_000) + 8_000_000 + 16 * 2**20
+    assert parts.startswith("4 checkpoint(s)")
+
+
+def test_real_write_errors_on_read_only_and_full_disks(tmp_path):
+    import torch
+
+    from lora_studio.fileio import atomic_save_safetensors, atomic_write
+    from lora_studio.training.disk import fault_errno, write_fault
+
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        with pytest.raises(OSError) as err:
+            atomic_write_text(ro / "job.json", "{}")
+        assert err.value.errno == errno.EROFS and "read-only file system" in write_fault(err.value, ro)
+    with tmpfs(tmp_path / "full", "size=64k") as full:
+        big = {"w": torch.zeros(100_000)}
+        for write in (lambda: atomic_save_safetensors(full / "a.safetensors", big),
+                      lambda: atomic_write(full / "state.pt", lambda p: torch.save(big, p))):
+            with pytest.raises(Exception) as err:
+                write()
+            assert fault_errno(err.value) == errno.ENOSPC, err.value
+        assert list(full.iterdir()) == []  # the atomic writer removed its half-written temporaries
+
+
+def test_read_only_output_dir_is_one_sentence(tiny_sd15, demo_images, tmp_path, capsys):
+    from lora_studio.__main__ import main
+    from lora_studio.errors import TrainingError
+    from lora_studio.training.job import TrainingJob
+
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        with pytest.raises(TrainingError, match="read-only file system"):
+            TrainingJob(make_config(tiny_sd15, demo_images, ro)).start()
+        args = ["train", f"base_model={tiny_sd15}", f"train_data_dir={demo_images}", f"output_dir={ro / 'runs'}",
+                "mixed_precision=no", "max_train_steps=2"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert f"Cannot write to '{ro / 'runs'}': it is on a read-only file system" in err
+
+
+def test_full_disk_when_the_run_folder_is_made(tiny_sd15, demo_images, tmp_path):
+    from lora_studio.errors import TrainingError
+    from lora_studio.training.job import TrainingJob
+
+    with tmpfs(tmp_path / "disk", "size=256k") as disk:
+        fill(disk)
+        with pytest.raises(TrainingError, match=f"The disk holding '{disk}' is full"):
+            TrainingJob(make_config(tiny_sd15, demo_images, disk)).start()
+        assert [p.name for p in disk.iterdir()] == ["filler"]  # no half-made run folder
+
+
+def test_too_little_free_space_is_refused_before_training(tiny_sd15, demo_images, tmp_path):
+    from lora_studio.training.job import TrainingJob
+
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
+        job = run(TrainingJob(make_config(tiny_sd15, demo_images, disk)))
+        assert job.status == "failed"
+        assert f"Not enough free disk space for this run in '{job.run.path}'" in job.error
+        assert "is needed" in job.error and "is free" in job.error and "checkpoint(s)" in job.error
+        assert job.run.read_state()["status"] == "failed"
+        assert job.run.read_state()["message"] == job.error and job.run.read_metrics() == []
+
+
+@pytest.mark.parametrize("when, steps, save_steps", [("checkpoint", 6, 2), ("exporting", 3, 0)])
+def test_full_disk_during_training_fails_the_run_with_one_sentence(tiny_sd15, demo_images, tmp_path, when, steps,
+                                                                    save_steps):
+    """The disk fills up after the first checkpoint (the next one cannot be written), or at the export."""
+    from lora_studio.training.job import TrainingJob
+
+    with tmpfs(tmp_path / "disk", "size=40m") as disk:
+        job = TrainingJob(make_config(tiny_sd15, demo_images, disk, max_train_steps=steps, save_steps=save_steps))
+        filled = []
+
+        def fill_once(event):
+            if not filled and (event.kind == when or event.data.get("state") == when):
+                filled.append(event.kind)
+                fill(disk)
+
+        job.bus.subscribe(fill_once)
+        job = run(job)
+        assert filled and job.status == "failed"
+        assert f"The disk holding '{job.run.path}' is full" in job.error, job.error
+        assert "Traceback" not in job.error
+        if when == "checkpoint":
+            assert "The last good checkpoint is kept:" in job.error and "step_000002" in job.error
+            assert [s for s, _ in job.run.list_checkpoints()] == [2]
+        else:
+            assert "No checkpoint had been saved yet" in job.error and "last good" not in job.error
+        state = job.run.read_state()
+        assert state["status"] == "failed" and state["message"] == job.error
+        assert not [p for p in job.run.path.rglob("*") if p.name.startswith(".")]  # temporaries removed

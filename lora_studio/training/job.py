@@ -96,13 +96,25 @@ class TrainingJob:
             self.config.validate()
             self.config.require_paths()
             if self.run is None:
-                self.run = RunFolder.create(self.config)
+                self.run = self._create_run_folder()
             self.status = "starting"
             # Started before the lock is released: a second start() always sees this job running.
             self._thread = threading.Thread(target=self._main, name=f"train-{self.run.name}", daemon=True)
             self._thread.start()
             _active = self
         return self
+
+    def _create_run_folder(self) -> RunFolder:
+        """The new run folder; a read-only or full disk (or no permission) becomes one TrainingError sentence."""
+        from .disk import write_fault
+
+        try:
+            return RunFolder.create(self.config)
+        except Exception as exc:
+            fault = write_fault(exc, self.config.output_dir)
+            if fault is None:
+                raise
+            raise TrainingError(fault) from None
 
     def stop(self) -> None:
         if self.is_running():
@@ -144,6 +156,13 @@ class TrainingJob:
         except StudioError as exc:
             self._fail(str(exc))
         except Exception as exc:  # an unexpected bug: keep the traceback in the log, show one sentence
+            from .disk import checkpoint_note, write_fault
+
+            fault = write_fault(exc, self.run.path)
+            if fault is not None:  # a disk fault outside the loop (job.json, leftovers, loading)
+                log.warning("%s", fault)
+                self._fail(fault + checkpoint_note(self.run))
+                return
             log.exception("training crashed")
             self._log.append(traceback.format_exc())
             latest = self.run.latest_checkpoint()

@@ -14,6 +14,7 @@ The UI rebuilds its view from this folder after a browser refresh or an app rest
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -65,10 +66,14 @@ class RunFolder:
                 n += 1
                 path = root / f"{config.output_name}-{stamp}-{n}"
         run = cls(path)
-        for sub in ("logs", "checkpoints", "samples"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
-        config.save(run.config_path)
-        run.write_state(status="created", step=0, created_at=time.time())
+        try:
+            for sub in ("logs", "checkpoints", "samples"):
+                (path / sub).mkdir(parents=True, exist_ok=True)
+            config.save(run.config_path)
+            run.write_state(status="created", step=0, created_at=time.time())
+        except BaseException:  # a full or read-only disk: leave no half-made run folder behind
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return run
 
     @classmethod
@@ -128,7 +133,14 @@ class RunFolder:
             return {**state, **changes}
         state.update(changes)
         state["updated_at"] = time.time()
-        atomic_write_json(self.state_path, state)
+        try:
+            atomic_write_json(self.state_path, state)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.state_path.is_file():
+                raise
+            # A full disk has no room for a second copy: rewrite in place (the old blocks are freed first),
+            # so a failed run still says why it failed.
+            self.state_path.write_text(json.dumps(state, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         return state
 
     # --- metrics ---------------------------------------------------------------------------------
