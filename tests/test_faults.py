@@ -339,3 +339,24 @@ def test_full_disk_during_training_fails_the_run_with_one_sentence(tiny_sd15, de
         state = job.run.read_state()
         assert state["status"] == "failed" and state["message"] == job.error
         assert not [p for p in job.run.path.rglob("*") if p.name.startswith(".")]  # temporaries removed
+
+
+# --- captions the text encoder cannot read ------------------------------------------------------------------
+def test_captions_longer_than_the_text_encoder_reads_are_counted(tiny_sd15, demo_images, tmp_path, capsys):
+    from lora_studio.cli_dataset import main
+    from lora_studio.training.job import TrainingJob
+
+    (demo_images / "img_000.txt").write_text("a red circle, " + "very " * 2000 + "long", encoding="utf-8")
+    (demo_images / "img_001.txt").write_text(" ".join(["word"] * 90), encoding="utf-8")
+    assert main(["dataset", "check", str(demo_images), "--min-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 7 captions are longer than the text encoder's limit of 77 tokens" in out  # img_006 is a duplicate
+    assert "approximately" in out
+    job = run(TrainingJob(make_config(tiny_sd15, demo_images, tmp_path / "out", max_train_steps=1)))
+    assert job.status == "finished", job.error
+    warnings = [line for line in job.snapshot()["log"] if "longer than the text encoder's limit" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("2 of 8 captions") and "approximately" not in warnings[0]
+    (demo_images / "img_000.txt").write_text("short", encoding="utf-8")
+    (demo_images / "img_001.txt").write_text("short too", encoding="utf-8")
+    assert main(["dataset", "check", str(demo_images), "--min-size", "32"]) == 0
+    assert "longer than" not in capsys.readouterr().out

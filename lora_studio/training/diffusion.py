@@ -66,6 +66,7 @@ class DiffusionTrainer(Trainer):
         self.bus.emit("state", state="loading model")
         with model_loading(cfg.base_model):  # the model and its new LoRA layers, one load in the process at a time
             self._load_and_add_adapters()
+        self._warn_long_captions()
         self.bus.emit("state", state="caching latents")
         self._cache_latents()
         self.pipe.vae.to("cpu")
@@ -98,6 +99,18 @@ class DiffusionTrainer(Trainer):
         self.held_dtypes = {name: dtype for name in ["unet", *self.text_encoder_names]}
         self.held_dtypes["vae"] = self.vae_dtype(dtype)
         self._add_adapters()
+
+    def _warn_long_captions(self) -> None:
+        """Captions longer than the tokenizer's limit (77 for CLIP) are cut: say how many, in the log."""
+        from ..data.caption_length import count_too_long, too_long_message
+
+        tok = self.pipe.tokenizer
+        limit = int(tok.model_max_length)
+        cut, total, longest = count_too_long([it.caption for it in self.items],
+                                             lambda cs: [len(ids) for ids in tok(cs, truncation=False).input_ids],
+                                             limit)
+        if cut:
+            self.say(too_long_message(cut, total, limit, longest), "warning")
 
     def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype
