@@ -63,6 +63,13 @@ def test_caption_names_from_the_page_stay_inside_the_folder(app, tmp_path):
     assert sorted(p.name for p in victim.iterdir()) == ["notes.txt"]
     assert (victim / "notes.txt").read_text(encoding="utf-8") == "precious"
     assert not (images / "metadata.csv").exists()  # a bad name stops the save before anything is written
+    # Names from the page are not read either: no thumbnail of an image outside the folder comes back.
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(victim / "secret.png")
+    table, _ = client.predict(str(images), _table([["", os.path.relpath(victim / "secret.png", images), "x"]]),
+                              "", "", "", "", "", "", False, False, False, api_name="/apply_caption_edit")
+    assert table["data"][0][0] == "(outside the folder)"
     saved = client.predict(str(images), _table([["", "img_000.png", "demo style, fine"]]), [".txt files"],
                            api_name="/save_captions")
     assert "Saved 1 caption" in saved

@@ -160,7 +160,7 @@ class TrainingJob:
 
             fault = write_fault(exc, self.run.path)
             if fault is not None:  # a disk fault outside the loop (job.json, leftovers, loading)
-                log.warning("%s", fault)
+                log.info("%s", fault)
                 self._fail(fault + checkpoint_note(self.run))
                 return
             log.exception("training crashed")

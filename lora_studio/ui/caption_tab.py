@@ -16,6 +16,7 @@ from ..captioning.edits import CaptionEdit, apply_edits, preview_edits
 from ..data.captions import (METADATA_NAME, load_captions, path_inside, relative_name, write_metadata_csv,
                              write_txt_captions)
 from ..data.images import list_images
+from ..errors import DatasetError
 from .common import CancelFlags, friendly, progress_callback, session_key, thumbnail_html
 from .context import StudioContext
 
@@ -25,8 +26,16 @@ HEADERS = ["image", "file", "caption"]
 _cancel = CancelFlags()
 
 
+def _thumbnail(root: Path, name: str) -> str:
+    """The thumbnail of ``root/name``; a name from the page that leads outside the folder is not read."""
+    try:
+        return thumbnail_html(path_inside(root, name))
+    except DatasetError:
+        return "(outside the folder)"
+
+
 def _table(root: Path, captions: dict[str, str], files: list[str]) -> list[list[str]]:
-    return [[thumbnail_html(root / f), f, captions.get(f, "")] for f in files]
+    return [[_thumbnail(root, f), f, captions.get(f, "")] for f in files]
 
 
 def _rows_to_captions(rows) -> dict[str, str]:
