@@ -252,6 +252,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if t == "str":
             if isinstance(value, (dict, list)):
                 raise ValueError
+            if _means_no(f, value):  # YAML reads a bare `no` as false
+                return "no"
             return str(value)
         if t == "list[str]":
             if isinstance(value, str):
@@ -266,6 +268,14 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     kind = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text",
             "list[str]": "a list of names"}.get(t, t)
     raise ConfigError(f.name, f"expected {kind}, got {value!r}.")
+
+
+def _means_no(f: dataclasses.Field, value: Any) -> bool:
+    """``mixed_precision: no`` arrives as False from YAML (and ``false`` is meant the same way)."""
+    choices = f.metadata.get("choices") or ()
+    if "no" not in choices:
+        return False
+    return value is False or (isinstance(value, str) and value.strip().lower() in ("false", "off", "none"))
 
 
 def _range_text(lo: float | None, hi: float | None) -> str:
@@ -302,7 +312,14 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError("config", f"file '{p}' does not exist.")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"'{p}' is not a text file (it is not UTF-8); give a YAML file such as "
+                                    "presets/lora_default.yaml.") from None
+    except OSError as exc:
+        raise ConfigError("config", f"'{p}' cannot be read: {exc.strerror or exc}.") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

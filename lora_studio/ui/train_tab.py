@@ -18,6 +18,7 @@ import inspect
 import logging
 import shlex
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class _Jobs:
     """The last job started from the app in this process (the engine allows one running job at a time)."""
 
     job: TrainingJob | ProcessJob | None = None
+    lock = threading.Lock()  # the "is one running?" check and the start are one step (two clients, one run)
 
     @classmethod
     def current(cls) -> TrainingJob | ProcessJob | None:
@@ -211,11 +213,12 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     @friendly
     def start(*values):
         cfg = checked_config(values[:-1])
-        if _Jobs.running() is not None:
-            raise gr.Error(f"A training run is already in progress ({_Jobs.running().run_name}); stop it or "
-                           "wait for it to finish before starting another.")
-        job = start_job(cfg, int(values[-1] or 1))
-        _Jobs.job = job
+        with _Jobs.lock:
+            if _Jobs.running() is not None:
+                raise gr.Error(f"A training run is already in progress ({_Jobs.running().run_name}); stop it or "
+                               "wait for it to finish before starting another.")
+            job = start_job(cfg, int(values[-1] or 1))
+            _Jobs.job = job
         gr.Info(f"Training started: {job.run_name}")
         return view(job.snapshot(), "") + [gr.Timer(active=True)]
 
@@ -240,11 +243,12 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         if not run_dir:
             raise gr.Error("Pick a run to resume.")
         folder = ctx.policy.folder(run_dir, "run folder")
-        if _Jobs.running() is not None:
-            raise gr.Error(f"A training run is already in progress ({_Jobs.running().run_name}); stop it or "
-                           "wait for it to finish before resuming another.")
-        job = start_job(None, int(num_gpus or 1), resume_dir=folder)
-        _Jobs.job = job
+        with _Jobs.lock:
+            if _Jobs.running() is not None:
+                raise gr.Error(f"A training run is already in progress ({_Jobs.running().run_name}); stop it or "
+                               "wait for it to finish before resuming another.")
+            job = start_job(None, int(num_gpus or 1), resume_dir=folder)
+            _Jobs.job = job
         gr.Info(f"Resuming {job.run_name}")
         return view(job.snapshot(), "") + [gr.Timer(active=True)]
 
