@@ -275,6 +275,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if t == "str":
             if isinstance(value, (dict, list)):
                 raise ValueError
+            if _means_no(f, value):  # YAML reads a bare `no` as false
+                return "no"
             return str(value)
         if t == "list[str]":
             if isinstance(value, str):
@@ -289,6 +291,14 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     kind = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text",
             "list[str]": "a list of names"}.get(t, t)
     raise ConfigError(f.name, f"expected {kind}, got {value!r}.")
+
+
+def _means_no(f: dataclasses.Field, value: Any) -> bool:
+    """``mixed_precision: no`` arrives as False from YAML (and ``false`` is meant the same way)."""
+    choices = f.metadata.get("choices") or ()
+    if "no" not in choices:
+        return False
+    return value is False or (isinstance(value, str) and value.strip().lower() in ("false", "off", "none"))
 
 
 def _range_text(lo: float | None, hi: float | None) -> str:

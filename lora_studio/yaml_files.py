@@ -17,7 +17,14 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError("config", f"file '{p}' does not exist.")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"'{p}' is not a text file (it is not UTF-8); give a YAML file such as "
+                                    "presets/lora_default.yaml.") from None
+    except OSError as exc:
+        raise ConfigError("config", f"'{p}' cannot be read: {exc.strerror or exc}.") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

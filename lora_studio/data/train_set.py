@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..errors import DatasetError
 from .buckets import make_buckets, pick_bucket
-from .captions import load_captions
+from .captions import load_captions, relative_name
 from .images import list_images
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def preflight(train_data_dir: str | Path, resolution: int, *, metadata_path: str
     buckets = make_buckets(resolution) if enable_bucket else [(resolution, resolution)]
     small = 0
     for path in images:
-        name = str(path.relative_to(folder))
+        name = relative_name(path, folder)
         caption = captions.get(path, "").strip()
         if not caption:
             report.skipped.append((name, "no caption"))

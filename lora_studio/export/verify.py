@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import TrainingError
+from ..models.load_lock import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,9 @@ def check_export(base_model: str | Path, family: str, lora_file: Path, *, expect
     try:
         fresh_base = render(pipe, prompt, seed, steps, size)
         try:
-            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=VERIFY_ADAPTER)
+            with model_loading(lora_file.name):
+                pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name,
+                                       adapter_name=VERIFY_ADAPTER)
         except Exception as exc:
             raise TrainingError(f"Export check failed: diffusers cannot load {lora_file.name} "
                                 f"({exc.__class__.__name__}: {exc}).") from exc

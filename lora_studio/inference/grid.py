@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ConfigError, ModelLoadError, StudioError
 from ..fileio import atomic_write
+from ..models.load_lock import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,11 @@ class PipelineCache:
             self._counter += 1
             name = f"lora_{self._counter}"
             try:
-                if path.is_dir():
-                    pipe.load_lora_weights(str(path), adapter_name=name)
-                else:
-                    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                with model_loading(path.name):
+                    if path.is_dir():
+                        pipe.load_lora_weights(str(path), adapter_name=name)
+                    else:
+                        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
             except Exception as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise ModelLoadError(f"Could not load the LoRA '{path.name}' into this base model: {first}. "

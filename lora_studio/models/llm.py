@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .download import download_progress
+from .load_lock import model_loading
 
 
 def linear_module_names(model_or_path: Any) -> list[str]:
@@ -69,7 +70,7 @@ def load_causal_lm(base_model: str, *, dtype: torch.dtype = torch.float32, devic
     if device is not None and torch.device(device).type == "cuda":
         kwargs["device_map"] = {"": torch.device(device).index or 0}
     try:
-        with download_progress(base_model, report):
+        with model_loading(base_model), download_progress(base_model, report):
             model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"Could not load the language model '{base_model}': {str(exc).splitlines()[0]}. "

@@ -25,12 +25,14 @@ def load_diffusion_pipeline(base_model: str, family: str, *, torch_dtype=None, v
     file takes its configs and tokenizer from ``single_file_config`` (a diffusers folder or hub id of the
     same family), else diffusers fetches the family's standard ones from the hub (once, then cached)."""
     from .download import download_progress
+    from .load_lock import model_loading
 
-    with download_progress(base_model, report):
-        pipe = _load_pipeline(base_model, family, torch_dtype, single_file_config)
-    if vae:
-        with download_progress(vae, report):
-            pipe.vae = load_vae(vae, torch_dtype)
+    with model_loading(base_model):
+        with download_progress(base_model, report):
+            pipe = _load_pipeline(base_model, family, torch_dtype, single_file_config)
+        if vae:
+            with download_progress(vae, report):
+                pipe.vae = load_vae(vae, torch_dtype)
     return pipe
 
 
@@ -69,13 +71,16 @@ def _load_pipeline(base_model: str, family: str, torch_dtype, single_file_config
 def load_vae(vae: str, torch_dtype=None):
     from diffusers import AutoencoderKL
 
+    from .load_lock import model_loading
+
     path = Path(vae).expanduser()
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     try:
-        if path.is_file():
-            return AutoencoderKL.from_single_file(str(path), **kwargs)
-        if path.is_dir() and not (path / "config.json").exists() and (path / "vae").is_dir():
-            path = path / "vae"
-        return AutoencoderKL.from_pretrained(str(path) if path.exists() else vae, **kwargs)
+        with model_loading(vae):
+            if path.is_file():
+                return AutoencoderKL.from_single_file(str(path), **kwargs)
+            if path.is_dir() and not (path / "config.json").exists() and (path / "vae").is_dir():
+                path = path / "vae"
+            return AutoencoderKL.from_pretrained(str(path) if path.exists() else vae, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"Could not load the VAE '{vae}': {first_line(exc)}.") from None

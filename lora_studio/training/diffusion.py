@@ -24,6 +24,7 @@ from ..config import TrainConfig
 from ..families import get_family
 from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight
 from ..errors import DatasetError
+from ..models.load_lock import model_loading
 from ..models.loading import load_diffusion_pipeline
 from .events import EventBus, Progress
 from .latent_cache import LatentCache, encode_latents_shared
@@ -61,6 +62,25 @@ class DiffusionTrainer(Trainer):
             self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
         self.items = list(self.report.items)
         self.bus.state("loading model")
+        with model_loading(cfg.base_model):  # the model and its new LoRA layers, one load in the process at a time
+            self._load_and_add_adapters()
+        self._warn_long_captions()
+        self.bus.state("caching latents")
+        self._cache_latents()
+        self.pipe.vae.to("cpu")
+        if not cfg.train_text_encoder:
+            self._cache_text()
+        if cfg.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for name in self.text_encoder_names:
+                    getattr(self.pipe, name).gradient_checkpointing_enable()
+        self.say(f"Model: {cfg.base_model} ({self.family}), prediction type {self.prediction_type}, "
+                 f"resolution {self.resolution}, weights {str(weight_dtype(acc)).replace('torch.', '')}, "
+                 f"LoRA rank {cfg.lora_rank} alpha {cfg.alpha:g} on {', '.join(cfg.targets_for(self.family))}.")
+
+    def _load_and_add_adapters(self) -> None:
+        cfg, acc = self.config, self.accelerator
         dtype = weight_dtype(acc)
         self.pipe = pipe = load_diffusion_pipeline(cfg.base_model, self.family, vae=cfg.vae, report=self.say,
                                                    single_file_config=cfg.single_file_config)
@@ -77,19 +97,18 @@ class DiffusionTrainer(Trainer):
         self.held_dtypes = {name: dtype for name in ["unet", *self.text_encoder_names]}
         self.held_dtypes["vae"] = self.vae_dtype(dtype)
         self._add_adapters()
-        self.bus.state("caching latents")
-        self._cache_latents()
-        pipe.vae.to("cpu")
-        if not cfg.train_text_encoder:
-            self._cache_text()
-        if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-            if cfg.train_text_encoder:
-                for name in self.text_encoder_names:
-                    getattr(pipe, name).gradient_checkpointing_enable()
-        self.say(f"Model: {cfg.base_model} ({self.family}), prediction type {self.prediction_type}, "
-                 f"resolution {self.resolution}, weights {str(dtype).replace('torch.', '')}, "
-                 f"LoRA rank {cfg.lora_rank} alpha {cfg.alpha:g} on {', '.join(cfg.targets_for(self.family))}.")
+
+    def _warn_long_captions(self) -> None:
+        """Captions longer than the tokenizer's limit (77 for CLIP) are cut: say how many, in the log."""
+        from ..data.caption_length import count_too_long, too_long_message
+
+        tok = self.pipe.tokenizer
+        limit = int(tok.model_max_length)
+        cut, total, longest = count_too_long([it.caption for it in self.items],
+                                             lambda cs: [len(ids) for ids in tok(cs, truncation=False).input_ids],
+                                             limit)
+        if cut:
+            self.say(too_long_message(cut, total, limit, longest), "warning")
 
     def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype

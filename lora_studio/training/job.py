@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, merge
-from ..errors import OutOfMemoryError, StudioError
+from ..errors import OutOfMemoryError, StudioError, TrainingError
 from .events import Commands, Event, EventBus, Failed, Finished, Log, Metric, Progress, Sample, State, Stopped
 from .jobs import FINAL_STATES, Snapshot, starting
 from .memory import StepDown
-from .multi_gpu import is_distributed
+from .multi_gpu import is_distributed, is_main_process
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,23 @@ class TrainingJob:
             self.config.validate()
             self.config.require_paths()
             if self.run is None:
-                self.run = RunFolder.create(self.config)
+                self.run = self._create_run_folder()
             self.status = "starting"
             self._thread = threading.Thread(target=self._main, name=f"train-{self.run.name}", daemon=True)
             self._thread.start()
         return self
+
+    def _create_run_folder(self) -> RunFolder:
+        """The new run folder; a read-only or full disk (or no permission) becomes one TrainingError sentence."""
+        from .disk import write_fault
+
+        try:
+            return RunFolder.create(self.config)
+        except Exception as exc:
+            fault = write_fault(exc, self.config.output_dir)
+            if fault is None:
+                raise
+            raise TrainingError(fault) from None
 
     def stop(self) -> None:
         if self.is_running():
@@ -110,6 +122,9 @@ class TrainingJob:
     # --- the thread --------------------------------------------------------------------------------
     def _main(self) -> None:
         try:
+            if is_main_process():
+                for leftover in self.run.remove_stale_temps():  # what a killed process was writing
+                    log.info("removed the leftover %s", leftover)
             self.run.write_state(status="starting", pid_started_at=time.time())
             files = self._train_fitting()
             self.files = [str(f) for f in files]
@@ -118,12 +133,25 @@ class TrainingJob:
         except StudioError as exc:
             self._fail(str(exc))
         except Exception as exc:  # an unexpected bug: keep the traceback in the log, show one sentence
-            log.exception("training crashed")
-            self._log.append(traceback.format_exc())
-            self._fail(f"Training crashed with an unexpected error: {exc.__class__.__name__}: {exc}. "
-                       "The run can be resumed from its last checkpoint; please report this with the log.")
+            self._crashed(exc)
         finally:
             self._done.set()
+
+    def _crashed(self, exc: Exception) -> None:
+        from .disk import checkpoint_note, write_fault
+
+        fault = write_fault(exc, self.run.path)
+        if fault is not None:  # a disk fault outside the loop (job.json, leftovers, loading)
+            log.info("%s", fault)
+            self._fail(fault + checkpoint_note(self.run))
+            return
+        log.exception("training crashed")
+        self._log.append(traceback.format_exc())
+        latest = self.run.latest_checkpoint()
+        where = (f"The run can be resumed from its last checkpoint ({latest[1]})" if latest else
+                 "No checkpoint had been saved yet, so Resume starts it again from step 0")
+        self._fail(f"Training crashed with an unexpected error: {exc.__class__.__name__}: {exc}. "
+                   f"{where}; please report this with the log.")
 
     def _train_fitting(self) -> list[Path]:
         """``run_training``; on out-of-memory with ``auto_fit``, again with the next smaller setting, until it fits.
@@ -199,6 +227,8 @@ class TrainingJob:
         if isinstance(event, Progress):
             self._progress = event
         elif isinstance(event, Metric):
+            if self._losses and self._losses[-1][0] >= event.step:  # resumed before these steps: trained again
+                self._losses = [(s, v) for s, v in self._losses if s < event.step]
             self._losses.append((event.step, event.loss))
             self._memory = {k: v for k, v in event.values.items() if k.endswith("_gb")}
         elif isinstance(event, Log):

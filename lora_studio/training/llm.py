@@ -140,7 +140,10 @@ class LLMTrainer(Trainer):
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.logits_mode = answer_logits_mode(model)
-        self.model = self._add_lora(model)
+        from ..models.load_lock import model_loading
+
+        with model_loading("the LoRA"):  # new LoRA layers must not be built while another thread loads
+            self.model = self._add_lora(model)
         for p in self.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
@@ -206,6 +209,13 @@ class LLMTrainer(Trainer):
             loss = causal_lm_loss(model, inputs, self.logits_mode)
         self.tokens_seen += int(inputs["attention_mask"].sum())
         return loss
+
+    def export_extra_bytes(self) -> int:
+        """With ``save_merged_model``, the merged full model: about 2 bytes per base weight (bf16/fp16; a 4-bit
+        base counts its packed weights, so this is on the low side)."""
+        if not self.config.save_merged_model:
+            return 0
+        return 2 * sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
 
     def step_metrics(self) -> dict[str, float]:
         tokens, since = self._last_tokens

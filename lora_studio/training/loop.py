@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import OutOfMemoryError, StudioError, TrainingError
 from ..fileio import atomic_write
+from .disk import check_free_space, checkpoint_note, run_bytes, write_fault
 from .events import Checkpoint, Commands, EventBus, Finished, Metric, Progress, Sample, Stopped
 from .multi_gpu import any_process, mean_over_processes
 from .run_folder import RunFolder
@@ -96,6 +98,10 @@ class Trainer(ABC):
         """Render a sample for ``config.sample_prompt`` into ``run.samples_dir``; None if not supported."""
         return None
 
+    def export_extra_bytes(self) -> int:
+        """Bytes the export writes besides the LoRA files (the free-space check adds them); none by default."""
+        return 0
+
     def step_metrics(self) -> dict[str, float]:
         """Extra numbers for this step's metrics record (e.g. tokens per second); none by default."""
         return {}
@@ -157,10 +163,21 @@ class _Checkpointer:
         final = run.checkpoint_dir(step)
         tmp = final.with_name(f".{final.name}.tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        try:
+            self._write(tmp, step, epoch, batch_in_epoch)
+        except BaseException:  # a full disk: give back what the half-written checkpoint took
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        run.prune_checkpoints(t.config.keep_checkpoints)
+        return final
+
+    def _write(self, tmp: Path, step: int, epoch: int, batch_in_epoch: int) -> None:
+        t = self.trainer
         t.save_lora(tmp, f"{t.config.output_name}-step{step:06d}", step, epoch)
         state = {
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
@@ -173,13 +190,6 @@ class _Checkpointer:
             state["scaler"] = scaler.state_dict()
         atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
         (tmp / "done").write_text(str(step), encoding="utf-8")
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        tmp.rename(final)
-        run.prune_checkpoints(t.config.keep_checkpoints)
-        return final
 
     def load(self, folder: Path) -> dict[str, Any]:
         t = self.trainer
@@ -217,10 +227,16 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
         if is_out_of_memory(exc):
             free_memory()
             raise OutOfMemoryError(out_of_memory_advice(trainer.config, trainer.family)) from None
+        fault = write_fault(exc, trainer.run.path, loop.need)
+        if fault is not None:
+            raise TrainingError(fault + checkpoint_note(trainer.run)) from None
         raise
     finally:
-        if loop.writer:
-            loop.writer.close()
+        if loop.writer is not None:  # also after a failure: what TensorBoard got so far is flushed to disk
+            try:
+                loop.writer.close()
+            except Exception as exc:  # a full disk: the run's own error says so already
+                trainer.say(f"TensorBoard logs could not be closed: {exc}", "warning")
         trainer.cleanup()
         free_memory()
 
@@ -235,6 +251,7 @@ class _Loop:
         self.step, self.start_epoch, self.skip = 0, 0, 0
         self.last_good: Path | None = None
         self.writer = None
+        self.need: int | None = None  # bytes the run writes (the free-space check's estimate)
 
     # --- before the first step ---------------------------------------------------------------------
     def prepare(self, resume: bool) -> None:
@@ -254,16 +271,19 @@ class _Loop:
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
         t.prepared_models = self.models
         self.ckpt = _Checkpointer(t, self.optimizer, self.scheduler)
+        self.need = _check_disk_space(t, self.total)
         if resume:
             self._resume()
         self.last_good = self.run.latest_checkpoint()[1] if self.run.latest_checkpoint() else None
-        self.writer = _tensorboard(self.run) if self.main else None
+        self.writer = _tensorboard(self.run, self.step) if self.main else None
         self._announce()
 
     def _resume(self) -> None:
         latest = self.run.latest_checkpoint()
         if latest is None:
             self.t.say("No checkpoint to resume from: starting this run from step 0.", "warning")
+            if self.main:
+                self.run.truncate_metrics(0)  # the steps are trained again: no row may stay twice
             return
         state = self.ckpt.load(latest[1])
         self.step, self.start_epoch, self.skip = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -390,6 +410,25 @@ class _Loop:
         return files
 
 
+def _check_disk_space(trainer: Trainer, total: int) -> int:
+    """Refuse to train when the run's disk cannot hold its checkpoints and exported files (the main process
+    decides, all processes stop together); returns the estimate."""
+    params = trainer.trainable_parameters()
+    count = sum(p.numel() for p in params)
+    size = max((p.element_size() for p in params), default=4)
+    need, parts = run_bytes(trainer.config, count, size, total, getattr(trainer, "resolution", None),
+                            trainer.export_extra_bytes())
+    short = None
+    if trainer.accelerator.is_main_process:
+        try:
+            check_free_space(trainer.run.path, need, parts)
+        except TrainingError as exc:
+            short = exc
+    if any_process(trainer.accelerator, short is not None):
+        raise short or TrainingError("The main process found too little free disk space for this run; see its log.")
+    return need
+
+
 def _smaller_preset_hint(family: str, is_smaller) -> str:
     """' Try the preset X (...).' for the largest preset of the family that ``is_smaller(values)`` accepts."""
     from ..presets import list_presets
@@ -431,9 +470,12 @@ def _no_sync(acc, models: Sequence[torch.nn.Module]) -> contextlib.ExitStack:
     return stack
 
 
-def _tensorboard(run: RunFolder):
+def _tensorboard(run: RunFolder, step: int = 0):
+    """The run's TensorBoard writer. When the logs already hold events (a resumed or restarted run), the
+    steps after ``step`` are purged (``purge_step``), so TensorBoard shows each step once, not doubled curves."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is in requirements.txt; keep training without it
         return None
-    return SummaryWriter(log_dir=str(run.logs_dir))
+    earlier = run.logs_dir.is_dir() and any(run.logs_dir.glob("events.out.tfevents.*"))
+    return SummaryWriter(log_dir=str(run.logs_dir), purge_step=step + 1 if earlier else None)

@@ -14,6 +14,7 @@ The UI rebuilds its view from this folder after a browser refresh or an app rest
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any
 
 from ..config import TrainConfig, load_config
 from ..errors import ConfigError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, is_temp_name
 from .events import COMMAND_NAMES
 from .multi_gpu import ENV_RUN_DIR, broadcast_from_main, is_main_process
 
@@ -66,10 +67,14 @@ class RunFolder:
                 n += 1
                 path = root / f"{config.output_name}-{stamp}-{n}"
         run = cls(path)
-        for sub in ("logs", "checkpoints", "samples"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
-        config.save(run.config_path)
-        run.write_state(status="created", step=0, created_at=time.time())
+        try:
+            for sub in ("logs", "checkpoints", "samples"):
+                (path / sub).mkdir(parents=True, exist_ok=True)
+            config.save(run.config_path)
+            run.write_state(status="created", step=0, created_at=time.time())
+        except BaseException:  # a full or read-only disk: leave no half-made run folder behind
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return run
 
     @classmethod
@@ -125,7 +130,14 @@ class RunFolder:
             return {**state, **changes}
         state.update(changes)
         state["updated_at"] = time.time()
-        atomic_write_json(self.state_path, state)
+        try:
+            atomic_write_json(self.state_path, state)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.state_path.is_file():
+                raise
+            # A full disk has no room for a second copy: rewrite in place (the old blocks are freed first),
+            # so a failed run still says why it failed.
+            self.state_path.write_text(json.dumps(state, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         return state
 
     # --- metrics ---------------------------------------------------------------------------------
@@ -145,9 +157,27 @@ class RunFolder:
         return rows
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop metrics beyond ``after_step`` (a resumed run repeats those steps)."""
-        rows = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        """Keep the metrics up to ``after_step``, each step once (a resumed run repeats the later steps).
+
+        A step found twice (left by an older file that was never trimmed) keeps its last row."""
+        by_step = {r.get("step", 0): r for r in self.read_metrics() if r.get("step", 0) <= after_step}
+        rows = [by_step[s] for s in sorted(by_step)]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the temporary files and folders a killed process left (``.<name>.<random>.tmp``,
+        ``.step_N.tmp``, ``.diffusers.tmp-*`` ...). Only call it while no process writes this run."""
+        removed = []
+        for folder, dirs, files in os.walk(self.path):
+            for name in [d for d in dirs if is_temp_name(d)] + [f for f in files if is_temp_name(f)]:
+                target = Path(folder) / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+                removed.append(target)
+            dirs[:] = [d for d in dirs if not is_temp_name(d)]
+        return removed
 
     # --- commands from another process ------------------------------------------------------------
     def request_command(self, name: str) -> Path:

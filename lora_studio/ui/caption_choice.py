@@ -69,10 +69,10 @@ def family_from_training(base_model: str | None, model_family: str | None) -> tu
 
 
 def caption_table(root: Path, captions: Mapping[str, str], files: list[str], family: str | None,
-                  base_model: str | None, thumbnail: Callable[[Path], str]) -> tuple[list[list[str]], int]:
+                  base_model: str | None, thumbnail: Callable[[Path, str], str]) -> tuple[list[list[str]], int]:
     """Rows ``[thumbnail, file, caption, tokens]`` and how many captions the family's encoder cuts."""
     checks = check_lengths({f: captions.get(f, "") for f in files}, family or "", base_model or None)
-    rows = [[thumbnail(root / f), f, captions.get(f, ""), checks[f].label() if f in checks else ""] for f in files]
+    rows = [[thumbnail(root, f), f, captions.get(f, ""), checks[f].label() if f in checks else ""] for f in files]
     return rows, sum(1 for c in checks.values() if c.cut)
 
 

@@ -13,7 +13,9 @@ import gradio as gr
 
 from ..captioning.edits import CaptionEdit, apply_edits, preview_edits
 from ..captioning.style import place_trigger, shape_caption
-from ..data.captions import METADATA_NAME, load_captions, relative_name, write_metadata_csv, write_txt_captions
+from ..errors import DatasetError
+from ..data.captions import (METADATA_NAME, load_captions, path_inside, relative_name, write_metadata_csv,
+                             write_txt_captions)
 from ..data.images import list_images
 from .caption_choice import CaptionSetup, build_captioners, caption_table, cut_note, merge_pair
 from .common import CancelFlags, friendly, progress_callback, session_key, thumbnail_html
@@ -36,7 +38,15 @@ def rows_to_captions(rows) -> dict[str, str]:
 
 def _table(root: Path, captions: dict[str, str], files: list[str], family: str | None = None,
            base_model: str | None = None) -> tuple[list[list[str]], int]:
-    return caption_table(root, captions, files, family, base_model, thumbnail_html)
+    return caption_table(root, captions, files, family, base_model, _thumbnail)
+
+
+def _thumbnail(root: Path, name: str) -> str:
+    """The thumbnail of ``root/name``; a name from the page that leads outside the folder is not read."""
+    try:
+        return thumbnail_html(path_inside(root, name))
+    except DatasetError:
+        return "(outside the folder)"
 
 
 def _captioners(ctx: StudioContext, kinds: list[str], setup: CaptionSetup):
@@ -194,6 +204,8 @@ class CaptionActions:
             raise gr.Error("The table has no captions to save. Load or run captioning first.")
         if not formats_v:
             raise gr.Error("Choose metadata.csv and/or .txt files to save to.")
+        for name in captions:  # names come from the page: each must stay inside the folder, before any write
+            path_inside(root, name)
         written = []
         if "metadata.csv" in formats_v:
             written.append(write_metadata_csv(root / METADATA_NAME, captions))

@@ -78,7 +78,11 @@ def run_choices(output_dir: str | Path, limit: int = 30) -> list[tuple[str, str]
         if status in ("training", "starting", "saving"):
             status = "running or interrupted"
         step, total = state.get("step", 0), state.get("total", 0)
-        out.append((f"{run.name}  -  {status} at {step}/{total or '?'}", str(run.path)))
+        label = f"{run.name}  -  {status} at {step}/{total or '?'}"
+        message = str(state.get("message") or "")
+        if status == "failed" and message:  # why, in short: the full sentence is shown with Show
+            label += ": " + (message if len(message) <= 90 else message[:87].rstrip() + "...")
+        out.append((label, str(run.path)))
     return out
 
 
