@@ -363,6 +363,7 @@ def test_start_job_trains_here_on_one_gpu_and_launches_accelerate_on_several(mon
 
     cfg = TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16").validate()
     run = RunFolder.create(cfg)
+    real_job = job_module.TrainingJob
     monkeypatch.setattr(job_module, "TrainingJob", FakeJob)
     monkeypatch.setattr(process_job, "available_gpus", lambda: 2)
     monkeypatch.setattr(process_job.subprocess, "Popen", FakePopen)
@@ -373,7 +374,7 @@ def test_start_job_trains_here_on_one_gpu_and_launches_accelerate_on_several(mon
     assert isinstance(job, process_job.ProcessJob) and calls.pop() == ("accelerate", "bf16", 2, None)
     assert job.is_running() and jobs.running_job() is job
     with pytest.raises(StudioError, match="already in progress"):  # one run at a time, whatever its kind
-        jobs.start_job(cfg, 1)
+        real_job(cfg).start()
     job.proc.poll = lambda: 0  # the launched run ends
     jobs.start_job(None, 2, resume_dir=run.path)  # the run folder's config.yaml
     assert calls.pop() == ("accelerate", "bf16", 2, str(run.path))

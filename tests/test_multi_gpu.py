@@ -197,7 +197,10 @@ def test_process_job_prepares_one_run_folder(tmp_path, monkeypatch, tiny_sd15, d
     class FakePopen:
         def __init__(self, cmd, env, **kwargs):
             started.update(cmd=cmd, env=env)
-            self.pid = 4242
+            self.pid, self.returncode = 4242, 0
+
+        def poll(self):  # the launched run has ended (the next test may start one)
+            return 0
 
     monkeypatch.setattr(process_job.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(process_job, "available_gpus", lambda: 2)
