@@ -41,7 +41,8 @@ def client_for(app):
 
 
 def _table(rows: list[list[str]]) -> dict:
-    return {"headers": ["image", "file", "caption"], "data": rows, "metadata": None}
+    """The Captioning tab's table: image, file, caption, tokens."""
+    return {"headers": ["image", "file", "caption", "tokens"], "data": [r + [""] for r in rows], "metadata": None}
 
 
 def test_caption_names_from_the_page_stay_inside_the_folder(app, tmp_path):
@@ -68,7 +69,7 @@ def test_caption_names_from_the_page_stay_inside_the_folder(app, tmp_path):
 
     Image.new("RGB", (8, 8), "red").save(victim / "secret.png")
     table, _ = client.predict(str(images), _table([["", os.path.relpath(victim / "secret.png", images), "x"]]),
-                              "", "", "", "", "", "", False, False, False, api_name="/apply_caption_edit")
+                              "sd15", "", "", "", "", "", "", "", False, False, False, api_name="/apply_caption_edit")
     assert table["data"][0][0] == "(outside the folder)"
     saved = client.predict(str(images), _table([["", "img_000.png", "demo style, fine"]]), [".txt files"],
                            api_name="/save_captions")
@@ -103,6 +104,8 @@ def test_two_starts_at_once_start_one_run(app):
     from gradio_client.exceptions import AppError
 
     server, outputs = app
+    for image in (outputs / "demo" / "images").glob("*.png"):  # the demo's images come uncaptioned
+        image.with_suffix(".txt").write_text("demo style, a shape", encoding="utf-8")
     clients = [client_for(server), client_for(server)]
     params = {**_defaults(clients[0], "/start_training"), "max_train_steps": 3, "save_steps": 0,
               "sample_steps": 0}
