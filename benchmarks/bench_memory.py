@@ -86,14 +86,14 @@ def build_unet(config: dict[str, Any], device: str | torch.device, dtype: torch.
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from lora_studio.config import DEFAULT_UNET_TARGETS
+    from lora_studio.families import SD_ATTENTION
 
     with torch.device(device):
         unet = UNet2DConditionModel(**config)
     unet.requires_grad_(False)
     unet.to(dtype=dtype)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(DEFAULT_UNET_TARGETS)))
+                                target_modules=list(SD_ATTENTION)))
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -367,12 +367,12 @@ def run_preset(name: str, family: str, values: dict[str, Any], device: str, step
                say: Callable[[str], None] = print) -> StepResult:
     """Train ``steps`` LoRA steps (after 2 warm-up steps) with a preset's settings; memory and speed."""
     from lora_studio.config import TrainConfig
-    from lora_studio.training.diffusion import DEFAULT_RESOLUTION
+    from lora_studio.families import get_family
     from lora_studio.training.memory import estimate_breakdown
 
     cfg = TrainConfig().replace(**values)
     config = (SMALL_CONFIGS if small else UNET_CONFIGS)[family]
-    resolution = 64 if small else (cfg.resolution or DEFAULT_RESOLUTION[family])
+    resolution = 64 if small else (cfg.resolution or get_family(family).default_resolution)
     cuda = device == "cuda"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32) if cuda \
         else torch.float32
@@ -380,7 +380,7 @@ def run_preset(name: str, family: str, values: dict[str, Any], device: str, step
     unet = build_unet(config, device, dtype, cfg.lora_rank)
     text_encoder = None
     if family in ("sd15", "sd2") and not small:  # the SD1.5 trainer keeps its frozen text encoder on the GPU
-        text_encoder = torch.empty(123_060_480, dtype=dtype, device=device)
+        text_encoder = torch.empty(123_060_480, dtype=dtype, device=device)  # noqa: F841 - held during the steps
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -423,7 +423,6 @@ def run_preset(name: str, family: str, values: dict[str, Any], device: str, step
     flops = forward_flops(family, resolution) * cfg.batch_size if not small else 0
     factor = 3 if cfg.gradient_checkpointing else 2
     estimate = estimate_breakdown(cfg.replace(resolution=resolution), family).training_gb if not small else 0.0
-    del unet, optimizer, text_encoder, args, kwargs
     return StepResult(name, peak, 1 / seconds, flops * factor / seconds / 1e12, estimate, resolution)
 
 
@@ -465,10 +464,10 @@ def report_count(families: list[str], say: Callable[[str], None] = print) -> lis
         "per MP checkpointed (MB) | LoRA params (rank 16) | UNet params | forward TFLOP |")
     say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     out = []
-    from lora_studio.training.diffusion import DEFAULT_RESOLUTION
+    from lora_studio.families import get_family
 
     for family in families:
-        res = DEFAULT_RESOLUTION[family]
+        res = get_family(family).default_resolution
         for batch in (1, 2):
             c = count_activations(family, res, batch)
             full_mp, ckpt_mp = c.per_megapixel()
@@ -628,7 +627,7 @@ def report_peaks(say: Callable[[str], None] = print,
     Returns (preset, StepPeak, measured GB with the frozen SD1.5 text encoder, estimate of the same GB)."""
     from lora_studio.config import TrainConfig
     from lora_studio.presets import list_presets
-    from lora_studio.training.diffusion import DEFAULT_RESOLUTION
+    from lora_studio.families import get_family
     from lora_studio.training.memory import CONTEXT_GB, WORKSPACE_GB, estimate_breakdown
 
     say("| preset | batch | checkpointing | resolution | weights GB | step peak GB | measured total GB | "
@@ -640,7 +639,7 @@ def report_peaks(say: Callable[[str], None] = print,
             if only and preset.name not in only:
                 continue
             cfg = TrainConfig().replace(**preset.values)
-            resolution = cfg.resolution or DEFAULT_RESOLUTION[family]
+            resolution = cfg.resolution or get_family(family).default_resolution
             dtype = torch.float32 if cfg.mixed_precision == "no" else torch.float16
             peak = measure_step_peak(family, resolution, cfg.batch_size, cfg.gradient_checkpointing, cfg.optimizer,
                                      dtype=dtype, rank=cfg.lora_rank)

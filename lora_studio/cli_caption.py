@@ -134,7 +134,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def add_caption_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``caption`` on ``subparsers`` (from ``parser.add_subparsers()``)."""
-    from lora_studio.captioning.clip_tags import DEFAULT_CLIP
+    from lora_studio.captioning import DEFAULT_CLIP
     from lora_studio.captioning.style import STYLES, TRIGGER_PLACEMENTS
     from lora_studio.captioning.token_limits import FAMILY_LIMITS
 

@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from .inference.grid import RenderSettings, lora_display_name, parse_strengths, render_grid
 
 
 def add_generate_parser(sub) -> None:
@@ -36,6 +35,8 @@ def add_generate_parser(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .inference.grid import RenderSettings, lora_display_name, parse_strengths, render_grid
+
     strengths = parse_strengths(args.strengths)
     settings = RenderSettings(prompt=args.prompt, negative=args.negative, seed=args.seed, steps=args.steps,
                               cfg=args.cfg, width=args.size, height=args.size)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import load_config, parse_overrides
 from .errors import StudioError
+from .training.events import Checkpoint, Event, Failed, Finished, Log, Metric, Progress, Sample, Stopped
 
 
 def add_train_parser(sub) -> None:
@@ -36,40 +37,61 @@ def add_doctor_parser(sub) -> None:
     p.set_defaults(func=cmd_doctor)
 
 
-class _TerminalView:
-    """Prints log lines and a one-line progress bar for a job's events (main process only)."""
+class TerminalView:
+    """Prints log lines and a progress bar for a job's events (main process only).
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    On a terminal the bar is redrawn in place; when standard error is not a terminal (a log file, CI, a
+    process started by a GUI) it prints a plain line every ``every_percent`` percent instead.
+    """
+
+    def __init__(self, stream=None, every_percent: int = 5):
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every_percent
         self.last_loss: float | None = None
+        self.last_percent = -1
         self.bar_shown = False
 
-    def __call__(self, event) -> None:
-        d = event.data
-        if event.kind == "metrics":
-            self.last_loss = d["loss"]
-        elif event.kind == "progress" and d.get("total"):
-            step, total = d["step"], d["total"]
-            width = 30
-            filled = int(width * step / max(total, 1))
-            loss = f" loss {self.last_loss:.4f}" if self.last_loss is not None else ""
-            speed = f" {d.get('it_per_s', 0):.2f} it/s" if d.get("it_per_s") else ""
-            eta = f" ETA {d['eta']}" if d.get("eta") else ""
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total}{loss}{speed}{eta}   ")
-            self.stream.flush()
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Metric):
+            self.last_loss = event.loss
+        elif isinstance(event, Progress) and event.total:
+            self._progress(event)
+        elif isinstance(event, (Log, Checkpoint, Sample, Finished, Stopped, Failed)):
+            self._line(event)
+
+    def _progress(self, p: Progress) -> None:
+        loss = f" loss {self.last_loss:.4f}" if self.last_loss is not None else ""
+        speed = f" {p.it_per_s:.2f} it/s" if p.it_per_s else ""
+        eta = f" ETA {p.eta}" if p.eta else ""
+        if self.tty:
+            filled = int(30 * p.step / max(p.total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {p.step}/{p.total}{loss}{speed}{eta}   ")
             self.bar_shown = True
-        elif event.kind in ("log", "checkpoint", "sample", "finished", "stopped", "failed"):
-            if self.bar_shown:
-                self.stream.write("\n")
-                self.bar_shown = False
-            text = d.get("message") or f"{event.kind}: {d.get('path', '')}"
-            prefix = {"failed": "error: ", "checkpoint": "saved checkpoint ", "sample": "sample "}.get(event.kind, "")
-            if event.kind in ("checkpoint", "sample"):
-                text = d["path"]
-            if d.get("level") == "warning":
-                prefix = "warning: "
-            self.stream.write(prefix + text + "\n")
-            self.stream.flush()
+        else:
+            percent = 100 * p.step // max(p.total, 1)
+            if percent // self.every == self.last_percent // self.every and p.step != p.total:
+                return
+            self.last_percent = percent
+            self.stream.write(f"step {p.step}/{p.total} ({percent}%){loss}{speed}{eta}\n")
+        self.stream.flush()
+
+    def _line(self, event: Event) -> None:
+        if self.bar_shown:
+            self.stream.write("\n")
+            self.bar_shown = False
+        if isinstance(event, Checkpoint):
+            text = f"saved checkpoint {event.path}"
+        elif isinstance(event, Sample):
+            text = f"sample {event.path}"
+        elif isinstance(event, Failed):
+            text = f"error: {event.message}"
+        elif isinstance(event, Log) and event.level == "warning":
+            text = f"warning: {event.message}"
+        else:
+            text = event.message
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -86,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset = auto_preset(args.config, overrides) if args.preset == "auto" else args.preset
         job = TrainingJob(load_config(args.config, preset=preset, overrides=overrides))
     if is_main_process():
-        job.bus.subscribe(_TerminalView())
+        job.bus.subscribe(TerminalView())
     job.start()
     previous = signal.getsignal(signal.SIGINT)
 
@@ -111,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def auto_preset(config_path: str | None, overrides: dict) -> str | None:
     """The preset for the config's base model family that fits the detected GPU (None without a GPU)."""
-    from .models.family import family_info
+    from .models.detect import family_info
     from .hardware import detect_gpu
 
     cfg = load_config(config_path, overrides=overrides)
@@ -216,6 +238,6 @@ def _doctor_train(steps: int) -> bool:
         if job.status != "finished":
             print(f"  tiny training FAILED: {job.error}")
             return False
-        losses = ", ".join(f"{loss:.3f}" for _, loss in snap["losses"])
+        losses = ", ".join(f"{loss:.3f}" for _, loss in snap.losses)
         print(f"  tiny training OK in {time.time() - started:.1f}s; losses: {losses}")
         return True

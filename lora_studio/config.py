@@ -19,9 +19,12 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from .errors import ConfigError
+from .families import FAMILY_IDS, get_family
 from .fileio import atomic_write_text
+from .presets import load_preset
+from .yaml_files import read_yaml_mapping
 
-FAMILIES = ("auto", "sd15", "sd2", "sdxl", "llm")
+FAMILIES = ("auto",) + FAMILY_IDS
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = (
@@ -35,16 +38,18 @@ LR_SCHEDULERS = (
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 CACHE_MODES = ("memory", "disk", "none")
 
-DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-DEFAULT_LLM_TARGETS = ["q_proj", "v_proj"]
+# What a field holds, beyond its Python type. Paths are checked by these kinds (the shared app's path policy):
+#   model   a folder, a file or a hub id (owner/name)      data    an existing file or folder to read
+#   file    an existing file (or a LoRA/adapter folder)     output  a folder that is created when missing
+# The others come from the type: bool, number, choice, list, text.
+PATH_KINDS = ("model", "data", "file", "output")
 
 
 def _opt(default: Any, help: str, *, choices: Iterable[str] | None = None, min: float | None = None,
-         max: float | None = None, group: str = "main") -> Any:
-    """A dataclass field with help text and the allowed values kept in its metadata."""
+         max: float | None = None, group: str = "main", kind: str | None = None) -> Any:
+    """A dataclass field with help text, its kind and the allowed values kept in its metadata."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
-            "group": group}
+            "group": group, "kind": kind}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -55,21 +60,22 @@ class TrainConfig:
     """Everything a training run needs. Field names are the YAML keys."""
 
     # --- what to train -------------------------------------------------------------------------------
-    base_model: str = _opt("", "Base model: a diffusers folder, a hub id, or a single .safetensors checkpoint.")
-    model_family: str = _opt("auto", "sd15, sd2, sdxl or llm; 'auto' detects it from the model files.",
+    base_model: str = _opt("", "Base model: a diffusers folder, a hub id, or a single .safetensors checkpoint.",
+                           kind="model")
+    model_family: str = _opt("auto", f"{', '.join(FAMILY_IDS)}; 'auto' detects it from the model files.",
                              choices=FAMILIES)
     vae: str | None = _opt(None, "Optional VAE (folder, hub id or file), e.g. an fp16-safe SDXL VAE.",
-                           group="advanced")
+                           group="advanced", kind="model")
     single_file_config: str | None = _opt(
         None, "For a single-file checkpoint (.safetensors/.ckpt): a diffusers folder or hub id of the same family "
         "whose configs and tokenizer it uses. Empty: the family's standard ones from the hub (a few MB, once).",
-        group="advanced")
-    train_data_dir: str = _opt("", "Folder with the training images (or LLM data file/folder).")
+        group="advanced", kind="model")
+    train_data_dir: str = _opt("", "Folder with the training images (or LLM data file/folder).", kind="data")
     metadata_path: str | None = _opt(None, "Caption table (metadata.csv). Empty: use <train_data_dir>/"
-                                     "metadata.csv if present, else .txt caption files.")
+                                     "metadata.csv if present, else .txt caption files.", kind="file")
     caption_extension: str = _opt(".txt", "Extension of kohya-style caption files next to the images.",
                                   group="advanced")
-    output_dir: str = _opt("output", "Folder where runs and the exported LoRA are written.")
+    output_dir: str = _opt("output", "Folder where runs and the exported LoRA are written.", kind="output")
     output_name: str = _opt("my_lora", "File name of the exported LoRA (without extension).")
 
     # --- the LoRA ------------------------------------------------------------------------------------
@@ -83,7 +89,7 @@ class TrainConfig:
     text_encoder_lr: float | None = _opt(None, "Learning rate for the text encoder LoRA. Empty: learning_rate.",
                                          min=0.0, max=1.0, group="advanced")
     init_lora: str | None = _opt(None, "Continue training from an existing LoRA file (kohya, diffusers or "
-                                 "PEFT folder).")
+                                 "PEFT folder).", kind="file")
 
     # --- schedule ------------------------------------------------------------------------------------
     resolution: int | None = _opt(None, "Training resolution in pixels. Empty: 512 for SD1.5, 768 for SD2, "
@@ -179,11 +185,13 @@ class TrainConfig:
     def alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
-    def unet_targets(self) -> list[str]:
-        return list(self.target_modules or DEFAULT_UNET_TARGETS)
+    def targets_for(self, family: str) -> list[str]:
+        """``target_modules``, or the family's default layers when it is empty."""
+        return list(self.target_modules or get_family(family).default_targets)
 
-    def llm_targets(self) -> list[str]:
-        return list(self.target_modules or DEFAULT_LLM_TARGETS)
+    def resolution_for(self, family: str) -> int:
+        """``resolution``, or the family's default (512 when it has none)."""
+        return int(self.resolution or get_family(family).default_resolution or 512)
 
     # --- conversion ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +222,21 @@ ALIASES = {
     "save_every_n_steps": "save_steps",
     "optimizer_type": "optimizer",
 }
+
+
+def field_kind(f: dataclasses.Field) -> str:
+    """model, data, file, output (paths), or bool, number, choice, list, text (from the type)."""
+    if f.metadata.get("kind"):
+        return f.metadata["kind"]
+    t = _base_type(f)
+    if f.metadata.get("choices"):
+        return "choice"
+    return {"bool": "bool", "int": "number", "float": "number", "list[str]": "list"}.get(t, "text")
+
+
+def path_fields() -> list[dataclasses.Field]:
+    """The fields that hold a path (or a model reference), by their kind."""
+    return [f for f in fields(TrainConfig) if field_kind(f) in PATH_KINDS]
 
 
 def _allows_none(f: dataclasses.Field) -> bool:
@@ -306,31 +329,6 @@ def merge(base: TrainConfig, changes: Mapping[str, Any], source: str = "override
     return TrainConfig(**values).validate()
 
 
-def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; errors name the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("config", f"file '{p}' does not exist.")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError("config", f"'{p}' is not a text file (it is not UTF-8); give a YAML file such as "
-                                    "presets/lora_default.yaml.") from None
-    except OSError as exc:
-        raise ConfigError("config", f"'{p}' cannot be read: {exc.strerror or exc}.") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError("config", f"'{p}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("config", f"'{p}' must hold 'key: value' lines, not a {type(data).__name__}.")
-    return data
-
-
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """``["batch_size=2", "learning_rate=5e-5"]`` -> dict, values parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -345,8 +343,6 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike | None = None, *, preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Build a config: defaults <- preset <- YAML file <- overrides. Raises ConfigError."""
-    from .presets import load_preset  # local import: presets imports this module
-
     cfg = TrainConfig()
     file_values = read_yaml_mapping(path) if path else {}
     preset_name = preset or file_values.pop("preset", None)

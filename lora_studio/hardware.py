@@ -56,7 +56,8 @@ def mps_supports_bf16() -> bool:
         return False
 
 
-def adapt_precision(requested: str, kind: str, *, bf16_ok: bool = False, cpu_check: bool = False) -> tuple[str, str | None]:
+def adapt_precision(requested: str, kind: str, *, bf16_ok: bool = False,
+                    cpu_check: bool = False) -> tuple[str, str | None]:
     """The mixed precision a run on ``kind`` uses for ``requested``, and a sentence when it differs."""
     if requested == "no" or kind == "cuda":
         return requested, None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .yaml_files import read_yaml_mapping
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 TEMPLATE_NAME = "lora_default"
@@ -27,8 +28,6 @@ class Preset:
 
 
 def _read(path: Path) -> Preset:
-    from .config import read_yaml_mapping
-
     data = read_yaml_mapping(path)
     info = data.pop("preset_info", {}) or {}
     return Preset(name=path.stem, family=str(info.get("family", "sd15")), vram_gb=float(info.get("vram_gb", 0)),

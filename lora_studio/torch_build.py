@@ -56,8 +56,9 @@ def gpu_names(nvidia_smi_output: str) -> list[str]:
 
 def choose_torch(system: str, *, nvidia_smi: str | None = None, rocm: str | None = None,
                  override: str | None = None) -> TorchChoice:
-    """The build for a machine: ``system`` as ``platform.system()`` says, the output of ``nvidia-smi`` (and ``nvidia-smi -L``) and of
-    ``rocminfo``/``rocm-smi`` (None when the command is missing or failed), ``override`` = LORA_STUDIO_TORCH."""
+    """The build for a machine: ``system`` as ``platform.system()`` says, the output of ``nvidia-smi`` (and
+    ``nvidia-smi -L``) and of ``rocminfo``/``rocm-smi`` (None when the command is missing or failed),
+    ``override`` = LORA_STUDIO_TORCH."""
     if override and override.strip():
         return TorchChoice(override.strip(), f"LORA_STUDIO_TORCH is set: installing '{override.strip()}'.")
     if system == "Darwin":

@@ -48,14 +48,21 @@ def repair_command() -> str:
     return "launch.bat repair" if sys.platform == "win32" else "./launch.sh repair"
 
 
-def installed_versions() -> dict[str, str]:
-    """``{canonical name: version}`` of the installed distributions (the first one on ``sys.path`` wins)."""
-    out: dict[str, str] = {}
+def _installed() -> dict[str, tuple[str, list[str]]]:
+    """``{canonical name: (version, declared requirements)}``, each METADATA file parsed once (the first
+    distribution of a name on ``sys.path`` wins)."""
+    out: dict[str, tuple[str, list[str]]] = {}
     for dist in metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            out.setdefault(canonical(name), dist.version)
+        meta = dist.metadata
+        name = meta["Name"]
+        if name and canonical(name) not in out:
+            out[canonical(name)] = (meta["Version"], meta.get_all("Requires-Dist") or [])
     return out
+
+
+def installed_versions() -> dict[str, str]:
+    """``{canonical name: version}`` of the installed distributions."""
+    return {name: version for name, (version, _) in _installed().items()}
 
 
 def _version_ok(version: str, specifier) -> bool:
@@ -90,8 +97,10 @@ def requirement_problems(requirements: Iterable[str], installed: Mapping[str, st
     return problems
 
 
-def dependency_problems(roots: Iterable[str], installed: Mapping[str, str]) -> list[str]:
-    """Declared requirements that break, among the installed packages reachable from ``roots`` (pip check)."""
+def dependency_problems(roots: Iterable[str], installed: Mapping[str, str],
+                        requires: Mapping[str, list[str]]) -> list[str]:
+    """Declared requirements (``requires``: name -> Requires-Dist lines) that break, among the installed
+    packages reachable from ``roots`` (as ``pip check`` does)."""
     from packaging.requirements import InvalidRequirement, Requirement
 
     problems, seen, todo = [], set(), [canonical(r) for r in roots]
@@ -100,11 +109,7 @@ def dependency_problems(roots: Iterable[str], installed: Mapping[str, str]) -> l
         if name in seen or name not in installed:
             continue
         seen.add(name)
-        try:
-            requires = metadata.requires(name) or []
-        except metadata.PackageNotFoundError:
-            continue
-        for text in requires:
+        for text in requires.get(name, []):
             try:
                 req = Requirement(text)
             except InvalidRequirement:
@@ -148,7 +153,8 @@ def peft_floor_problems(floors: Mapping[str, str | None], installed: Mapping[str
 def install_problems(installed: Mapping[str, str] | None = None,
                      requirements: Iterable[str] | None = None) -> list[str]:
     """Every problem found, as short clauses (empty when the installation is whole)."""
-    installed = installed_versions() if installed is None else installed
+    found = _installed()
+    installed = {n: v for n, (v, _) in found.items()} if installed is None else installed
     if requirements is None:
         try:
             requirements = REQUIREMENTS.read_text(encoding="utf-8").splitlines()
@@ -158,7 +164,7 @@ def install_problems(installed: Mapping[str, str] | None = None,
     problems = requirement_problems(requirements, installed)
     roots = [line.split("#", 1)[0].split(";", 1)[0].strip() for line in requirements]
     roots = [re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0] for r in roots if r and not r.startswith("-")]
-    problems += dependency_problems(roots, installed)
+    problems += dependency_problems(roots, installed, {n: r for n, (_, r) in found.items()})
     problems += peft_floor_problems({p: peft_floor(p) for p in PEFT_FLOOR_SOURCES}, installed)
     return list(dict.fromkeys(problems))
 

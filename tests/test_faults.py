@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from lora_studio.training.events import Progress
+
 from lora_studio.config import TrainConfig
 from lora_studio.fileio import atomic_write_bytes, atomic_write_text, is_temp_name, make_temp_dir
 
@@ -72,14 +74,12 @@ class _Crash(Exception):
 
 def crash_after(step: int):
     def listener(event):
-        if event.kind == "progress" and event.data.get("step") == step and event.data.get("total"):
+        if isinstance(event, Progress) and event.step == step and event.total:
             raise _Crash(f"killed after step {step}")
     return listener
 
 
 def run(job, crash: int | None = None):
-    from lora_studio.training.job import TrainingJob
-
     if crash is not None:
         job.bus.subscribe(crash_after(crash))
     job = job.start()
@@ -119,7 +119,7 @@ def test_each_step_is_recorded_once_after_crashes_and_resumes(tiny_sd15, demo_im
 
     steps = [r["step"] for r in last.run.read_metrics()]
     assert steps == list(range(1, 9))
-    assert [s for s, _ in last.snapshot()["losses"]] == steps
+    assert [s for s, _ in last.snapshot().losses] == steps
     events = EventAccumulator(str(folder / "logs"))
     events.Reload()
     tb = events.Scalars("loss")
@@ -134,7 +134,7 @@ def test_training_reads_captions_of_a_relative_folder(tiny_sd15, demo_images, tm
     monkeypatch.chdir(demo_images.parent)
     job = run(TrainingJob(make_config(tiny_sd15, f"./{demo_images.name}", "out", max_train_steps=2)))
     assert job.status == "finished", job.error
-    assert any("8 images found in" in line and "8 with captions, 8 will train" in line for line in job.snapshot()["log"])
+    assert any("8 images found in" in line and "8 with captions, 8 will train" in line for line in job.snapshot().log)
 
 
 # --- two things at once ---------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def test_full_disk_during_training_fails_the_run_with_one_sentence(tiny_sd15, de
         filled = []
 
         def fill_once(event):
-            if not filled and (event.kind == when or event.data.get("state") == when):
+            if not filled and (event.kind == when or getattr(event, "state", None) == when):
                 filled.append(event.kind)
                 fill(disk)
 
@@ -354,7 +354,7 @@ def test_captions_longer_than_the_text_encoder_reads_are_counted(tiny_sd15, demo
     assert "approximately" in out
     job = run(TrainingJob(make_config(tiny_sd15, demo_images, tmp_path / "out", max_train_steps=1)))
     assert job.status == "finished", job.error
-    warnings = [line for line in job.snapshot()["log"] if "longer than the text encoder's limit" in line]
+    warnings = [line for line in job.snapshot().log if "longer than the text encoder's limit" in line]
     assert len(warnings) == 1 and warnings[0].startswith("2 of 8 captions") and "approximately" not in warnings[0]
     (demo_images / "img_000.txt").write_text("short", encoding="utf-8")
     (demo_images / "img_001.txt").write_text("short too", encoding="utf-8")

@@ -114,8 +114,8 @@ def test_two_starts_at_once_start_one_run(app):
     for round_no in range(3):
         starts = [lambda c=c: c.predict(**params, api_name="/start_training") for c in clients]
         if round_no == 2:  # Start on one client and Render strengths on the other, at the same moment
-            starts = [starts[0], lambda: clients[1].predict(lora, "", "demo style, a red circle", "", 1, 2, 5.0, 32,
-                                                            "0, 1", api_name="/render_strengths")]
+            starts = [starts[0], lambda lora=lora: clients[1].predict(lora, "", "demo style, a red circle", "", 1, 2,
+                                                                      5.0, 32, "0, 1", api_name="/render_strengths")]
         results = _at_once(*starts)
         if round_no < 2:
             refused = [r for r in results if isinstance(r, AppError)]

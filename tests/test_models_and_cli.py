@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lora_studio.errors import ModelLoadError
-from lora_studio.models.loading import detect_family, load_diffusion_pipeline, resolve_family
+from lora_studio.models.detect import detect_family, resolve_family
+from lora_studio.models.loading import load_diffusion_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,8 @@ import torch
 
 from lora_studio.config import TrainConfig
 from lora_studio.errors import ModelLoadError
-from lora_studio.models.loading import detect_family, load_diffusion_pipeline
+from lora_studio.models.detect import detect_family
+from lora_studio.models.loading import load_diffusion_pipeline
 from lora_studio.models.tiny import save_as_single_file
 from helpers import run_job
 
@@ -56,7 +57,7 @@ def test_a_lora_trains_on_a_single_file_and_renders_on_it(tiny_sd15, checkpoint,
                       batch_size=2, max_train_steps=6, save_steps=0, mixed_precision="no", seed=11).validate()
     job = run_job(cfg)
     assert job.status == "finished", job.error
-    log = job.snapshot()["log"]
+    log = job.snapshot().log
     assert any("(sd15)" in line for line in log)
     assert any("Export check passed" in line for line in log), log  # reloaded into a fresh single-file pipeline
     lora = job.run.path / "my_lora.safetensors"

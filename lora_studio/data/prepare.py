@@ -25,12 +25,12 @@ from lora_studio.data.captions import METADATA_NAME, path_inside, write_metadata
 from lora_studio.data.images import load_image_rgb
 from lora_studio.data.scan import ScanReport
 from lora_studio.errors import DatasetError
+from lora_studio.data import CAPTION_FORMATS  # noqa: F401  (re-exported)
+from lora_studio.data import PREPARE_MODES as MODES
 from lora_studio.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
-MODES = ("center_crop", "keep_aspect", "copy")
-CAPTION_FORMATS = ("txt", "csv", "both", "none")
 
 
 @dataclass

@@ -70,10 +70,8 @@ def _oriented_size(path: Path) -> tuple[int, int]:
 
 
 def _repeats(path: Path, root: Path) -> int:
-    try:
-        from .tags import repeats_for
-    except ImportError:  # pragma: no cover - tags module arrives with the dataset tools
-        return 1
+    from .tags import repeats_for
+
     return repeats_for(path, root)
 
 
@@ -139,7 +137,7 @@ class Batch(list):
         """``(epoch, global batch, position in it)`` of each sample."""
         return [(self.epoch, self.number, self.offset + k) for k in range(len(self))]
 
-    def generators(self, seed: int) -> list["torch.Generator"]:
+    def generators(self, seed: int) -> list:
         """One CPU ``torch.Generator`` per sample, seeded by ``(seed, epoch, global batch, position)``."""
         import torch
 

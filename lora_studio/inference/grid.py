@@ -121,7 +121,8 @@ class PipelineCache:
                  single_file_config: str | None = None):
         """The pipeline of ``base_model`` (loaded on first use, reused while the model stays the same);
         ``report`` hears how a hub download is going; ``single_file_config`` as in ``load_diffusion_pipeline``."""
-        from ..models.loading import detect_family, load_diffusion_pipeline
+        from ..models.detect import detect_family
+        from ..models.loading import load_diffusion_pipeline
 
         with self.lock:
             key = (str(base_model), vae or "", single_file_config or "")

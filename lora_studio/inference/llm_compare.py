@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..data.llm_data import load_tokenizer, prompt_ids
+from ..data.llm_data import prompt_ids
+from ..models.llm import load_causal_lm, load_tokenizer
 from ..errors import ModelLoadError
 from ..models.load_lock import model_loading
 
@@ -65,8 +66,6 @@ class LLMTester:
         from peft import PeftModel
 
         from ..export.peft_llm import is_adapter_folder
-        from ..training.llm import load_causal_lm
-
         if not is_adapter_folder(adapter_dir):
             raise ModelLoadError(f"'{adapter_dir}' is not a PEFT adapter folder (adapter_config.json + "
                                  "adapter_model.safetensors).")

@@ -20,12 +20,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import DEFAULT_TEXT_ENCODER_TARGETS, TrainConfig
+from ..config import TrainConfig
+from ..families import get_family
 from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight
 from ..errors import DatasetError
 from ..models.load_lock import model_loading
 from ..models.loading import load_diffusion_pipeline
-from .events import EventBus
+from .events import EventBus, Progress
 from .latent_cache import LatentCache, encode_latents_shared
 from .loop import Trainer
 from .run_folder import RunFolder
@@ -33,18 +34,15 @@ from .runtime import full_precision_forward, weight_dtype
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 VERIFY_STEPS, VERIFY_SIZE = 2, 64
 
 
 class DiffusionTrainer(Trainer):
-    family = "sd15"
     text_encoder_names = ("text_encoder",)
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "sd15"):
-        super().__init__(config, run, bus)
-        self.family = family
-        self.resolution = config.resolution or DEFAULT_RESOLUTION.get(family, 512)
+        super().__init__(config, run, bus, family)
+        self.resolution = config.resolution_for(family)
         self.pipe = None
         self.items: list[TrainItem] = []
         self.report: Preflight | None = None
@@ -63,11 +61,11 @@ class DiffusionTrainer(Trainer):
         for line in self.report.lines():
             self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
         self.items = list(self.report.items)
-        self.bus.emit("state", state="loading model")
+        self.bus.state("loading model")
         with model_loading(cfg.base_model):  # the model and its new LoRA layers, one load in the process at a time
             self._load_and_add_adapters()
         self._warn_long_captions()
-        self.bus.emit("state", state="caching latents")
+        self.bus.state("caching latents")
         self._cache_latents()
         self.pipe.vae.to("cpu")
         if not cfg.train_text_encoder:
@@ -79,7 +77,7 @@ class DiffusionTrainer(Trainer):
                     getattr(self.pipe, name).gradient_checkpointing_enable()
         self.say(f"Model: {cfg.base_model} ({self.family}), prediction type {self.prediction_type}, "
                  f"resolution {self.resolution}, weights {str(weight_dtype(acc)).replace('torch.', '')}, "
-                 f"LoRA rank {cfg.lora_rank} alpha {cfg.alpha:g} on {', '.join(cfg.unet_targets())}.")
+                 f"LoRA rank {cfg.lora_rank} alpha {cfg.alpha:g} on {', '.join(cfg.targets_for(self.family))}.")
 
     def _load_and_add_adapters(self) -> None:
         cfg, acc = self.config, self.accelerator
@@ -123,15 +121,17 @@ class DiffusionTrainer(Trainer):
         from peft import LoraConfig
 
         cfg = self.config
-        self.pipe.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                              init_lora_weights="gaussian", target_modules=cfg.unet_targets()))
+
+        def lora(targets) -> LoraConfig:
+            return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                              init_lora_weights="gaussian", target_modules=list(targets))
+
+        self.pipe.unet.add_adapter(lora(cfg.targets_for(self.family)))
         trained = [self.pipe.unet]
         if cfg.train_text_encoder:
             for name in self.text_encoder_names:
-                te = getattr(self.pipe, name)
-                te.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                          init_lora_weights="gaussian", target_modules=DEFAULT_TEXT_ENCODER_TARGETS))
-                trained.append(te)
+                getattr(self.pipe, name).add_adapter(lora(get_family(self.family).text_encoder_targets))
+                trained.append(getattr(self.pipe, name))
         if cfg.init_lora:
             from ..export.lora_state import apply_init_lora
 
@@ -148,7 +148,7 @@ class DiffusionTrainer(Trainer):
         skipped: list[str] = []
 
         def progress(done: int, total: int) -> None:
-            self.bus.emit("progress", step=0, total=0, stage="caching latents", done=done, of=total)
+            self.bus.emit(Progress(stage="caching latents", done=done, of=total))
 
         def on_error(item: TrainItem, exc: Exception) -> None:
             skipped.append(item.path.name)
@@ -194,7 +194,7 @@ class DiffusionTrainer(Trainer):
         """``pipe.<name>`` as the step must call it: through its DDP wrapper once the loop prepared it
         (a trained text encoder called around the wrapper would skip the gradient all-reduce)."""
         module = getattr(self.pipe, name)
-        for prepared in getattr(self, "prepared_models", None) or ():
+        for prepared in self.prepared_models:
             if self.accelerator.unwrap_model(prepared) is module:
                 return prepared
         return module
@@ -333,7 +333,7 @@ class DiffusionTrainer(Trainer):
                                             rank=cfg.lora_rank, alpha=cfg.alpha, family=self.family)
         files = [kohya_path, diffusers_dir]
         if cfg.verify_export:
-            self.bus.emit("state", state="verifying export")
+            self.bus.state("verifying export")
             report = self.verify(kohya_path)
             self.say(f"Export check passed: {report}")
             self.warn_if_little_effect(report.effect, report.atol, "the test image")

@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, load_config
-from ..fileio import atomic_write_json
+from ..errors import ConfigError
+from ..fileio import atomic_write_json, atomic_write_text, is_temp_name
+from .events import COMMAND_NAMES
+from .multi_gpu import ENV_RUN_DIR, broadcast_from_main, is_main_process
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
@@ -41,10 +44,8 @@ class RunFolder:
 
         Under several processes only the main process creates it and the others receive its path, so
         all of them write into one folder. A launcher may fix the folder beforehand through the
-        ``LORA_STUDIO_RUN_DIR`` environment variable (``multi_gpu.start_multi_gpu`` does).
+        ``LORA_STUDIO_RUN_DIR`` environment variable (``process_job.ProcessJob`` does).
         """
-        from .multi_gpu import ENV_RUN_DIR, broadcast_from_main, is_main_process
-
         path = str(cls._create_here(config, os.environ.get(ENV_RUN_DIR)).path) if is_main_process() else None
         return cls(Path(broadcast_from_main(path)))
 
@@ -78,8 +79,6 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: str | Path) -> "RunFolder":
-        from ..errors import ConfigError
-
         run = cls(Path(path))
         if not run.config_path.is_file():
             raise ConfigError("resume", f"'{path}' is not a run folder (it has no config.yaml).")
@@ -126,8 +125,6 @@ class RunFolder:
 
     def write_state(self, **changes: Any) -> dict[str, Any]:
         """Merge ``changes`` into ``job.json`` (only the main process writes it; others get the merge back)."""
-        from .multi_gpu import is_main_process
-
         state = self.read_state()
         if not is_main_process():
             return {**state, **changes}
@@ -165,15 +162,11 @@ class RunFolder:
         A step found twice (left by an older file that was never trimmed) keeps its last row."""
         by_step = {r.get("step", 0): r for r in self.read_metrics() if r.get("step", 0) <= after_step}
         rows = [by_step[s] for s in sorted(by_step)]
-        from ..fileio import atomic_write_text
-
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def remove_stale_temps(self) -> list[Path]:
         """Delete the temporary files and folders a killed process left (``.<name>.<random>.tmp``,
         ``.step_N.tmp``, ``.diffusers.tmp-*`` ...). Only call it while no process writes this run."""
-        from ..fileio import is_temp_name
-
         removed = []
         for folder, dirs, files in os.walk(self.path):
             for name in [d for d in dirs if is_temp_name(d)] + [f for f in files if is_temp_name(f)]:
@@ -186,14 +179,24 @@ class RunFolder:
             dirs[:] = [d for d in dirs if not is_temp_name(d)]
         return removed
 
-    # --- commands from another process (multi_gpu.request_command) ---------------------------------
+    # --- commands from another process ------------------------------------------------------------
+    def request_command(self, name: str) -> Path:
+        """Ask the run (training in another process) to ``stop``, ``save`` or ``sample`` at its next step."""
+        if name not in COMMAND_NAMES:
+            raise ValueError(f"unknown command {name!r}; one of {', '.join(COMMAND_NAMES)}")
+        folder = self.path / "commands"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        path.write_text(name, encoding="utf-8")
+        return path
+
     def take_commands(self) -> list[str]:
         """Names of the command files (``commands/stop``, ``save``, ``sample``) present, removing them."""
         folder = self.path / "commands"
         if not folder.is_dir():
             return []
         taken = []
-        for name in ("stop", "save", "sample"):
+        for name in COMMAND_NAMES:
             try:
                 (folder / name).unlink()
             except OSError:  # not requested (or already taken)
@@ -222,13 +225,6 @@ class RunFolder:
     def prune_checkpoints(self, keep: int) -> None:
         for _, d in self.list_checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(d, ignore_errors=True)
-
-    def lora_files(self) -> list[Path]:
-        """Exported LoRA files and checkpoint LoRA files of this run (for the Testing tab)."""
-        files = sorted(self.path.glob("*.safetensors"))
-        for _, d in self.list_checkpoints():
-            files += sorted(d.glob("*.safetensors"))
-        return files
 
 
 def list_runs(output_dir: str | Path) -> list[RunFolder]:

@@ -57,16 +57,12 @@ def build_demo(root: str | Path) -> DemoAssets:
     images = root / "images"
     if not images.is_dir() or not any(images.glob("*.png")):
         make_demo_images(images, count=DEMO_IMAGE_COUNT, size=DEMO_IMAGE_SIZE, with_captions=False)
-    llm_model = llm_data = None
-    try:  # the language-model side, when the LLM engine is installed
-        from ..models.tiny_llm import build_tiny_llm, make_demo_llm_data
+    from ..models.tiny_llm import build_tiny_llm, make_demo_llm_data
 
-        llm_model = build_tiny_llm(root / "tiny-llm")
-        llm_data = root / "llm_data.jsonl"
-        if not llm_data.is_file():
-            make_demo_llm_data(llm_data)
-    except ImportError:
-        log.info("no LLM engine: the demo covers image LoRAs only")
+    llm_model = build_tiny_llm(root / "tiny-llm")
+    llm_data = root / "llm_data.jsonl"
+    if not llm_data.is_file():
+        make_demo_llm_data(llm_data)
     log.info("demo assets ready in %.1fs under %s", time.time() - started, root)
     return DemoAssets(root=root, model=model, blip=blip, clip=clip, images=images, llm_model=llm_model,
                       llm_data=llm_data)

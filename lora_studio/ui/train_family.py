@@ -8,8 +8,8 @@
     choices.target_value  # ["q_proj", "v_proj"]
     choices.llm           # True: the tab unfolds the language-model settings
 
-Everything comes from the engine: ``models.family.family_info`` (family, its presets, the recommended
-preset) and ``training.llm.linear_module_names`` (the layer names a LoRA can target).
+Everything comes from the engine: ``models.detect.family_info`` (family, its presets, the recommended
+preset) and ``models.llm.linear_module_names`` (the layer names a LoRA can target).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DEFAULT_LLM_TARGETS, DEFAULT_UNET_TARGETS, TrainConfig
+from ..config import TrainConfig
+from ..families import get_family
 from ..errors import StudioError
-from ..models.family import family_info
+from ..models.detect import family_info
 from ..presets import get_preset
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def preset_choices(preset_names: list[str]) -> list[tuple[str, str]]:
 
 def llm_layer_names(base_model: str) -> list[str]:
     """The model's Linear layer names, or [] when the model cannot be read."""
-    from ..training.llm import linear_module_names
+    from ..models.llm import linear_module_names
 
     try:
         return linear_module_names(base_model)
@@ -68,10 +69,11 @@ def targets_info(base_model: str, family: str, names: list[str] | None = None) -
     """Help for target_modules: for a language model, the Linear layer names it actually has."""
     if family != "llm":
         return ("Layers that get a LoRA: pick or type names (Enter adds one). Empty: "
-                f"{', '.join(DEFAULT_UNET_TARGETS)}.")
+                f"{', '.join(get_family(family).default_targets)}.")
     names = llm_layer_names(base_model) if names is None else names
     found = ", ".join(names) if names else "(could not read the model)"
-    return (f"Layers that get a LoRA (empty: {', '.join(DEFAULT_LLM_TARGETS)}). This model's Linear layers: "
+    default = ", ".join(get_family("llm").default_targets)
+    return (f"Layers that get a LoRA (empty: {default}). This model's Linear layers: "
             f"{found}.")
 
 
@@ -113,10 +115,10 @@ def family_choices(base_model: str, family: str = "auto", gpu_gb: float | None =
     llm = info.family == "llm"
     if llm:
         names = llm_layer_names(base_model)
-        targets = names or list(DEFAULT_LLM_TARGETS)
-        default = [n for n in DEFAULT_LLM_TARGETS if n in targets]
+        targets = names or list(get_family("llm").default_targets)
+        default = [n for n in get_family("llm").default_targets if n in targets]
     else:
-        names, targets, default = [], list(DEFAULT_UNET_TARGETS), []
+        names, targets, default = [], list(get_family(info.family).default_targets), []
     current = list(current_targets or [])
     value = current if current and all(t in targets for t in current) else default
     return FamilyChoices(family=info.family, text=text, presets=preset_choices(info.presets),

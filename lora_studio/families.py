@@ -1,0 +1,135 @@
+"""The model families LoRA Studio trains: one registry entry each, the one place a family is described.
+
+    family = get_family("sdxl")
+    family.name, family.kind                 # "SDXL", "image"
+    family.default_resolution                # 1024
+    family.default_targets                   # ("to_q", "to_k", "to_v", "to_out.0")
+    family.preset_group                      # presets/*.yaml whose preset_info.family is this ("sdxl")
+    family.trainer_class()                   # the Trainer subclass (imported when asked)
+    family.pipeline_class()                  # the diffusers pipeline the export check and Testing tab use
+
+Detection (``models/detect.py``) asks every entry whether a diffusers ``model_index.json``
+(``matches_index``) or the tensor names of a single-file checkpoint (``matches_keys``) are its own. Adding a
+family = one trainer module + one ``Family(...)`` entry below (see README, "Adding a model family").
+This module imports nothing heavy and nothing else of the project, so everything may import it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+SD_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    id: str                                   # the model_family key
+    name: str                                 # for people
+    kind: str                                 # "image" or "text"
+    trainer: str                              # "module:Class" of its Trainer, imported lazily
+    pipeline: str | None = None               # "module:Class" of the inference pipeline (images)
+    default_resolution: int | None = None
+    default_targets: tuple[str, ...] = ()     # target_modules when the config leaves it empty
+    text_encoder_targets: tuple[str, ...] = ()
+    preset_group: str = ""                    # presets/*.yaml with preset_info.family == this
+    formats: tuple[str, ...] = ()             # files the export writes: kohya, diffusers, peft ...
+    kohya_version: str = ""                   # ss_base_model_version in the kohya file
+    sample_steps: int = 20                    # Testing tab / generate defaults
+    guidance_scale: float = 7.5
+    caption_style: str = "short"              # tags, short or detailed: what its text encoder was trained on
+    text_token_limit: int | None = 77         # longer captions are cut by its text encoder
+    matches_index: Callable[[dict[str, Any], Path], bool] | None = None
+    matches_keys: Callable[[set[str]], bool] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def trainer_class(self) -> type:
+        return _load(self.trainer)
+
+    def pipeline_class(self) -> type | None:
+        return _load(self.pipeline) if self.pipeline else None
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind == "image"
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+# --- detection rules (each says yes for its own family only, whatever the order they are asked in) ------------
+def _is_sdxl_index(index: dict[str, Any], folder: Path) -> bool:
+    return "unet" in index and ("text_encoder_2" in index or "XL" in str(index.get("_class_name", "")))
+
+
+def _is_sd2_index(index: dict[str, Any], folder: Path) -> bool:
+    if "unet" not in index or "vae" not in index or _is_sdxl_index(index, folder):
+        return False
+    unet = _json(folder / "unet" / "config.json")
+    sched = _json(folder / "scheduler" / "scheduler_config.json")
+    return unet.get("cross_attention_dim") == 1024 or sched.get("prediction_type") == "v_prediction"
+
+
+def _is_sd15_index(index: dict[str, Any], folder: Path) -> bool:
+    return ("unet" in index and "vae" in index and not _is_sdxl_index(index, folder)
+            and not _is_sd2_index(index, folder))
+
+
+def _is_sdxl_keys(keys: set[str]) -> bool:
+    return any(k.startswith("conditioner.embedders.1") for k in keys)
+
+
+def _is_sd2_keys(keys: set[str]) -> bool:
+    return any("cond_stage_model.model." in k for k in keys)
+
+
+def _is_sd15_keys(keys: set[str]) -> bool:
+    return (any(k.startswith("model.diffusion_model.input_blocks") for k in keys) and not _is_sdxl_keys(keys)
+            and not _is_sd2_keys(keys))
+
+
+# --- the registry ------------------------------------------------------------------------------------------
+_SD = dict(kind="image", trainer="lora_studio.training.diffusion:DiffusionTrainer",
+           pipeline="diffusers:StableDiffusionPipeline", default_targets=SD_ATTENTION,
+           text_encoder_targets=CLIP_ATTENTION, preset_group="sd15", formats=("kohya", "diffusers"))
+
+FAMILIES: dict[str, Family] = {f.id: f for f in (
+    Family("sd15", "Stable Diffusion 1.x", default_resolution=512, kohya_version="sd_v1",
+           matches_index=_is_sd15_index, matches_keys=_is_sd15_keys, **_SD),
+    Family("sd2", "Stable Diffusion 2.x", default_resolution=768, kohya_version="sd_v2",
+           matches_index=_is_sd2_index, matches_keys=_is_sd2_keys, **_SD),
+    Family("sdxl", "SDXL", kind="image", trainer="lora_studio.training.sdxl:SDXLTrainer",
+           pipeline="diffusers:StableDiffusionXLPipeline", default_resolution=1024, default_targets=SD_ATTENTION,
+           text_encoder_targets=CLIP_ATTENTION, preset_group="sdxl", formats=("kohya", "diffusers"),
+           kohya_version="sdxl_base_v1-0", sample_steps=30, guidance_scale=7.0, caption_style="tags",
+           matches_index=_is_sdxl_index, matches_keys=_is_sdxl_keys),
+    Family("llm", "causal language model", kind="text", trainer="lora_studio.training.llm:LLMTrainer",
+           default_targets=("q_proj", "v_proj"), preset_group="llm", formats=("peft",), text_token_limit=None),
+)}
+
+FAMILY_IDS: tuple[str, ...] = tuple(FAMILIES)
+
+
+def get_family(family_id: str) -> Family:
+    """The registry entry; ``KeyError`` with the known ids for an unknown one."""
+    try:
+        return FAMILIES[family_id]
+    except KeyError:
+        raise KeyError(f"unknown model family {family_id!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def image_families() -> list[Family]:
+    return [f for f in FAMILIES.values() if f.is_image]
