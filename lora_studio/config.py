@@ -26,7 +26,8 @@ from .yaml_files import read_yaml_mapping
 
 FAMILIES = ("auto",) + FAMILY_IDS
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adamw_schedulefree", "adafactor")
+NETWORK_TYPES = ("lora", "dora", "lokr", "loha")
 LR_SCHEDULERS = (
     "cosine",
     "constant",
@@ -83,6 +84,10 @@ class TrainConfig:
     lora_alpha: float | None = _opt(None, "LoRA alpha; the effective scale is alpha/rank. Empty: equal to rank.",
                                     min=0.0)
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA layers (0 to 1).", min=0.0, max=1.0, group="advanced")
+    network_type: str = _opt("lora", "lora; dora (LoRA with a learned magnitude per input channel, often closer to "
+                             "full fine-tuning); lokr or loha (LyCORIS Kronecker / Hadamard products: more "
+                             "expressive per parameter). Images: all four; language models: lora or dora.",
+                             choices=NETWORK_TYPES)
     target_modules: list[str] | None = _opt(None, "Layers that get a LoRA. Empty: to_q, to_k, to_v, to_out.0 "
                                             "for images; q_proj, v_proj for LLMs.", group="advanced")
     train_text_encoder: bool = _opt(False, "Also train a LoRA on the text encoder(s).")
@@ -104,11 +109,40 @@ class TrainConfig:
     lr_scheduler: str = _opt("cosine", "How the learning rate changes over the run.", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(0, "Steps of linear warm-up at the start.", min=0, max=10_000_000,
                                 group="advanced")
-    optimizer: str = _opt("adamw", "adamw, or adamw8bit (bitsandbytes, less memory on CUDA).",
-                          choices=OPTIMIZERS)
+    optimizer: str = _opt("adamw", "adamw; adamw8bit (bitsandbytes, less memory on CUDA); prodigy (finds its own "
+                          "step size: learning_rate 1.0); adamw_schedulefree (no schedule needed, lr_scheduler is "
+                          "ignored); adafactor (least memory).", choices=OPTIMIZERS)
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 turns clipping off).", min=0.0,
                                 group="advanced")
     seed: int = _opt(42, "Random seed; the same seed gives the same run.", min=0, max=2**32 - 1)
+    ema_decay: float | None = _opt(None, "Keep an exponential moving average of the LoRA weights (e.g. 0.999) and "
+                                   "export it: smoother, often better results. Empty or 0: off.", min=0.0,
+                                   max=0.99999, group="advanced")
+    ema_save_raw: bool = _opt(False, "With ema_decay: also write the raw (not averaged) weights as "
+                              "<output_name>-raw.", group="advanced")
+
+    # --- captions and loss ---------------------------------------------------------------------------
+    caption_dropout_rate: float = _opt(0.0, "Share of steps on which an image trains with an empty caption "
+                                       "(0.05-0.1 makes the LoRA work without its trigger too).", min=0.0, max=1.0,
+                                       group="advanced")
+    shuffle_tags: bool = _opt(False, "Shuffle the comma-separated tags of each caption at every step (tag "
+                              "captions); the first keep_tokens tags stay in place.", group="advanced")
+    keep_tokens: int = _opt(0, "With shuffle_tags or tag_dropout_rate: how many leading tags stay fixed (1 keeps "
+                            "the trigger word first).", min=0, max=1000, group="advanced")
+    tag_dropout_rate: float = _opt(0.0, "Drop each tag (after the first keep_tokens) with this probability at "
+                                   "every step.", min=0.0, max=1.0, group="advanced")
+    masked_loss: bool = _opt(False, "Weight the loss per pixel by a mask: the image's alpha channel, or a grayscale "
+                             "image of the same name in a masks/ folder (white trains, black is ignored).",
+                             group="advanced")
+
+    # --- validation ----------------------------------------------------------------------------------
+    validation_split: float = _opt(0.0, "Share of the images (LLM: rows) held out to measure a validation loss "
+                                   "(e.g. 0.1). 0: no validation unless validation_dir is set.", min=0.0, max=0.5)
+    validation_dir: str | None = _opt(None, "Folder of validation images with captions (LLM: a data file or folder) "
+                                      "instead of validation_split.", kind="data")
+    validation_every_steps: int = _opt(0, "Measure the validation loss every N steps (also at each checkpoint and "
+                                       "at the end). 0: at checkpoints and at the end only.", min=0, max=10_000_000,
+                                       group="advanced")
 
     # --- memory and speed ----------------------------------------------------------------------------
     mixed_precision: str = _opt("fp16", "no, fp16 or bf16. On a CPU the run uses full precision.",
@@ -168,6 +202,9 @@ class TrainConfig:
                     raise ConfigError(f.name, f"{value} is out of range; allowed: {_range_text(lo, hi)}.")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules", "is an empty list; leave it out to use the defaults.")
+        if self.validation_split and self.validation_dir:
+            raise ConfigError("validation_dir", "and validation_split are both set; use one: a folder of validation "
+                                                "images, or a share of the training images held out.")
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
             raise ConfigError("output_name", "must be a plain file name without / \\ : * ? \" < > |.")
         return self
@@ -181,6 +218,14 @@ class TrainConfig:
                                                 "(for an LLM: the data file or folder).")
 
     # --- derived values ------------------------------------------------------------------------------
+    @property
+    def uses_ema(self) -> bool:
+        return bool(self.ema_decay)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_split or self.validation_dir)
+
     @property
     def alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
@@ -221,6 +266,8 @@ ALIASES = {
     "lr_warmup": "lr_warmup_steps",
     "save_every_n_steps": "save_steps",
     "optimizer_type": "optimizer",
+    "shuffle_caption": "shuffle_tags",
+    "caption_tag_dropout_rate": "tag_dropout_rate",
 }
 
 

@@ -88,7 +88,9 @@ def run_bytes(config: TrainConfig, trainable: int, bytes_per_value: int, total_s
     ``extra_export``, e.g. a merged LLM). Samples are counted at the training resolution.
     """
     lora = trainable * bytes_per_value
-    moments = trainable * (2 if config.optimizer == "adamw8bit" else 8)
+    from .optimizers import state_bytes
+
+    moments = trainable * state_bytes(config)
     checkpoint = 2 * lora + moments
     planned = total_steps // config.save_steps if config.save_steps else 0
     count = min(config.keep_checkpoints, planned) + 1  # the one being written before the oldest goes

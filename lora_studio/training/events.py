@@ -74,6 +74,18 @@ class Metric(Event):
 
 
 @dataclass(frozen=True)
+class Validation(Event):
+    """A validation loss (held-out data, fixed noise and timesteps) measured at ``step``; ``best_step`` is the
+    evaluated step with a saved LoRA that has the lowest validation loss so far (None before the first)."""
+    step: int
+    loss: float
+    best_step: int | None = None
+    best_loss: float | None = None
+    overfitting: bool = False
+    kind: ClassVar[str] = "validation"
+
+
+@dataclass(frozen=True)
 class Sample(Event):
     step: int
     path: str

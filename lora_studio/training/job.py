@@ -23,6 +23,7 @@ from typing import Any
 from ..config import TrainConfig, merge
 from ..errors import OutOfMemoryError, StudioError, TrainingError
 from .events import Commands, Event, EventBus, Failed, Finished, Log, Metric, Progress, Sample, State, Stopped
+from .events import Validation
 from .jobs import FINAL_STATES, Snapshot, starting
 from .memory import StepDown
 from .multi_gpu import is_distributed, is_main_process
@@ -56,6 +57,7 @@ class TrainingJob:
         self._done = threading.Event()
         self._progress = Progress()
         self._losses: list[tuple[int, float]] = []
+        self._val_losses: list[tuple[int, float]] = []
         self._log: list[str] = []
         self._last_sample: str | None = None
         self._memory: dict[str, float] = {}
@@ -69,7 +71,9 @@ class TrainingJob:
         if overrides:
             config = merge(config, overrides)
         job = cls(config, run=run, resume=True)
-        job._losses = [(int(r["step"]), float(r["loss"])) for r in run.read_metrics() if "loss" in r]
+        metrics = run.read_metrics()
+        job._losses = [(int(r["step"]), float(r["loss"])) for r in metrics if "loss" in r]
+        job._val_losses = [(int(r["step"]), float(r["val_loss"])) for r in metrics if "val_loss" in r]
         return job
 
     # --- control ---------------------------------------------------------------------------------
@@ -231,6 +235,8 @@ class TrainingJob:
                 self._losses = [(s, v) for s, v in self._losses if s < event.step]
             self._losses.append((event.step, event.loss))
             self._memory = {k: v for k, v in event.values.items() if k.endswith("_gb")}
+        elif isinstance(event, Validation):
+            self._val_losses = [(s, v) for s, v in self._val_losses if s < event.step] + [(event.step, event.loss)]
         elif isinstance(event, Log):
             self._add_log(event.message)
         elif isinstance(event, State):
@@ -248,11 +254,18 @@ class TrainingJob:
         self._log.append(line)
         del self._log[:-LOG_KEEP]
 
+    def _recommended(self) -> int | None:
+        """The recommended step once the run has finished (from ``job.json``), else None."""
+        if self.status != "finished" or self.run is None:
+            return None
+        return (self.run.read_state().get("recommended") or {}).get("step")
+
     # --- for the UI ------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
         """Everything a view needs, in plain types."""
         p = self._progress
         return Snapshot(run=self.run_name, run_dir=str(self.run.path) if self.run else "", status=self.status,
                         step=p.step, total=p.total, it_per_s=p.it_per_s, eta=p.eta, stage=p.stage, done=p.done,
-                        of=p.of, losses=list(self._losses), memory=dict(self._memory), log=list(self._log[-200:]),
+                        of=p.of, losses=list(self._losses), val_losses=list(self._val_losses),
+                        recommended=self._recommended(), memory=dict(self._memory), log=list(self._log[-200:]),
                         sample=self._last_sample, error=self.error, files=list(self.files))

@@ -39,6 +39,8 @@ class Snapshot:
     done: int | None = None
     of: int | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    recommended: int | None = None  # the step whose LoRA had the lowest validation loss (at the end of the run)
     memory: dict[str, float] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
     sample: str | None = None
@@ -112,6 +114,7 @@ def snapshot_from_run(run: RunFolder) -> Snapshot:
     state = run.read_state()
     metrics = run.read_metrics()
     losses = [(int(r["step"]), float(r["loss"])) for r in metrics if "loss" in r]
+    val_losses = [(int(r["step"]), float(r["val_loss"])) for r in metrics if "val_loss" in r]
     memory = {k: v for k, v in (metrics[-1] if metrics else {}).items() if str(k).endswith("_gb")}
     samples = sorted(run.samples_dir.glob("*.png")) if run.samples_dir.is_dir() else []
     status = state.get("status", "")
@@ -122,6 +125,7 @@ def snapshot_from_run(run: RunFolder) -> Snapshot:
         log.append("This run was interrupted (the app stopped while it trained). Press Resume to continue it "
                    "from its last checkpoint.")
     return Snapshot(run=run.name, run_dir=str(run.path), status=status, step=state.get("step", 0),
-                    total=state.get("total", 0), losses=losses, memory=memory, log=log,
+                    total=state.get("total", 0), losses=losses, val_losses=val_losses,
+                    recommended=(state.get("recommended") or {}).get("step"), memory=memory, log=log,
                     sample=str(samples[-1]) if samples else None,
                     error=state.get("message") if status == "failed" else None, files=state.get("files", []))

@@ -2,9 +2,13 @@
 
 A ``Trainer`` subclass knows its model (load it, add the LoRA, compute a loss, save and export LoRA files);
 ``run_training`` does everything else the same way for images and LLMs: the step and epoch counting,
-gradient accumulation and clipping, the learning-rate schedule (diffusers/transformers ``get_scheduler``),
-progress/ETA/memory events, metrics (``metrics.jsonl`` and TensorBoard), the stop/save/sample commands,
-checkpoints with exact resume, and the NaN and out-of-memory guards.
+gradient accumulation and clipping, the optimizer (``optimizers.py``) and learning-rate schedule
+(diffusers/transformers ``get_scheduler``), the EMA of the LoRA weights (``ema.py``), the validation loss and the
+recommended checkpoint (``validation.py``), progress/ETA/memory events, metrics (``metrics.jsonl`` and
+TensorBoard), the stop/save/sample commands, checkpoints with exact resume, and the NaN and out-of-memory guards.
+
+Saving, sampling, validation and the export see the weights that ship (``_Loop.shipped_weights``): the EMA
+average when ``ema_decay`` is set, else a schedule-free optimizer's evaluation weights, else the trained ones.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from ..config import TrainConfig
 from ..errors import OutOfMemoryError, StudioError, TrainingError
 from ..fileio import atomic_write
 from .disk import check_free_space, checkpoint_note, run_bytes, write_fault
-from .events import Checkpoint, Commands, EventBus, Finished, Metric, Progress, Sample, Stopped
+from .ema import EMA
+from .events import Checkpoint, Commands, EventBus, Finished, Metric, Progress, Sample, Stopped, Validation
 from .multi_gpu import any_process, mean_over_processes
+from .optimizers import build_optimizer, eval_weights, scheduler_settings, train_mode
 from .run_folder import RunFolder
-from .runtime import all_finite, build_optimizer, free_memory, is_out_of_memory, make_accelerator, memory_gb
+from .runtime import all_finite, free_memory, is_out_of_memory, make_accelerator, memory_gb
 from .runtime import rng_state, set_rng_state
+from .validation import ValidationHistory, overfit_message, recommendation_text
 
 
 class Trainer(ABC):
@@ -98,6 +105,16 @@ class Trainer(ABC):
         """Render a sample for ``config.sample_prompt`` into ``run.samples_dir``; None if not supported."""
         return None
 
+    def validation_batches(self) -> Sequence[Any]:
+        """The held-out batches of the validation loss, the same ones in the same order every time (none by
+        default: the run has no validation)."""
+        return []
+
+    def validation_loss(self, batch: Any) -> torch.Tensor:
+        """Per-sample losses of one held-out batch, computed without any training randomness (fixed noise and
+        timesteps), on the models as the loop hands them over (eval mode, no gradients, shipped weights)."""
+        raise NotImplementedError(f"{type(self).__name__} has no validation loss")
+
     def export_extra_bytes(self) -> int:
         """Bytes the export writes besides the LoRA files (the free-space check adds them); none by default."""
         return 0
@@ -154,8 +171,9 @@ def total_steps(config: TrainConfig, batches_per_epoch: int) -> tuple[int, int, 
 class _Checkpointer:
     """Writes ``checkpoints/step_N/`` atomically: the LoRA file, the resume state, then a ``done`` marker."""
 
-    def __init__(self, trainer: Trainer, optimizer, scheduler):
-        self.trainer, self.optimizer, self.scheduler = trainer, optimizer, scheduler
+    def __init__(self, loop: "_Loop"):
+        self.loop = loop
+        self.trainer = loop.t
 
     def save(self, step: int, epoch: int, batch_in_epoch: int) -> Path:
         t = self.trainer
@@ -173,32 +191,44 @@ class _Checkpointer:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        run.prune_checkpoints(t.config.keep_checkpoints)
+        best = self.loop.best_point()
+        run.prune_checkpoints(t.config.keep_checkpoints, protect={best.step} if best else set())
         return final
 
     def _write(self, tmp: Path, step: int, epoch: int, batch_in_epoch: int) -> None:
-        t = self.trainer
-        t.save_lora(tmp, f"{t.config.output_name}-step{step:06d}", step, epoch)
+        t, loop = self.trainer, self.loop
         state = {
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "lora": {k: v.detach().cpu() for k, v in t.trainable_state().items()},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "generator": t.generator.get_state(), "rng": rng_state(),
+            "lora": {k: v.detach().cpu().clone() for k, v in t.trainable_state().items()},
+            "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+            "generator": t.generator.get_state(), "rng": rng_state(), "validation": loop.history.state_dict(),
         }
+        if loop.ema is not None:
+            state["ema"] = loop.ema.state_dict()
         scaler = getattr(t.accelerator, "scaler", None)
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
+        with loop.shipped_weights():  # the file a user tests is what would ship (EMA / schedule-free weights)
+            t.save_lora(tmp, f"{t.config.output_name}-step{step:06d}", step, epoch)
         atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
         (tmp / "done").write_text(str(step), encoding="utf-8")
 
     def load(self, folder: Path) -> dict[str, Any]:
-        t = self.trainer
+        t, loop = self.trainer, self.loop
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
         t.load_trainable_state(state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        loop.optimizer.load_state_dict(state["optimizer"])
+        loop.scheduler.load_state_dict(state["scheduler"])
         t.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
+        loop.history.load_state_dict(state.get("validation", {}))
+        if loop.ema is not None:
+            if "ema" in state:
+                loop.ema.load_state_dict(state["ema"])
+            else:
+                t.say("This checkpoint was saved without ema_decay: the average starts from the resumed weights.",
+                      "warning")
+                loop.ema = EMA(loop.params, loop.cfg.ema_decay)
         scaler = getattr(t.accelerator, "scaler", None)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
@@ -252,6 +282,9 @@ class _Loop:
         self.last_good: Path | None = None
         self.writer = None
         self.need: int | None = None  # bytes the run writes (the free-space check's estimate)
+        self.ema: EMA | None = None
+        self.history = ValidationHistory()
+        self.val_batches: list[Any] = []
 
     # --- before the first step ---------------------------------------------------------------------
     def prepare(self, resume: bool) -> None:
@@ -265,12 +298,16 @@ class _Loop:
         self.batches_per_epoch = len(t.batches(0))
         _, self.total, self.epochs = total_steps(cfg, self.batches_per_epoch)
         optimizer = build_optimizer(cfg, t.param_groups(), say=t.say)
-        self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                       num_training_steps=self.total)
+        schedule, warmup = scheduler_settings(cfg)
+        self.scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=self.total)
         prepared = acc.prepare(*t.models(), optimizer)
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
         t.prepared_models = self.models
-        self.ckpt = _Checkpointer(t, self.optimizer, self.scheduler)
+        train_mode(self.optimizer)
+        self.params = t.trainable_parameters()
+        self.ema = EMA(self.params, cfg.ema_decay) if cfg.uses_ema else None
+        self.val_batches = list(t.validation_batches()) if cfg.has_validation else []
+        self.ckpt = _Checkpointer(self)
         self.need = _check_disk_space(t, self.total)
         if resume:
             self._resume()
@@ -311,7 +348,6 @@ class _Loop:
         """Step to the end; False when stopped by a command."""
         cfg, acc, t = self.cfg, self.acc, self.t
         self.speed, self.started = _Speed(), time.time()
-        self.params = t.trainable_parameters()
         ga, world = cfg.gradient_accumulation_steps, acc.num_processes
         for model in self.models:
             model.train()
@@ -345,15 +381,27 @@ class _Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.params)
         self.step += 1
 
+    @contextlib.contextmanager
+    def shipped_weights(self):
+        """The weights that ship in the model while inside (EMA, or schedule-free's x); the trained ones after."""
+        if self.ema is not None:
+            with self.ema.applied(self.params):
+                yield
+        else:
+            with eval_weights(self.optimizer):
+                yield
+
     def _after_step(self, loss: float, epoch: int, batches_done: int) -> bool:
-        """Metrics, progress, commands, checkpoint and sample after an optimizer step; False when stopping."""
+        """Validation, metrics, progress, commands, checkpoint and sample after an optimizer step; False when
+        stopping."""
         cfg, step = self.cfg, self.step
         it_s = self.speed.tick()
         eta = (self.total - step) / it_s if it_s > 0 else None
-        if self.main and (step % cfg.log_every_steps == 0 or step == self.total):
-            self._log_metric(loss, epoch)
+        self.history.add_training_loss(loss)
         self.bus.emit(Progress(step=step, total=self.total, epoch=epoch, it_per_s=round(it_s, 3), eta_s=eta,
                                elapsed_s=time.time() - self.started))
         if self.main:
@@ -361,11 +409,17 @@ class _Loop:
                 self.commands.request(name)
         stop = any_process(self.acc, self.commands.take("stop"))  # one decision for all processes
         periodic = cfg.save_steps and step % cfg.save_steps == 0 and step < self.total
-        if (periodic or self.commands.take("save") or stop) and self.main:
+        save = bool(periodic or self.commands.take("save") or stop)
+        every = cfg.validation_every_steps
+        val = self._validate(save) if (save or step == self.total or (every and step % every == 0)) else None
+        if self.main and (step % cfg.log_every_steps == 0 or step == self.total or val is not None):
+            self._log_metric(loss, epoch, val)
+        if save and self.main:
             self._save_checkpoint(epoch, batches_done)
         if self.main and cfg.sample_prompt and ((cfg.sample_steps and step % cfg.sample_steps == 0)
                                                 or self.commands.take("sample")):
-            path = self.t.render_sample(step)
+            with self.shipped_weights():
+                path = self.t.render_sample(step)
             if path:
                 self.bus.emit(Sample(step, str(path)))
         if stop:
@@ -376,14 +430,48 @@ class _Loop:
                                         "to continue."))
         return not stop
 
-    def _log_metric(self, loss: float, epoch: int) -> None:
+    def _validate(self, saving: bool) -> float | None:
+        """The validation loss of the shipped weights (main process only: no collective operations), its event,
+        and the overfitting warning; None when the run has no validation data."""
+        if not self.val_batches or not self.main:
+            return None
+        losses = []
+        for model in self.models:
+            model.eval()
+        try:
+            with self.shipped_weights(), torch.no_grad():
+                for batch in self.val_batches:
+                    losses.append(self.t.validation_loss(batch).detach().float().cpu().reshape(-1))
+        finally:
+            for model in self.models:
+                model.train()
+        point = self.history.add(self.step, float(torch.cat(losses).mean()))
+        best = self.best_point(extra={self.step} if saving or self.step == self.total else set())
+        overfit = self.history.overfitting()
+        self.bus.emit(Validation(point.step, point.loss, best.step if best else None, best.loss if best else None,
+                                 overfit))
+        if overfit and not self.history.warned:
+            self.history.warned = True
+            self.t.say(overfit_message(self.history), "warning")
+        return point.loss
+
+    def best_point(self, extra: set[int] | None = None):
+        """The evaluated step with a LoRA file (a checkpoint, or ``extra`` steps) of lowest validation loss."""
+        steps = {s for s, _ in self.run.list_checkpoints()} | (extra or set())
+        return self.history.best(steps)
+
+    def _log_metric(self, loss: float, epoch: int, val_loss: float | None = None) -> None:
         values = {"epoch": epoch, "time": round(time.time() - self.started, 3), **memory_gb(self.acc.device),
                   **self.t.step_metrics()}
+        if val_loss is not None:
+            values["val_loss"] = val_loss
         metric = Metric(self.step, loss, self.lr, values)
         self.run.append_metrics(metric.record())
         if self.writer:
             self.writer.add_scalar("loss", loss, self.step)
             self.writer.add_scalar("lr", self.lr, self.step)
+            if val_loss is not None:
+                self.writer.add_scalar("val_loss", val_loss, self.step)
         self.bus.emit(metric)
 
     def _save_checkpoint(self, epoch: int, batches_done: int) -> None:
@@ -399,15 +487,35 @@ class _Loop:
     def finish(self) -> list[Path]:
         self.acc.wait_for_everyone()
         files: list[Path] = []
+        note = ""
         if self.main:
             if not all_finite(self.params):
                 raise _NaNLoss(self.step)
+            note = self._recommend()
             self.bus.state("exporting")
-            files = self.t.export(self.step, self.epochs)
+            with self.shipped_weights():
+                files = self.t.export(self.step, self.epochs)
+            if self.ema is not None and self.cfg.ema_save_raw:  # the trained weights, outside the average
+                files += self.t.save_lora(self.run.path, f"{self.cfg.output_name}-raw", self.step, self.epochs)
             self.run.write_state(status="finished", step=self.step, files=[str(f) for f in files],
                                  message="Training finished.")
-        self.bus.emit(Finished([str(f) for f in files], f"Finished {self.step} steps."))
+        self.bus.emit(Finished([str(f) for f in files], f"Finished {self.step} steps.{note}"))
         return files
+
+    def _recommend(self) -> str:
+        """Name the saved LoRA with the lowest validation loss (``job.json``: ``recommended``); " <sentence>"."""
+        best = self.best_point(extra={self.step})
+        if best is None:
+            return ""
+        folder = None if best.step == self.step else self.run.checkpoint_dir(best.step)
+        self.run.write_state(recommended={"step": best.step, "val_loss": best.loss, "final": folder is None,
+                                          "checkpoint": str(folder) if folder else None})
+        text = recommendation_text(best, self.step)
+        self.t.say(text)
+        if self.history.warned:
+            self.t.say("The validation loss rose while the training loss fell during this run (overfitting); "
+                       "compare the recommended checkpoint with the final LoRA in the Testing tab.", "warning")
+        return " " + text
 
 
 def _check_disk_space(trainer: Trainer, total: int) -> int:

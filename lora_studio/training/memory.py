@@ -118,7 +118,9 @@ def _weight_bytes(config: TrainConfig) -> int:
 
 def _optimizer_bytes(config: TrainConfig) -> int:
     """Per trainable weight: fp32 weight + fp32 gradient + optimizer state + the half copy autocast makes."""
-    state = 2 if config.optimizer == "adamw8bit" else 8
+    from .optimizers import state_bytes
+
+    state = state_bytes(config)
     return 4 + 4 + state + (0 if config.mixed_precision == "no" else 2)
 
 
@@ -244,7 +246,7 @@ def next_step_down(config: TrainConfig, family: str | None = None) -> StepDown |
                         f"{config.gradient_accumulation_steps} -> {ga}, same effective batch)")
     if not config.gradient_checkpointing:
         return StepDown(config.replace(gradient_checkpointing=True), "gradient_checkpointing off -> on", resumable=True)
-    if config.optimizer != "adamw8bit":
+    if config.optimizer == "adamw":  # the others have their own learning-rate meaning (Prodigy: lr 1.0)
         return StepDown(config.replace(optimizer="adamw8bit"), f"optimizer {config.optimizer} -> adamw8bit")
     if family == "llm":
         if not config.load_in_4bit:

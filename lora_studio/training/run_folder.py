@@ -222,9 +222,12 @@ class RunFolder:
         ckpts = self.list_checkpoints()
         return ckpts[-1] if ckpts else None
 
-    def prune_checkpoints(self, keep: int) -> None:
-        for _, d in self.list_checkpoints()[:-keep] if keep > 0 else []:
-            shutil.rmtree(d, ignore_errors=True)
+    def prune_checkpoints(self, keep: int, protect: set[int] | None = None) -> None:
+        """Delete all but the newest ``keep`` checkpoints; steps in ``protect`` (the one with the lowest validation
+        loss so far) are kept as well."""
+        for step, d in self.list_checkpoints()[:-keep] if keep > 0 else []:
+            if step not in (protect or set()):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def list_runs(output_dir: str | Path) -> list[RunFolder]:

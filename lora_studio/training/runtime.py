@@ -1,8 +1,8 @@
-"""Where a run executes: the accelerate ``Accelerator``, precision, optimizer and memory readings.
+"""Where a run executes: the accelerate ``Accelerator``, precision and memory readings (optimizers: ``optimizers.py``).
 
-On a machine without CUDA the run falls back to the CPU in full precision and says so once. 8-bit AdamW
-needs bitsandbytes with CUDA; without it the run uses AdamW and says so. ``LORA_STUDIO_CPU_CHECK=1`` keeps
-bf16 and 8-bit AdamW on the CPU (``cpu_check``), to check those code paths without a GPU.
+On a machine without CUDA the run falls back to the CPU in full precision and says so once.
+``LORA_STUDIO_CPU_CHECK=1`` keeps bf16 and 8-bit AdamW on the CPU (``cpu_check``), to check those code paths
+without a GPU.
 """
 
 from __future__ import annotations
@@ -90,23 +90,6 @@ def full_precision_forward(*models: torch.nn.Module):
     finally:
         for model, wrapped in lifted:
             model.forward = wrapped
-
-
-def build_optimizer(config: TrainConfig, param_groups: list[dict[str, Any]], say=None) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW where it works (CUDA); falls back to AdamW with a message."""
-    if config.optimizer == "adamw8bit":
-        if torch.cuda.is_available() or cpu_check():
-            try:
-                import bitsandbytes as bnb
-
-                return bnb.optim.AdamW8bit(param_groups, lr=config.learning_rate, weight_decay=1e-2)
-            except Exception as exc:  # bitsandbytes without a CUDA build, or missing
-                reason = f"bitsandbytes could not be used ({exc.__class__.__name__}: {exc})"
-        else:
-            reason = "8-bit AdamW needs a CUDA GPU"
-        if say:
-            say(f"{reason}; using the standard AdamW optimizer instead (needs more memory).", "warning")
-    return torch.optim.AdamW(param_groups, lr=config.learning_rate, weight_decay=1e-2)
 
 
 def memory_gb(device: torch.device | None = None) -> dict[str, float]:
