@@ -93,7 +93,7 @@ def test_sdxl_conditioning_matches_the_pipeline(tiny_sdxl, demo_images, tmp_path
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds)
     torch.testing.assert_close(cond["text_embeds"], pooled)
     # time ids: original (h, w), crop (top, left), target (h, w) -- for a 64 px square image at 64 px
-    ids = trainer.time_ids([0, 1])
+    ids = trainer.time_ids(trainer.items[:2], trainer.latents.crops([0, 1]))
     assert ids.tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2
     assert pipe.vae.dtype == torch.float32
     assert all(p.device.type == "cpu" for p in pipe.text_encoder_2.parameters())
@@ -120,7 +120,7 @@ def test_time_ids_use_original_size_crop_and_bucket(tiny_sdxl, tmp_path):
     trainer.prepare()
     (top, left), = trainer.latents.crops([0])
     assert top == 0 and left > 0  # scaled to cover 64x64, then center-cropped sideways
-    assert trainer.time_ids([0]).tolist() == [[90.0, 200.0, 0.0, float(left), 64.0, 64.0]]
+    assert trainer.time_ids(trainer.items[:1], [(top, left)]).tolist() == [[90.0, 200.0, 0.0, float(left), 64.0, 64.0]]
     trainer.cleanup()
 
 

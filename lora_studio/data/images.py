@@ -32,7 +32,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (sorted; hidden files and folders such as ``.cache`` are skipped).
+    """Image files under ``folder`` (sorted; hidden files and folders such as ``.cache`` are skipped, and so is a
+    ``masks`` folder at the top, which holds the loss masks of ``masked_loss``, not training images).
 
     The paths are absolute (``folder`` made absolute, links not followed), so they mean the same file
     whichever folder they are later joined to or looked up from (a relative ``data`` gives ``/cwd/data/a.png``,
@@ -44,7 +45,7 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     found: list[Path] = []
     if recursive:
         for root, dirs, files in os.walk(folder):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            dirs[:] = [d for d in dirs if not d.startswith(".") and not (d == "masks" and Path(root) == folder)]
             found.extend(Path(root) / f for f in files if not f.startswith(".") and is_image_file(f))
     else:
         found = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p)]

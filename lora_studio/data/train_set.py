@@ -31,6 +31,7 @@ class TrainItem:
     size: tuple[int, int]  # original (width, height) after EXIF rotation
     bucket: tuple[int, int]  # training (width, height)
     repeats: int = 1
+    mask: Path | str | None = None  # masked_loss: a mask file, "alpha", or None (data.masks)
 
 
 @dataclass

@@ -25,9 +25,13 @@ log = logging.getLogger(__name__)
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector", ".lokr_",
+            ".hada_")
+
+
 def module_of(key: str) -> str:
-    """``a.b.to_q.lora_A.weight`` -> ``a.b.to_q``."""
-    for marker in (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B"):
+    """``a.b.to_q.lora_A.weight`` -> ``a.b.to_q`` (also DoRA's magnitude, LoKr and LoHa keys)."""
+    for marker in _MARKERS:
         if marker in key:
             return key.split(marker, 1)[0]
     raise ValueError(f"'{key}' is not a PEFT LoRA key")

@@ -18,6 +18,17 @@ Kohya keys (what AUTOMATIC1111, Forge and ComfyUI load; diffusers' ``load_lora_w
 diffusers' ``convert_state_dict_to_kohya`` is not used: it writes ``lora_te1_`` for SD1.5, keeps diffusers
 names for SDXL and fixes alpha to the rank. Alphas given per module are keyed
 ``"<component>.<module path>"`` (component: unet, text_encoder, text_encoder_2).
+
+The other network types (``networks.py``) use the LyCORIS names on the same module keys, which A1111/Forge
+(built-in LyCORIS support) and ComfyUI (``comfy/weight_adapter``) read:
+
+- DoRA: ``lora_down``/``lora_up``/``alpha`` plus ``dora_scale`` (the magnitude, shape ``(1, in)``, ``(1, in, 1, 1)``
+  for a convolution: the input-axis decomposition those tools apply; kept in float32).
+- LoKr: ``lokr_w1`` and ``lokr_w2`` or ``lokr_w2_a``/``lokr_w2_b`` (``lokr_w1_a``/``_b``, ``lokr_t2``), ``alpha``.
+  The tools scale by alpha / rank only when a factor is split in two (the rank is its inner size); with both
+  factors full they use scale 1, so ``peft_to_kohya`` folds PEFT's alpha / rank into ``lokr_w2`` then.
+- LoHa: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``, ``hada_w2_b`` (``hada_t1``/``hada_t2``), ``alpha``; scale alpha /
+  rank with rank = ``hada_w1_b``'s first size.
 """
 
 from __future__ import annotations
@@ -36,7 +47,11 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("sd15", "sd2", "sdxl")
 TE_COMPONENTS = ("text_encoder", "text_encoder_2")
-_PEFT_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+LYCORIS_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                 "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+# PEFT state-dict suffix -> kohya/LyCORIS suffix (LoKr/LoHa tensors have the same names in both)
+_PEFT_SUFFIX = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                "lora_magnitude_vector": "dora_scale", **{n: n for n in LYCORIS_NAMES}}
 _KOHYA_SUFFIX = {v: k for k, v in _PEFT_SUFFIX.items()}
 # diffusers ResnetBlock2D child -> SAI ResBlock child
 _RESNET_CHILDREN = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -154,26 +169,69 @@ def _split_peft_key(key: str) -> tuple[str, str]:
     for suffix in _PEFT_SUFFIX:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
-    raise ValueError(f"'{key}' is not a LoRA A/B weight; only plain LoRA (no DoRA, no bias) can be exported")
+    raise ValueError(f"'{key}' is not a LoRA, DoRA, LoKr or LoHa weight (a bias or another adapter type cannot be "
+                     "exported)")
 
 
-def _alpha_for(alpha: float | Mapping[str, float], component: str, module: str) -> float:
-    if isinstance(alpha, Mapping):
-        for key in (f"{component}.{module}", module if component == "unet" else None):
-            if key is not None and key in alpha:
-                return float(alpha[key])
-        raise KeyError(f"no alpha given for {component}.{module}")
-    return float(alpha)
+def _per_module(alpha: float | Mapping[str, float] | None, component: str, module: str) -> float | None:
+    if alpha is None or not isinstance(alpha, Mapping):
+        return None if alpha is None else float(alpha)
+    for key in (f"{component}.{module}", module if component == "unet" else None):
+        if key is not None and key in alpha:
+            return float(alpha[key])
+    raise KeyError(f"no value given for {component}.{module}")
+
+
+
+
+def module_rank(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The rank of one module's PEFT tensors (suffix -> tensor). A LoKr with two full factors has none: the
+    larger side of ``lokr_w2`` is returned (a PEFT LoKr of that rank keeps ``w2`` full) and its scale is 1."""
+    for name, dim in (("lora_A.weight", 0), ("hada_w1_b", 0), ("lokr_w2_b", 0), ("lokr_w1_b", 0)):
+        if name in tensors:
+            return int(tensors[name].shape[dim])
+    if "lokr_w2" in tensors:
+        return int(max(tensors["lokr_w2"].shape[:2]))
+    raise ValueError(f"no rank in {sorted(tensors)}")
+
+
+def lokr_is_full(tensors: Mapping[str, object]) -> bool:
+    """A LoKr module whose two factors are stored whole (the tools then ignore alpha)."""
+    return "lokr_w1" in tensors and "lokr_w2" in tensors
+
+
+def _kohya_module(tensors: Mapping[str, torch.Tensor], alpha: float, rank: int | None,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One module's kohya/LyCORIS tensors from its PEFT tensors (suffix -> tensor)."""
+    out: dict[str, torch.Tensor] = {}
+    for suffix, tensor in tensors.items():
+        value = tensor.detach().to("cpu", torch.float32)
+        if suffix == "lora_magnitude_vector":  # (in,) -> (1, in) or (1, in, 1, 1)
+            down = tensors.get("lora_A.weight")
+            value = value.reshape(1, -1, *([1] * ((down.ndim if down is not None else 2) - 2)))
+        if suffix == "lokr_w2" and lokr_is_full(tensors):
+            if rank is None:
+                raise ValueError("a LoKr with two full factors needs its rank to fold alpha / rank into lokr_w2")
+            value = value * (alpha / rank)
+        # DoRA's magnitude stays float32: in fp16 its rounding alone (~2e-4 relative) would change every column
+        out[_PEFT_SUFFIX[suffix]] = value.to(torch.float32 if suffix == "lora_magnitude_vector" else dtype).contiguous()
+    if any(k in tensors for k in ("lora_A.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")):
+        full = lokr_is_full(tensors)
+        out["alpha"] = torch.tensor(float(rank if full and rank else alpha), dtype=torch.float32)
+    return out
 
 
 def peft_to_kohya(unet_state: Mapping[str, torch.Tensor], text_encoder_states: Mapping[str, Mapping[str, torch.Tensor]],
                   family: str, alpha: float | Mapping[str, float], *, unet_config: Any = None,
-                  dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype = torch.float16, rank: int | Mapping[str, int] | None = None,
+                  ) -> dict[str, torch.Tensor]:
     """Kohya/A1111 state dict from PEFT state dicts (``get_peft_model_state_dict`` of each model).
 
-    ``unet_config`` (``pipe.unet.config``) is required for SDXL: the SAI block numbers depend on the
-    UNet's layout. Weights are stored in ``dtype`` (fp16 by default, as kohya does); each ``.alpha`` is
-    a float32 scalar so an alpha such as 0.1 keeps its exact value.
+    Plain LoRA, DoRA, LoKr and LoHa tensors are written under their kohya/LyCORIS names (module doc).
+    ``unet_config`` (``pipe.unet.config``) is required for SDXL: the SAI block numbers depend on the UNet's
+    layout. Weights are stored in ``dtype`` (fp16 by default, as kohya does); each ``.alpha`` is a float32
+    scalar so an alpha such as 0.1 keeps its exact value. ``rank`` (the adapter's configured rank) is needed
+    only for LoKr modules whose two factors are full.
     """
     _check_family(family)
     block_map = None
@@ -185,18 +243,19 @@ def peft_to_kohya(unet_state: Mapping[str, torch.Tensor], text_encoder_states: M
     out: dict[str, torch.Tensor] = {}
     parts = [("unet", unet_state)] + [(c, (text_encoder_states or {}).get(c) or {}) for c in TE_COMPONENTS]
     for component, state in parts:
+        modules: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             module, suffix = _split_peft_key(key)
-            if component == "unet":
-                name = unet_kohya_name(module, family, block_map)
-            else:
-                name = te_kohya_name(module, family, component)
-            full = f"{name}.{_PEFT_SUFFIX[suffix]}"
-            if full in out:
-                raise ValueError(f"two modules map to the same kohya key {full}")
-            out[full] = tensor.detach().to("cpu", dtype).contiguous()
-            if suffix == "lora_A.weight":
-                out[f"{name}.alpha"] = torch.tensor(_alpha_for(alpha, component, module), dtype=torch.float32)
+            modules.setdefault(module, {})[suffix] = tensor
+        for module, tensors in modules.items():
+            name = (unet_kohya_name(module, family, block_map) if component == "unet"
+                    else te_kohya_name(module, family, component))
+            converted = _kohya_module(tensors, _per_module(alpha, component, module) or 0.0,
+                                      _per_module(rank, component, module), dtype)
+            for suffix, value in converted.items():
+                if f"{name}.{suffix}" in out:
+                    raise ValueError(f"two modules map to the same kohya key {name}.{suffix}")
+                out[f"{name}.{suffix}"] = value
     log.debug("peft_to_kohya: %d modules", sum(k.endswith(".alpha") for k in out))
     return out
 
@@ -272,7 +331,9 @@ def kohya_to_peft(state: Mapping[str, torch.Tensor], family: str, unet_config: A
     UNet names are resolved exactly against the module paths of a UNet with ``unet_config`` (or the
     given ``unet_modules``). Text encoder keys get a ``text_model.`` level where ``te_layouts`` (default:
     the installed transformers' classes) says the model has one. Tensors keep their stored dtype.
-    ``alphas`` is keyed ``"<component>.<module path>"``; a module without ``.alpha`` gets alpha = rank.
+    ``alphas`` is keyed ``"<component>.<module path>"``; a module without ``.alpha`` gets alpha = rank, a LoKr
+    with two full factors alpha = its ``module_rank`` (scale 1, as the tools apply it). ``dora_scale`` becomes
+    the flat ``lora_magnitude_vector``.
     Raises ``ValueError`` naming the first key that matches no module.
     """
     _check_family(family)
@@ -302,17 +363,22 @@ def kohya_to_peft(state: Mapping[str, torch.Tensor], family: str, unet_config: A
         hint = "; it looks like an SDXL LoRA" if looks_xl and family != "sdxl" else ""
         raise ValueError(f"{len(unknown)} of its modules match no module of this {family} model "
                          f"(first: {unknown[0]}){hint}")
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         name, _, suffix = key.partition(".")
+        if suffix != "alpha" and suffix not in _KOHYA_SUFFIX:
+            raise ValueError(f"kohya key '{key}': not a LoRA, DoRA, LoKr or LoHa weight (LoCon mid weights, GLoRA, "
+                             "OFT and others are not supported)")
+        grouped.setdefault(name, {})[suffix] = tensor
+    for name, tensors in grouped.items():
         component, module = lookup[name]
-        if suffix == "alpha":
-            alphas[f"{component}.{module}"] = float(tensor.item())
+        peft = {_KOHYA_SUFFIX[k]: (v.flatten() if k == "dora_scale" else v) for k, v in tensors.items() if k != "alpha"}
+        (unet_sd if component == "unet" else te_sds[component]).update({f"{module}.{k}": v for k, v in peft.items()})
+        if not peft:
             continue
-        if suffix not in _KOHYA_SUFFIX:
-            raise ValueError(f"kohya key '{key}': only lora_down/lora_up/alpha are supported (not LoCon/LoHa)")
-        (unet_sd if component == "unet" else te_sds[component])[f"{module}.{_KOHYA_SUFFIX[suffix]}"] = tensor
-        if suffix == "lora_down.weight":
-            alphas.setdefault(f"{component}.{module}", float(tensor.shape[0]))
+        rank = module_rank(peft)
+        file_alpha = float(tensors["alpha"].item()) if "alpha" in tensors else float(rank)
+        alphas[f"{component}.{module}"] = float(rank) if lokr_is_full(peft) else file_alpha
     return unet_sd, te_sds, alphas
 
 

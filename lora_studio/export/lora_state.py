@@ -3,8 +3,9 @@
 ``load_lora_file`` tells the formats apart by their keys; ``to_peft_states`` turns any of them into PEFT
 state dicts per component (unet, text_encoder, text_encoder_2) with an alpha per module;
 ``apply_init_lora`` loads those into the adapters the trainer has already added (``set_peft_model_state_dict``).
-The file's rank and target modules must match the run's; when only alpha differs, ``lora_up`` is rescaled
-so the LoRA keeps exactly the effect it had.
+The file's network type (``network_type``: LoRA, DoRA, LoKr, LoHa), rank and target modules must match the
+run's; when only alpha differs, one factor (``lora_up``, ``lokr_w2``, ``hada_w2_b``) is rescaled so the LoRA
+keeps exactly the effect it had.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .diffusers_format import WEIGHT_NAME, module_of, short_targets
-from .kohya import TE_COMPONENTS, kohya_to_peft
+from .kohya import TE_COMPONENTS, kohya_to_peft, module_rank
 
 log = logging.getLogger(__name__)
 
@@ -174,23 +175,39 @@ def to_peft_states(fmt: str, state: Mapping[str, torch.Tensor], metadata: Mappin
     return parts, alphas
 
 
-def _describe(sd: Mapping[str, torch.Tensor], label: str) -> str:
-    modules = list(dict.fromkeys(module_of(k) for k in sd))
-    ranks = sorted({int(sd[f"{m}.lora_A.weight"].shape[0]) for m in modules if f"{m}.lora_A.weight" in sd})
-    rank = "/".join(str(r) for r in ranks)
-    return f"rank {rank} on {','.join(short_targets(modules))} ({label}, {len(modules)} modules)"
+def by_module(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {suffix: tensor}}`` of a PEFT state dict (any network type)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sd.items():
+        module = module_of(key)
+        out.setdefault(module, {})[key[len(module) + 1:]] = tensor
+    return out
 
 
 def _ranks(sd: Mapping[str, torch.Tensor]) -> list[int]:
-    return sorted({int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_A.weight")})
+    return sorted({module_rank(t) for t in by_module(sd).values()})
+
+
+def _describe(sd: Mapping[str, torch.Tensor], label: str) -> str:
+    from ..networks import network_type_of_keys
+
+    modules = by_module(sd)
+    kind = network_type_of_keys(list(sd))
+    rank = "/".join(str(r) for r in _ranks(sd))
+    return f"{kind} rank {rank} on {','.join(short_targets(modules))} ({label}, {len(modules)} modules)"
 
 
 def _mismatch(name: str, component: str, file_sd: Mapping[str, torch.Tensor],
               model_sd: Mapping[str, torch.Tensor]) -> str:
     """What the file has, what the run has, and the config keys that make them match."""
+    from ..networks import network_type_of_keys
+
     label = _LABEL[component]
     fixes = []
-    if _ranks(file_sd) != _ranks(model_sd) and len(_ranks(file_sd)) == 1:
+    kind = network_type_of_keys(list(file_sd))
+    if kind != network_type_of_keys(list(model_sd)):
+        fixes.append(f"network_type: {kind}")
+    elif _ranks(file_sd) != _ranks(model_sd) and len(_ranks(file_sd)) == 1:
         fixes.append(f"lora_rank: {_ranks(file_sd)[0]}")
     if {module_of(k) for k in file_sd} != {module_of(k) for k in model_sd}:
         targets = short_targets(module_of(k) for k in file_sd)
@@ -200,13 +217,44 @@ def _mismatch(name: str, component: str, file_sd: Mapping[str, torch.Tensor],
     return f"'{name}' has {_describe(file_sd, label)}; this run has {_describe(model_sd, label)}.{advice}"
 
 
-def _model_alpha(model: torch.nn.Module, module: str, rank: int) -> float:
+def _model_scale(model: torch.nn.Module, module: str, tensors: Mapping[str, torch.Tensor]) -> float:
+    """alpha / r of ``module`` in the model's adapter (PEFT applies it to every network type)."""
+    from ..networks import adapter_alpha
+
     config = model.peft_config["default"]
-    return _alpha_from_config({"lora_alpha": config.lora_alpha, "alpha_pattern": config.alpha_pattern}, module, rank)
+    rank = int(_pattern_value(config.rank_pattern, module, config.r))
+    alpha = float(_pattern_value(config.alpha_pattern, module, adapter_alpha(config)))
+    return alpha / rank
+
+
+def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    for key, value in (pattern or {}).items():
+        if module == key or module.endswith("." + key):
+            return value
+    return default
 
 
 def _has_adapter(model: torch.nn.Module) -> bool:
     return "default" in (getattr(model, "peft_config", None) or {})
+
+
+_SCALED = ("lora_B.weight", "hada_w2_b", "lokr_w2", "lokr_w2_b")  # one factor per type carries the scale
+
+
+def _rescaled(file_sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float],
+              component: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The file's tensors in the model's dtype, one factor per module scaled so that the model's alpha / r gives
+    the file's effect exactly (same rank, other alpha; a full-factor LoKr's scale 1)."""
+    new_sd = {k: v.to(model_sd[k].dtype) for k, v in file_sd.items()}
+    for module, tensors in by_module(file_sd).items():
+        rank = module_rank(tensors)
+        file_scale = alphas.get(f"{component}.{module}", float(rank)) / rank
+        factor = file_scale / _model_scale(model, module, tensors)
+        if factor != 1.0:
+            suffix = next(s for s in _SCALED if s in tensors)
+            key = f"{module}.{suffix}"
+            new_sd[key] = (file_sd[key].double() * factor).to(model_sd[key].dtype)
+    return new_sd
 
 
 def apply_init_lora(unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.Module], path: str | Path,
@@ -239,23 +287,13 @@ def apply_init_lora(unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.
         shapes_differ = set(file_sd) != set(model_sd) or any(file_sd[k].shape != model_sd[k].shape for k in file_sd)
         if shapes_differ:
             raise ModelLoadError(_mismatch(name, component, file_sd, model_sd))
-        new_sd = {}
-        for key, tensor in file_sd.items():
-            value = tensor.to(model_sd[key].dtype)
-            if key.endswith(".lora_B.weight"):
-                module = module_of(key)
-                rank = int(file_sd[f"{module}.lora_A.weight"].shape[0])
-                file_alpha = alphas.get(f"{component}.{module}", float(rank))
-                run_alpha = _model_alpha(model, module, rank)
-                if file_alpha != run_alpha:  # same rank: keep alpha * B constant so the LoRA's effect is unchanged
-                    value = (tensor.double() * (file_alpha / run_alpha)).to(model_sd[key].dtype)
-            new_sd[key] = value
+        new_sd = _rescaled(file_sd, model_sd, alphas, component, model)
         result = set_peft_model_state_dict(model, new_sd, adapter_name="default")
         unexpected = list(getattr(result, "unexpected_keys", None) or [])
         if unexpected:
             raise ModelLoadError(f"'{name}': {len(unexpected)} weights did not load into the {_LABEL[component]} "
                                  f"(first: {unexpected[0]}).")
-        loaded[component] = len(new_sd) // 2
+        loaded[component] = len(by_module(new_sd))
         file_alphas = {v for k, v in alphas.items() if k.startswith(component + ".")}
         log.info("init_lora: %s %s loaded from %s (%s format, alpha %s)", loaded[component], _LABEL[component],
                  name, fmt, ",".join(f"{a:g}" for a in sorted(file_alphas)))

@@ -1,7 +1,8 @@
 """The export check: reload a written LoRA file into a fresh pipeline and compare images.
 
 ``check_export`` loads the base model again (float32), loads the LoRA file with diffusers'
-``load_lora_weights`` (the same reader that loads kohya files for many users), renders the same prompt
+``load_lora_weights`` (the same reader that loads kohya files for many users; DoRA, LoKr and LoHa files through
+PEFT, ``lycoris.load_into_pipeline``, applied as A1111/Forge and ComfyUI apply them), renders the same prompt
 and seed as the in-memory trained pipeline, and compares:
 
 - strength 1 against ``expected_images`` (the trained pipeline's render, see ``render``): the file has
@@ -36,6 +37,7 @@ import torch
 
 from ..errors import TrainingError
 from ..models.load_lock import model_loading
+from .lycoris import load_into_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +120,9 @@ def check_export(base_model: str | Path, family: str, lora_file: Path, *, expect
         fresh_base = render(pipe, prompt, seed, steps, size)
         try:
             with model_loading(lora_file.name):
-                pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name,
-                                       adapter_name=VERIFY_ADAPTER)
+                load_into_pipeline(pipe, lora_file, family, VERIFY_ADAPTER)
         except Exception as exc:
-            raise TrainingError(f"Export check failed: diffusers cannot load {lora_file.name} "
+            raise TrainingError(f"Export check failed: {lora_file.name} cannot be loaded into a fresh pipeline "
                                 f"({exc.__class__.__name__}: {exc}).") from exc
         pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[1.0])
         reloaded = render(pipe, prompt, seed, steps, size)

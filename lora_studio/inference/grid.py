@@ -8,8 +8,10 @@
 
 Strength 0 turns the LoRA off (``disable_lora``), so its picture is exactly the base model's. Other
 strengths use diffusers' ``load_lora_weights`` + ``set_adapters`` and so load kohya/A1111 files, diffusers
-files and diffusers LoRA folders alike. The pipeline and the loaded LoRA files stay cached between calls.
-No gradio here: the app, the command line (``generate``) and the tests all call these functions.
+files and diffusers LoRA folders alike; DoRA, LoKr and LoHa files load through PEFT
+(``export.lycoris.load_into_pipeline``), applied at each strength as A1111/Forge and ComfyUI apply them.
+The pipeline and the loaded LoRA files stay cached between calls. No gradio here: the app, the command line
+(``generate``) and the tests all call these functions.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ConfigError, ModelLoadError, StudioError
+from ..export.lycoris import load_into_pipeline
 from ..fileio import atomic_write
 from ..models.load_lock import model_loading
 
@@ -166,10 +169,7 @@ class PipelineCache:
             name = f"lora_{self._counter}"
             try:
                 with model_loading(path.name):
-                    if path.is_dir():
-                        pipe.load_lora_weights(str(path), adapter_name=name)
-                    else:
-                        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                    load_into_pipeline(pipe, path, self._family, name)
             except Exception as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise ModelLoadError(f"Could not load the LoRA '{path.name}' into this base model: {first}. "

@@ -1,10 +1,17 @@
 """The Stable Diffusion LoRA trainer (SD1.x and SD2.x; SDXL extends it in ``sdxl.py``).
 
-What happens, in order: load the pipeline (frozen weights in half precision on a GPU), add PEFT LoRA
-adapters to the UNet attention projections (and optionally the text encoder), read and bucket the images,
+What happens, in order: load the pipeline (frozen weights in half precision on a GPU), add PEFT adapters of
+the ``network_type`` (LoRA, DoRA, LoKr, LoHa: ``networks.py``) to the UNet attention projections (and optionally
+the text encoder), read and bucket the images (holding out the validation images, finding the loss masks),
 encode their latents once (the VAE then leaves the GPU), encode the captions once when the text encoder is
-frozen, then each step: draw noise and timesteps, predict, and take the (optionally min-SNR weighted) MSE
-loss against the noise or the velocity.
+frozen and the captions do not change from step to step, then each step: draw noise and timesteps, change the
+caption (dropout, tag shuffling and dropout), predict, and take the (optionally min-SNR weighted, optionally
+masked) MSE loss against the noise or the velocity. The validation loss is the same loss, unweighted, on the
+held-out images with the latent mean, fixed noise and evenly spread timesteps.
+
+Captions and cached text: with only ``caption_dropout_rate`` the empty caption is cached as one more entry; with
+``shuffle_tags`` or ``tag_dropout_rate`` every step has new text, so the frozen encoders stay on the device and
+encode each batch (measured in ``benchmarks/bench_captions.py``: about 1% of a step at full size).
 
 Per-sample randomness (latent sample, noise, noise offset, timestep) comes from a generator seeded by the
 sample's place in the epoch (``Batch.generators``), not from a running generator: a run is deterministic
@@ -18,11 +25,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..families import get_family
-from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight
+from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight, sample_seed
 from ..errors import DatasetError
 from ..models.load_lock import model_loading
 from ..models.loading import load_diffusion_pipeline
@@ -30,7 +36,9 @@ from .events import EventBus, Progress
 from .latent_cache import LatentCache, encode_latents_shared
 from .loop import Trainer
 from .run_folder import RunFolder
+from .masked_loss import per_sample_mse
 from .runtime import full_precision_forward, weight_dtype
+from .validation import even_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +53,11 @@ class DiffusionTrainer(Trainer):
         self.resolution = config.resolution_for(family)
         self.pipe = None
         self.items: list[TrainItem] = []
+        self.val_items: list[TrainItem] = []
         self.report: Preflight | None = None
         self.latents: LatentCache | None = None
+        self.val_latents: LatentCache | None = None
+        self._validating = False
         self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.started_at = 0.0
 
@@ -54,13 +65,9 @@ class DiffusionTrainer(Trainer):
     def prepare(self) -> None:
         import time
 
-        cfg, acc = self.config, self.accelerator
+        cfg = self.config
         self.started_at = time.time()
-        self.report = preflight(cfg.train_data_dir, self.resolution, metadata_path=cfg.metadata_path,
-                                caption_extension=cfg.caption_extension, enable_bucket=cfg.enable_bucket)
-        for line in self.report.lines():
-            self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
-        self.items = list(self.report.items)
+        self._read_images()
         self.bus.state("loading model")
         with model_loading(cfg.base_model):  # the model and its new LoRA layers, one load in the process at a time
             self._load_and_add_adapters()
@@ -68,16 +75,56 @@ class DiffusionTrainer(Trainer):
         self.bus.state("caching latents")
         self._cache_latents()
         self.pipe.vae.to("cpu")
-        if not cfg.train_text_encoder:
+        if self.caches_text:
             self._cache_text()
+        else:
+            self._text_per_step()
         if cfg.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 for name in self.text_encoder_names:
                     getattr(self.pipe, name).gradient_checkpointing_enable()
         self.say(f"Model: {cfg.base_model} ({self.family}), prediction type {self.prediction_type}, "
-                 f"resolution {self.resolution}, weights {str(weight_dtype(acc)).replace('torch.', '')}, "
-                 f"LoRA rank {cfg.lora_rank} alpha {cfg.alpha:g} on {', '.join(cfg.targets_for(self.family))}.")
+                 f"resolution {self.resolution}, weights {str(weight_dtype(self.accelerator)).replace('torch.', '')}, "
+                 f"{cfg.network_type} rank {cfg.lora_rank} alpha {cfg.alpha:g} on "
+                 f"{', '.join(cfg.targets_for(self.family))}.")
+
+    def _read_images(self) -> None:
+        """The training images (preflight report in the log), the validation images held out, the loss masks."""
+        from ..data.masks import attach_masks
+        from ..data.validation_set import image_validation_set
+
+        cfg = self.config
+        self.report = preflight(cfg.train_data_dir, self.resolution, metadata_path=cfg.metadata_path,
+                                caption_extension=cfg.caption_extension, enable_bucket=cfg.enable_bucket)
+        for line in self.report.lines():
+            self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
+        self.items, self.val_items, note = image_validation_set(list(self.report.items), self.report.folder, cfg,
+                                                                self.resolution)
+        if note:
+            self.say(note)
+        if cfg.masked_loss:
+            files, alpha = attach_masks(self.items + self.val_items, self.report.folder)
+            if cfg.validation_dir:
+                attach_masks(self.val_items, Path(cfg.validation_dir))
+            total = len(self.items) + len(self.val_items)
+            self.say(f"masked_loss: {files + alpha} of {total} images have a mask ({files} in masks/, {alpha} from "
+                     "their alpha channel); the others train on every pixel.",
+                     "info" if files + alpha else "warning")
+
+    @property
+    def caches_text(self) -> bool:
+        """Whether the text conditioning is encoded once: the encoders are frozen and the text never varies."""
+        from ..data.caption_aug import changes_tags
+
+        cfg = self.config
+        return not cfg.train_text_encoder and not changes_tags(cfg.shuffle_tags, cfg.tag_dropout_rate)
+
+    def _text_per_step(self) -> None:
+        """The captions change at every step (tag shuffling or dropout): the frozen encoders stay on the device."""
+        if not self.config.train_text_encoder:
+            self.say("shuffle_tags/tag_dropout_rate: the captions change at every step, so they are encoded at "
+                     "every step (the text encoder stays on the GPU).")
 
     def _load_and_add_adapters(self) -> None:
         cfg, acc = self.config, self.accelerator
@@ -118,19 +165,20 @@ class DiffusionTrainer(Trainer):
 
     def _add_adapters(self) -> None:
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
+
+        from ..networks import add_network, peft_config
 
         cfg = self.config
 
-        def lora(targets) -> LoraConfig:
-            return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                              init_lora_weights="gaussian", target_modules=list(targets))
+        def add(model, targets) -> None:
+            config = peft_config(cfg.network_type, cfg.lora_rank, cfg.alpha, targets, dropout=cfg.lora_dropout)
+            add_network(model, cfg.network_type, config)
 
-        self.pipe.unet.add_adapter(lora(cfg.targets_for(self.family)))
+        add(self.pipe.unet, cfg.targets_for(self.family))
         trained = [self.pipe.unet]
         if cfg.train_text_encoder:
             for name in self.text_encoder_names:
-                getattr(self.pipe, name).add_adapter(lora(get_family(self.family).text_encoder_targets))
+                add(getattr(self.pipe, name), get_family(self.family).text_encoder_targets)
                 trained.append(getattr(self.pipe, name))
         if cfg.init_lora:
             from ..export.lora_state import apply_init_lora
@@ -143,24 +191,27 @@ class DiffusionTrainer(Trainer):
         return {name: getattr(self.pipe, name) for name in self.text_encoder_names}
 
     def _cache_latents(self) -> None:
-        cfg = self.config
-        disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
-        skipped: list[str] = []
-
-        def progress(done: int, total: int) -> None:
-            self.bus.emit(Progress(stage="caching latents", done=done, of=total))
-
-        def on_error(item: TrainItem, exc: Exception) -> None:
-            skipped.append(item.path.name)
-            self.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
-
-        self.latents, failed = encode_latents_shared(  # split over the processes of a multi-GPU run
-            self.pipe.vae, self.items, self.accelerator, device=self.accelerator.device, dtype=self.pipe.vae.dtype,
-            disk_dir=disk, vae_id=f"{cfg.base_model}|{cfg.vae}", progress=progress, on_error=on_error)
-        if failed:
-            self.items = [it for i, it in enumerate(self.items) if i not in set(failed)]
+        self.latents, self.items = self._encode(self.items, "caching latents")
         if not self.items:
             raise DatasetError("None of the images could be decoded; see the skipped files above.")
+        if self.val_items:
+            self.val_latents, self.val_items = self._encode(self.val_items, "caching validation latents")
+
+    def _encode(self, items: list[TrainItem], stage: str) -> tuple[LatentCache, list[TrainItem]]:
+        """The latent cache of ``items`` and the items that could be decoded (the others are reported)."""
+        cfg = self.config
+        disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
+
+        def progress(done: int, total: int) -> None:
+            self.bus.emit(Progress(stage=stage, done=done, of=total))
+
+        def on_error(item: TrainItem, exc: Exception) -> None:
+            self.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
+
+        cache, failed = encode_latents_shared(  # split over the processes of a multi-GPU run
+            self.pipe.vae, items, self.accelerator, device=self.accelerator.device, dtype=self.pipe.vae.dtype,
+            disk_dir=disk, vae_id=f"{cfg.base_model}|{cfg.vae}", progress=progress, on_error=on_error)
+        return cache, [it for i, it in enumerate(items) if i not in set(failed)]
 
     # --- text ------------------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -177,7 +228,8 @@ class DiffusionTrainer(Trainer):
 
     @torch.no_grad()
     def _cache_text(self) -> None:
-        captions = sorted({it.caption for it in self.items})
+        captions = sorted({it.caption for it in self.items + self.val_items}
+                          | ({""} if self.config.caption_dropout_rate else set()))
         for start in range(0, len(captions), 16):
             chunk = captions[start:start + 16]
             out = self.encode_text(self.tokenize(chunk))
@@ -185,15 +237,19 @@ class DiffusionTrainer(Trainer):
                 self.text_cache[caption] = {k: v[j].detach().to("cpu") for k, v in out.items()}
 
     def text_conditioning(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        if self.text_cache:
+        if self.text_cache and all(c in self.text_cache for c in captions):
             return {k: torch.stack([self.text_cache[c][k] for c in captions]).to(self.accelerator.device)
                     for k in self.text_cache[captions[0]]}
-        return self.encode_text(self.tokenize(captions))
+        trained = self.config.train_text_encoder and not self._validating
+        with torch.enable_grad() if trained else torch.no_grad():
+            return self.encode_text(self.tokenize(captions))
 
     def training_module(self, name: str) -> torch.nn.Module:
         """``pipe.<name>`` as the step must call it: through its DDP wrapper once the loop prepared it
         (a trained text encoder called around the wrapper would skip the gradient all-reduce)."""
         module = getattr(self.pipe, name)
+        if self._validating:  # the validation runs on the main process alone: no DDP wrapper (no collectives)
+            return module
         for prepared in self.prepared_models:
             if self.accelerator.unwrap_model(prepared) is module:
                 return prepared
@@ -220,11 +276,12 @@ class DiffusionTrainer(Trainer):
             groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
         return groups
 
-    def unet_kwargs(self, cond: dict[str, torch.Tensor], indices: Sequence[int]) -> dict[str, Any]:
+    def unet_kwargs(self, cond: dict[str, torch.Tensor], items: Sequence[TrainItem],
+                    crops: Sequence[tuple[int, int]]) -> dict[str, Any]:
         return {"encoder_hidden_states": cond["encoder_hidden_states"]}
 
     def compute_loss(self, batch: list[int]) -> torch.Tensor:
-        cfg, acc = self.config, self.accelerator
+        cfg = self.config
         # one generator per sample, seeded by its place in the epoch (a plain list: the run's generator)
         gens = batch.generators(cfg.seed) if isinstance(batch, Batch) else [self.generator] * len(batch)
         latents = self.latents.sample(batch, gens)
@@ -234,23 +291,75 @@ class DiffusionTrainer(Trainer):
             noise = noise + cfg.noise_offset * torch.stack([torch.randn((shape[0], 1, 1), generator=g) for g in gens])
         n_train = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.cat([torch.randint(0, n_train, (1,), generator=g) for g in gens])
+        captions = self.step_captions(batch)
+        items = [self.items[i] for i in batch]
+        per_sample = self.denoise_loss(latents, noise, timesteps, captions, items, self.latents.crops(batch),
+                                       self.latents.masks(batch) if cfg.masked_loss else None)
+        return per_sample.mean()
+
+    def step_captions(self, batch: Sequence[int]) -> list[str]:
+        """The captions of this step's samples, after caption dropout, tag shuffling and tag dropout (each
+        sample's own random draw: repeatable, and independent of the noise)."""
+        import random
+
+        from ..data.caption_aug import augment_caption, changes_captions
+
+        cfg = self.config
+        captions = [self.items[i].caption for i in batch]
+        if not changes_captions(cfg.caption_dropout_rate, cfg.shuffle_tags, cfg.tag_dropout_rate):
+            return captions
+        if isinstance(batch, Batch):
+            seeds = [sample_seed(cfg.seed + 7919, *pos) for pos in batch.positions()]
+        else:
+            seeds = [int(torch.randint(0, 2**62, (1,), generator=self.generator)) for _ in batch]
+        return [augment_caption(c, random.Random(seed), dropout=cfg.caption_dropout_rate, shuffle=cfg.shuffle_tags,
+                                keep_tokens=cfg.keep_tokens, tag_dropout=cfg.tag_dropout_rate)
+                for c, seed in zip(captions, seeds)]
+
+    def denoise_loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                     captions: Sequence[str], items: Sequence[TrainItem], crops: Sequence[tuple[int, int]],
+                     masks: torch.Tensor | None = None, weighted: bool = True) -> torch.Tensor:
+        """Per-sample (masked) MSE of the UNet's prediction against the noise or the velocity; min-SNR weighted
+        when ``weighted`` and ``min_snr_gamma`` is set."""
+        acc = self.accelerator
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        dev = acc.device
-        unet = self.prepared_models[0]
-        dtype = weight_dtype(acc)
-        cond = self.text_conditioning([self.items[i].caption for i in batch])
+        dev, dtype = acc.device, weight_dtype(acc)
+        unet = self.pipe.unet if self._validating else self.prepared_models[0]
+        cond = self.text_conditioning(captions)
         with acc.autocast():
             pred = unet(noisy.to(dev, dtype), timesteps.to(dev),
                         **{k: v.to(dtype) if torch.is_tensor(v) else v
-                           for k, v in self.unet_kwargs(cond, batch).items()}).sample
-        per_sample = F.mse_loss(pred.float(), target.to(dev).float(), reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma:
+                           for k, v in self.unet_kwargs(cond, items, crops).items()}).sample
+        per_sample = per_sample_mse(pred, target.to(dev), masks)
+        if weighted and self.config.min_snr_gamma:
             per_sample = per_sample * self._snr_weights(timesteps).to(dev)
-        return per_sample.mean()
+        return per_sample
+
+    # --- validation ------------------------------------------------------------------------------
+    def validation_batches(self) -> list[int]:
+        return list(range(len(self.val_items)))
+
+    def validation_loss(self, index: int) -> torch.Tensor:
+        """One held-out image at timesteps spread evenly over the schedule, with the latent mean and noise fixed
+        by the seed and the image's place: the same number for the same weights, every time."""
+        item, entry = self.val_items[index], self.val_latents.entries[index]
+        steps = even_timesteps(self.noise_scheduler.config.num_train_timesteps)
+        k = len(steps)
+        latents = entry["mean"].float().unsqueeze(0).expand(k, *entry["mean"].shape)
+        gen = torch.Generator(device="cpu").manual_seed(sample_seed(self.config.seed, -1, index, 0))
+        noise = torch.randn(latents.shape, generator=gen)
+        crops = self.val_latents.crops([index]) * k
+        masks = self.val_latents.masks([index] * k) if self.config.masked_loss else None
+        self._validating = True
+        try:
+            return self.denoise_loss(latents, noise, torch.tensor(steps), [item.caption] * k, [item] * k, crops,
+                                     masks, weighted=False)
+        finally:
+            self._validating = False
 
     def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         from diffusers.training_utils import compute_snr
@@ -293,7 +402,8 @@ class DiffusionTrainer(Trainer):
         from ..export.kohya import peft_to_kohya
 
         unet_sd, te_sds = self._peft_states()
-        return peft_to_kohya(unet_sd, te_sds, self.family, self.config.alpha, unet_config=self.pipe.unet.config)
+        return peft_to_kohya(unet_sd, te_sds, self.family, self.config.alpha, unet_config=self.pipe.unet.config,
+                             rank=self.config.lora_rank)
 
     def _metadata(self, step: int, epoch: int) -> dict[str, str]:
         from ..data.tags import tag_frequency
@@ -305,8 +415,15 @@ class DiffusionTrainer(Trainer):
             resolution=self.resolution, num_train_images=len(self.items),
             tag_frequency=tag_frequency({it.path: it.caption for it in self.items}, cfg.train_data_dir),
             base_model_name=Path(cfg.base_model).name or cfg.base_model, training_started_at=self.started_at,
-            steps=step, epoch=epoch,
-            extra={"ss_v_parameterization": "True"} if self.prediction_type == "v_prediction" else None)
+            steps=step, epoch=epoch, extra=self._metadata_extra())
+
+    def _metadata_extra(self) -> dict[str, str]:
+        from ..networks import kohya_network_metadata
+
+        extra = kohya_network_metadata(self.config)
+        if self.prediction_type == "v_prediction":
+            extra["ss_v_parameterization"] = "True"
+        return extra
 
     def save_lora(self, folder: Path, name: str, step: int, epoch: int) -> list[Path]:
         from ..export.kohya import save_kohya_lora
@@ -328,10 +445,11 @@ class DiffusionTrainer(Trainer):
         cfg, run = self.config, self.run
         kohya_path = save_kohya_lora(run.path / f"{cfg.output_name}.safetensors", self._kohya_state(),
                                      self._metadata(step, epoch))
-        unet_sd, te_sds = self._peft_states()
-        diffusers_dir = save_diffusers_lora(run.path / "diffusers", type(self.pipe), unet_sd, te_sds,
-                                            rank=cfg.lora_rank, alpha=cfg.alpha, family=self.family)
-        files = [kohya_path, diffusers_dir]
+        files = [kohya_path]
+        if cfg.network_type == "lora":  # diffusers' own format holds plain LoRA only (DoRA there is PEFT's kind)
+            unet_sd, te_sds = self._peft_states()
+            files.append(save_diffusers_lora(run.path / "diffusers", type(self.pipe), unet_sd, te_sds,
+                                             rank=cfg.lora_rank, alpha=cfg.alpha, family=self.family))
         if cfg.verify_export:
             self.bus.state("verifying export")
             report = self.verify(kohya_path)
@@ -395,6 +513,7 @@ class DiffusionTrainer(Trainer):
 
     def cleanup(self) -> None:
         self.latents = None
+        self.val_latents = None
         self.text_cache = {}
 
 

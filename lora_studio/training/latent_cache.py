@@ -22,6 +22,7 @@ import torch
 
 from ..data.buckets import resize_to_bucket
 from ..data.images import load_image_rgb
+from ..data.masks import ALPHA, bucket_mask, latent_mask
 from ..data.train_set import TrainItem
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ def image_tensor(item: TrainItem) -> tuple[torch.Tensor, tuple[int, int]]:
 def _key(item: TrainItem, vae_id: str) -> str:
     st = item.path.stat()
     raw = f"{item.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{item.bucket}|{vae_id}"
+    if item.mask is not None:  # masked_loss: the mask (and its file's version) is part of the entry
+        mask_file = item.path if item.mask == ALPHA else Path(item.mask)
+        raw += f"|mask:{item.mask}|{mask_file.stat().st_mtime_ns}"
     return hashlib.sha1(raw.encode()).hexdigest()
 
 
@@ -58,6 +62,14 @@ class LatentCache:
 
     def crops(self, indices: Sequence[int]) -> list[tuple[int, int]]:
         return [tuple(self.entries[i]["crop"].tolist()) for i in indices]
+
+    def masks(self, indices: Sequence[int]) -> torch.Tensor | None:
+        """(batch, 1, h, w) loss weights at the latent grid (ones for an image without a mask); None when none of
+        these images has a mask."""
+        if not any("mask" in self.entries[i] for i in indices):
+            return None
+        return torch.stack([self.entries[i].get("mask", torch.ones_like(self.entries[i]["mean"][:1]))
+                            for i in indices]).float()
 
 
 @torch.no_grad()
@@ -105,6 +117,10 @@ def encode_latents(vae, items: Sequence[TrainItem], *, device: torch.device, dty
                 std = (dist.std * scaling).float().cpu()
                 for j, i in enumerate(chunk):
                     entry = {"mean": mean[j].clone(), "std": std[j].clone(), "crop": torch.tensor(crops[j])}
+                    item = items[i]
+                    if item.mask is not None:
+                        pixels_mask = bucket_mask(item.path, item.mask, item.size, item.bucket)
+                        entry["mask"] = latent_mask(pixels_mask, tuple(mean.shape[-2:]))
                     entries[i] = entry
                     if disk_dir is not None:
                         disk_dir.mkdir(parents=True, exist_ok=True)

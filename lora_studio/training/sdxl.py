@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config import TrainConfig
+from ..data.train_set import TrainItem
 from ..errors import TrainingError
 from .diffusion import VERIFY_SIZE, VERIFY_STEPS, DiffusionTrainer
 from .events import EventBus
@@ -72,7 +73,8 @@ class SDXLTrainer(DiffusionTrainer):
 
     def check_latents(self) -> None:
         """Stop with a clear message if any cached latent is NaN or infinite."""
-        bad = [self.items[i].path.name for i, entry in enumerate(self.latents.entries)
+        bad = [item.path.name for items, cache in ((self.items, self.latents), (self.val_items, self.val_latents))
+               if cache is not None for item, entry in zip(items, cache.entries)
                if not (torch.isfinite(entry["mean"]).all() and torch.isfinite(entry["std"]).all())]
         if not bad:
             return
@@ -109,27 +111,32 @@ class SDXLTrainer(DiffusionTrainer):
         self._offload_text_encoders()
         self.pipe.unet.to(self.accelerator.device)  # after the encoders left: the peaks do not add up
 
+    def _text_per_step(self) -> None:
+        super()._text_per_step()
+        self.pipe.unet.to(self.accelerator.device)
+
     def _offload_text_encoders(self) -> None:
         """Frozen, cached encoders are not needed for training: free their GPU memory (about 1.6 GB in fp16)."""
-        if self.config.train_text_encoder:
+        if not self.caches_text:
             return
         for name in self.text_encoder_names:
             getattr(self.pipe, name).to("cpu")
         free_memory()
 
     # --- the step ----------------------------------------------------------------------------------
-    def time_ids(self, indices: Sequence[int]) -> torch.Tensor:
+    def time_ids(self, items: Sequence[TrainItem], crops: Sequence[tuple[int, int]]) -> torch.Tensor:
         """(batch, 6): original (h, w), crop top-left (top, left), target (h, w) for each item."""
         rows = []
-        for i, (top, left) in zip(indices, self.latents.crops(indices)):
-            item = self.items[i]
+        for item, (top, left) in zip(items, crops):
             (width, height), (bucket_w, bucket_h) = item.size, item.bucket
             rows.append([height, width, top, left, bucket_h, bucket_w])
         return torch.tensor(rows, dtype=torch.float32)
 
-    def unet_kwargs(self, cond: dict[str, torch.Tensor], indices: Sequence[int]) -> dict[str, Any]:
+    def unet_kwargs(self, cond: dict[str, torch.Tensor], items: Sequence[TrainItem],
+                    crops: Sequence[tuple[int, int]]) -> dict[str, Any]:
         dev, dtype = self.accelerator.device, weight_dtype(self.accelerator)
-        added = {"text_embeds": cond["text_embeds"].to(dev, dtype), "time_ids": self.time_ids(indices).to(dev, dtype)}
+        added = {"text_embeds": cond["text_embeds"].to(dev, dtype),
+                 "time_ids": self.time_ids(items, crops).to(dev, dtype)}
         return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
 
     # --- inference (samples, export check) ---------------------------------------------------------

@@ -1,7 +1,7 @@
 """Validation: which samples are held out, the history of validation losses, and what it says.
 
 A validation loss is measured on data the LoRA never trains on (``validation_split`` holds out a share of
-the training set, ``validation_dir`` names other data), always the same way: the trainer's
+the training set, ``validation_dir`` names other data: ``data.validation_set``), always the same way: the trainer's
 ``validation_loss`` uses fixed noise and timesteps spread evenly over the schedule (LLMs: the held-out rows,
 which have no randomness), so two evaluations of the same weights give the same number, in another run
 or after a resume too. The loop measures it every ``validation_every_steps``, at every checkpoint and at
@@ -13,27 +13,11 @@ training loss fell).
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 OVERFIT_EVALS = 3  # evaluations in a row with a rising validation loss (while training loss fell) = overfitting
 VALIDATION_TIMESTEPS = 4  # per held-out image: timesteps at the centres of 4 equal parts of the schedule
-
-
-def holdout(keys: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """``(train indices, held-out indices)``: a ``fraction`` of ``keys`` (at least one, never all), chosen by a
-    hash of the seed and each key, so the same files are held out on every run with this seed, whatever the
-    order they are listed in."""
-    n = len(keys)
-    if fraction <= 0 or n < 2:
-        return list(range(n)), []
-    count = min(max(1, math.ceil(fraction * n)), n - 1)
-    ranked = sorted(range(n), key=lambda i: hashlib.blake2b(f"{seed}:{keys[i]}".encode(), digest_size=8).digest())
-    held = sorted(ranked[:count])
-    chosen = set(held)
-    return [i for i in range(n) if i not in chosen], held
 
 
 def even_timesteps(num_train_timesteps: int, count: int = VALIDATION_TIMESTEPS) -> list[int]:
