@@ -81,6 +81,7 @@ def settings_rows(config: Any, family: str, state: Mapping[str, Any], steps: int
     effective = state.get("effective_batch") or config.batch_size * config.gradient_accumulation_steps * processes
     rows: list[tuple[str, Any]] = [
         ("base model", config.base_model), ("model family", FAMILY_TITLES.get(family, family)),
+        ("network type", getattr(config, "network_type", "lora")),
         ("LoRA rank / alpha", f"{config.lora_rank} / {config.alpha:g}"),
         ("steps", steps if steps is not None else state.get("step", "")),
         ("batch size x accumulation x GPUs", f"{config.batch_size} x {config.gradient_accumulation_steps} x "
@@ -88,6 +89,8 @@ def settings_rows(config: Any, family: str, state: Mapping[str, Any], steps: int
         ("learning rate", f"{config.learning_rate:g} ({config.lr_scheduler}, warm-up {config.lr_warmup_steps})"),
         ("optimizer", config.optimizer), ("mixed precision", config.mixed_precision), ("seed", config.seed),
     ]
+    if getattr(config, "ema_decay", None):
+        rows.append(("EMA of the weights", f"decay {config.ema_decay:g} (this file holds the average)"))
     if family == "llm":
         rows.append(("max sequence length", config.max_seq_length))
     else:
@@ -100,6 +103,22 @@ def settings_rows(config: Any, family: str, state: Mapping[str, Any], steps: int
     if num_images is not None:
         rows.append(("training images" if family != "llm" else "training examples", num_images))
     return rows
+
+
+def _recommended_lines(state: Mapping[str, Any], name: str) -> list[str]:
+    """The "Recommended checkpoint" section: the saved LoRA with the lowest validation loss (``job.json``)."""
+    rec = state.get("recommended")
+    if not rec:
+        return []
+    if rec.get("final"):
+        where = f"this file, the final LoRA (step {rec['step']})"
+    else:
+        folder = Path(str(rec.get("checkpoint") or ""))
+        where = (f"**the checkpoint at step {rec['step']}** (`checkpoints/{folder.name}/`), not the final file: "
+                 "later steps scored worse on the held-out data")
+    return ["## Recommended checkpoint", "",
+            f"Lowest validation loss ({rec['val_loss']:.5g}, measured on held-out data the LoRA never trained on): "
+            f"{where}.", ""]
 
 
 def _front_matter(config: Any, family: str, triggers: list[str]) -> str:
@@ -138,17 +157,28 @@ def _image_usage(name: str, file_name: str, config: Any, family: str, triggers: 
         f"to {PREFERRED_WEIGHT}" + (f" and `strength_clip` to {PREFERRED_WEIGHT}" if config.train_text_encoder
                                     else " (`strength_clip` has no effect: the text encoder was not trained)") + ".",
         "",
-        "### diffusers", "",
-        "```python", "import torch", f"from diffusers import {pipe_class}", "",
-        f'pipe = {pipe_class}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
-        f'pipe.load_lora_weights(".", weight_name="{file_name}", adapter_name="{name}")',
-        f'pipe.set_adapters(["{name}"], adapter_weights=[{PREFERRED_WEIGHT}])',
-        f'image = pipe("{prompt}your prompt").images[0]', "```", "",
     ]
+    out += _diffusers_usage(name, file_name, config, pipe_class, base, prompt)
     if has_diffusers_folder:
         out += ["The `diffusers/` folder holds the same LoRA in diffusers' own format "
                 "(`pipe.load_lora_weights(\"diffusers\")`).", ""]
     return out
+
+
+def _diffusers_usage(name: str, file_name: str, config: Any, pipe_class: str, base: str, prompt: str) -> list[str]:
+    kind = getattr(config, "network_type", "lora")
+    if kind != "lora":
+        return ["### diffusers", "",
+                f"This is a {kind.upper() if kind == 'dora' else kind.capitalize()} file (LyCORIS keys). diffusers' "
+                "`load_lora_weights` cannot load LoKr/LoHa and applies DoRA's `dora_scale` differently from "
+                "A1111/Forge and ComfyUI; LoRA Studio loads it through PEFT as those tools apply it "
+                "(`lora_studio.export.lycoris.load_into_pipeline(pipe, path, family, name)`).", ""]
+    return ["### diffusers", "",
+            "```python", "import torch", f"from diffusers import {pipe_class}", "",
+            f'pipe = {pipe_class}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+            f'pipe.load_lora_weights(".", weight_name="{file_name}", adapter_name="{name}")',
+            f'pipe.set_adapters(["{name}"], adapter_weights=[{PREFERRED_WEIGHT}])',
+            f'image = pipe("{prompt}your prompt").images[0]', "```", ""]
 
 
 def _llm_usage(name: str, file_name: str, config: Any) -> list[str]:
@@ -210,6 +240,7 @@ def write_card(run_folder: Any, config: Any, family: str, files: Sequence[str | 
         lines += ["## Most frequent training tags", "", "| tag | count |", "| --- | ---: |"]
         lines += [f"| {_cell(tag)} | {count} |" for tag, count in tags]
         lines.append("")
+    lines += _recommended_lines(state, name)
     lines += ["## Training settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in settings_rows(config, family, state, steps, num_images)]
     lines.append("")

@@ -29,8 +29,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def adapter_problems(config: dict[str, Any]) -> list[str]:
-    """Why an adapter config would not load in llama.cpp / Ollama (empty when it is fine)."""
+def adapter_problems(config: dict[str, Any], allow_dora: bool = False) -> list[str]:
+    """Why an adapter config would not load in llama.cpp / Ollama (empty when it is fine). ``allow_dora``: a DoRA
+    adapter asked for (``network_type: dora``) is accepted; it is for PEFT/transformers only."""
     problems = []
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         problems.append(f"it is a {config.get('peft_type')} adapter, not LoRA")
@@ -38,7 +39,7 @@ def adapter_problems(config: dict[str, Any]) -> list[str]:
         problems.append(f"it saves whole modules ({', '.join(config['modules_to_save'])})")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         problems.append("it has per-layer ranks or alphas (rank_pattern/alpha_pattern)")
-    if config.get("use_dora"):
+    if config.get("use_dora") and not allow_dora:
         problems.append("it is a DoRA adapter")
     return problems
 
@@ -70,7 +71,7 @@ def _fresh_tmp(final: Path) -> Path:
 
 
 def save_adapter(model, folder: str | Path, *, base_model: str | None = None,
-                 info: dict[str, Any] | None = None) -> Path:
+                 info: dict[str, Any] | None = None, allow_dora: bool = False) -> Path:
     """Save a ``PeftModel``'s adapter into ``folder`` (PEFT layout, safetensors). Returns ``folder``.
 
     ``base_model`` is written as ``base_model_name_or_path`` (llama.cpp uses it when ``--base`` is not given);
@@ -80,7 +81,7 @@ def save_adapter(model, folder: str | Path, *, base_model: str | None = None,
     tmp = _fresh_tmp(final)
     model.save_pretrained(str(tmp), safe_serialization=True)
     config = json.loads((tmp / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    problems = adapter_problems(config)
+    problems = adapter_problems(config, allow_dora)
     if problems:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError("The adapter cannot be exported for llama.cpp/Ollama: " + "; ".join(problems) + ".")

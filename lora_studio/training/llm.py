@@ -4,9 +4,11 @@ In order: load the tokenizer and check/tokenize the data (``data.llm_data``: ans
 report), load the model (bf16/fp16 weights on a GPU with mixed precision, 4-bit NF4 for QLoRA when
 ``load_in_4bit`` and CUDA allow it, fp32 on a CPU), add a PEFT LoRA on ``target_modules`` (default
 ``q_proj``, ``v_proj``) or continue an ``init_lora`` adapter folder, then each step: a length-grouped,
-right-padded batch and the model's own next-token loss. Checkpoints hold a PEFT adapter folder; the final
-export writes one, reloads it with ``PeftModel.from_pretrained`` and checks the logits, and can also write
-a merged full model.
+right-padded batch and the model's own next-token loss. ``network_type: dora`` is PEFT's DoRA (the adapter
+folder is read by PEFT as it is). With ``validation_split`` (rows held out) or ``validation_dir`` (another data
+file or folder) the validation loss is the same loss on the held-out rows, in fixed batches. Checkpoints hold
+a PEFT adapter folder; the final export writes one, reloads it with ``PeftModel.from_pretrained`` and checks
+the logits, and can also write a merged full model.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class LLMTrainer(Trainer):
         self.model = None
         self.tokenizer = None
         self.report: LLMPreflight | None = None
+        self.val_examples: list = []
         self.quantized = False
         self.tokens_seen = 0
         self._last_tokens = (0, time.perf_counter())
@@ -128,6 +131,7 @@ class LLMTrainer(Trainer):
         self.report = preflight_llm(cfg.train_data_dir, self.tokenizer, cfg.max_seq_length, progress=self._progress)
         for line in self.report.lines():
             self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
+        self._hold_out()
         self.bus.state("loading model")
         self.quantized = use_4bit(cfg, say=self.say)
         dtype = weight_dtype(acc)
@@ -158,6 +162,24 @@ class LLMTrainer(Trainer):
                  f"{lora.lora_alpha:g} on {targets} ({trainable:,} trainable parameters), "
                  f"max_seq_length {cfg.max_seq_length}.")
 
+    def _hold_out(self) -> None:
+        """The validation rows: ``validation_dir`` read like the training data, or ``validation_split`` of it."""
+        from ..data.validation_set import holdout
+
+        cfg = self.config
+        examples = self.report.examples
+        if cfg.validation_dir:
+            self.val_examples = preflight_llm(cfg.validation_dir, self.tokenizer, cfg.max_seq_length).examples
+            self.say(f"Validation: {len(self.val_examples)} examples from {cfg.validation_dir} (validation_dir).")
+        elif cfg.validation_split:
+            if len(examples) < 2:
+                raise ConfigError("validation_split", "needs at least 2 usable rows (one to train, one to hold out).")
+            kept, held = holdout([f"{i}:{e.where}" for i, e in enumerate(examples)], cfg.validation_split, cfg.seed)
+            self.val_examples = [examples[i] for i in held]
+            self.report.examples = [examples[i] for i in kept]
+            self.say(f"Validation: {len(held)} of {len(examples)} examples held out (validation_split "
+                     f"{cfg.validation_split:g}), never trained on.")
+
     def _progress(self, done: int, total: int) -> None:
         self.bus.emit(Progress(stage="tokenizing", done=done, of=total))
 
@@ -167,6 +189,9 @@ class LLMTrainer(Trainer):
         from ..export.peft_llm import ADAPTER_CONFIG, is_adapter_folder
 
         cfg = self.config
+        if cfg.network_type not in ("lora", "dora"):
+            raise ConfigError("network_type", f"'{cfg.network_type}' is for image models; a language model takes "
+                                              "lora or dora.")
         if cfg.init_lora:
             if not is_adapter_folder(cfg.init_lora):
                 raise ModelLoadError(f"init_lora '{cfg.init_lora}' is not a PEFT adapter folder: for a language "
@@ -185,7 +210,7 @@ class LLMTrainer(Trainer):
             targets = linear_module_names(model)
         check_targets(model, targets)
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                          task_type="CAUSAL_LM", target_modules=targets)
+                          task_type="CAUSAL_LM", target_modules=targets, use_dora=cfg.network_type == "dora")
         return get_peft_model(model, lora)
 
     # --- the step --------------------------------------------------------------------------------
@@ -209,6 +234,20 @@ class LLMTrainer(Trainer):
             loss = causal_lm_loss(model, inputs, self.logits_mode)
         self.tokens_seen += int(inputs["attention_mask"].sum())
         return loss
+
+    def validation_batches(self) -> list[list[int]]:
+        """The held-out examples in fixed batches of ``batch_size`` (by length, so little padding)."""
+        order = sorted(range(len(self.val_examples)), key=lambda i: -len(self.val_examples[i].input_ids))
+        size = self.config.batch_size
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
+    def validation_loss(self, batch: list[int]) -> torch.Tensor:
+        """The next-token loss of one held-out batch (no randomness: the same weights give the same number)."""
+        acc = self.accelerator
+        inputs = collate([self.val_examples[i] for i in batch], self.tokenizer.pad_token_id)
+        inputs = {k: v.to(acc.device) for k, v in inputs.items()}
+        with acc.autocast():  # the unwrapped model: the main process validates alone (no DDP collectives)
+            return causal_lm_loss(self.model, inputs, self.logits_mode).reshape(1)
 
     def export_extra_bytes(self) -> int:
         """With ``save_merged_model``, the merged full model: about 2 bytes per base weight (bf16/fp16; a 4-bit
@@ -253,7 +292,7 @@ class LLMTrainer(Trainer):
         from ..export.peft_llm import save_adapter
 
         return [save_adapter(self._unwrapped(), folder / name, base_model=self.config.base_model,
-                             info=self._info(step, epoch))]
+                             info=self._info(step, epoch), allow_dora=self.config.network_type == "dora")]
 
     # --- export and checks -----------------------------------------------------------------------
     def export(self, step: int, epoch: int) -> list[Path]:
@@ -262,7 +301,10 @@ class LLMTrainer(Trainer):
         cfg = self.config
         model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         adapter = save_adapter(model, self.run.path / cfg.output_name, base_model=cfg.base_model,
-                               info=self._info(step, epoch))
+                               info=self._info(step, epoch), allow_dora=cfg.network_type == "dora")
+        if cfg.network_type == "dora":
+            self.say("DoRA adapter: it loads in PEFT/transformers (PeftModel.from_pretrained); llama.cpp and Ollama "
+                     "take plain LoRA adapters only.")
         files = [adapter]
         if cfg.verify_export:
             self.bus.state("verifying export")

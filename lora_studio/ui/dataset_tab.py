@@ -30,14 +30,33 @@ def _gallery(report: ScanReport) -> list[tuple]:
     for check in report.usable[:GALLERY_LIMIT]:
         img = thumbnail(check.path, 192)
         if img is not None:
-            note = f" ({'; '.join(check.problems)})" if check.problems else ""
-            items.append((img, check.name + note))
+            img, mask_note = with_mask(img, check.path, report.folder)
+            notes = list(check.problems) + ([mask_note] if mask_note else [])
+            items.append((img, check.name + (f" ({'; '.join(notes)})" if notes else "")))
     return items
+
+
+def with_mask(img, path: Path, root: Path) -> tuple:
+    """The thumbnail with its loss mask shown (ignored parts tinted red) and a note, when the image has a mask
+    (``masks/<name>`` or an alpha channel: what ``masked_loss`` uses); else the thumbnail unchanged and ""."""
+    from ..data.masks import ALPHA, load_mask, mask_overlay, mask_source
+
+    try:
+        source = mask_source(path, root)
+        if source is None:
+            return img, ""
+        note = "mask: alpha channel" if source == ALPHA else f"mask: {Path(source).relative_to(root).as_posix()}"
+        return mask_overlay(img, load_mask(path, source)), note
+    except Exception as exc:  # an unreadable mask is shown as such, the thumbnail stays
+        return img, f"mask unreadable ({exc.__class__.__name__})"
 
 
 def _summary(report: ScanReport) -> str:
     lines = [f"**{report.summary()}**"]
     lines += [f"- {note}" for note in report.notes()]
+    if (report.folder / "masks").is_dir():
+        lines.append("- A `masks/` folder holds loss masks (shown over the thumbnails, ignored parts in red); they "
+                     "are used when training with `masked_loss: true`.")
     if len(report.usable) > GALLERY_LIMIT:
         lines.append(f"- The gallery shows the first {GALLERY_LIMIT} images.")
     if report.usable and not report.captioned_count:

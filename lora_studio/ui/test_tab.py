@@ -33,25 +33,46 @@ def run_of(lora_file: str | Path) -> RunFolder | None:
     return None
 
 
+RECOMMENDED = " (recommended)"
+
+
+def recommended_step(run: RunFolder) -> tuple[int | None, bool]:
+    """(step, is the final file) of the run's recommended LoRA: the lowest validation loss (``job.json``)."""
+    rec = run.read_state().get("recommended") or {}
+    return rec.get("step"), bool(rec.get("final"))
+
+
+def _final_files(run: RunFolder) -> list[Path]:
+    """The run's exported LoRA files (``-raw`` EMA-free copies after the main one)."""
+    return sorted(run.path.glob("*.safetensors"), key=lambda f: (f.stem.endswith("-raw"), f.name))
+
+
 def lora_choices(runs_dir: Path) -> list[tuple[str, str]]:
-    """(label, file) for the image LoRA files of every run: the final file, then checkpoints newest first."""
+    """(label, file) for the image LoRA files of every run: the final file, then checkpoints newest first; the one
+    with the lowest validation loss says "(recommended)"."""
     out = []
     for run in list_runs(runs_dir):
-        for f in sorted(run.path.glob("*.safetensors")):
-            out.append((f"{run.name} / {f.name} (final)", str(f)))
+        best, final = recommended_step(run)
+        for i, f in enumerate(_final_files(run)):
+            mark = RECOMMENDED if final and i == 0 else ""
+            out.append((f"{run.name} / {f.name} (final){mark}", str(f)))
         for step, d in reversed(run.list_checkpoints()):
             for f in sorted(d.glob("*.safetensors")):
-                out.append((f"{run.name} / step {step}", str(f)))
+                mark = RECOMMENDED if step == best and not final else ""
+                out.append((f"{run.name} / step {step}{mark}", str(f)))
     return out
 
 
 def checkpoint_rows(lora_file: Path) -> list[tuple[str, Path]]:
-    """(label, file) rows for a checkpoint grid: each checkpoint of the file's run, then the final file."""
+    """(label, file) rows for a checkpoint grid: each checkpoint of the file's run, then the final file; the row
+    with the lowest validation loss is labelled "(recommended)"."""
     run = run_of(lora_file)
     if run is None:
         return [(lora_display_name(lora_file), lora_file)]
-    rows = [(f"step {step}", f) for step, d in run.list_checkpoints() for f in sorted(d.glob("*.safetensors"))[:1]]
-    rows += [("final", f) for f in sorted(run.path.glob("*.safetensors"))[:1]]
+    best, final = recommended_step(run)
+    rows = [(f"step {step}" + (RECOMMENDED if step == best and not final else ""), f)
+            for step, d in run.list_checkpoints() for f in sorted(d.glob("*.safetensors"))[:1]]
+    rows += [("final" + (RECOMMENDED if final else ""), f) for f in _final_files(run)[:1]]
     return rows or [(lora_display_name(lora_file), lora_file)]
 
 
@@ -84,7 +105,8 @@ def _grid_layout(ctx: StudioContext) -> SimpleNamespace:
     c = SimpleNamespace()
     render_defaults = ctx.demo.render if ctx.demo else {}
     gr.Markdown("Compare your LoRA at several strengths with the same prompt and seed (strength 0 is the base "
-                "model without the LoRA). Copy the `<lora:...>` text into AUTOMATIC1111 or Forge.")
+                "model without the LoRA). Copy the `<lora:...>` text into AUTOMATIC1111 or Forge. When the run "
+                "measured a validation loss, the checkpoint with the lowest one is marked *(recommended)*.")
     choices = lora_choices(ctx.runs_dir)
     with gr.Row(equal_height=True):
         c.lora = gr.Dropdown(label="LoRA file", choices=choices, value=choices[0][1] if choices else None,

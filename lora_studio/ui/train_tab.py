@@ -160,8 +160,10 @@ def _run_layout(c: SimpleNamespace, initial: TrainConfig) -> None:
     c.progress = gr.HTML(progress_html(0, 0, "idle"), elem_id="train-progress")
     c.stats = gr.Markdown(elem_id="train-stats")
     with gr.Row():
-        c.loss_plot = gr.LinePlot(empty_loss_frame(), x="step", y="loss", title="Training loss", height=300,
-                                  scale=3, elem_id="loss-plot", x_title="step", y_title="loss")
+        c.loss_plot = gr.LinePlot(empty_loss_frame(), x="step", y="loss", color="series", height=300,
+                                  title="Loss (training; validation when set)", scale=3, elem_id="loss-plot",
+                                  x_title="step", y_title="loss", color_map={"training": "#3b7dd8",
+                                                                              "validation": "#e0702c"})
         c.sample = gr.Image(label="Latest sample image", type="pil", interactive=False, height=300, scale=2)
     c.log_box = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False)
     c.files = gr.File(label="LoRA files of this run", file_count="multiple", interactive=False)
@@ -189,7 +191,7 @@ class _Handlers:
         img = _image(sample_path) if sample_path != shown else gr.skip()
         served = [f for f in existing_files(snap.files) if Path(f).resolve().is_relative_to(self.ctx.outputs)]
         return [progress_html(snap.step, snap.total, snap.status, snap.stage), stats_markdown(snap),
-                loss_frame(_thin(snap.losses)), img, log_text(snap.log), served or None, sample_path]
+                loss_frame(_thin(snap.losses), snap.val_losses), img, log_text(snap.log), served or None, sample_path]
 
     def checked_config(self, values: tuple) -> TrainConfig:
         """The form as a config, every path checked by its field's kind against the app's path policy."""

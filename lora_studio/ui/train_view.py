@@ -25,13 +25,17 @@ STATUS_TEXT = {"created": "created", "starting": "starting", "preparing": "prepa
 
 
 def empty_loss_frame() -> pd.DataFrame:
-    return pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64")})
+    return pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
+                         "series": pd.Series(dtype="str")})
 
 
-def loss_frame(losses: list[tuple[int, float]]) -> pd.DataFrame:
-    if not losses:
+def loss_frame(losses: list[tuple[int, float]], val_losses: list[tuple[int, float]] | None = None) -> pd.DataFrame:
+    """The loss curve in long form: one row per (step, loss, series), series "training" or "validation"."""
+    rows = [(int(s), float(v), "training") for s, v in losses]
+    rows += [(int(s), float(v), "validation") for s, v in val_losses or []]
+    if not rows:
         return empty_loss_frame()
-    return pd.DataFrame({"step": [int(s) for s, _ in losses], "loss": [float(v) for _, v in losses]})
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
 def progress_html(step: int, total: int, status: str, stage: str = "") -> str:
@@ -53,6 +57,11 @@ def stats_markdown(snap: Snapshot) -> str:
         parts.append(f"**ETA:** {snap.eta}")
     if snap.losses:
         parts.append(f"**Loss:** {snap.losses[-1][1]:.4f}")
+    if snap.val_losses:
+        step, best = min(snap.val_losses, key=lambda sv: sv[1])
+        parts.append(f"**Validation loss:** {snap.val_losses[-1][1]:.4f} (lowest {best:.4f} at step {step})")
+    if snap.recommended is not None:
+        parts.append(f"**Recommended:** step {snap.recommended} (lowest validation loss)")
     mem = snap.memory
     if "gpu_peak_gb" in mem:
         parts.append(f"**GPU memory:** {mem['gpu_peak_gb']:.1f} GB peak, "
