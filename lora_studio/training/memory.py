@@ -149,7 +149,8 @@ def estimate_breakdown(config: TrainConfig, family: str) -> MemoryEstimate:
     parts = {
         "CUDA context": CONTEXT_GB,
         "UNet weights": fig.unet_params * wb / GB,
-        "text encoder weights": te_params * wb / GB if (fig.keeps_text_encoders or config.train_text_encoder) else 0.0,
+        "text encoder weights": te_params * wb / GB if (fig.keeps_text_encoders or config.train_text_encoder
+                                                         or config.shuffle_tags or config.tag_dropout_rate) else 0.0,
         "LoRA weights, gradients and optimizer": lora * _optimizer_bytes(config) / GB,
         "activations": (activations + te_activations) * (1 + ALLOCATOR_OVERHEAD) / GB,
         "workspace": WORKSPACE_GB,
