@@ -13,6 +13,7 @@ from pathlib import Path
 from .config import load_config, parse_overrides
 from .errors import StudioError
 from .training.events import Checkpoint, Event, Failed, Finished, Log, Metric, Progress, Sample, Stopped
+from .training.events import Validation
 
 
 def add_train_parser(sub) -> None:
@@ -57,7 +58,7 @@ class TerminalView:
             self.last_loss = event.loss
         elif isinstance(event, Progress) and event.total:
             self._progress(event)
-        elif isinstance(event, (Log, Checkpoint, Sample, Finished, Stopped, Failed)):
+        elif isinstance(event, (Log, Checkpoint, Sample, Finished, Stopped, Failed, Validation)):
             self._line(event)
 
     def _progress(self, p: Progress) -> None:
@@ -86,6 +87,9 @@ class TerminalView:
             text = f"sample {event.path}"
         elif isinstance(event, Failed):
             text = f"error: {event.message}"
+        elif isinstance(event, Validation):
+            best = f" (lowest {event.best_loss:.4f} at step {event.best_step})" if event.best_step is not None else ""
+            text = f"validation loss {event.loss:.4f} at step {event.step}{best}"
         elif isinstance(event, Log) and event.level == "warning":
             text = f"warning: {event.message}"
         else:

@@ -402,6 +402,8 @@ class _Loop:
         it_s = self.speed.tick()
         eta = (self.total - step) / it_s if it_s > 0 else None
         self.history.add_training_loss(loss)
+        logged = self.main and (step % cfg.log_every_steps == 0 or step == self.total)
+        metric = self._metric(loss, epoch) if logged else None
         self.bus.emit(Progress(step=step, total=self.total, epoch=epoch, it_per_s=round(it_s, 3), eta_s=eta,
                                elapsed_s=time.time() - self.started))
         if self.main:
@@ -412,8 +414,8 @@ class _Loop:
         save = bool(periodic or self.commands.take("save") or stop)
         every = cfg.validation_every_steps
         val = self._validate(save) if (save or step == self.total or (every and step % every == 0)) else None
-        if self.main and (step % cfg.log_every_steps == 0 or step == self.total or val is not None):
-            self._log_metric(loss, epoch, val)
+        if self.main and (metric is not None or val is not None):
+            self._record(metric or self._metric(loss, epoch), val)
         if save and self.main:
             self._save_checkpoint(epoch, batches_done)
         if self.main and cfg.sample_prompt and ((cfg.sample_steps and step % cfg.sample_steps == 0)
@@ -460,19 +462,23 @@ class _Loop:
         steps = {s for s, _ in self.run.list_checkpoints()} | (extra or set())
         return self.history.best(steps)
 
-    def _log_metric(self, loss: float, epoch: int, val_loss: float | None = None) -> None:
+    def _metric(self, loss: float, epoch: int) -> Metric:
+        """This step's metric, emitted at once (the progress bar and the live curve show it)."""
         values = {"epoch": epoch, "time": round(time.time() - self.started, 3), **memory_gb(self.acc.device),
                   **self.t.step_metrics()}
+        return self.bus.emit(Metric(self.step, loss, self.lr, values))
+
+    def _record(self, metric: Metric, val_loss: float | None) -> None:
+        """The step's row in ``metrics.jsonl`` and TensorBoard, with its validation loss when one was measured."""
+        row = metric.record()
         if val_loss is not None:
-            values["val_loss"] = val_loss
-        metric = Metric(self.step, loss, self.lr, values)
-        self.run.append_metrics(metric.record())
+            row["val_loss"] = val_loss
+        self.run.append_metrics(row)
         if self.writer:
-            self.writer.add_scalar("loss", loss, self.step)
-            self.writer.add_scalar("lr", self.lr, self.step)
+            self.writer.add_scalar("loss", metric.loss, self.step)
+            self.writer.add_scalar("lr", metric.lr, self.step)
             if val_loss is not None:
                 self.writer.add_scalar("val_loss", val_loss, self.step)
-        self.bus.emit(metric)
 
     def _save_checkpoint(self, epoch: int, batches_done: int) -> None:
         if not all_finite(self.params):
