@@ -357,7 +357,7 @@ class StepResult:
 def _optimizer(name: str, params, say: Callable[[str], None]):
     from types import SimpleNamespace
 
-    from lora_studio.training.runtime import build_optimizer
+    from lora_studio.training.optimizers import build_optimizer
 
     cfg = SimpleNamespace(optimizer=name, learning_rate=1e-4)
     return build_optimizer(cfg, [{"params": params}], say=lambda msg, level="info": say(msg))

@@ -272,7 +272,7 @@ def test_checkpointing_step_down_resumes_from_the_last_checkpoint(tiny_sd15, dem
 
 
 def test_8bit_adamw_falls_back_to_adamw_with_a_warning_without_cuda():
-    from lora_studio.training.runtime import build_optimizer
+    from lora_studio.training.optimizers import build_optimizer
 
     said = []
     opt = build_optimizer(TrainConfig(optimizer="adamw8bit"), [{"params": [torch.nn.Parameter(torch.zeros(2))]}],

@@ -194,7 +194,8 @@ def _describe(sd: Mapping[str, torch.Tensor], label: str) -> str:
     modules = by_module(sd)
     kind = network_type_of_keys(list(sd))
     rank = "/".join(str(r) for r in _ranks(sd))
-    return f"{kind} rank {rank} on {','.join(short_targets(modules))} ({label}, {len(modules)} modules)"
+    kind = "" if kind == "lora" else f"{kind} "
+    return f"{kind}rank {rank} on {','.join(short_targets(modules))} ({label}, {len(modules)} modules)"
 
 
 def _mismatch(name: str, component: str, file_sd: Mapping[str, torch.Tensor],
