@@ -38,3 +38,19 @@ def demo_images(tmp_path) -> Path:
     from lora_studio.models.tiny import make_demo_images
 
     return make_demo_images(tmp_path / "images", count=8, size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A tiny Llama-style causal LM folder with its tokenizer (random weights)."""
+    from lora_studio.models.tiny_llm import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("models") / "tiny-llm")
+
+
+@pytest.fixture(scope="session")
+def llm_data(tmp_path_factory) -> Path:
+    """16 Alpaca-style training rows (JSONL)."""
+    from lora_studio.models.tiny_llm import make_demo_llm_data
+
+    return make_demo_llm_data(tmp_path_factory.mktemp("data") / "train.jsonl")

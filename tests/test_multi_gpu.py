@@ -241,3 +241,20 @@ def test_stop_through_a_command_file(tmp_path, tiny_sd15, demo_images):
     assert not (run.path / "commands" / "stop").exists()
     with pytest.raises(ValueError):
         run.request_command("explode")
+
+
+@pytest.mark.slow
+def test_two_processes_validate_on_the_main_process_with_ema(tmp_path, tiny_sd15):
+    """Validation runs on the main process alone (no collective call the other would wait in); EMA on both."""
+    from lora_studio.models.tiny import make_demo_images
+
+    data = make_demo_images(tmp_path / "images", count=8, size=64)
+    values = dict(SETTINGS, base_model=str(tiny_sd15), train_data_dir=str(data), batch_size=1,
+                  output_dir=str(tmp_path / "out"), validation_split=0.25, ema_decay=0.5, optimizer="prodigy",
+                  learning_rate=1.0)
+    config_path = tmp_path / "val.yaml"
+    config_path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    _launch(process_job.launch_command(config_path, 2))
+    run = RunFolder(next(p for p in (tmp_path / "out").iterdir() if p.is_dir() and not p.name.startswith(".")))
+    assert [m["step"] for m in run.read_metrics() if "val_loss" in m] == [2, 4]
+    assert run.read_state()["status"] == "finished" and run.read_state()["recommended"]["step"] in (2, 4)

@@ -16,20 +16,6 @@ from lora_studio.training.run_folder import RunFolder
 from helpers import run_job
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> Path:
-    from lora_studio.models.tiny_llm import build_tiny_llm
-
-    return build_tiny_llm(tmp_path_factory.mktemp("models") / "tiny-llm")
-
-
-@pytest.fixture(scope="module")
-def llm_data(tmp_path_factory) -> Path:
-    from lora_studio.models.tiny_llm import make_demo_llm_data
-
-    return make_demo_llm_data(tmp_path_factory.mktemp("data") / "train.jsonl")
-
-
 def make_config(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
     values = dict(base_model=str(model), train_data_dir=str(data), output_dir=str(out), lora_rank=4,
                   learning_rate=2e-2, batch_size=3, max_train_steps=6, save_steps=2, mixed_precision="no", seed=7,

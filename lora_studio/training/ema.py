@@ -36,16 +36,13 @@ class EMA:
     @contextlib.contextmanager
     def applied(self, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
         """The averaged weights in the model while inside; the trained ones come back bit for bit."""
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, avg in zip(params, self.shadow):
-                p.copy_(avg.to(p.device, p.dtype))
-        try:
-            yield
-        finally:
+        from .runtime import weights_restored
+
+        with weights_restored(params):
             with torch.no_grad():
-                for p, value in zip(params, saved):
-                    p.copy_(value)
+                for p, avg in zip(params, self.shadow):
+                    p.copy_(avg.to(p.device, p.dtype))
+            yield
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates, "shadow": [t.clone() for t in self.shadow]}

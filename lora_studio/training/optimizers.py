@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from ..config import TrainConfig
-from .runtime import cpu_check
+from .runtime import cpu_check, weights_restored
 
 DEFAULT_LR = 1e-4  # TrainConfig's default learning_rate, meant for AdamW
 WEIGHT_DECAY = 1e-2
@@ -134,14 +134,10 @@ def eval_weights(optimizer) -> Iterator[None]:
         yield
         return
     inner = _inner(optimizer)
-    params = [p for group in inner.param_groups for p in group["params"]]
-    saved = [p.detach().clone() for p in params]
-    inner.eval()
     try:
-        yield
+        with weights_restored(p for group in inner.param_groups for p in group["params"]):
+            inner.eval()
+            yield
     finally:
-        with torch.no_grad():
-            for p, value in zip(params, saved):
-                p.copy_(value)
         for group in inner.param_groups:
             group["train_mode"] = True

@@ -92,6 +92,20 @@ def full_precision_forward(*models: torch.nn.Module):
             model.forward = wrapped
 
 
+@contextlib.contextmanager
+def weights_restored(params: Iterable[torch.Tensor]):
+    """Whatever happens to ``params`` inside, they hold their values again afterwards, bit for bit (the EMA and a
+    schedule-free optimizer swap other weights in for saving, sampling and validation)."""
+    params = list(params)
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+
+
 def memory_gb(device: torch.device | None = None) -> dict[str, float]:
     """Peak GPU memory allocated (CUDA) and the process's resident memory, in GB."""
     out: dict[str, float] = {}
