@@ -75,6 +75,7 @@ def test_sd15_keys(sd15):
         assert state[f"{m}.lora_down.weight"].dtype == torch.float16
 
 
+@pytest.mark.slow
 def test_sdxl_keys_use_sai_names(sdxl):
     pipe, _, _, unet_sd, te_sds = sdxl
     state = peft_to_kohya(unet_sd, te_sds, "sdxl", ALPHA, unet_config=pipe.unet.config)

@@ -284,6 +284,7 @@ def test_8bit_adamw_falls_back_to_adamw_with_a_warning_without_cuda():
 
 
 # --- the benchmark's CPU path and the estimate's constants ---------------------------------------------
+@pytest.mark.slow
 def test_bench_memory_counts_activations_and_runs_small_shapes(capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_memory
