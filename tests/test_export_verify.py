@@ -105,6 +105,7 @@ def test_check_passes_and_reports(sd15, tmp_path):
     assert "ok.safetensors reloads to the trained output" in str(report)
 
 
+@pytest.mark.slow
 def test_check_catches_a_base_mismatch(sd15, tmp_path):
     folder, pipe, base, expected, unet_sd, te_sds = sd15
     path = save_kohya_lora(tmp_path / "ok.safetensors", peft_to_kohya(unet_sd, te_sds, "sd15", ALPHA), {})

@@ -83,6 +83,7 @@ def test_loss_goes_down_and_exports_reload(tiny_sd15, demo_images, tmp_path):
     assert state["status"] == "finished" and str(kohya) in state["files"]
 
 
+@pytest.mark.slow
 def test_resume_after_stop_gives_the_same_losses(tiny_sd15, demo_images, tmp_path):
     steps = 8
     full = run_job(make_config(tiny_sd15, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=3,
