@@ -54,3 +54,13 @@ def llm_data(tmp_path_factory) -> Path:
     from lora_studio.models.tiny_llm import make_demo_llm_data
 
     return make_demo_llm_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+# Tests that start the app as a server (or several training processes) are end-to-end and long: `slow`.
+SLOW_FIXTURES = {"demo_app", "client", "app", "two_process_run"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -37,7 +37,7 @@ from .latent_cache import LatentCache, encode_latents_shared
 from .loop import Trainer
 from .run_folder import RunFolder
 from .masked_loss import per_sample_mse
-from .runtime import full_precision_forward, weight_dtype
+from .runtime import enable_checkpointing, full_precision_forward, weight_dtype
 from .validation import even_timesteps
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class DiffusionTrainer(Trainer):
             self.pipe.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 for name in self.text_encoder_names:
-                    getattr(self.pipe, name).gradient_checkpointing_enable()
+                    enable_checkpointing(getattr(self.pipe, name))
         self.say(f"Model: {cfg.base_model} ({self.family}), prediction type {self.prediction_type}, "
                  f"resolution {self.resolution}, weights {str(weight_dtype(self.accelerator)).replace('torch.', '')}, "
                  f"{cfg.network_type} rank {cfg.lora_rank} alpha {cfg.alpha:g} on "
