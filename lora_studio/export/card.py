@@ -30,9 +30,10 @@ from typing import Any, Mapping, Sequence
 from ..data.tags import split_tags, top_tags
 from ..fileio import atomic_write_json, atomic_write_text
 
-SD_VERSIONS = {"sd15": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
-FAMILY_TITLES = {"sd15": "Stable Diffusion 1.5", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
-                 "llm": "causal language model"}
+SD_VERSIONS = {"sd15": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux", "chroma": "Flux"}
+FAMILY_TITLES = {"sd15": "Stable Diffusion 1.5", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux": "FLUX.1",
+                 "chroma": "Chroma", "llm": "causal language model"}
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline", "chroma": "ChromaPipeline"}
 PREFERRED_WEIGHT = 0.8
 TOP_TAGS = 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -91,7 +92,8 @@ def settings_rows(config: Any, family: str, state: Mapping[str, Any], steps: int
     if family == "llm":
         rows.append(("max sequence length", config.max_seq_length))
     else:
-        rows += [("resolution", config.resolution or {"sdxl": 1024, "sd2": 768}.get(family, 512)),
+        rows += [("resolution", config.resolution or {"sdxl": 1024, "sd2": 768, "flux": 1024,
+                                                      "chroma": 1024}.get(family, 512)),
                  ("text encoder trained", "yes" if config.train_text_encoder else "no")]
         if config.noise_offset:
             rows.append(("noise offset", config.noise_offset))
@@ -122,8 +124,9 @@ def _image_usage(name: str, file_name: str, config: Any, family: str, triggers: 
                  has_diffusers_folder: bool) -> list[str]:
     trigger = ", ".join(triggers)
     prompt = f"{trigger}, " if trigger else ""
-    pipe_class = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    pipe_class = PIPELINES.get(family, "StableDiffusionPipeline")
     base = config.base_model if _is_hub_id(config.base_model) else "path/to/base-model"
+    dtype = "bfloat16" if family in ("flux", "chroma") else "float16"
     out = [
         "## How to use it", "",
         "### AUTOMATIC1111 / Forge", "",
@@ -134,13 +137,14 @@ def _image_usage(name: str, file_name: str, config: Any, family: str, triggers: 
         "description.", "",
         "### ComfyUI", "",
         f"Copy `{file_name}` into `ComfyUI/models/loras`. Add a **Load LoRA** node (LoraLoader) between "
-        "**Load Checkpoint** and the CLIP Text Encode / KSampler nodes, pick the file, set `strength_model` "
+        f"**{'Load Diffusion Model' if dtype == 'bfloat16' else 'Load Checkpoint'}** and the CLIP Text Encode / "
+        "KSampler nodes, pick the file, set `strength_model` "
         f"to {PREFERRED_WEIGHT}" + (f" and `strength_clip` to {PREFERRED_WEIGHT}" if config.train_text_encoder
                                     else " (`strength_clip` has no effect: the text encoder was not trained)") + ".",
         "",
         "### diffusers", "",
         "```python", "import torch", f"from diffusers import {pipe_class}", "",
-        f'pipe = {pipe_class}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe = {pipe_class}.from_pretrained("{base}", torch_dtype=torch.{dtype}).to("cuda")',
         f'pipe.load_lora_weights(".", weight_name="{file_name}", adapter_name="{name}")',
         f'pipe.set_adapters(["{name}"], adapter_weights=[{PREFERRED_WEIGHT}])',
         f'image = pipe("{prompt}your prompt").images[0]', "```", "",

@@ -30,6 +30,7 @@ import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -99,20 +100,37 @@ def load_fresh_pipeline(base_model: str | Path, family: str, *, device: str | to
     return pipe
 
 
+def count_placed(model: torch.nn.Module, adapter: str) -> int:
+    """How many modules of ``model`` carry the LoRA adapter ``adapter`` (what a loader really placed)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
+
+
+def _check_placed(model: torch.nn.Module, expected: int, lora_file: Path) -> None:
+    placed = count_placed(model, VERIFY_ADAPTER)
+    if placed != expected:
+        raise TrainingError(f"Export check failed: diffusers placed {placed} of the {expected} LoRA layers of "
+                            f"{lora_file.name}; the others would be silently ignored. Please report this.")
+
+
 def check_export(base_model: str | Path, family: str, lora_file: Path, *, expected_images: np.ndarray,
                  base_images: np.ndarray | None, prompt: str, seed: int, steps: int = 2, size: int = 64,
                  atol: float | None = None, base_atol: float = 1e-5, device: str | torch.device = "cpu",
                  vae: str | None = None, held_dtypes: dict[str, torch.dtype] | None = None,
-                 single_file_config: str | None = None) -> VerifyReport:
+                 single_file_config: str | None = None, fresh_pipeline: Callable[[], Any] | None = None,
+                 expected_modules: int | None = None, denoiser: str = "unet") -> VerifyReport:
     """Reload ``lora_file`` into a fresh pipeline; raise ``TrainingError`` unless it reproduces the trained model.
 
     ``expected_images`` and ``base_images`` come from ``render`` on the in-memory pipeline (float32, LoRA
-    on / adapters disabled) with the same prompt, seed, steps and size.
+    on / adapters disabled) with the same prompt, seed, steps and size. ``fresh_pipeline`` builds the fresh
+    pipeline instead of ``load_fresh_pipeline`` (e.g. with the same quantized base); with ``expected_modules``
+    the modules of ``pipe.<denoiser>`` that really got the LoRA are counted (diffusers drops unknown keys silently).
     """
     lora_file = Path(lora_file)
     atol = DEFAULT_ATOL if atol is None else float(atol)
-    pipe = load_fresh_pipeline(base_model, family, device=device, vae=vae, held_dtypes=held_dtypes,
-                               single_file_config=single_file_config)
+    pipe = fresh_pipeline() if fresh_pipeline else load_fresh_pipeline(
+        base_model, family, device=device, vae=vae, held_dtypes=held_dtypes, single_file_config=single_file_config)
     try:
         fresh_base = render(pipe, prompt, seed, steps, size)
         try:
@@ -120,6 +138,8 @@ def check_export(base_model: str | Path, family: str, lora_file: Path, *, expect
         except Exception as exc:
             raise TrainingError(f"Export check failed: diffusers cannot load {lora_file.name} "
                                 f"({exc.__class__.__name__}: {exc}).") from exc
+        if expected_modules is not None:
+            _check_placed(getattr(pipe, denoiser), expected_modules, lora_file)
         pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[1.0])
         reloaded = render(pipe, prompt, seed, steps, size)
         pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[0.0])

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from .loading import FAMILY_NAMES, detect_family
 
-DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
-PRESET_FAMILY = {"sd15": "sd15", "sd2": "sd15", "sdxl": "sdxl", "llm": "llm"}
+DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024, "flux": 1024, "chroma": 1024}
+PRESET_FAMILY = {"sd15": "sd15", "sd2": "sd15", "sdxl": "sdxl", "flux": "flux", "chroma": "flux", "llm": "llm"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ def family_info(base_model: str, family: str | None = None) -> FamilyInfo:
     family = family if family and family != "auto" else detect_family(base_model)
     return FamilyInfo(
         family=family, name=FAMILY_NAMES.get(family, family),
-        prediction_type=prediction_type_of(base_model) if family != "llm" else None,
+        prediction_type=("flow_matching" if family in ("flux", "chroma") else
+                         prediction_type_of(base_model) if family != "llm" else None),
         default_resolution=DEFAULT_RESOLUTION.get(family),
         presets=[p.name for p in list_presets(PRESET_FAMILY.get(family, family))])

@@ -17,8 +17,9 @@ from ..errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-FAMILY_NAMES = {"sd15": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
-                "llm": "causal language model"}
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux": "FLUX.1",
+                "chroma": "Chroma", "llm": "causal language model"}
+FLOW_FAMILIES = ("flux", "chroma")  # transformer models loaded by models/flux_loading.py
 
 
 def is_local(base_model: str) -> bool:
@@ -47,9 +48,11 @@ def _family_from_folder(folder: Path) -> str | None:
 def _family_from_index(folder: Path, index: dict[str, Any]) -> str:
     """SD1.x, SD2.x or SDXL from a diffusers ``model_index.json`` (and the UNet/scheduler configs)."""
     cls = str(index.get("_class_name", ""))
+    if cls in ("FluxPipeline", "ChromaPipeline"):
+        return "chroma" if cls == "ChromaPipeline" else "flux"
     if "unet" not in index or "vae" not in index:  # SD3, Flux, PixArt (transformers), Kandinsky (MoVQ) ...
         raise ModelLoadError(f"'{folder.name}' is a {cls or 'diffusers'} model; LoRA Studio trains Stable "
-                             "Diffusion 1.x, 2.x and SDXL (and causal language models).")
+                             "Diffusion 1.x, 2.x, SDXL, FLUX.1 and Chroma (and causal language models).")
     if "text_encoder_2" in index or "XL" in cls:
         if not index.get("text_encoder") or index.get("text_encoder") == [None, None]:
             raise ModelLoadError(f"'{folder.name}' is an SDXL refiner (it has no first text encoder); train "
@@ -101,10 +104,14 @@ def _family_from_single_file(path: Path) -> str:
         raise ModelLoadError(f"'{path.name}' is an SDXL refiner checkpoint; train LoRAs on an SDXL base model.")
     if any("cond_stage_model.model." in k for k in keys):
         return "sd2"
-    if any(k.startswith(("model.diffusion_model.joint_blocks", "double_blocks.", "model.diffusion_model.double_"))
-           for k in keys):
-        raise ModelLoadError(f"'{path.name}' is an SD3 or Flux checkpoint; LoRA Studio trains Stable Diffusion 1.x, "
-                             "2.x and SDXL.")
+    from .flux_loading import detect_single_file
+
+    flow = detect_single_file(keys)
+    if flow and not any(".lora_" in k for k in keys):
+        return flow
+    if any(k.startswith("model.diffusion_model.joint_blocks") for k in keys):
+        raise ModelLoadError(f"'{path.name}' is an SD3 checkpoint; LoRA Studio trains Stable Diffusion 1.x, 2.x, SDXL, "
+                             "FLUX.1 and Chroma.")
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "sd15"
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k for k in keys):
@@ -134,7 +141,7 @@ def _hub_folder(base_model: str) -> Path | None:
 
 
 def detect_family(base_model: str) -> str:
-    """'sd15', 'sd2', 'sdxl' or 'llm' for a folder, a checkpoint file or a hub id; ModelLoadError if unknown."""
+    """'sd15', 'sd2', 'sdxl', 'flux', 'chroma' or 'llm' for a folder, a checkpoint file or a hub id; ModelLoadError if unknown."""
     if not base_model:
         raise ModelLoadError("No base model given: set base_model to a model folder, a hub id or a .safetensors file.")
     path = Path(base_model).expanduser()
@@ -183,6 +190,11 @@ def load_diffusion_pipeline(base_model: str, family: str, *, torch_dtype=None, v
     same family), else diffusers fetches the family's standard ones from the hub (once, then cached)."""
     from .download import download_progress
 
+    if family in FLOW_FAMILIES:
+        from .flux_loading import load_flux_pipeline
+
+        return load_flux_pipeline(base_model, family, torch_dtype=torch_dtype, single_file_config=single_file_config,
+                                  report=report)
     with download_progress(base_model, report):
         pipe = _load_pipeline(base_model, family, torch_dtype, single_file_config)
     if vae:

@@ -32,7 +32,7 @@ from .runtime import full_precision_forward, weight_dtype
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
+DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024, "flux": 1024, "chroma": 1024}
 VERIFY_STEPS, VERIFY_SIZE = 2, 64
 
 

@@ -42,6 +42,10 @@ def make_trainer(config: TrainConfig, run: RunFolder, bus: EventBus):
         from .llm import LLMTrainer
 
         return LLMTrainer(config, run, bus)
+    if family in ("flux", "chroma"):
+        from .flux import make_flow_trainer
+
+        return make_flow_trainer(config, run, bus, family)
     if family == "sdxl":
         from .sdxl import SDXLTrainer
 

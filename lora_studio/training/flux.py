@@ -1,0 +1,269 @@
+"""FLUX.1 and Chroma on the flow-matching trainer: what these two families add to ``FlowMatchingTrainer``.
+
+- **Text** (encoded once, then the encoders leave the GPU): FLUX.1 gets CLIP-L's pooled embedding and T5-XXL's
+  sequence (``max_sequence_length`` tokens, padded as the pipeline pads), both through the pipeline's own
+  ``encode_prompt``; Chroma gets T5 only, with its attention mask (padding masked except the first pad token,
+  as ``ChromaPipeline`` does).
+- **Latents**: 16 channels with the VAE's shift and scaling factors (cached), packed 2x2 into tokens and
+  unpacked with the pipeline's ``_pack_latents`` / ``_unpack_latents``; image ids from
+  ``_prepare_latent_image_ids`` at half the latent size; text ids zero. Buckets are multiples of 64 px, so
+  every latent side is even.
+- **Guidance**: a guidance-distilled model (FLUX.1-dev, Krea: ``guidance_embeds``) gets ``guidance_scale``
+  (1.0 by default, as sd-scripts and ai-toolkit train it); schnell and Chroma get none.
+- **LoRA layers** (``lora_targets``): ``attention`` = q, k, v and out of the image and text streams
+  (``to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out``; a single block's
+  ``attn.to_q/k/v``); ``all_linear`` adds the feed-forward layers and the single blocks' ``proj_mlp`` and
+  ``proj_out``. ``target_modules`` (layer names) overrides the preset; ``train_double_block_indices`` /
+  ``train_single_block_indices`` keep only some blocks (``all``, ``none``, ``0-7,10``), as in sd-scripts.
+- **Precision**: FLUX overflows in fp16, so ``mixed_precision: fp16`` trains in bf16 (said once).
+- **Export**: ``export/flux_lora.py`` (``transformer.*`` keys with alphas, ``ss_*`` metadata); the export check
+  reloads the file into a fresh pipeline (quantized as the run's base was) and counts the layers placed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import TrainConfig, block_indices
+from ..errors import ConfigError
+from .events import EventBus
+from .flow_matching import VERIFY_SIZE, VERIFY_STEPS, FlowMatchingTrainer
+from .run_folder import RunFolder
+from .runtime import weight_dtype
+
+ATTENTION_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out")
+ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                                          "proj_mlp", "proj_out")
+_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+# Rendering defaults per model (the pipelines' own / the model cards'): (guidance_scale, num_inference_steps)
+RENDER_DEFAULTS = {"flux-dev": (3.5, 28), "flux-schnell": (0.0, 4), "chroma": (5.0, 35)}
+
+
+def render_defaults(family: str, transformer_config: Any) -> dict[str, Any]:
+    """``guidance_scale`` and ``num_inference_steps`` for a model: FLUX.1-dev 3.5 / 28, schnell 0 / 4, Chroma 5 / 35."""
+    guided = bool(getattr(transformer_config, "guidance_embeds", False))
+    key = "chroma" if family == "chroma" else ("flux-dev" if guided else "flux-schnell")
+    guidance, steps = RENDER_DEFAULTS[key]
+    return {"guidance_scale": guidance, "num_inference_steps": steps}
+
+
+def target_modules(transformer: torch.nn.Module, config: TrainConfig) -> list[str]:
+    """Full paths of the transformer's Linear layers that get a LoRA (preset or target_modules, block filters)."""
+    blocks = {"transformer_blocks": len(transformer.transformer_blocks),
+              "single_transformer_blocks": len(transformer.single_transformer_blocks)}
+    keep = {"transformer_blocks": block_indices(config.train_double_block_indices, "train_double_block_indices",
+                                                blocks["transformer_blocks"]),
+            "single_transformer_blocks": block_indices(config.train_single_block_indices,
+                                                       "train_single_block_indices",
+                                                       blocks["single_transformer_blocks"])}
+    wanted = tuple(config.target_modules or (ATTENTION_TARGETS if config.lora_targets == "attention"
+                                             else ALL_LINEAR_TARGETS))
+    found, used, layer_names = [], set(), set()
+    for name, module in transformer.named_modules():
+        match = _BLOCK.match(name)
+        if not match or not isinstance(module, torch.nn.Linear):
+            continue
+        kind, index, rest = match.group(1), int(match.group(2)), match.group(3)
+        layer_names.add(rest)
+        hits = [t for t in wanted if rest == t or rest.endswith("." + t)]
+        if hits and (keep[kind] is None or index in keep[kind]):
+            found.append(name)
+            used.update(hits)
+    unknown = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in layer_names)]
+    if config.target_modules and unknown:
+        raise ConfigError("target_modules", f"'{unknown[0]}' matches no layer of this transformer's blocks; its "
+                          f"layers are: {', '.join(sorted(layer_names))}.")
+    if not found:
+        raise ConfigError("train_double_block_indices", "no layer gets a LoRA: the block filters leave out every block "
+                          "(set train_double_block_indices or train_single_block_indices to all).")
+    return found
+
+
+class FluxTrainer(FlowMatchingTrainer):
+    family = "flux"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+
+    def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "flux"):
+        self._fp16_replaced = config.mixed_precision == "fp16"
+        if self._fp16_replaced:  # FLUX's activations overflow in fp16
+            config = config.replace(mixed_precision="bf16")
+        super().__init__(config, run, bus, family=family)
+        self._targets: list[str] | None = None
+
+    # --- loading ------------------------------------------------------------------------------------
+    def load_pipeline(self, dtype: torch.dtype):
+        from ..models.flux_loading import load_flux_pipeline
+
+        if self._fp16_replaced and dtype == torch.bfloat16:
+            self.say("FLUX overflows in fp16: training in bf16 instead (mixed_precision fp16 is replaced).", "warning")
+        cfg = self.config
+        return load_flux_pipeline(cfg.base_model, self.family, torch_dtype=dtype, without_transformer=True,
+                                  single_file_config=cfg.single_file_config, report=self.say)
+
+    def load_denoiser(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Module:
+        """The transformer, quantized as ``self.quantization`` says, on ``device`` (the run's by default)."""
+        from ..models.flux_loading import load_transformer
+        from .quantize import load_with_quantization, quantize_in_place
+
+        cfg, device = self.config, device or self.accelerator.device
+
+        def load(**kwargs):
+            return load_transformer(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
+                                    **{"torch_dtype": dtype, **kwargs})
+
+        if self.quantization == "nf4" and not Path(cfg.base_model).expanduser().is_file():
+            model = load_with_quantization(load, "nf4", dtype, device)
+        else:
+            model = load()
+            quantize_in_place(model, self.quantization, dtype)
+        return model.to(device)
+
+    def lora_target_modules(self) -> list[str]:
+        if self._targets is None:
+            self._targets = target_modules(self.denoiser, self.config)
+        return self._targets
+
+    # --- text ---------------------------------------------------------------------------------------
+    def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        self._warn_long_captions(captions)
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), prompt_2=None,
+                                                    device=self.accelerator.device,
+                                                    max_sequence_length=self.config.max_sequence_length)
+        return {"prompt_embeds": embeds, "pooled": pooled}
+
+    def _warn_long_captions(self, captions: Sequence[str]) -> None:
+        tokenizer = self.pipe.tokenizer_2 if hasattr(self.pipe, "tokenizer_2") else self.pipe.tokenizer
+        limit = self.config.max_sequence_length
+        long = [c for c in captions if len(tokenizer(c).input_ids) > limit]
+        if long:
+            self.say(f"{len(long)} caption(s) are longer than max_sequence_length {limit} T5 tokens and are cut, "
+                     f"e.g. '{long[0][:60]}...'. Shorten them or raise max_sequence_length (at most 512).", "warning")
+
+    # --- the step -----------------------------------------------------------------------------------
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        dev, dtype = noisy.device, noisy.dtype
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        embeds = cond["prompt_embeds"].to(dtype)
+        kwargs = self.model_kwargs(cond, b, packed.shape[1], dtype)
+        out = self.trained_denoiser()(
+            hidden_states=packed, timestep=sigmas.to(dtype), encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=dev, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, dev, dtype), return_dict=False,
+            **kwargs)[0]
+        return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)  # (h, w) latents: any consistent scale factor
+
+    def model_kwargs(self, cond: dict[str, torch.Tensor], batch: int, image_tokens: int,
+                     dtype: torch.dtype) -> dict[str, Any]:
+        """FLUX.1: the pooled CLIP embedding, and the guidance input of a guidance-distilled model."""
+        guided = self.accelerator.unwrap_model(self.denoiser).config.guidance_embeds
+        guidance = torch.full((batch,), self.config.guidance_scale, device=cond["pooled"].device) if guided else None
+        return {"pooled_projections": cond["pooled"].to(dtype), "guidance": guidance}
+
+    # --- files and checks ---------------------------------------------------------------------------
+    def render_kwargs(self) -> dict[str, Any]:
+        return render_defaults(self.family, self.accelerator.unwrap_model(self.denoiser).config)
+
+    def metadata(self, step: int, epoch: int) -> dict[str, str]:
+        from ..data.tags import tag_frequency
+        from ..export.metadata import build_kohya_metadata
+
+        cfg = self.config
+        guided = getattr(self.accelerator.unwrap_model(self.denoiser).config, "guidance_embeds", True)
+        extra = {"ss_network_module": "networks.lora_flux", "ss_guidance_scale": cfg.guidance_scale,
+                 "ss_timestep_sampling": cfg.timestep_sampling, "ss_max_sequence_length": cfg.max_sequence_length,
+                 "ss_base_quantization": self.quantization}
+        if self.family == "flux" and not guided:
+            extra["modelspec.architecture"] = "flux-1-schnell/lora"
+        return build_kohya_metadata(
+            output_name=cfg.output_name, family=self.family, rank=cfg.lora_rank, alpha=cfg.alpha,
+            resolution=self.resolution, num_train_images=len(self.items),
+            tag_frequency=tag_frequency({it.path: it.caption for it in self.items}, cfg.train_data_dir),
+            base_model_name=Path(cfg.base_model).name or cfg.base_model, training_started_at=self.started_at,
+            steps=step, epoch=epoch, extra=extra)
+
+    def write_lora(self, path: Path, step: int, epoch: int) -> Path:
+        from ..export.flux_lora import check_placement, save_flux_lora
+
+        state = self.peft_state()
+        check_placement(state, self.accelerator.unwrap_model(self.denoiser))
+        return save_flux_lora(path, state, rank=self.config.lora_rank, alpha=self.config.alpha,
+                              metadata=self.metadata(step, epoch))
+
+    @torch.no_grad()
+    def verify(self, lora_file: Path):
+        """Reload the file into a fresh pipeline (same quantized base): strength 1 must give the trained model's
+        image, 0 the base's, and every layer must be placed."""
+        from ..export.verify import check_export, load_fresh_pipeline
+
+        cfg, device = self.config, self.accelerator.device
+        pipe = self.inference_pipe()
+        self._to_float32(pipe)
+        expected, base = self.reference_renders(pipe, self.items[0].caption, cfg.seed)
+        quantized = self.quantization != "none"
+        held = {k: v for k, v in self.held_dtypes.items() if not (quantized and k == self.denoiser_name)}
+
+        def fresh():
+            if not quantized:
+                return load_fresh_pipeline(cfg.base_model, self.family, device=device, held_dtypes=held,
+                                           single_file_config=cfg.single_file_config)
+            from ..models.flux_loading import load_flux_pipeline
+
+            fresh_pipe = load_flux_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
+                                            transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
+            self._to_float32(fresh_pipe, held)
+            fresh_pipe.set_progress_bar_config(disable=True)
+            return fresh_pipe
+
+        return check_export(cfg.base_model, self.family, lora_file, expected_images=expected, base_images=base,
+                            prompt=self.items[0].caption, seed=cfg.seed, steps=VERIFY_STEPS, size=VERIFY_SIZE,
+                            device=device, fresh_pipeline=fresh, expected_modules=len(self.lora_target_modules()),
+                            denoiser=self.denoiser_name)
+
+    def _to_float32(self, pipe, held: dict[str, torch.dtype] | None = None) -> None:
+        """Every component in float32 on the run's device (rounded through ``held`` dtypes first); a quantized
+        transformer keeps its storage and compute dtype."""
+        for name, module in pipe.components.items():
+            if not isinstance(module, torch.nn.Module):
+                continue
+            if name == self.denoiser_name and self.quantization != "none":
+                module.to(self.accelerator.device)
+                continue
+            if held and held.get(name, torch.float32) != torch.float32:
+                module.to(held[name])
+            module.to(self.accelerator.device, torch.float32)
+
+
+class ChromaTrainer(FluxTrainer):
+    """Chroma: T5 only (with its attention mask), no pooled embedding, no guidance input."""
+
+    family = "chroma"
+    text_encoder_names = ("text_encoder",)
+
+    def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "chroma"):
+        super().__init__(config, run, bus, family="chroma")
+
+    def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        self._warn_long_captions(captions)
+        embeds, _, mask, *_ = self.pipe.encode_prompt(prompt=list(captions), device=self.accelerator.device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=self.config.max_sequence_length)
+        return {"prompt_embeds": embeds, "attention_mask": mask}
+
+    def model_kwargs(self, cond: dict[str, torch.Tensor], batch: int, image_tokens: int,
+                     dtype: torch.dtype) -> dict[str, Any]:
+        mask = self.pipe._prepare_attention_mask(batch_size=batch, sequence_length=image_tokens, dtype=dtype,
+                                                 attention_mask=cond["attention_mask"])
+        return {"attention_mask": mask}
+
+
+def make_flow_trainer(config: TrainConfig, run: RunFolder, bus: EventBus, family: str) -> FluxTrainer:
+    """The trainer of a flow-matching family (``flux`` or ``chroma``)."""
+    return ChromaTrainer(config, run, bus) if family == "chroma" else FluxTrainer(config, run, bus)
