@@ -97,9 +97,12 @@ def save_flux_lora(path: str | Path, peft_state: Mapping[str, torch.Tensor], *, 
 
 def read_flux_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """(PEFT state, alpha per module) of a ``transformer.*`` LoRA file (this form, or diffusers' without alphas)."""
-    from .lora_state import load_lora_file
+    from safetensors.torch import load_file
 
-    _, state, _ = load_lora_file(path)
+    path = Path(path).expanduser()
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise ModelLoadError(f"The LoRA '{path}' is not a .safetensors file (init_lora).")
+    state = load_file(str(path))
     peft = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX) and not k.endswith(".alpha")}
     if not peft:
         raise ModelLoadError(f"'{Path(path).name}' has no transformer.* LoRA keys; init_lora for FLUX takes a LoRA "
