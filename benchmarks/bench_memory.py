@@ -9,6 +9,7 @@ gradient checkpointing, precision, optimizer, resolution).
     python benchmarks/bench_memory.py --count         # any machine: what the autograd graph keeps (meta device)
     python benchmarks/bench_memory.py --peak          # any machine: each preset's live peak of a real step (meta)
     python benchmarks/bench_memory.py --cpu           # CPU: the same code path on small shapes (testable)
+    python benchmarks/bench_memory.py --flux          # any machine: the FLUX presets' step on the meta device
 
 On a GPU it prints, per preset: peak memory (``torch.cuda.max_memory_allocated`` plus what the CUDA
 context takes), the estimate of ``lora_studio.training.memory``, steps/s, and the achieved TFLOP/s against
@@ -674,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", action="store_true", help="count saved activations on the meta device")
     parser.add_argument("--peak", action="store_true",
                         help="measure each preset's live-memory peak of a real step on the meta device")
+    parser.add_argument("--flux", action="store_true",
+                        help="only the FLUX presets' live peak on the meta device (flux_memory.py; also in --peak)")
     parser.add_argument("--cpu", action="store_true", help="small shapes on the CPU even if a GPU is present")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--families", default="sd15,sd2,sdxl", help="for --count")
@@ -686,10 +689,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.count:
         report_count(args.families.split(","))
         return 0
-    if args.peak:
-        report_peaks(only=only)
-        print()
-        report_llm_peaks()
+    if args.peak or args.flux:
+        from flux_memory import report_flux_peaks
+
+        if args.peak:
+            report_peaks(only=only)
+            print()
+            report_llm_peaks()
+            print()
+        report_flux_peaks()
         return 0
     gpu = torch.cuda.is_available() and not args.cpu
     report_presets("cuda" if gpu else "cpu", args.steps if gpu else min(args.steps, 2), small=not gpu, only=only)

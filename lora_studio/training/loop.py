@@ -381,7 +381,9 @@ def out_of_memory_advice(cfg: TrainConfig, family: str | None = None) -> str:
     return (f"The GPU ran out of memory (batch_size {cfg.batch_size}, resolution {cfg.resolution}, "
             f"gradient_checkpointing {cfg.gradient_checkpointing}).{hint} Or lower batch_size, turn on "
             "gradient_checkpointing, use optimizer adamw8bit, or lower the resolution. "
-            "Setting auto_fit: true makes the run step down by itself.")
+            "Setting auto_fit: true makes the run step down by itself."
+            + (" For FLUX and Chroma, base_quantization nf4 stores the transformer in 4 bits (about 6.7 GB instead "
+               "of 24 for FLUX.1)." if family in ("flux", "chroma") else ""))
 
 
 class _NaNLoss(Exception):

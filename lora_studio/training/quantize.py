@@ -28,8 +28,10 @@ from .runtime import cpu_check
 
 NF4_BYTES = 0.56  # a 4-bit weight plus its blockwise absmax scales (double-quantized)
 BYTES_PER_WEIGHT = {"none": 2.0, "nf4": NF4_BYTES, "int8": 1.0, "fp8": 1.0}
-# Layers kept in their dtype: the input/output projections and the time/text embedders (small, sensitive).
-KEEP = ("x_embedder", "context_embedder", "proj_out", "norm_out", "time_text_embed", "distilled_guidance_layer")
+# Top-level layers kept in their dtype: the input projections, the time/text/guidance embedders and the output
+# norm (small, sensitive). Named so that diffusers' bitsandbytes skip list matches exactly these (it compares
+# child names, so a bare "proj_out" would also keep every single block's proj_out unquantized).
+KEEP = ("x_embedder", "context_embedder", "norm_out", "time_text_embed", "distilled_guidance_layer")
 
 
 def usable_quantization(mode: str, device: torch.device, say: Callable[..., None] | None = None) -> str:
@@ -102,7 +104,7 @@ def keep_4bit_unpacked(model: torch.nn.Module) -> None:
 
 
 def _quantizable(module: torch.nn.Module, name: str) -> bool:
-    return isinstance(module, torch.nn.Linear) and not any(part in name for part in KEEP)
+    return isinstance(module, torch.nn.Linear) and name.split(".")[0] not in KEEP
 
 
 def quantize_in_place(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> None:

@@ -1,0 +1,160 @@
+"""FLUX.1 memory on the meta device: the live peak of a real LoRA step of the full-size 12B transformer.
+
+Used by ``bench_memory.py --peak`` (and ``--flux`` for this part alone); the coefficients of
+``lora_studio.training.memory``'s FLUX estimate come from here. The transformer is FLUX.1-dev's (19 double
+blocks, 38 single blocks, width 3072, guidance embedding) built on the meta device with the trainer's LoRA;
+two steps run (forward, backward, AdamW) with CUDA autocast's casting policy, flash attention's saved tensors
+and diffusers' own gradient checkpointing, and every tensor is counted from its creation until it is freed.
+Quantized bases are not run here (their kernels do not exist on the meta device): their weights are computed
+(``training/quantize.py``) and the step is the bf16 step plus one dequantized layer.
+
+    python benchmarks/flux_memory.py              # the table: tokens, step peak, bytes per token
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# FLUX.1-dev's transformer (diffusers' FluxTransformer2DModel config of black-forest-labs/FLUX.1-dev)
+FLUX_CONFIG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                   num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                   axes_dims_rope=(16, 56, 56))
+POOLED = 768
+
+
+def build_flux(config: dict | None = None, rank: int = 16, targets: str = "attention",
+               dtype: torch.dtype = torch.bfloat16):
+    """The transformer on the meta device with the trainer's LoRA (fp32) on ``targets``' layers."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from lora_studio.config import TrainConfig
+    from lora_studio.training.flux import target_modules
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**(config or FLUX_CONFIG))
+    model.requires_grad_(False).to(dtype)
+    layers = target_modules(model, TrainConfig(lora_targets=targets))
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=layers))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def flux_inputs(batch: int, resolution: int, text_tokens: int, dtype: torch.dtype, config: dict | None = None):
+    """What the trainer passes: packed latents, sigma, T5 sequence, pooled CLIP, ids, guidance."""
+    from diffusers import FluxPipeline
+
+    config = config or FLUX_CONFIG
+    side = resolution // 16
+    meta = torch.device("meta")
+    return dict(hidden_states=torch.empty(batch, side * side, config["in_channels"], device=meta, dtype=dtype),
+                encoder_hidden_states=torch.empty(batch, text_tokens, config["joint_attention_dim"], device=meta,
+                                                  dtype=dtype),
+                pooled_projections=torch.empty(batch, config["pooled_projection_dim"], device=meta, dtype=dtype),
+                timestep=torch.empty(batch, device=meta, dtype=dtype),
+                img_ids=FluxPipeline._prepare_latent_image_ids(batch, side, side, meta, dtype),
+                txt_ids=torch.zeros(text_tokens, 3, device=meta, dtype=dtype),
+                guidance=torch.empty(batch, device=meta), return_dict=False)
+
+
+def measure_flux_step_peak(resolution: int, batch: int, checkpointing: bool, text_tokens: int = 512,
+                           rank: int = 16, targets: str = "attention", config: dict | None = None):
+    """``StepPeak`` of two LoRA steps of the bf16 transformer (weights, and what the step adds at its peak)."""
+    from bench_memory import StepPeak, _AutocastLike, _LiveBytes
+
+    dtype = torch.bfloat16
+    model = build_flux(config, rank, targets, dtype)
+    if checkpointing:
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(
+            torch.utils.checkpoint.checkpoint, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _AutocastLike(dtype))))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    inputs = flux_inputs(batch, resolution, text_tokens, dtype, config)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tracker = _LiveBytes()
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _flash_like
+    try:
+        with tracker:
+            for _ in range(2):
+                with _AutocastLike(dtype):
+                    pred = model(**inputs)[0]
+                    loss = torch.nn.functional.mse_loss(pred.float(), inputs["hidden_states"].float())
+                    loss.backward()
+                del pred, loss
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real_sdpa
+    return StepPeak("flux", resolution, batch, checkpointing, weights, tracker.peak)
+
+
+def _flash_like(*args, **kwargs):
+    """Flash attention's saved tensors (``bench_memory._FlashLikeSDPA``); diffusers passes query/key/value by name."""
+    from bench_memory import _FlashLikeSDPA
+
+    q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
+    return _FlashLikeSDPA.apply(q, k, v)
+
+
+def tokens(resolution: int, text_tokens: int = 512) -> int:
+    return (resolution // 16) ** 2 + text_tokens
+
+
+def report_flux_peaks(say: Callable[[str], None] = print) -> list[tuple[str, float, float]]:
+    """Per FLUX preset: the measured step (meta device) against the estimate's same parts; then the
+    activation bytes per token with and without checkpointing (the estimate's coefficients)."""
+    from lora_studio.config import TrainConfig
+    from lora_studio.presets import list_presets
+    from lora_studio.training.memory import estimate_breakdown
+
+    say("| FLUX measurement (meta device) | resolution | batch | checkpointing | tokens | step peak GB | "
+        "activation bytes per token |")
+    say("|---|---:|---:|---|---:|---:|---:|")
+    for resolution in (512, 1024):
+        for checkpointing in (True, False):
+            peak = measure_flux_step_peak(resolution, 1, checkpointing)
+            lora_state = sum(p.numel() for p in build_flux().parameters() if p.requires_grad) * 16
+            per_token = (peak.step_peak_bytes - lora_state) / tokens(resolution)
+            say(f"| FLUX.1 12B | {resolution} | 1 | {checkpointing} | {tokens(resolution)} | "
+                f"{peak.step_peak_bytes / 1e9:.2f} | {per_token:,.0f} |")
+    say("")
+    say("| FLUX preset | resolution | batch | checkpointing | base | weights GB | step peak GB (bf16 step) | "
+        "estimate of the same GB | estimate / measured |")
+    say("|---|---:|---:|---|---|---:|---:|---:|---:|")
+    out = []
+    for preset in list_presets("flux"):
+        cfg = TrainConfig().replace(**preset.values)
+        peak = measure_flux_step_peak(cfg.resolution, cfg.batch_size, cfg.gradient_checkpointing,
+                                      cfg.max_sequence_length, cfg.lora_rank, cfg.lora_targets)
+        parts = estimate_breakdown(cfg, "flux").parts
+        step = parts["activations"] + parts["LoRA weights, gradients and optimizer"]
+        adam8 = 6 * sum(p.numel() for p in build_flux(rank=cfg.lora_rank, targets=cfg.lora_targets).parameters()
+                        if p.requires_grad) if cfg.optimizer == "adamw8bit" else 0
+        measured = (peak.step_peak_bytes - adam8) / 1e9
+        say(f"| {preset.name} | {cfg.resolution} | {cfg.batch_size} | {cfg.gradient_checkpointing} | "
+            f"{cfg.base_quantization} | {parts['transformer weights']:.2f} | {measured:.2f} | {step:.2f} | "
+            f"{step / measured:.2f} |")
+        out.append((preset.name, measured, step))
+    return out
+
+
+if __name__ == "__main__":
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    report_flux_peaks()
