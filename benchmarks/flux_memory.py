@@ -122,16 +122,22 @@ def report_flux_peaks(say: Callable[[str], None] = print) -> list[tuple[str, flo
     from lora_studio.presets import list_presets
     from lora_studio.training.memory import estimate_breakdown
 
-    say("| FLUX measurement (meta device) | resolution | batch | checkpointing | tokens | step peak GB | "
-        "activation bytes per token |")
-    say("|---|---:|---:|---|---:|---:|---:|")
-    for resolution in (512, 1024):
-        for checkpointing in (True, False):
-            peak = measure_flux_step_peak(resolution, 1, checkpointing)
-            lora_state = sum(p.numel() for p in build_flux().parameters() if p.requires_grad) * 16
-            per_token = (peak.step_peak_bytes - lora_state) / tokens(resolution)
+    from lora_studio.training.memory_flux import ACT_BYTES_PER_TOKEN
+
+    say("| FLUX.1 12B step (meta device) | resolution | batch | checkpointing | tokens | step peak GB |")
+    say("|---|---:|---:|---|---:|---:|")
+    peaks = {}
+    for checkpointing in (True, False):
+        for resolution in (512, 1024):
+            peaks[resolution, checkpointing] = peak = measure_flux_step_peak(resolution, 1, checkpointing)
             say(f"| FLUX.1 12B | {resolution} | 1 | {checkpointing} | {tokens(resolution)} | "
-                f"{peak.step_peak_bytes / 1e9:.2f} | {per_token:,.0f} |")
+                f"{peak.step_peak_bytes / 1e9:.2f} |")
+    say("")
+    for checkpointing, key in ((True, "ckpt"), (False, "full")):
+        slope = ((peaks[1024, checkpointing].step_peak_bytes - peaks[512, checkpointing].step_peak_bytes)
+                 / (tokens(1024) - tokens(512)))
+        say(f"Activation bytes per token, checkpointing {checkpointing}: {slope:,.0f} measured "
+            f"(memory_flux.ACT_BYTES_PER_TOKEN['{key}'] = {ACT_BYTES_PER_TOKEN[key]:,}).")
     say("")
     say("| FLUX preset | resolution | batch | checkpointing | base | weights GB | step peak GB (bf16 step) | "
         "estimate of the same GB | estimate / measured |")

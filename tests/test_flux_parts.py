@@ -209,3 +209,42 @@ def test_folders_are_detected(tiny_flux, tiny_chroma):  # noqa: F811
     flux, chroma = family_info(str(tiny_flux)), family_info(str(tiny_chroma))
     assert (flux.family, flux.name, flux.default_resolution) == ("flux", "FLUX.1", 1024)
     assert chroma.family == "chroma" and flux.presets == ["flux_12gb", "flux_16gb", "flux_24gb"]
+
+
+def _random_lora_file(model_dir, path):
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from lora_studio.export.flux_lora import save_flux_lora
+
+    transformer = FluxTransformer2DModel.from_pretrained(model_dir / "transformer")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return save_flux_lora(path, get_peft_model_state_dict(transformer), rank=4, alpha=4.0, metadata={})
+
+
+def test_grid_and_generate_render_flux_with_its_own_steps_and_guidance(tiny_flux, tmp_path, monkeypatch):  # noqa: F811
+    from lora_studio import cli_generate
+    from lora_studio.__main__ import main
+    from lora_studio.inference.grid import PipelineCache, RenderSettings, model_render_defaults, render_grid
+    from lora_studio.models.tiny_flux import build_tiny_flux
+
+    assert model_render_defaults(str(tiny_flux)) == {"steps": 28, "cfg": 3.5}
+    schnell = build_tiny_flux(tmp_path / "schnell", guidance=False)
+    assert model_render_defaults(str(schnell)) == {"steps": 4, "cfg": 0.0}
+    lora = _random_lora_file(tiny_flux, tmp_path / "style.safetensors")
+    settings = RenderSettings("a red circle", steps=2, cfg=3.5, width=64, height=64)
+    result = render_grid(str(tiny_flux), [("style", lora)], settings, [0.0, 1.0], cache=PipelineCache())
+    base, styled = (np.asarray(im, dtype=np.int16) for im in result.cells[0])
+    assert np.abs(styled - base).max() > 0 and result.tags == ["<lora:style:1>"]
+
+    used = []
+    monkeypatch.setattr(cli_generate, "render_grid", lambda *a, **k: used.append(a[2]) or render_grid(*a, **k))
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--base", str(schnell), "--lora", str(lora), "--prompt", "a red circle",
+                 "--size", "64", "--strengths", "0,1", "--out", str(out)]) == 0
+    assert out.is_file() and (used[0].steps, used[0].cfg) == (4, 0.0)

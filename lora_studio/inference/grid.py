@@ -129,12 +129,17 @@ class PipelineCache:
             self.clear()
             family = detect_family(str(base_model))
             if family == "llm":
-                raise ModelLoadError(f"'{base_model}' is a language model; image grids need a Stable Diffusion "
-                                     "base model (use the language-model comparison instead).")
+                raise ModelLoadError(f"'{base_model}' is a language model; image grids need an image base model "
+                                     "(use the language-model comparison instead).")
             device, dtype = pick_device()
+            flow = family in ("flux", "chroma")
+            if flow and device == "cuda":
+                import torch
+
+                dtype = torch.bfloat16  # FLUX overflows in fp16
             pipe = load_diffusion_pipeline(str(base_model), family, torch_dtype=dtype, vae=vae, report=report,
                                            single_file_config=single_file_config)
-            pipe.to(device)
+            _place(pipe, device, flow)
             pipe.set_progress_bar_config(disable=True)
             self._key, self._pipe, self._family = key, pipe, family
             return pipe
@@ -200,6 +205,64 @@ class PipelineCache:
             pass
 
 
+def _place(pipe, device: str, large: bool) -> None:
+    """On the device; a FLUX/Chroma pipeline (about 34 GB in bf16 with T5-XXL) moves model by model to a GPU
+    that cannot hold it whole, and layer by layer (slow, but it renders) to one that cannot hold the transformer."""
+    if not large or device != "cuda":
+        pipe.to(device)
+        return
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory / 1e9
+    if total >= 40:
+        pipe.to(device)
+    elif total >= 26:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.enable_sequential_cpu_offload()
+
+
+def model_render_defaults(base_model: str) -> dict[str, float] | None:
+    """``{"steps", "cfg"}`` a model is meant to render with when they differ from the SD defaults: FLUX.1-dev
+    28 / 3.5, schnell 4 / 0, Chroma 35 / 5 (None for SD models or when the model cannot be read)."""
+    from ..models.loading import detect_family
+    from ..training.flux import RENDER_DEFAULTS
+
+    try:
+        family = detect_family(str(base_model))
+    except StudioError:
+        return None
+    if family == "chroma":
+        key = "chroma"
+    elif family == "flux":
+        key = "flux-dev" if _guidance_distilled(str(base_model)) else "flux-schnell"
+    else:
+        return None
+    cfg, steps = RENDER_DEFAULTS[key]
+    return {"steps": steps, "cfg": cfg}
+
+
+def _guidance_distilled(base_model: str) -> bool:
+    """FLUX.1-dev and its fine-tunes have a guidance embedding; schnell has none (read from the files)."""
+    import json
+
+    path = Path(base_model).expanduser()
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return any(k.endswith("guidance_in.in_layer.weight") for k in fh.keys())
+    config = path / "transformer" / "config.json"
+    if not config.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(base_model, "transformer/config.json"))
+        except Exception:
+            return "schnell" not in base_model.lower()
+    return bool(json.loads(config.read_text(encoding="utf-8")).get("guidance_embeds", False))
+
+
 _DEFAULT_CACHE = PipelineCache()
 
 
@@ -211,7 +274,9 @@ def default_cache() -> PipelineCache:
 # --- rendering ------------------------------------------------------------------------------------
 
 def native_size(pipe) -> int:
-    """The model's native image size in pixels (512 for SD1.5, 1024 for SDXL)."""
+    """The model's native image size in pixels (512 for SD1.5, 1024 for SDXL and FLUX)."""
+    if getattr(pipe, "unet", None) is None:  # transformer pipelines: their default size
+        return int(pipe.default_sample_size * pipe.vae_scale_factor)
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 

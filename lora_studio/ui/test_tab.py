@@ -162,12 +162,24 @@ def build_test_tab(ctx: StudioContext) -> dict[str, Any]:
                    concurrency_limit=1)
     refresh_btn.click(refresh, [lora, base], [lora, base], api_visibility="private")
     lora.input(lambda f: _base_for(f) or gr.skip(), [lora], [base], api_visibility="private")
+    base.change(_steps_and_cfg_for, [base], [steps, cfg], api_visibility="private")
     comps: dict[str, Any] = {"lora": lora, "base": base, "prompt": prompt, "render": render_btn, "grid": grid_btn,
                              "image": grid_image, "tags": tags, "refresh": refresh}
     engine = _llm_engine()
     if engine is not None:
         comps.update(_build_llm_section(ctx, engine))
     return comps
+
+
+def _steps_and_cfg_for(base_model: str):
+    """The model's own steps and guidance (FLUX.1-dev 28 / 3.5, schnell 4 / 0, Chroma 35 / 5); SD models keep
+    what is in the fields."""
+    from ..inference.grid import model_render_defaults
+
+    defaults = model_render_defaults((base_model or "").strip()) if (base_model or "").strip() else None
+    if not defaults:
+        return gr.skip(), gr.skip()
+    return defaults["steps"], defaults["cfg"]
 
 
 def _llm_runs(ctx: StudioContext, engine) -> list[tuple[str, str]]:
