@@ -248,3 +248,14 @@ def test_grid_and_generate_render_flux_with_its_own_steps_and_guidance(tiny_flux
     assert main(["generate", "--base", str(schnell), "--lora", str(lora), "--prompt", "a red circle",
                  "--size", "64", "--strengths", "0,1", "--out", str(out)]) == 0
     assert out.is_file() and (used[0].steps, used[0].cfg) == (4, 0.0)
+
+
+def test_training_tab_offers_flux_presets_layers_and_unfolds_its_settings(tiny_flux):  # noqa: F811
+    from lora_studio.ui.train_family import family_choices
+
+    choices = family_choices(str(tiny_flux), "auto", 16.0)
+    assert choices.family == "flux" and choices.flow and not choices.llm
+    assert choices.preset == "flux_16gb" and [v for _, v in choices.presets] == ["", "flux_12gb", "flux_16gb",
+                                                                                   "flux_24gb"]
+    assert "attn.add_q_proj" in choices.targets and "proj_mlp" in choices.targets and choices.target_value == []
+    assert "FLUX.1" in choices.text

@@ -39,6 +39,7 @@ class DemoAssets:
     images: Path
     llm_model: Path | None = None
     llm_data: Path | None = None
+    flux_model: Path | None = None  # a tiny FLUX.1-shaped pipeline: the FLUX path with the same images
     train: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAIN))
     render: dict[str, Any] = field(default_factory=lambda: dict(DEMO_RENDER))
 
@@ -57,6 +58,9 @@ def build_demo(root: str | Path) -> DemoAssets:
     images = root / "images"
     if not images.is_dir() or not any(images.glob("*.png")):
         make_demo_images(images, count=DEMO_IMAGE_COUNT, size=DEMO_IMAGE_SIZE, with_captions=False)
+    from ..models.tiny_flux import build_tiny_flux
+
+    flux_model = build_tiny_flux(root / "tiny-flux")
     llm_model = llm_data = None
     try:  # the language-model side, when the LLM engine is installed
         from ..models.tiny_llm import build_tiny_llm, make_demo_llm_data
@@ -69,4 +73,4 @@ def build_demo(root: str | Path) -> DemoAssets:
         log.info("no LLM engine: the demo covers image LoRAs only")
     log.info("demo assets ready in %.1fs under %s", time.time() - started, root)
     return DemoAssets(root=root, model=model, blip=blip, clip=clip, images=images, llm_model=llm_model,
-                      llm_data=llm_data)
+                      llm_data=llm_data, flux_model=flux_model)

@@ -39,6 +39,7 @@ class FamilyChoices:
     target_value: list[str] = field(default_factory=list)
     target_info: str = ""
     llm: bool = False
+    flow: bool = False  # FLUX / Chroma: the tab unfolds the flow-matching settings
 
 
 def family_of(base_model: str, family: str = "auto") -> str:
@@ -64,8 +65,14 @@ def llm_layer_names(base_model: str) -> list[str]:
         return []
 
 
+FLOW_TARGETS_INFO = ("Transformer layers that get a LoRA, in every kept block (Enter adds one). Empty: the "
+                     "lora_targets preset (attention, or all_linear) under 'FLUX and Chroma'.")
+
+
 def targets_info(base_model: str, family: str, names: list[str] | None = None) -> str:
     """Help for target_modules: for a language model, the Linear layer names it actually has."""
+    if family in ("flux", "chroma"):
+        return FLOW_TARGETS_INFO
     if family != "llm":
         return ("Layers that get a LoRA: pick or type names (Enter adds one). Empty: "
                 f"{', '.join(DEFAULT_UNET_TARGETS)}.")
@@ -115,13 +122,18 @@ def family_choices(base_model: str, family: str = "auto", gpu_gb: float | None =
         names = llm_layer_names(base_model)
         targets = names or list(DEFAULT_LLM_TARGETS)
         default = [n for n in DEFAULT_LLM_TARGETS if n in targets]
+    elif info.family in ("flux", "chroma"):
+        from ..training.flux import ALL_LINEAR_TARGETS
+
+        names, targets, default = [], list(ALL_LINEAR_TARGETS), []
     else:
         names, targets, default = [], list(DEFAULT_UNET_TARGETS), []
     current = list(current_targets or [])
     value = current if current and all(t in targets for t in current) else default
     return FamilyChoices(family=info.family, text=text, presets=preset_choices(info.presets),
                          preset=recommended or "", targets=targets, target_value=value,
-                         target_info=targets_info(base_model, info.family, names), llm=llm)
+                         target_info=targets_info(base_model, info.family, names), llm=llm,
+                         flow=info.family in ("flux", "chroma"))
 
 
 def estimate_family(cfg: TrainConfig) -> str:

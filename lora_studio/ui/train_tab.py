@@ -146,7 +146,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
             preset_md = gr.Markdown(_preset_text(fam.preset, gpu_gb))
             memory_md = gr.Markdown(memory_text(initial, fam.family, gpu_gb), elem_id="memory-estimate")
     groups: dict[str, Any] = {}
-    form = build_form(initial, open_groups=("llm",) if fam.llm else (), containers=groups,
+    open_groups = ("llm",) if fam.llm else ("flow",) if fam.flow else ()
+    form = build_form(initial, open_groups=open_groups, containers=groups,
                       overrides={"target_modules": {"choices": fam.targets, "info": fam.target_info}})
     names = list(SPECIAL_FIELDS) + list(form)
     comps = [base, family, data_dir] + list(form.values())
@@ -312,7 +313,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         """A new base model or family: its presets (the recommended one picked), layer choices, LLM fields."""
         c = family_choices(base_model, model_family, gpu_gb, targets, preselect=not demo)
         return (c.text, gr.update(choices=c.presets, value=c.preset),
-                gr.update(choices=c.targets, value=c.target_value, info=c.target_info), gr.Accordion(open=c.llm))
+                gr.update(choices=c.targets, value=c.target_value, info=c.target_info), gr.Accordion(open=c.llm),
+                gr.Accordion(open=c.flow))
 
     def status_json() -> dict[str, Any]:
         job = _Jobs.current()
@@ -346,12 +348,13 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     # A preset changes some of these fields, so the estimate follows a preset too.
     estimate_inputs = [base, family] + [form[k] for k in (
         "batch_size", "resolution", "gradient_checkpointing", "mixed_precision", "optimizer", "train_text_encoder",
-        "lora_rank", "target_modules", "max_seq_length", "load_in_4bit") if k in form]
+        "lora_rank", "target_modules", "max_seq_length", "load_in_4bit", "base_quantization", "max_sequence_length",
+        "lora_targets") if k in form]
     gr.on([c.change for c in estimate_inputs], update_estimate, comps, [memory_md], api_name="memory_estimate",
           show_progress="hidden", trigger_mode="always_last")
     preset.change(apply_preset, [preset], [preset_md] + list(form.values()), api_visibility="private")
     gr.on([base.change, family.change], on_model_change, [base, family, form["target_modules"]],
-          [family_md, preset, form["target_modules"], groups["llm"]], api_visibility="private")
+          [family_md, preset, form["target_modules"], groups["llm"], groups["flow"]], api_visibility="private")
     models_btn.click(lambda: gr.update(choices=ctx.model_choices()), None, [base], api_visibility="private")
     gr.api(status_json, api_name="training_status")
 
