@@ -13,8 +13,6 @@ Quantized bases are not run here (their kernels do not exist on the meta device)
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import sys
 from pathlib import Path
 from typing import Callable
@@ -72,43 +70,15 @@ def flux_inputs(batch: int, resolution: int, text_tokens: int, dtype: torch.dtyp
 def measure_flux_step_peak(resolution: int, batch: int, checkpointing: bool, text_tokens: int = 512,
                            rank: int = 16, targets: str = "attention", config: dict | None = None):
     """``StepPeak`` of two LoRA steps of the bf16 transformer (weights, and what the step adds at its peak)."""
-    from bench_memory import StepPeak, _AutocastLike, _LiveBytes
+    from bench_memory import StepPeak, live_peak_of_steps
 
     dtype = torch.bfloat16
     model = build_flux(config, rank, targets, dtype)
-    if checkpointing:
-        model.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(
-            torch.utils.checkpoint.checkpoint, use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), _AutocastLike(dtype))))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
     inputs = flux_inputs(batch, resolution, text_tokens, dtype, config)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    tracker = _LiveBytes()
-    real_sdpa = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _flash_like
-    try:
-        with tracker:
-            for _ in range(2):
-                with _AutocastLike(dtype):
-                    pred = model(**inputs)[0]
-                    loss = torch.nn.functional.mse_loss(pred.float(), inputs["hidden_states"].float())
-                    loss.backward()
-                del pred, loss
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = real_sdpa
-    return StepPeak("flux", resolution, batch, checkpointing, weights, tracker.peak)
-
-
-def _flash_like(*args, **kwargs):
-    """Flash attention's saved tensors (``bench_memory._FlashLikeSDPA``); diffusers passes query/key/value by name."""
-    from bench_memory import _FlashLikeSDPA
-
-    q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
-    return _FlashLikeSDPA.apply(q, k, v)
+    peak = live_peak_of_steps(model, lambda: torch.nn.functional.mse_loss(
+        model(**inputs)[0].float(), inputs["hidden_states"].float()), dtype, checkpointing)
+    return StepPeak("flux", resolution, batch, checkpointing, weights, peak)
 
 
 def tokens(resolution: int, text_tokens: int = 512) -> int:

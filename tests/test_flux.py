@@ -141,7 +141,7 @@ def test_init_lora_continues_from_an_exported_file(tiny_flux, demo_images, tmp_p
 
 def test_misspelt_flux_key_and_a_folder_without_images_get_their_messages(tiny_flux, tmp_path):
     from lora_studio.config import load_config
-    from lora_studio.errors import ConfigError, DatasetError
+    from lora_studio.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_config(overrides={"timestep_sampler": "shift"})

@@ -51,12 +51,12 @@ def _t5_encoder(vocab_size: int, d_model: int = 32):
                                    feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1))
 
 
-def _flux_vae():
+def _flux_vae(channels: tuple[int, ...] = (16, 16, 16, 16), layers: int = 1):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 16, 16),
-                         layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=channels,
+                         layers_per_block=layers, latent_channels=16, norm_num_groups=8, sample_size=64,
                          use_quant_conv=False, use_post_quant_conv=False, **FLUX_VAE_FACTORS)
 
 
@@ -71,9 +71,13 @@ TRANSFORMER_SHAPE = dict(patch_size=1, in_channels=64, num_layers=2, num_single_
                          num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
 
 
-def build_tiny_flux(folder: str | Path, seed: int = 0, guidance: bool = True) -> Path:
+def build_tiny_flux(folder: str | Path, seed: int = 0, guidance: bool = True, *, width: int = 32,
+                    transformer: dict | None = None, vae_channels: tuple[int, ...] = (16, 16, 16, 16),
+                    vae_layers: int = 1) -> Path:
     """A tiny FLUX.1-shaped ``FluxPipeline`` folder: dev-like with ``guidance`` (guidance embedding, dynamic
-    shift), schnell-like without. Returns the folder (kept when it already holds a pipeline)."""
+    shift), schnell-like without. Returns the folder (kept when it already holds a pipeline). The defaults are
+    the smallest that exercise every code path; the benchmark passes larger ``width`` (text encoders),
+    ``transformer`` (overrides of ``TRANSFORMER_SHAPE``) and VAE channels."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -84,11 +88,12 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, guidance: bool = True) ->
     write_clip_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     tokenizer_2 = write_t5_tokenizer(folder / "tokenizer_2")
-    transformer = FluxTransformer2DModel(**TRANSFORMER_SHAPE, pooled_projection_dim=32, guidance_embeds=guidance)
-    pipe = FluxPipeline(scheduler=_flux_scheduler(dynamic=guidance), vae=_flux_vae(),
-                        text_encoder=CLIPTextModel(_clip_text_config(len(tokenizer))), tokenizer=tokenizer,
-                        text_encoder_2=_t5_encoder(len(tokenizer_2)), tokenizer_2=tokenizer_2,
-                        transformer=transformer)
+    shape = {**TRANSFORMER_SHAPE, "joint_attention_dim": width, **(transformer or {})}
+    transformer = FluxTransformer2DModel(**shape, pooled_projection_dim=width, guidance_embeds=guidance)
+    pipe = FluxPipeline(scheduler=_flux_scheduler(dynamic=guidance), vae=_flux_vae(vae_channels, vae_layers),
+                        text_encoder=CLIPTextModel(_clip_text_config(len(tokenizer), hidden=width)),
+                        tokenizer=tokenizer, text_encoder_2=_t5_encoder(len(tokenizer_2), d_model=width),
+                        tokenizer_2=tokenizer_2, transformer=transformer)
     pipe.save_pretrained(folder)
     return folder
 

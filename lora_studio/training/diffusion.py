@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DEFAULT_TEXT_ENCODER_TARGETS, TrainConfig
-from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight
+from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight_run
 from ..errors import DatasetError
 from ..models.loading import load_diffusion_pipeline
 from .events import EventBus
-from .latent_cache import LatentCache, encode_latents_shared
+from .latent_cache import LatentCache, cache_for_run
 from .loop import Trainer
 from .run_folder import RunFolder
 from .runtime import full_precision_forward, weight_dtype
@@ -57,10 +57,7 @@ class DiffusionTrainer(Trainer):
 
         cfg, acc = self.config, self.accelerator
         self.started_at = time.time()
-        self.report = preflight(cfg.train_data_dir, self.resolution, metadata_path=cfg.metadata_path,
-                                caption_extension=cfg.caption_extension, enable_bucket=cfg.enable_bucket)
-        for line in self.report.lines():
-            self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
+        self.report = preflight_run(cfg, self.resolution, self.say)
         self.items = list(self.report.items)
         self.bus.emit("state", state="loading model")
         dtype = weight_dtype(acc)
@@ -125,23 +122,7 @@ class DiffusionTrainer(Trainer):
 
     def _cache_latents(self) -> None:
         cfg = self.config
-        disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
-        skipped: list[str] = []
-
-        def progress(done: int, total: int) -> None:
-            self.bus.emit("progress", step=0, total=0, stage="caching latents", done=done, of=total)
-
-        def on_error(item: TrainItem, exc: Exception) -> None:
-            skipped.append(item.path.name)
-            self.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
-
-        self.latents, failed = encode_latents_shared(  # split over the processes of a multi-GPU run
-            self.pipe.vae, self.items, self.accelerator, device=self.accelerator.device, dtype=self.pipe.vae.dtype,
-            disk_dir=disk, vae_id=f"{cfg.base_model}|{cfg.vae}", progress=progress, on_error=on_error)
-        if failed:
-            self.items = [it for i, it in enumerate(self.items) if i not in set(failed)]
-        if not self.items:
-            raise DatasetError("None of the images could be decoded; see the skipped files above.")
+        self.latents, self.items = cache_for_run(self, self.pipe.vae, f"{cfg.base_model}|{cfg.vae}")
 
     # --- text ------------------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:

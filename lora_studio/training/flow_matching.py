@@ -32,10 +32,10 @@ from typing import Any, Sequence
 import torch
 
 from ..config import TrainConfig
-from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight
+from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight_run
 from ..errors import DatasetError
 from .events import EventBus
-from .latent_cache import LatentCache, encode_latents_shared
+from .latent_cache import LatentCache, cache_for_run
 from .loop import Trainer
 from .run_folder import RunFolder
 from .runtime import free_memory, full_precision_forward, weight_dtype
@@ -149,10 +149,7 @@ class FlowMatchingTrainer(Trainer):
 
         cfg, acc = self.config, self.accelerator
         self.started_at = time.time()
-        self.report = preflight(cfg.train_data_dir, self.resolution, metadata_path=cfg.metadata_path,
-                                caption_extension=cfg.caption_extension, enable_bucket=cfg.enable_bucket)
-        for line in self.report.lines():
-            self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
+        self.report = preflight_run(cfg, self.resolution, self.say)
         self.items = list(self.report.items)
         if cfg.train_text_encoder:
             self.say("train_text_encoder is not supported for this family: the LoRA trains the transformer only.",
@@ -181,28 +178,15 @@ class FlowMatchingTrainer(Trainer):
 
     def _cache_latents(self) -> None:
         """Every image through the VAE once, with only the VAE on the device."""
-        cfg, acc, vae = self.config, self.accelerator, self.pipe.vae
-        disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
-        vae.to(acc.device)
+        vae = self.pipe.vae
+        vae.to(self.accelerator.device)
         vae.enable_slicing()
-
-        def progress(done: int, total: int) -> None:
-            self.bus.emit("progress", step=0, total=0, stage="caching latents", done=done, of=total)
-
-        def on_error(item: TrainItem, exc: Exception) -> None:
-            self.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
-
         try:
-            self.latents, failed = encode_latents_shared(
-                vae, self.items, acc, device=acc.device, dtype=vae.dtype, disk_dir=disk,
-                vae_id=f"{cfg.base_model}|{self.family}", progress=progress, on_error=on_error, batch_size=1)
+            self.latents, self.items = cache_for_run(self, vae, f"{self.config.base_model}|{self.family}",
+                                                     batch_size=1)
         finally:
             vae.to("cpu")
             free_memory()
-        if failed:
-            self.items = [it for i, it in enumerate(self.items) if i not in set(failed)]
-        if not self.items:
-            raise DatasetError("None of the images could be decoded; see the skipped files above.")
         if not all(torch.isfinite(e["mean"]).all() for e in self.latents.entries):
             raise DatasetError("The VAE produced NaN/infinite latents; train with mixed_precision bf16 or no.")
 
