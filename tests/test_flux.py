@@ -54,8 +54,10 @@ def test_flux_lora_trains_exports_and_every_layer_is_placed(tiny_flux, demo_imag
     from lora_studio.export.flux_lora import comfy_maps
     from lora_studio.export.verify import count_placed
 
-    job = run_job(flux_config(tiny_flux, demo_images, tmp_path / "out"))
+    job = run_job(flux_config(tiny_flux, demo_images, tmp_path / "out", sample_prompt="a red circle",
+                              sample_steps=4))
     assert job.status == "finished", job.error
+    assert (job.run.samples_dir / "step_000004.png").is_file()
     log = job.snapshot()["log"]
     passed = [line for line in log if "Export check passed" in line]
     assert passed and "strength 0 vs base 0" in passed[0], log
@@ -84,6 +86,20 @@ def test_flux_lora_trains_exports_and_every_layer_is_placed(tiny_flux, demo_imag
     assert np.array_equal(_render(pipe, prompt), base)  # strength 0 is the base exactly
     pipe.set_adapters(["mine"], adapter_weights=[1.0])
     assert np.abs(_render(pipe, prompt) - base).max() > 1e-3
+
+
+def test_export_check_on_the_training_pipeline_when_a_fresh_one_does_not_fit(tiny_flux, demo_images, tmp_path,
+                                                                            monkeypatch):
+    from lora_studio.training.flux import FluxTrainer
+
+    monkeypatch.setattr(FluxTrainer, "fresh_pipeline_fits", lambda self, pipe: False)
+    job = run_job(flux_config(tiny_flux, demo_images, tmp_path / "out", max_train_steps=2))
+    assert job.status == "finished", job.error
+    log = job.snapshot()["log"]
+    assert any("on the training pipeline" in line for line in log)
+    passed = [line for line in log if "Export check passed" in line]
+    assert passed and "strength 0 vs base 0" in passed[0]
+    assert float(passed[0].split("within ")[1].split(" ")[0]) < 1e-3
 
 
 def test_chroma_lora_trains_and_reloads_into_a_fresh_pipeline(tiny_chroma, demo_images, tmp_path):

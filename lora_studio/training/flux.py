@@ -200,32 +200,58 @@ class FluxTrainer(FlowMatchingTrainer):
     @torch.no_grad()
     def verify(self, lora_file: Path):
         """Reload the file into a fresh pipeline (same quantized base): strength 1 must give the trained model's
-        image, 0 the base's, and every layer must be placed."""
-        from ..export.verify import check_export, load_fresh_pipeline
+        image, 0 the base's, and every layer must be placed. When a second pipeline in float32 does not fit (the
+        real 12B model: about 48 GB for the transformer alone), the file is loaded as a second adapter into the
+        trained pipeline instead, on the same frozen weights, in the dtype training held."""
+        from ..export.verify import check_export, check_reload
 
         cfg, device = self.config, self.accelerator.device
         pipe = self.inference_pipe()
+        checks = dict(expected_modules=len(self.lora_target_modules()), denoiser=self.denoiser_name,
+                      prompt=self.items[0].caption, seed=cfg.seed, steps=VERIFY_STEPS, size=VERIFY_SIZE)
+        if not self.fresh_pipeline_fits(pipe):
+            self.say("Checking the export on the training pipeline (a second one in float32 does not fit in memory).")
+            expected, base = self.reference_renders(pipe, checks["prompt"], cfg.seed)
+            denoiser = getattr(pipe, self.denoiser_name)
+            denoiser.disable_adapters()
+            try:
+                return check_reload(pipe, lora_file, expected_images=expected, base_images=base, **checks)
+            finally:
+                pipe.delete_adapters("verify")
+                denoiser.set_adapters(["default"])
+                denoiser.enable_adapters()
         self._to_float32(pipe)
-        expected, base = self.reference_renders(pipe, self.items[0].caption, cfg.seed)
-        quantized = self.quantization != "none"
-        held = {k: v for k, v in self.held_dtypes.items() if not (quantized and k == self.denoiser_name)}
-
-        def fresh():
-            if not quantized:
-                return load_fresh_pipeline(cfg.base_model, self.family, device=device, held_dtypes=held,
-                                           single_file_config=cfg.single_file_config)
-            from ..models.flux_loading import load_flux_pipeline
-
-            fresh_pipe = load_flux_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
-                                            transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
-            self._to_float32(fresh_pipe, held)
-            fresh_pipe.set_progress_bar_config(disable=True)
-            return fresh_pipe
-
+        expected, base = self.reference_renders(pipe, checks["prompt"], cfg.seed)
         return check_export(cfg.base_model, self.family, lora_file, expected_images=expected, base_images=base,
-                            prompt=self.items[0].caption, seed=cfg.seed, steps=VERIFY_STEPS, size=VERIFY_SIZE,
-                            device=device, fresh_pipeline=fresh, expected_modules=len(self.lora_target_modules()),
-                            denoiser=self.denoiser_name)
+                            device=device, fresh_pipeline=self._fresh_pipeline, **checks)
+
+    def fresh_pipeline_fits(self, pipe) -> bool:
+        """Room for a second pipeline in float32 (plus a quarter) on the run's device: GPU memory, or free RAM."""
+        fp32 = 4 * sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                       for p in m.parameters())
+        if self.accelerator.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.accelerator.device)
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        return free > 1.25 * fp32
+
+    def _fresh_pipeline(self):
+        """The base model loaded anew, float32 where training held it in half precision; a quantized transformer
+        quantized again the same way."""
+        from ..export.verify import load_fresh_pipeline
+        from ..models.flux_loading import load_flux_pipeline
+
+        cfg, device = self.config, self.accelerator.device
+        if self.quantization == "none":
+            return load_fresh_pipeline(cfg.base_model, self.family, device=device, held_dtypes=self.held_dtypes,
+                                       single_file_config=cfg.single_file_config)
+        fresh = load_flux_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
+                                   transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
+        self._to_float32(fresh, {k: v for k, v in self.held_dtypes.items() if k != self.denoiser_name})
+        fresh.set_progress_bar_config(disable=True)
+        return fresh
 
     def _to_float32(self, pipe, held: dict[str, torch.dtype] | None = None) -> None:
         """Every component in float32 on the run's device (rounded through ``held`` dtypes first); a quantized
