@@ -24,6 +24,7 @@ generator seeded by the sample's place in the epoch, so runs are deterministic a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -82,6 +83,23 @@ def loss_weights(method: str, sigmas: torch.Tensor) -> torch.Tensor:
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     return compute_loss_weighting_for_sd3(method, sigmas=sigmas.float()).float()
+
+
+@contextlib.contextmanager
+def lora_as_stored(model: torch.nn.Module, dtypes: Sequence[torch.dtype] = (torch.float16,)):
+    """The trainable (LoRA) weights rounded through each of ``dtypes`` in turn for a while: as the LoRA file
+    stores them (fp16), then as diffusers loads them into a half-precision model (its dtype)."""
+    kept = [(p, p.data) for p in model.parameters() if p.requires_grad]
+    for p, data in kept:
+        rounded = data
+        for dtype in dtypes:
+            rounded = rounded.to(dtype)
+        p.data = rounded.to(data.dtype)
+    try:
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
 
 
 class FlowMatchingTrainer(Trainer):
@@ -314,11 +332,14 @@ class FlowMatchingTrainer(Trainer):
         return self.pipe
 
     def reference_renders(self, pipe, prompt: str, seed: int) -> tuple[Any, Any]:
-        """The trained pipeline's render and the same with the LoRA off, outside accelerate's autocast wrapper."""
+        """The trained pipeline's render and the same with the LoRA off, outside accelerate's autocast wrapper,
+        with the LoRA rounded as the file stores it and a fresh pipeline loads it (``lora_as_stored``): a
+        half-precision render over a quantized base moves by more than the check's tolerance when the LoRA
+        weights are merely rounded."""
         from ..export.verify import render
 
         denoiser = getattr(pipe, self.denoiser_name)
-        with full_precision_forward(denoiser):
+        with full_precision_forward(denoiser), lora_as_stored(denoiser, (torch.float16,) + self._loaded_lora_dtype()):
             expected = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
             denoiser.disable_adapters()
             try:
@@ -326,6 +347,17 @@ class FlowMatchingTrainer(Trainer):
             finally:
                 denoiser.enable_adapters()
         return expected, base
+
+    def _loaded_lora_dtype(self) -> tuple[torch.dtype, ...]:
+        """The dtype a fresh pipeline gives the LoRA it loads (PEFT matches a layer's floating weight dtype: bf16,
+        or float8 for an fp8 base; a 4-bit layer the compute dtype); none for a float32 check."""
+        if self.quantization == "none":
+            return ()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layer = next(m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer))
+        dtype = layer.get_base_layer().weight.dtype
+        return (dtype if dtype.is_floating_point else self.held_dtypes.get(self.denoiser_name, torch.float32),)
 
     @torch.no_grad()
     def render_sample(self, step: int) -> Path | None:

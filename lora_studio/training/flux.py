@@ -220,7 +220,7 @@ class FluxTrainer(FlowMatchingTrainer):
                 pipe.delete_adapters("verify")
                 denoiser.set_adapters(["default"])
                 denoiser.enable_adapters()
-        self._to_float32(pipe)
+        self._check_dtypes(pipe)
         expected, base = self.reference_renders(pipe, checks["prompt"], cfg.seed)
         return check_export(cfg.base_model, self.family, lora_file, expected_images=expected, base_images=base,
                             device=device, fresh_pipeline=self._fresh_pipeline, **checks)
@@ -238,8 +238,8 @@ class FluxTrainer(FlowMatchingTrainer):
         return free > 1.25 * fp32
 
     def _fresh_pipeline(self):
-        """The base model loaded anew, float32 where training held it in half precision; a quantized transformer
-        quantized again the same way."""
+        """The base model loaded anew, rounded as training held it; a quantized transformer quantized again the
+        same way (deterministic: the same stored weights)."""
         from ..export.verify import load_fresh_pipeline
         from ..models.flux_loading import load_flux_pipeline
 
@@ -249,22 +249,23 @@ class FluxTrainer(FlowMatchingTrainer):
                                        single_file_config=cfg.single_file_config)
         fresh = load_flux_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
                                    transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
-        self._to_float32(fresh, {k: v for k, v in self.held_dtypes.items() if k != self.denoiser_name})
+        self._check_dtypes(fresh)
         fresh.set_progress_bar_config(disable=True)
         return fresh
 
-    def _to_float32(self, pipe, held: dict[str, torch.dtype] | None = None) -> None:
-        """Every component in float32 on the run's device (rounded through ``held`` dtypes first); a quantized
-        transformer keeps its storage and compute dtype."""
+    def _check_dtypes(self, pipe) -> None:
+        """The dtypes the export check renders in, on the run's device: float32 everywhere (a half-precision
+        base was already rounded as training held it); with a quantized base, every part as training held it
+        (its layers compute in that dtype, so float32 inputs would not fit them)."""
         for name, module in pipe.components.items():
             if not isinstance(module, torch.nn.Module):
                 continue
-            if name == self.denoiser_name and self.quantization != "none":
+            if self.quantization == "none":
+                module.to(self.accelerator.device, torch.float32)
+            elif name == self.denoiser_name:
                 module.to(self.accelerator.device)
-                continue
-            if held and held.get(name, torch.float32) != torch.float32:
-                module.to(held[name])
-            module.to(self.accelerator.device, torch.float32)
+            else:
+                module.to(self.accelerator.device, self.held_dtypes.get(name, torch.float32))
 
 
 class ChromaTrainer(FluxTrainer):
