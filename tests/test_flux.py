@@ -88,12 +88,15 @@ def test_flux_lora_trains_exports_and_every_layer_is_placed(tiny_flux, demo_imag
     assert np.abs(_render(pipe, prompt) - base).max() > 1e-3
 
 
-def test_export_check_on_the_training_pipeline_when_a_fresh_one_does_not_fit(tiny_flux, demo_images, tmp_path,
-                                                                            monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_export_check_on_the_training_pipeline_when_a_fresh_one_does_not_fit(precision, tiny_flux, demo_images,
+                                                                            tmp_path, monkeypatch):
     from lora_studio.training.flux import FluxTrainer
 
+    monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")  # bf16 on the CPU, as a GPU run holds the real model
     monkeypatch.setattr(FluxTrainer, "fresh_pipeline_fits", lambda self, pipe: False)
-    job = run_job(flux_config(tiny_flux, demo_images, tmp_path / "out", max_train_steps=2))
+    job = run_job(flux_config(tiny_flux, demo_images, tmp_path / "out", max_train_steps=2,
+                              mixed_precision=precision))
     assert job.status == "finished", job.error
     log = job.snapshot()["log"]
     assert any("on the training pipeline" in line for line in log)

@@ -331,15 +331,16 @@ class FlowMatchingTrainer(Trainer):
         self.pipe.set_progress_bar_config(disable=True)
         return self.pipe
 
-    def reference_renders(self, pipe, prompt: str, seed: int) -> tuple[Any, Any]:
+    def reference_renders(self, pipe, prompt: str, seed: int, held: bool = False) -> tuple[Any, Any]:
         """The trained pipeline's render and the same with the LoRA off, outside accelerate's autocast wrapper,
         with the LoRA rounded as the file stores it and a fresh pipeline loads it (``lora_as_stored``): a
-        half-precision render over a quantized base moves by more than the check's tolerance when the LoRA
-        weights are merely rounded."""
+        half-precision render moves by more than the check's tolerance when the LoRA weights are merely rounded.
+        ``held``: the check renders in the dtypes training held (a quantized base, or the training pipeline)."""
         from ..export.verify import render
 
         denoiser = getattr(pipe, self.denoiser_name)
-        with full_precision_forward(denoiser), lora_as_stored(denoiser, (torch.float16,) + self._loaded_lora_dtype()):
+        loaded = self._loaded_lora_dtype() if held else ()
+        with full_precision_forward(denoiser), lora_as_stored(denoiser, (torch.float16,) + loaded):
             expected = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
             denoiser.disable_adapters()
             try:
@@ -349,10 +350,8 @@ class FlowMatchingTrainer(Trainer):
         return expected, base
 
     def _loaded_lora_dtype(self) -> tuple[torch.dtype, ...]:
-        """The dtype a fresh pipeline gives the LoRA it loads (PEFT matches a layer's floating weight dtype: bf16,
-        or float8 for an fp8 base; a 4-bit layer the compute dtype); none for a float32 check."""
-        if self.quantization == "none":
-            return ()
+        """The dtype diffusers gives a LoRA it loads into this transformer as training held it (PEFT matches a
+        layer's floating weight dtype: bf16, or float8 for an fp8 base; a 4-bit layer the compute dtype)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         layer = next(m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer))

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from .events import EventBus
 from .flow_matching import VERIFY_SIZE, VERIFY_STEPS, FlowMatchingTrainer
 from .run_folder import RunFolder
-from .runtime import weight_dtype
+from .runtime import full_precision_forward, weight_dtype
 
 ATTENTION_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                      "attn.add_v_proj", "attn.to_add_out")
@@ -211,17 +211,18 @@ class FluxTrainer(FlowMatchingTrainer):
                       prompt=self.items[0].caption, seed=cfg.seed, steps=VERIFY_STEPS, size=VERIFY_SIZE)
         if not self.fresh_pipeline_fits(pipe):
             self.say("Checking the export on the training pipeline (a second one in float32 does not fit in memory).")
-            expected, base = self.reference_renders(pipe, checks["prompt"], cfg.seed)
+            expected, base = self.reference_renders(pipe, checks["prompt"], cfg.seed, held=True)
             denoiser = getattr(pipe, self.denoiser_name)
             denoiser.disable_adapters()
             try:
-                return check_reload(pipe, lora_file, expected_images=expected, base_images=base, **checks)
+                with full_precision_forward(denoiser):  # as the reference renders: without accelerate's wrapper
+                    return check_reload(pipe, lora_file, expected_images=expected, base_images=base, **checks)
             finally:
                 pipe.delete_adapters("verify")
                 denoiser.set_adapters(["default"])
                 denoiser.enable_adapters()
         self._check_dtypes(pipe)
-        expected, base = self.reference_renders(pipe, checks["prompt"], cfg.seed)
+        expected, base = self.reference_renders(pipe, checks["prompt"], cfg.seed, held=self.quantization != "none")
         return check_export(cfg.base_model, self.family, lora_file, expected_images=expected, base_images=base,
                             device=device, fresh_pipeline=self._fresh_pipeline, **checks)
 
