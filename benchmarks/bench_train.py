@@ -67,6 +67,27 @@ def run_ours(model: Path, data: Path, out: Path, steps: int, size: int) -> dict:
     return {"steps_per_s": 1 / steady, "first_step_s": startup}
 
 
+class _Clock:
+    """Backward and optimizer step of a plain loop, and its timing: time to the end of step 1, then steps/s."""
+
+    def __init__(self, started: float, steps: int):
+        self.started, self.steps, self.done = started, steps, 0
+        self.first = self.t0 = 0.0
+
+    def step(self, loss, opt) -> None:
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        self.done += 1
+        if self.done == 1:
+            self.first = time.perf_counter() - self.started
+            self.t0 = time.perf_counter()
+
+    def result(self) -> dict:
+        steady = (time.perf_counter() - self.t0) / max(self.steps - 1, 1)
+        return {"steps_per_s": 1 / steady, "first_step_s": self.first}
+
+
 def run_plain(model: Path, data: Path, steps: int, size: int) -> dict:
     """The uncached loop of diffusers' train_text_to_image_lora.py, reduced to its core."""
     import torch
@@ -94,8 +115,7 @@ def run_plain(model: Path, data: Path, steps: int, size: int) -> dict:
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     paths = list_images(data)
     captions = load_captions(data, paths)
-    first = None
-    t0 = time.perf_counter()
+    clock = _Clock(started, steps)
     for step in range(steps):
         batch = [paths[(2 * step + i) % len(paths)] for i in range(2)]
         px = []
@@ -112,15 +132,8 @@ def run_plain(model: Path, data: Path, steps: int, size: int) -> dict:
         t = torch.randint(0, 1000, (2,), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step == 0:
-            first = time.perf_counter() - started
-            t0 = time.perf_counter()
-    steady = (time.perf_counter() - t0) / max(steps - 1, 1)
-    return {"steps_per_s": 1 / steady, "first_step_s": first}
+        clock.step(F.mse_loss(pred.float(), noise.float()), opt)
+    return clock.result()
 
 
 def run_plain_flux(model: Path, data: Path, steps: int, size: int) -> dict:
@@ -150,7 +163,7 @@ def run_plain_flux(model: Path, data: Path, steps: int, size: int) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     paths = list_images(data)
     captions = load_captions(data, paths)
-    first, t0 = None, time.perf_counter()
+    clock = _Clock(started, steps)
     for step in range(steps):
         batch = [paths[(2 * step + i) % len(paths)] for i in range(2)]
         px = torch.stack([torch.from_numpy(np.asarray(load_image_rgb(p).resize((size, size)), dtype="float32")
@@ -169,15 +182,8 @@ def run_plain_flux(model: Path, data: Path, steps: int, size: int) -> dict:
                       img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
                       return_dict=False)[0]
         pred = FluxPipeline._unpack_latents(pred, h * 8, w * 8, 8)
-        loss = torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step == 0:
-            first = time.perf_counter() - started
-            t0 = time.perf_counter()
-    steady = (time.perf_counter() - t0) / max(steps - 1, 1)
-    return {"steps_per_s": 1 / steady, "first_step_s": first}
+        clock.step(torch.nn.functional.mse_loss(pred.float(), (noise - latents).float()), opt)
+    return clock.result()
 
 
 def child(args) -> None:

@@ -350,10 +350,7 @@ class DiffusionTrainer(Trainer):
             image = pipe(self.config.sample_prompt, num_inference_steps=20, height=size, width=size,
                          generator=gen).images[0]
         pipe.vae.to("cpu")
-        path = self.run.samples_dir / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        return path
+        return self.run.save_sample(step, image)
 
     def cleanup(self) -> None:
         self.latents = None

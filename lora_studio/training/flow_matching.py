@@ -366,10 +366,7 @@ class FlowMatchingTrainer(Trainer):
             image = pipe(self.config.sample_prompt, height=self.resolution, width=self.resolution, generator=gen,
                          max_sequence_length=self.config.max_sequence_length, **self.render_kwargs()).images[0]
         pipe.vae.to("cpu")
-        path = self.run.samples_dir / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        return path
+        return self.run.save_sample(step, image)
 
     def cleanup(self) -> None:
         self.latents = None
