@@ -129,7 +129,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     gpu = detect_gpu()
     print(f"GPU: {gpu['name']} ({gpu['memory_gb']:.1f} GB)" if gpu else "GPU: none found (CUDA not available)")
-    for family in ("sd15", "sdxl", "llm"):
+    for family in ("sd15", "sdxl", "flux", "llm"):
         presets = list_presets(family)
         if not presets:
             continue
