@@ -50,7 +50,7 @@ def test_timestep_samplers_have_the_distributions_they_claim():
     assert shift_mu(256, config) == pytest.approx(0.5) and shift_mu(4096, config) == pytest.approx(1.15)
     small, large = (_draw("flux_shift", mu=shift_mu(n, config)) for n in (256, 4096))
     for mu, draws in ((0.5, small), (1.15, large)):
-        assert abs(draws.mean() - _expected(lambda t: math.exp(mu) / (math.exp(mu) + 1 / t - 1))) < 0.01
+        assert abs(draws.mean() - _expected(lambda t, mu=mu: math.exp(mu) / (math.exp(mu) + 1 / t - 1))) < 0.01
     assert large.mean() > small.mean() > sigmoid.mean()  # bigger images train at more noise, as FLUX samples
     assert all(d.min() >= 1e-3 and d.max() <= 1.0 for d in (uniform, sigmoid, logit, shifted, small, large))
 

@@ -33,7 +33,8 @@ from ..errors import ModelLoadError, TrainingError
 log = logging.getLogger(__name__)
 
 PREFIX = "transformer."
-# Layers ComfyUI's flux_to_diffusers maps (comfy/utils.py), relative to transformer_blocks.N / single_transformer_blocks.N
+# Layers ComfyUI's flux_to_diffusers maps (comfy/utils.py), relative to transformer_blocks.N and
+# single_transformer_blocks.N
 COMFY_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
                 "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
                 "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
@@ -128,6 +129,7 @@ def apply_init_lora(transformer: torch.nn.Module, path: str | Path, rank: int, a
     result = set_peft_model_state_dict(transformer, {k: v.float() for k, v in peft.items()})
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
-        raise ModelLoadError(f"init_lora has {len(unexpected)} layers this run does not train (first: {unexpected[0]}); "
+        raise ModelLoadError(f"init_lora has {len(unexpected)} layers this run does not train (first: "
+                             f"{unexpected[0]}); "
                              "use the same lora_targets and block indices as the run that wrote it.")
 

@@ -141,7 +141,8 @@ def _hub_folder(base_model: str) -> Path | None:
 
 
 def detect_family(base_model: str) -> str:
-    """'sd15', 'sd2', 'sdxl', 'flux', 'chroma' or 'llm' for a folder, a checkpoint file or a hub id; ModelLoadError if unknown."""
+    """'sd15', 'sd2', 'sdxl', 'flux', 'chroma' or 'llm' for a folder, a checkpoint file or a hub id;
+    ModelLoadError if unknown."""
     if not base_model:
         raise ModelLoadError("No base model given: set base_model to a model folder, a hub id or a .safetensors file.")
     path = Path(base_model).expanduser()

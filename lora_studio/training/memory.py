@@ -229,7 +229,8 @@ def next_step_down(config: TrainConfig, family: str | None = None) -> tuple[Trai
 
     Order: batch size (halved or so, gradient accumulation raised to keep the effective batch), then
     gradient checkpointing on, then 8-bit AdamW, then the resolution (128 px at a time, down to half the
-    family's default; FLUX/Chroma first put the base in nf4). LLMs: batch, checkpointing, 8-bit AdamW, 4-bit base (QLoRA), then max_seq_length.
+    family's default; FLUX/Chroma first put the base in nf4). LLMs: batch, checkpointing, 8-bit AdamW, 4-bit
+    base (QLoRA), then max_seq_length.
     Pure: the config given is not changed.
     """
     family = family or (config.model_family if config.model_family != "auto" else "sd15")
