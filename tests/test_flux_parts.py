@@ -218,6 +218,7 @@ def test_folders_are_detected(tiny_flux, tiny_chroma):  # noqa: F811
 
     flux, chroma = family_info(str(tiny_flux)), family_info(str(tiny_chroma))
     assert (flux.family, flux.name, flux.default_resolution) == ("flux", "FLUX.1", 1024)
+    assert flux.prediction_type == chroma.prediction_type == "flow_matching"
     assert chroma.family == "chroma" and flux.presets == ["flux_12gb", "flux_16gb", "flux_24gb"]
 
 
@@ -293,3 +294,26 @@ def test_every_flux_preset_runs_as_set(name, tiny_flux, demo_images, tmp_path, m
     assert any("Export check passed" in line for line in log), log
     losses = [loss for _, loss in job.snapshot().losses]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_each_registry_rule_says_yes_for_its_own_family_only(tiny_flux, tiny_chroma, tiny_sd15, tiny_sdxl):  # noqa: F811
+    import json
+
+    from lora_studio.families import FAMILIES
+
+    def by_index(folder) -> list[str]:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        return [f.id for f in FAMILIES.values() if f.matches_index and f.matches_index(index, folder)]
+
+    def by_keys(keys) -> list[str]:
+        return [f.id for f in FAMILIES.values() if f.matches_keys and f.matches_keys(set(keys))]
+
+    assert [by_index(m) for m in (tiny_flux, tiny_chroma, tiny_sd15, tiny_sdxl)] == [["flux"], ["chroma"], ["sd15"],
+                                                                                   ["sdxl"]]
+    unet = "model.diffusion_model.input_blocks.0.0.weight"
+    assert by_keys(["double_blocks.0.img_attn.qkv.weight", "time_in.in_layer.weight"]) == ["flux"]
+    assert by_keys(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"]) == ["flux"]
+    assert by_keys(["double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.in_proj.weight"]) == ["chroma"]
+    assert by_keys([unet]) == ["sd15"] and by_keys([unet, "conditioner.embedders.1.model.ln_final.weight"]) == ["sdxl"]
+    assert by_keys(["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"]) == []  # a LoRA file
+    assert by_keys(["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]) == []
