@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from lora_studio.config import TrainConfig
-from lora_studio.training.events import Progress
-from lora_studio.training.job import TrainingJob
 from lora_studio.training.run_folder import RunFolder
-from helpers import run_job
+from helpers import run_job, stop_then_resume
 
 
 @pytest.fixture(scope="session")
@@ -130,14 +128,8 @@ def test_flux_resume_after_stop_gives_the_same_losses(tiny_flux, demo_images, tm
 
     cfg = flux_config(tiny_flux, demo_images, tmp_path / "b", max_train_steps=steps, save_steps=2,
                       verify_export=False, timestep_sampling="flux_shift", loss_weighting="cosmap")
-    first = TrainingJob(cfg)
-    first.bus.subscribe(lambda e: first.stop() if isinstance(e, Progress) and e.step == 3 else None)
-    first.start().wait(600)
-    assert first.status == "stopped", first.error
-    resumed = TrainingJob.resume(first.run.path)
-    resumed.start().wait(600)
-    assert resumed.status == "finished", resumed.error
-    metrics = RunFolder(first.run.path).read_metrics()
+    resumed = stop_then_resume(cfg, stop_at=3)
+    metrics = RunFolder(resumed.run.path).read_metrics()
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     assert [m["loss"] for m in metrics] == pytest.approx(full_losses, rel=1e-5, abs=1e-6)
 
