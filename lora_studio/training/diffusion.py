@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight_run
+from ..data.train_set import Batch, preflight_run
 from ..families import get_family
 from ..errors import DatasetError
 from ..models.load_lock import model_loading
 from ..models.loading import load_diffusion_pipeline
 from .events import EventBus
-from .latent_cache import LatentCache, cache_for_run
-from .loop import Trainer
+from .image_trainer import ImageTrainer
+from .latent_cache import cache_for_run
 from .run_folder import RunFolder
 from .runtime import full_precision_forward, weight_dtype
 
@@ -37,18 +37,11 @@ log = logging.getLogger(__name__)
 VERIFY_STEPS, VERIFY_SIZE = 2, 64
 
 
-class DiffusionTrainer(Trainer):
+class DiffusionTrainer(ImageTrainer):
     text_encoder_names = ("text_encoder",)
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "sd15"):
         super().__init__(config, run, bus, family)
-        self.resolution = config.resolution_for(family)
-        self.pipe = None
-        self.items: list[TrainItem] = []
-        self.report: Preflight | None = None
-        self.latents: LatentCache | None = None
-        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self.started_at = 0.0
 
     # --- setup ---------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -181,11 +174,6 @@ class DiffusionTrainer(Trainer):
         return module
 
     # --- the step --------------------------------------------------------------------------------
-    def batches(self, epoch: int) -> list[list[int]]:
-        acc = self.accelerator
-        return epoch_batches(self.items, self.config.batch_size, self.config.seed, epoch,
-                             acc.process_index, acc.num_processes)
-
     def models(self) -> list[torch.nn.Module]:
         mods = [self.pipe.unet]
         if self.config.train_text_encoder:
@@ -370,10 +358,6 @@ class DiffusionTrainer(Trainer):
                          generator=gen).images[0]
         pipe.vae.to("cpu")
         return self.run.save_sample(step, image)
-
-    def cleanup(self) -> None:
-        self.latents = None
-        self.text_cache = {}
 
 
 def _training_scheduler(scheduler):

@@ -33,12 +33,12 @@ from typing import Any, Sequence
 import torch
 
 from ..config import TrainConfig
-from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight_run
+from ..data.train_set import Batch, preflight_run
 from ..errors import DatasetError
 from ..models.load_lock import model_loading
 from .events import EventBus
-from .latent_cache import LatentCache, cache_for_run
-from .loop import Trainer
+from .image_trainer import ImageTrainer
+from .latent_cache import cache_for_run
 from .run_folder import RunFolder
 from .runtime import free_memory, full_precision_forward, weight_dtype
 
@@ -103,7 +103,7 @@ def lora_as_stored(model: torch.nn.Module, dtypes: Sequence[torch.dtype] = (torc
             p.data = data
 
 
-class FlowMatchingTrainer(Trainer):
+class FlowMatchingTrainer(ImageTrainer):
     """The shared trainer. A family subclass provides (see ``training/flux.py``):
 
     - ``load_pipeline(dtype)``: the pipeline without its transformer (VAE, text encoders, tokenizers, scheduler);
@@ -120,15 +120,8 @@ class FlowMatchingTrainer(Trainer):
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str):
         super().__init__(config, run, bus, family)
-        self.resolution = config.resolution_for(family)
-        self.pipe = None
-        self.items: list[TrainItem] = []
-        self.report: Preflight | None = None
-        self.latents: LatentCache | None = None
-        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.quantization = "none"
         self.held_dtypes: dict[str, torch.dtype] = {}
-        self.started_at = 0.0
 
     # --- family hooks -------------------------------------------------------------------------------
     def load_pipeline(self, dtype: torch.dtype):
@@ -246,11 +239,6 @@ class FlowMatchingTrainer(Trainer):
                 for k in self.text_cache[captions[0]]}
 
     # --- the step -----------------------------------------------------------------------------------
-    def batches(self, epoch: int) -> list[Batch]:
-        acc = self.accelerator
-        return epoch_batches(self.items, self.config.batch_size, self.config.seed, epoch,
-                             acc.process_index, acc.num_processes)
-
     def models(self) -> list[torch.nn.Module]:
         return [self.denoiser]
 
@@ -367,7 +355,3 @@ class FlowMatchingTrainer(Trainer):
                          max_sequence_length=self.config.max_sequence_length, **self.render_kwargs()).images[0]
         pipe.vae.to("cpu")
         return self.run.save_sample(step, image)
-
-    def cleanup(self) -> None:
-        self.latents = None
-        self.text_cache = {}
