@@ -317,3 +317,15 @@ def test_each_registry_rule_says_yes_for_its_own_family_only(tiny_flux, tiny_chr
     assert by_keys([unet]) == ["sd15"] and by_keys([unet, "conditioner.embedders.1.model.ln_final.weight"]) == ["sdxl"]
     assert by_keys(["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"]) == []  # a LoRA file
     assert by_keys(["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]) == []
+
+
+def test_testing_tab_fills_in_flux_steps_and_guidance_only_where_the_app_may_read(tiny_flux, tiny_sd15, tmp_path):  # noqa: F811
+    from lora_studio.ui.context import StudioContext
+    from lora_studio.ui.test_tab import _steps_and_cfg_for
+
+    local = StudioContext(outputs=tmp_path / "out", models_dir=tmp_path / "models")
+    assert _steps_and_cfg_for(local, str(tiny_flux)) == (28, 3.5)
+    unchanged = ({"__type__": "update"},) * 2  # gr.skip(): the fields keep what they hold
+    assert _steps_and_cfg_for(local, str(tiny_sd15)) == unchanged  # SD models keep the tab's own settings
+    shared = StudioContext(outputs=tmp_path / "out", models_dir=tmp_path / "models", shared=True)
+    assert _steps_and_cfg_for(shared, str(tiny_flux)) == unchanged  # a folder the shared app may not read
