@@ -7,10 +7,12 @@
     family.preset_group                      # presets/*.yaml whose preset_info.family is this ("sdxl")
     family.trainer_class()                   # the Trainer subclass (imported when asked)
     family.pipeline_class()                  # the diffusers pipeline the export check and Testing tab use
+    get_family("flux").render_settings(path) # {"steps": 4, "cfg": 0.0} for a schnell model (its hook)
 
 Detection (``models/detect.py``) asks every entry whether a diffusers ``model_index.json``
 (``matches_index``) or the tensor names of a single-file checkpoint (``matches_keys``) are its own. Adding a
-family = one trainer module + one ``Family(...)`` entry below (see README, "Adding a model family").
+family = one trainer module + one ``Family(...)`` entry below (see README, "Adding a model family"); what the
+fields cannot say, two optional ``"module:function"`` hooks do (``pipeline_loader``, ``render_defaults``).
 This module imports nothing heavy and nothing else of the project, so everything may import it.
 """
 
