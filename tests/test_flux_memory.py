@@ -11,6 +11,7 @@ import pytest
 from lora_studio.config import TrainConfig
 from lora_studio.presets import list_presets, recommend_preset
 from lora_studio.training.memory import estimate_breakdown, next_step_down
+from test_flux import tiny_flux  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +61,10 @@ def test_flux_estimate_covers_a_measured_step_of_the_full_size_transformer():
     estimated = parts["activations"] + parts["LoRA weights, gradients and optimizer"]
     measured = (peak.step_peak_bytes + lora_weights) / 1e9
     assert measured <= estimated <= 1.3 * measured, (measured, estimated)
+
+
+def test_the_estimate_says_when_a_flux_model_is_not_full_size(tiny_flux):  # noqa: F811
+    from lora_studio.ui.train_extras import memory_text
+
+    text = memory_text(TrainConfig(base_model=str(tiny_flux)).validate(), "flux", None)
+    assert "This model's transformer has" in text and "11,901 M: the estimate is for a full-size model" in text

@@ -166,11 +166,12 @@ def estimate_breakdown(config: TrainConfig, family: str) -> MemoryEstimate:
     return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))
 
 
-def unet_parameters(base_model: str) -> int | None:
-    """The UNet's parameter count of a local diffusers folder, from its safetensors headers (no weights read)."""
+def unet_parameters(base_model: str, part: str = "unet") -> int | None:
+    """The parameter count of a local diffusers folder's UNet (or another ``part``: ``transformer``), from its
+    safetensors headers (no weights read)."""
     from safetensors import safe_open
 
-    files = sorted((Path(base_model).expanduser() / "unet").glob("*.safetensors")) if base_model else []
+    files = sorted((Path(base_model).expanduser() / part).glob("*.safetensors")) if base_model else []
     if not files:
         return None
     total = 0
@@ -184,13 +185,20 @@ def unet_parameters(base_model: str) -> int | None:
 
 
 def size_note(config: TrainConfig, family: str) -> str | None:
-    """A sentence when the model's UNet is far from the released one's size the estimate assumes."""
-    fig = FIGURES.get(family)
-    have = unet_parameters(config.base_model) if fig else None
-    if not have or 0.5 <= have / fig.unet_params <= 1.5:
+    """A sentence when the model's UNet (FLUX.1/Chroma: transformer) is far from the released one's size the
+    estimate assumes."""
+    if family in FIGURES:
+        part, released = "unet", FIGURES[family].unet_params
+    elif family in FLOW_FIGURES:
+        part, released = "transformer", FLOW_FIGURES[family].transformer_params
+    else:
         return None
-    return (f"This model's UNet has {have / 1e6:,.1f} M weights, the released {family} model's "
-            f"{fig.unet_params / 1e6:,.0f} M: the estimate is for a full-size model.")
+    have = unet_parameters(config.base_model, part)
+    if not have or 0.5 <= have / released <= 1.5:
+        return None
+    name = "UNet" if part == "unet" else part
+    return (f"This model's {name} has {have / 1e6:,.1f} M weights, the released {family} model's "
+            f"{released / 1e6:,.0f} M: the estimate is for a full-size model.")
 
 
 def estimate_memory(config: TrainConfig, family: str) -> float:
