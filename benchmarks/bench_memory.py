@@ -572,8 +572,10 @@ def measure_llm_step_peak(batch: int, seq: int, checkpointing: bool, shape: dict
     model.to(torch.bfloat16).requires_grad_(False)
     model.config.use_cache = False
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), _AutocastLike(torch.bfloat16))})
+        from lora_studio.training.runtime import enable_checkpointing
+
+        enable_checkpointing(model, use_reentrant=False,
+                             context_fn=lambda: (contextlib.nullcontext(), _AutocastLike(torch.bfloat16)))
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
     for p in model.parameters():

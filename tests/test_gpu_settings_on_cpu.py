@@ -19,6 +19,8 @@ from lora_studio.config import TrainConfig
 from lora_studio.training.runtime import make_accelerator, weight_dtype
 from helpers import run_job, stop_then_resume
 
+pytestmark = pytest.mark.slow  # every preset and precision on a tiny model: long, run in CI
+
 
 @pytest.fixture()
 def cpu_check(monkeypatch):

@@ -82,6 +82,7 @@ def test_cli_and_app_refuse_a_broken_install_with_one_sentence(fake_old_peft, tm
         assert len(error) == 1 and "peft 0.1.0" in error[0] and "launch.sh repair" in error[0], done.stderr
 
 
+@pytest.mark.slow
 def test_doctor_reports_a_broken_install(fake_old_peft):
     done = subprocess.run([sys.executable, "-m", "lora_studio", "doctor", "--steps", "0"], env=fake_old_peft,
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -154,6 +155,7 @@ def test_cpu_only_torch_beside_an_nvidia_gpu_is_warned_with_the_fix():
     assert hardware.build_warning(cpu_build, None, cuda_usable=False) is None
 
 
+@pytest.mark.slow
 def test_doctor_warns_with_a_fake_gpu_and_a_cpu_only_torch(tmp_path):
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-9)'\n", encoding="utf-8")

@@ -169,6 +169,7 @@ def test_llm_presets_exist_for_each_memory_size():
     assert recommend_preset(24.0, "llm").name == "llm_24gb"
 
 
+@pytest.mark.slow
 def test_cli_trains_an_llm_lora(tiny_llm, llm_data, tmp_path):
     config = tmp_path / "llm.yaml"
     config.write_text(f"base_model: {tiny_llm}\ntrain_data_dir: {llm_data}\noutput_dir: {tmp_path / 'out'}\n"

@@ -287,6 +287,7 @@ def test_8bit_adamw_falls_back_to_adamw_with_a_warning_without_cuda():
 
 
 # --- the benchmark's CPU path and the estimate's constants ---------------------------------------------
+@pytest.mark.slow
 def test_bench_memory_counts_activations_and_runs_small_shapes(capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_memory
@@ -325,6 +326,7 @@ def test_vae_caching_constant_matches_the_measurement():
     assert half == pytest.approx(VAE_ENCODE_GB_PER_MP / 2, rel=0.05)
 
 
+@pytest.mark.slow
 def test_estimate_covers_the_measured_live_peak_of_a_real_step():
     """The 12 GB preset's step on the full-size SD1.5 UNet (meta device, bench_memory --peak): the estimate of
     the same parts (everything but CUDA context and workspace) must not be below the measured peak, and not

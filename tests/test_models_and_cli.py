@@ -87,6 +87,7 @@ def test_presets_command_lists_what_each_sets():
     assert "batch_size=" in out.stdout and "gradient_checkpointing=" in out.stdout
 
 
+@pytest.mark.slow
 def test_doctor_trains_a_tiny_model():
     out = _cli("doctor", "--steps", "3")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -94,6 +95,7 @@ def test_doctor_trains_a_tiny_model():
     assert "tiny training OK" in out.stdout and "All checks passed." in out.stdout
 
 
+@pytest.mark.slow
 def test_preset_auto_without_gpu_applies_none(tiny_sd15, demo_images, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"base_model: {tiny_sd15}\ntrain_data_dir: {demo_images}\noutput_dir: {tmp_path / 'out'}\n"

@@ -117,6 +117,7 @@ def test_two_processes_resume_exactly(two_process_run):
     assert [r["step"] for r in RunFolder(run).read_metrics()] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_two_processes_in_bf16_with_text_encoders_pass_the_export_check(tiny_sd15, tmp_path, monkeypatch):
     """The GPU presets' mixed precision under DDP (bf16 on the CPU, LORA_STUDIO_CPU_CHECK): accelerate wraps
     each model for autocast and for DDP; the main process's export check must see through both."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ def _render(pipe, prompt: str, seed: int = 3) -> np.ndarray:
     return render(pipe, prompt, seed, steps=2, size=64)
 
 
+@pytest.mark.slow
 def test_sdxl_trains_exports_and_reloads(tiny_sdxl, demo_images, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open

@@ -48,6 +48,7 @@ def test_without_its_configs_offline_the_message_says_what_to_set(checkpoint, mo
     assert "my_finetune.safetensors" in message and "single_file_config" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_a_lora_trains_on_a_single_file_and_renders_on_it(tiny_sd15, checkpoint, demo_images, tmp_path):
     from lora_studio.inference.grid import PipelineCache, RenderSettings, render_grid
     from lora_studio.ui.test_tab import model_options

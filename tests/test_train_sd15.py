@@ -60,6 +60,7 @@ def denoise_error(base: Path, lora: Path | None, data: Path, strength: float = 1
     return total / (len(images) * 8)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_exports_reload(tiny_sd15, demo_images, tmp_path):
     cfg = make_config(tiny_sd15, demo_images, tmp_path / "out", max_train_steps=40, learning_rate=3e-3,
                       lora_rank=8, lora_alpha=4)  # alpha != rank: the export check covers the scale
@@ -82,6 +83,7 @@ def test_loss_goes_down_and_exports_reload(tiny_sd15, demo_images, tmp_path):
     assert state["status"] == "finished" and str(kohya) in state["files"]
 
 
+@pytest.mark.slow
 def test_resume_after_stop_gives_the_same_losses(tiny_sd15, demo_images, tmp_path):
     steps = 8
     full = run_job(make_config(tiny_sd15, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=3,
@@ -182,6 +184,7 @@ def test_second_job_is_refused_while_one_runs(tiny_sd15, demo_images, tmp_path):
     assert first.status == "stopped"
 
 
+@pytest.mark.slow
 def test_cli_train_and_bad_config(tiny_sd15, demo_images, tmp_path):
     cfg = tmp_path / "my_style.yaml"
     cfg.write_text(f"base_model: {tiny_sd15}\ntrain_data_dir: {demo_images}\noutput_dir: {tmp_path / 'out'}\n"

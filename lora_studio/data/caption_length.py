@@ -2,24 +2,13 @@
 
 Stable Diffusion's CLIP text encoders read 77 tokens (the start and end tokens included); the rest of a
 longer caption is cut off and never learned, silently. The trainer counts with the model's own tokenizer
-(``count_too_long``); ``dataset check`` has no model at hand and estimates with CLIP's word splitting
-(``approx_clip_tokens``: each word, number and run of punctuation is at least one token, so the estimate
-is on the low side and only flags captions that are surely too long).
+(``count_too_long``) and says so in the log; ``dataset check`` and the Captioning tab estimate per target
+family (``captioning/token_limits.py``).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Iterable
-
-CLIP_TOKEN_LIMIT = 77
-# CLIP's pre-tokenizer: contractions, runs of letters, single digits, runs of other symbols.
-_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+")
-
-
-def approx_clip_tokens(text: str) -> int:
-    """A lower estimate of the CLIP tokens of ``text`` (start and end tokens included)."""
-    return len(_PIECES.findall(text.lower())) + 2
 
 
 def count_too_long(captions: Iterable[str], count_tokens: Callable[[list[str]], list[int]],

@@ -21,7 +21,6 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from lora_studio.data.caption_length import CLIP_TOKEN_LIMIT, approx_clip_tokens, count_too_long, too_long_message
 from lora_studio.data.captions import load_captions, relative_name
 from lora_studio.data.images import is_image_file, list_images, load_image_rgb
 from lora_studio.data.tags import repeats_for
@@ -156,17 +155,7 @@ class ScanReport:
             lines.append(f"{converted} image(s) will be converted or turned upright when loaded.")
         if self.ignored_files:
             lines.append(f"{len(self.ignored_files)} other file(s) in the folder are not images and were ignored.")
-        long_note = self.long_captions_note()
-        if long_note:
-            lines.append(long_note)
         return lines
-
-    def long_captions_note(self) -> str | None:
-        """A warning when captions are longer than CLIP's 77 tokens (estimated: no tokenizer is loaded here)."""
-        captions = [c.caption for c in self.usable if c.caption]
-        cut, total, longest = count_too_long(captions, lambda cs: [approx_clip_tokens(c) for c in cs],
-                                             CLIP_TOKEN_LIMIT)
-        return too_long_message(cut, total, CLIP_TOKEN_LIMIT, longest, approximate=True) if cut else None
 
     def rows(self, problems_only: bool = False) -> list[list[str]]:
         """Table rows (``ROW_HEADERS``): every file, or only those with a problem."""

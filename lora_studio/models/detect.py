@@ -214,6 +214,8 @@ def family_info(base_model: str, family: str | None = None) -> FamilyInfo:
     from ..presets import list_presets
 
     family = family if family and family != "auto" else detect_family(base_model)
+    if family not in FAMILIES:
+        raise ModelLoadError(f"'{family}' is not a model family LoRA Studio trains; known: {', '.join(FAMILIES)}.")
     entry = get_family(family)
     return FamilyInfo(family=family, name=entry.name,
                       prediction_type=prediction_type_of(base_model) if entry.is_image else None,

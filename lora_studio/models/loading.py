@@ -49,7 +49,7 @@ def _load_pipeline(base_model: str, family: str, torch_dtype, single_file_config
     cls = get_family(family).pipeline_class()
     kwargs: dict[str, Any] = {}
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype
     if "requires_safety_checker" in inspect.signature(cls.__init__).parameters:  # SD1.x/2.x: no safety checker
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     path = Path(base_model).expanduser()
@@ -81,7 +81,7 @@ def load_vae(vae: str, torch_dtype=None):
     from .load_lock import model_loading
 
     path = Path(vae).expanduser()
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     try:
         with model_loading(vae):
             if path.is_file():

@@ -30,7 +30,7 @@ from .events import EventBus
 from .image_trainer import ImageTrainer
 from .latent_cache import cache_for_run
 from .run_folder import RunFolder
-from .runtime import full_precision_forward, weight_dtype
+from .runtime import enable_checkpointing, full_precision_forward, weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class DiffusionTrainer(ImageTrainer):
             self.pipe.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
                 for name in self.text_encoder_names:
-                    getattr(self.pipe, name).gradient_checkpointing_enable()
+                    enable_checkpointing(getattr(self.pipe, name))
         self.say(f"Model: {cfg.base_model} ({self.family}), prediction type {self.prediction_type}, "
                  f"resolution {self.resolution}, weights {str(weight_dtype(acc)).replace('torch.', '')}, "
                  f"LoRA rank {cfg.lora_rank} alpha {cfg.alpha:g} on {', '.join(cfg.targets_for(self.family))}.")

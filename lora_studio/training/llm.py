@@ -24,7 +24,7 @@ from ..models.llm import linear_module_names, linear_paths, load_causal_lm, load
 from .events import EventBus, Progress
 from .loop import Trainer
 from .run_folder import RunFolder
-from .runtime import cpu_check, weight_dtype
+from .runtime import cpu_check, enable_checkpointing, weight_dtype
 
 VERIFY_TOKENS = 64
 SAMPLE_NEW_TOKENS = 64
@@ -138,7 +138,7 @@ class LLMTrainer(Trainer):
         # QLoRA too: peft's prepare_model_for_kbit_training is not used, it would upcast the embeddings and
         # lm_head to fp32 (about 4 GB more for a 128k-vocabulary 8B model); autocast handles the precision.
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, use_reentrant=False)
         self.logits_mode = answer_logits_mode(model)
         from ..models.load_lock import model_loading
 

@@ -165,3 +165,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def enable_checkpointing(model: torch.nn.Module, use_reentrant: bool | None = None, **options: Any) -> None:
+    """Activation (gradient) checkpointing on a transformers model, by its newer name where it has one
+    (``activation_checkpointing_enable``; ``gradient_checkpointing_enable`` is deprecated in transformers 5).
+    ``options`` go to ``torch.utils.checkpoint`` (e.g. ``context_fn``)."""
+    if use_reentrant is not None:
+        options["use_reentrant"] = use_reentrant
+    options = options or None
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
