@@ -108,7 +108,7 @@ def load_single_file_transformer(path: Path, family: str, source: str, torch_dty
     do not tell (head size, rope axes)."""
     cls = transformer_class(family)
     if family == "chroma":  # diffusers' converter (it assumes the released width)
-        return cls.from_single_file(str(path), config=source, subfolder="transformer", torch_dtype=torch_dtype,
+        return cls.from_single_file(str(path), config=source, subfolder="transformer", dtype=torch_dtype,
                                     local_files_only=_local_only(source))
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
@@ -136,7 +136,7 @@ def load_flux_pipeline(base_model: str, family: str, *, torch_dtype=None, single
     from .download import download_progress
 
     path = Path(base_model).expanduser()
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
     try:
         with model_loading(base_model), download_progress(base_model, report):
             if path.is_file():
@@ -170,7 +170,7 @@ def load_transformer(base_model: str, family: str, *, torch_dtype=None, single_f
             source = config_source(path, family, single_file_config)
             return load_single_file_transformer(path, family, source, torch_dtype)
         source = str(path) if path.is_dir() else base_model
-        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
         if quantization_config is not None:
             kwargs["quantization_config"] = quantization_config
         if device_map is not None:

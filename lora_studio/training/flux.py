@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -204,13 +205,16 @@ class FluxTrainer(FlowMatchingTrainer):
             expected, base = self.reference_renders(pipe, checks["prompt"], cfg.seed, held=True)
             denoiser = getattr(pipe, self.denoiser_name)
             denoiser.disable_adapters()
-            try:
-                with full_precision_forward(denoiser):  # as the reference renders: without accelerate's wrapper
-                    return check_reload(pipe, lora_file, expected_images=expected, base_images=base, **checks)
-            finally:
-                pipe.delete_adapters("verify")
-                denoiser.set_adapters(["default"])
-                denoiser.enable_adapters()
+            with warnings.catch_warnings():  # peft's notes on the second adapter, which is meant here
+                warnings.filterwarnings("ignore", "Already found a `peft_config`", UserWarning)
+                warnings.filterwarnings("ignore", "Adapter verify was active", UserWarning)
+                try:
+                    with full_precision_forward(denoiser):  # as the reference renders: without accelerate's wrapper
+                        return check_reload(pipe, lora_file, expected_images=expected, base_images=base, **checks)
+                finally:
+                    pipe.delete_adapters("verify")
+                    denoiser.set_adapters(["default"])
+                    denoiser.enable_adapters()
         self._check_dtypes(pipe)
         expected, base = self.reference_renders(pipe, checks["prompt"], cfg.seed, held=self.quantization != "none")
         return check_export(cfg.base_model, self.family, lora_file, expected_images=expected, base_images=base,
