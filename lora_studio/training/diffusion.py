@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
+from ..data.train_set import Batch, preflight_run
 from ..families import get_family
-from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight
 from ..errors import DatasetError
 from ..models.load_lock import model_loading
 from ..models.loading import load_diffusion_pipeline
-from .events import EventBus, Progress
-from .latent_cache import LatentCache, encode_latents_shared
-from .loop import Trainer
+from .events import EventBus
+from .image_trainer import ImageTrainer
+from .latent_cache import cache_for_run
 from .run_folder import RunFolder
 from .runtime import enable_checkpointing, full_precision_forward, weight_dtype
 
@@ -37,18 +37,11 @@ log = logging.getLogger(__name__)
 VERIFY_STEPS, VERIFY_SIZE = 2, 64
 
 
-class DiffusionTrainer(Trainer):
+class DiffusionTrainer(ImageTrainer):
     text_encoder_names = ("text_encoder",)
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "sd15"):
         super().__init__(config, run, bus, family)
-        self.resolution = config.resolution_for(family)
-        self.pipe = None
-        self.items: list[TrainItem] = []
-        self.report: Preflight | None = None
-        self.latents: LatentCache | None = None
-        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self.started_at = 0.0
 
     # --- setup ---------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -56,10 +49,7 @@ class DiffusionTrainer(Trainer):
 
         cfg, acc = self.config, self.accelerator
         self.started_at = time.time()
-        self.report = preflight(cfg.train_data_dir, self.resolution, metadata_path=cfg.metadata_path,
-                                caption_extension=cfg.caption_extension, enable_bucket=cfg.enable_bucket)
-        for line in self.report.lines():
-            self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
+        self.report = preflight_run(cfg, self.resolution, self.say)
         self.items = list(self.report.items)
         self.bus.state("loading model")
         with model_loading(cfg.base_model):  # the model and its new LoRA layers, one load in the process at a time
@@ -144,23 +134,7 @@ class DiffusionTrainer(Trainer):
 
     def _cache_latents(self) -> None:
         cfg = self.config
-        disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
-        skipped: list[str] = []
-
-        def progress(done: int, total: int) -> None:
-            self.bus.emit(Progress(stage="caching latents", done=done, of=total))
-
-        def on_error(item: TrainItem, exc: Exception) -> None:
-            skipped.append(item.path.name)
-            self.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
-
-        self.latents, failed = encode_latents_shared(  # split over the processes of a multi-GPU run
-            self.pipe.vae, self.items, self.accelerator, device=self.accelerator.device, dtype=self.pipe.vae.dtype,
-            disk_dir=disk, vae_id=f"{cfg.base_model}|{cfg.vae}", progress=progress, on_error=on_error)
-        if failed:
-            self.items = [it for i, it in enumerate(self.items) if i not in set(failed)]
-        if not self.items:
-            raise DatasetError("None of the images could be decoded; see the skipped files above.")
+        self.latents, self.items = cache_for_run(self, self.pipe.vae, f"{cfg.base_model}|{cfg.vae}")
 
     # --- text ------------------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -200,11 +174,6 @@ class DiffusionTrainer(Trainer):
         return module
 
     # --- the step --------------------------------------------------------------------------------
-    def batches(self, epoch: int) -> list[list[int]]:
-        acc = self.accelerator
-        return epoch_batches(self.items, self.config.batch_size, self.config.seed, epoch,
-                             acc.process_index, acc.num_processes)
-
     def models(self) -> list[torch.nn.Module]:
         mods = [self.pipe.unet]
         if self.config.train_text_encoder:
@@ -388,14 +357,7 @@ class DiffusionTrainer(Trainer):
             image = pipe(self.config.sample_prompt, num_inference_steps=20, height=size, width=size,
                          generator=gen).images[0]
         pipe.vae.to("cpu")
-        path = self.run.samples_dir / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        return path
-
-    def cleanup(self) -> None:
-        self.latents = None
-        self.text_cache = {}
+        return self.run.save_sample(step, image)
 
 
 def _training_scheduler(scheduler):
