@@ -151,12 +151,13 @@ def auto_preset(config_path: str | None, overrides: dict) -> str | None:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    from .families import FAMILIES
     from .hardware import detect_gpu
     from .presets import list_presets, recommend_preset
 
     gpu = detect_gpu()
     print(f"GPU: {gpu['name']} ({gpu['memory_gb']:.1f} GB)" if gpu else "GPU: none found (CUDA not available)")
-    for family in ("sd15", "sdxl", "llm"):
+    for family in dict.fromkeys(f.preset_group for f in FAMILIES.values()):  # sd15, sdxl, flux, llm
         presets = list_presets(family)
         if not presets:
             continue

@@ -38,6 +38,11 @@ LR_SCHEDULERS = (
 )
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 CACHE_MODES = ("memory", "disk", "none")
+# FLUX and the next flow-matching families (training/flow_matching.py)
+TIMESTEP_SAMPLINGS = ("sigmoid", "logit_normal", "uniform", "shift", "flux_shift")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+BASE_QUANTIZATIONS = ("none", "nf4", "int8", "fp8")
+LORA_TARGET_PRESETS = ("attention", "all_linear")
 
 # What a field holds, beyond its Python type. Paths are checked by these kinds (the shared app's path policy):
 #   model   a folder, a file or a hub id (owner/name)      data    an existing file or folder to read
@@ -89,7 +94,8 @@ class TrainConfig:
                              "expressive per parameter). Images: all four; language models: lora or dora.",
                              choices=NETWORK_TYPES)
     target_modules: list[str] | None = _opt(None, "Layers that get a LoRA. Empty: to_q, to_k, to_v, to_out.0 "
-                                            "for images; q_proj, v_proj for LLMs.", group="advanced")
+                                            "for SD/SDXL; the lora_targets preset for FLUX/Chroma; q_proj, v_proj "
+                                            "for LLMs.", group="advanced")
     train_text_encoder: bool = _opt(False, "Also train a LoRA on the text encoder(s).")
     text_encoder_lr: float | None = _opt(None, "Learning rate for the text encoder LoRA. Empty: learning_rate.",
                                          min=0.0, max=1.0, group="advanced")
@@ -98,7 +104,7 @@ class TrainConfig:
 
     # --- schedule ------------------------------------------------------------------------------------
     resolution: int | None = _opt(None, "Training resolution in pixels. Empty: 512 for SD1.5, 768 for SD2, "
-                                  "1024 for SDXL.", min=64, max=4096)
+                                  "1024 for SDXL and FLUX.", min=64, max=4096)
     batch_size: int = _opt(1, "Images per step.", min=1, max=1024)
     epochs: int = _opt(10, "Passes over the dataset.", min=1, max=100000)
     max_train_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides epochs).",
@@ -163,6 +169,34 @@ class TrainConfig:
     prediction_type: str = _opt("auto", "epsilon or v_prediction; 'auto' reads it from the model's scheduler.",
                                 choices=PREDICTION_TYPES, group="advanced")
 
+    # --- FLUX and other flow-matching models ---------------------------------------------------------
+    timestep_sampling: str = _opt("sigmoid", "Which noise levels training sees: sigmoid (default), logit_normal "
+                                  "(logit_mean/logit_std), uniform, shift (discrete_flow_shift), or flux_shift "
+                                  "(by image size, as the FLUX pipeline shifts at inference).",
+                                  choices=TIMESTEP_SAMPLINGS, group="flow")
+    logit_mean: float = _opt(0.0, "logit_normal: mean of the normal drawn before the sigmoid.", min=-10.0, max=10.0,
+                             group="flow")
+    logit_std: float = _opt(1.0, "logit_normal: its standard deviation.", min=0.01, max=10.0, group="flow")
+    discrete_flow_shift: float = _opt(3.0, "shift: how far noise levels move towards pure noise (1 = none, 3 as "
+                                      "sd-scripts).", min=0.01, max=100.0, group="flow")
+    loss_weighting: str = _opt("none", "Loss weight per noise level: none, sigma_sqrt or cosmap (SD3 paper).",
+                               choices=LOSS_WEIGHTINGS, group="flow")
+    max_sequence_length: int = _opt(512, "T5 prompt length in tokens (FLUX.1-dev and Chroma 512; schnell was "
+                                    "trained with 256). Longer captions are cut.", min=16, max=512, group="flow")
+    guidance_scale: float = _opt(1.0, "Guidance fed to a guidance-distilled model (FLUX.1-dev) while training; 1.0 "
+                                 "as sd-scripts and ai-toolkit. Not the guidance used to render.", min=0.0, max=30.0,
+                                 group="flow")
+    base_quantization: str = _opt("none", "Frozen base transformer stored as: none (bf16), nf4 (4-bit, bitsandbytes, "
+                                  "CUDA), int8 (torchao weight-only) or fp8 (float8, cast up when used).",
+                                  choices=BASE_QUANTIZATIONS, group="flow")
+    lora_targets: str = _opt("attention", "Transformer layers with a LoRA: attention (q, k, v, out of image and "
+                             "text) or all_linear (adds feed-forward and single-block MLP). target_modules overrides.",
+                             choices=LORA_TARGET_PRESETS, group="flow")
+    train_double_block_indices: str = _opt("all", "Double blocks that get a LoRA: all, none, or indices and ranges "
+                                           "such as 0-7,10 (as sd-scripts).", group="flow")
+    train_single_block_indices: str = _opt("all", "Single blocks that get a LoRA: all, none, or indices and ranges "
+                                           "such as 0-19.", group="flow")
+
     # --- LLM details ---------------------------------------------------------------------------------
     max_seq_length: int = _opt(512, "LLM: longest training sequence in tokens (longer rows are truncated).",
                                min=8, max=1_000_000, group="llm")
@@ -205,6 +239,8 @@ class TrainConfig:
         if self.validation_split and self.validation_dir:
             raise ConfigError("validation_dir", "and validation_split are both set; use one: a folder of validation "
                                                 "images, or a share of the training images held out.")
+        for key in ("train_double_block_indices", "train_single_block_indices"):
+            block_indices(getattr(self, key), key)
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
             raise ConfigError("output_name", "must be a plain file name without / \\ : * ? \" < > |.")
         return self
@@ -250,6 +286,25 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return merge(self, changes)
+
+
+def block_indices(text: str, key: str, count: int | None = None) -> list[int] | None:
+    """``"all"`` -> None (every block), ``"none"`` -> [], ``"0-3,7"`` -> [0, 1, 2, 3, 7]; ConfigError naming ``key``
+    for bad syntax or (with ``count``, the model's number of blocks) an index the model does not have."""
+    text = (text or "").strip().lower()
+    if text in ("", "all"):
+        return None
+    if text == "none":
+        return []
+    found: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+            raise ConfigError(key, f"'{part}' is not a block index or range; write all, none, or e.g. 0-7,10.")
+        found.update(range(int(lo), (int(hi) if sep else int(lo)) + 1))
+    if count is not None and max(found) >= count:
+        raise ConfigError(key, f"block {max(found)} does not exist: this model has blocks 0 to {count - 1}.")
+    return sorted(found)
 
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
@@ -402,7 +457,8 @@ def load_config(path: str | os.PathLike | None = None, *, preset: str | None = N
     return cfg.validate()
 
 
-GROUP_TITLES = {"main": "Main settings", "advanced": "Advanced", "llm": "Language models (family: llm)"}
+GROUP_TITLES = {"main": "Main settings", "advanced": "Advanced",
+                "flow": "FLUX and Chroma (flow matching)", "llm": "Language models (family: llm)"}
 
 
 def template_yaml() -> str:

@@ -170,6 +170,35 @@ def test_language_model_settings_follow_the_base_model(demo_app, page):
         raise AssertionError(f"{exc}\n--- app log (tail):\n{demo_app.output()[-3000:]}") from None
 
 
+def test_flux_settings_follow_the_base_model(demo_app, page):
+    """Picking the demo's tiny FLUX model: the FLUX presets, the FLUX and Chroma settings unfolded (the
+    language-model ones folded), the transformer's layer names as LoRA targets; back to SD1.5 folds them."""
+    from playwright.sync_api import expect
+
+    try:
+        page.goto(demo_app.url)
+        page.get_by_role("tab", name="3. Training").click()
+        expect(page.locator("#memory-estimate")).to_contain_text("not yet measured on a GPU", timeout=30_000)
+        expect(page.locator("#cfg-base_quantization")).to_be_hidden()
+
+        _pick(page, "#base-model", "tiny-flux")
+        expect(page.locator("#model-family")).to_contain_text("FLUX.1", timeout=30_000)
+        expect(page.locator("#cfg-base_quantization")).to_be_visible()
+        expect(page.locator("#cfg-max_seq_length")).to_be_hidden()
+        page.locator("#cfg-target_modules input").click()
+        expect(page.get_by_role("option", name="attn.add_q_proj")).to_be_visible()
+        page.keyboard.press("Escape")
+        page.locator("#preset input").click()
+        expect(page.get_by_role("option", name=re.compile(r"^flux_16gb: "))).to_be_visible()
+        page.keyboard.press("Escape")
+
+        _pick(page, "#base-model", "tiny-sd15")
+        expect(page.locator("#model-family")).to_contain_text("Stable Diffusion 1.x", timeout=30_000)
+        expect(page.locator("#cfg-base_quantization")).to_be_hidden()
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n--- app log (tail):\n{demo_app.output()[-3000:]}") from None
+
+
 def _pick(page, dropdown: str, text: str) -> None:
     """Open a dropdown and click the option containing ``text``."""
     page.locator(f"{dropdown} input").click()

@@ -17,7 +17,7 @@ import torch
 
 from lora_studio.config import TrainConfig
 from lora_studio.training.runtime import make_accelerator, weight_dtype
-from helpers import run_job
+from helpers import run_job, stop_then_resume
 
 pytestmark = pytest.mark.slow  # every preset and precision on a tiny model: long, run in CI
 
@@ -165,8 +165,6 @@ def test_every_preset_runs_as_set(name, tiny_sd15, tiny_sdxl, tiny_llm64, demo_i
 
 def test_bf16_resume_after_stop_gives_the_same_losses(tiny_sdxl, demo_images, tmp_path, cpu_check):
     """Resume in mixed precision: the fp32 LoRA, optimizer and RNG state restore the run exactly."""
-    from lora_studio.training.events import Progress
-    from lora_studio.training.job import TrainingJob
     from lora_studio.training.run_folder import RunFolder
 
     def config(out: str) -> TrainConfig:
@@ -176,12 +174,6 @@ def test_bf16_resume_after_stop_gives_the_same_losses(tiny_sdxl, demo_images, tm
 
     full = run_job(config("a"))
     assert full.status == "finished", full.error
-    first = TrainingJob(config("b"))
-    first.bus.subscribe(lambda e: first.stop() if isinstance(e, Progress) and e.step == 3 else None)
-    first.start().wait(600)
-    assert first.status == "stopped", first.error
-    resumed = TrainingJob.resume(first.run.path)
-    resumed.start().wait(600)
-    assert resumed.status == "finished", resumed.error
-    losses = [m["loss"] for m in RunFolder(first.run.path).read_metrics()]
+    resumed = stop_then_resume(config("b"), stop_at=3)
+    losses = [m["loss"] for m in RunFolder(resumed.run.path).read_metrics()]
     assert losses == pytest.approx([loss for _, loss in full.snapshot().losses], rel=1e-5, abs=1e-6)

@@ -120,6 +120,16 @@ def preflight(train_data_dir: str | Path, resolution: int, *, metadata_path: str
     return report
 
 
+def preflight_run(config, resolution: int, say) -> Preflight:
+    """``preflight`` of a run's ``train_data_dir`` with its caption settings; each report line said (skips and
+    warnings as warnings)."""
+    report = preflight(config.train_data_dir, resolution, metadata_path=config.metadata_path,
+                       caption_extension=config.caption_extension, enable_bucket=config.enable_bucket)
+    for line in report.lines():
+        say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
+    return report
+
+
 class Batch(list):
     """Indices of ``items`` for one micro-batch, and where it sits in the epoch.
 

@@ -200,9 +200,10 @@ def lokr_is_full(tensors: Mapping[str, object]) -> bool:
     return "lokr_w1" in tensors and "lokr_w2" in tensors
 
 
-def _kohya_module(tensors: Mapping[str, torch.Tensor], alpha: float, rank: int | None,
+def lycoris_module(tensors: Mapping[str, torch.Tensor], alpha: float, rank: int | None,
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One module's kohya/LyCORIS tensors from its PEFT tensors (suffix -> tensor)."""
+    """One module's kohya/LyCORIS tensors from its PEFT tensors (suffix -> tensor): LoRA/DoRA as ``lora_down`` /
+    ``lora_up`` (+ ``dora_scale``), LoKr and LoHa under their own names, and ``alpha``."""
     out: dict[str, torch.Tensor] = {}
     for suffix, tensor in tensors.items():
         value = tensor.detach().to("cpu", torch.float32)
@@ -250,7 +251,7 @@ def peft_to_kohya(unet_state: Mapping[str, torch.Tensor], text_encoder_states: M
         for module, tensors in modules.items():
             name = (unet_kohya_name(module, family, block_map) if component == "unet"
                     else te_kohya_name(module, family, component))
-            converted = _kohya_module(tensors, _per_module(alpha, component, module) or 0.0,
+            converted = lycoris_module(tensors, _per_module(alpha, component, module) or 0.0,
                                       _per_module(rank, component, module), dtype)
             for suffix, value in converted.items():
                 if f"{name}.{suffix}" in out:

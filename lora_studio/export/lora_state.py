@@ -242,8 +242,8 @@ def _has_adapter(model: torch.nn.Module) -> bool:
 _SCALED = ("lora_B.weight", "hada_w2_b", "lokr_w2", "lokr_w2_b")  # one factor per type carries the scale
 
 
-def _rescaled(file_sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float],
-              component: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def rescaled_to_model(file_sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor],
+                      alphas: Mapping[str, float], component: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The file's tensors in the model's dtype, one factor per module scaled so that the model's alpha / r gives
     the file's effect exactly (same rank, other alpha; a full-factor LoKr's scale 1)."""
     new_sd = {k: v.to(model_sd[k].dtype) for k, v in file_sd.items()}
@@ -288,7 +288,7 @@ def apply_init_lora(unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.
         shapes_differ = set(file_sd) != set(model_sd) or any(file_sd[k].shape != model_sd[k].shape for k in file_sd)
         if shapes_differ:
             raise ModelLoadError(_mismatch(name, component, file_sd, model_sd))
-        new_sd = _rescaled(file_sd, model_sd, alphas, component, model)
+        new_sd = rescaled_to_model(file_sd, model_sd, alphas, component, model)
         result = set_peft_model_state_dict(model, new_sd, adapter_name="default")
         unexpected = list(getattr(result, "unexpected_keys", None) or [])
         if unexpected:

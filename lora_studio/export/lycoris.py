@@ -68,11 +68,8 @@ def load_network_file(pipe: Any, path: str | Path, family: str, adapter_name: st
     from ..networks import add_network, network_type_of_keys
 
     path = Path(path)
-    fmt, state, metadata = load_lora_file(path)
-    encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
-    parts, alphas = to_peft_states(fmt, state, metadata, family, pipe.unet, encoders)
-    kind = network_type_of_keys(list(state))
-    models = {"unet": pipe.unet, **encoders}
+    parts, alphas, models = _file_parts(pipe, path, family)
+    kind = network_type_of_keys([k for sd in parts.values() for k in sd])
     for component, sd in parts.items():
         if not sd:
             continue
@@ -93,6 +90,21 @@ def load_network_file(pipe: Any, path: str | Path, family: str, adapter_name: st
             raise ModelLoadError(f"'{path.name}': {len(unexpected)} weights did not load into the {component} "
                                  f"(first: {unexpected[0]}).")
     return kind
+
+
+def _file_parts(pipe: Any, path: Path, family: str):
+    """``({component: PEFT state}, {"<component>.<module>": alpha}, {component: model})`` of a LoRA file: the
+    ``transformer.*`` form of FLUX/Chroma (``flux_lora``), or kohya keys for the UNet and text encoders."""
+    if getattr(pipe, "unet", None) is None:
+        from .flux_lora import read_flux_lora
+
+        peft, alphas = read_flux_lora(path)
+        return ({"transformer": peft}, {f"transformer.{m}": a for m, a in alphas.items()},
+                {"transformer": pipe.transformer})
+    fmt, state, metadata = load_lora_file(path)
+    encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+    parts, alphas = to_peft_states(fmt, state, metadata, family, pipe.unet, encoders)
+    return parts, alphas, {"unet": pipe.unet, **encoders}
 
 
 def load_into_pipeline(pipe: Any, path: str | Path, family: str, adapter_name: str) -> str:

@@ -201,9 +201,12 @@ def prediction_type_of(base_model: str) -> str | None:
     """The scheduler's prediction type of a local diffusers folder (None when it cannot be read)."""
     path = Path(base_model).expanduser() / "scheduler" / "scheduler_config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("prediction_type") or "epsilon"
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if "FlowMatch" in str(config.get("_class_name", "")):  # FLUX.1, Chroma: the model predicts the velocity
+        return "flow_matching"
+    return config.get("prediction_type") or "epsilon"
 
 
 def family_info(base_model: str, family: str | None = None) -> FamilyInfo:

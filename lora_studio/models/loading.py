@@ -17,9 +17,11 @@ from .detect import family_name, first_line, is_local
 
 log = logging.getLogger(__name__)
 
+
 def load_diffusion_pipeline(base_model: str, family: str, *, torch_dtype=None, vae: str | None = None,
                             report: Callable[[str], None] | None = None, single_file_config: str | None = None):
-    """Load a StableDiffusionPipeline / StableDiffusionXLPipeline from a folder, hub id or single file.
+    """Load the family's pipeline (``Family.pipeline``: StableDiffusionPipeline, FluxPipeline ...) from a folder,
+    hub id or single file.
 
     ``report`` hears how a hub download of the model or the VAE is going (``models.download``). A single
     file takes its configs and tokenizer from ``single_file_config`` (a diffusers folder or hub id of the
@@ -27,9 +29,14 @@ def load_diffusion_pipeline(base_model: str, family: str, *, torch_dtype=None, v
     from .download import download_progress
     from .load_lock import model_loading
 
+    loader = get_family(family).hook("pipeline_loader")
     with model_loading(base_model):
-        with download_progress(base_model, report):
-            pipe = _load_pipeline(base_model, family, torch_dtype, single_file_config)
+        if loader is not None:  # a family that loads its pipeline itself (FLUX.1/Chroma: models/flux_loading.py)
+            pipe = loader(base_model, family, torch_dtype=torch_dtype, single_file_config=single_file_config,
+                          report=report)
+        else:
+            with download_progress(base_model, report):
+                pipe = _load_pipeline(base_model, family, torch_dtype, single_file_config)
         if vae:
             with download_progress(vae, report):
                 pipe.vae = load_vae(vae, torch_dtype)

@@ -27,14 +27,13 @@ from typing import Any, Sequence
 import torch
 
 from ..config import TrainConfig
+from ..data.train_set import Batch, TrainItem, sample_seed
 from ..families import get_family
-from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight, sample_seed
 from ..errors import DatasetError
 from ..models.load_lock import model_loading
 from ..models.loading import load_diffusion_pipeline
-from .events import EventBus, Progress
-from .latent_cache import LatentCache, encode_latents_shared
-from .loop import Trainer
+from .events import EventBus
+from .image_trainer import ImageTrainer
 from .run_folder import RunFolder
 from .masked_loss import per_sample_mse
 from .runtime import enable_checkpointing, full_precision_forward, weight_dtype
@@ -45,21 +44,11 @@ log = logging.getLogger(__name__)
 VERIFY_STEPS, VERIFY_SIZE = 2, 64
 
 
-class DiffusionTrainer(Trainer):
+class DiffusionTrainer(ImageTrainer):
     text_encoder_names = ("text_encoder",)
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "sd15"):
         super().__init__(config, run, bus, family)
-        self.resolution = config.resolution_for(family)
-        self.pipe = None
-        self.items: list[TrainItem] = []
-        self.val_items: list[TrainItem] = []
-        self.report: Preflight | None = None
-        self.latents: LatentCache | None = None
-        self.val_latents: LatentCache | None = None
-        self._validating = False
-        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self.started_at = 0.0
 
     # --- setup ---------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -67,7 +56,7 @@ class DiffusionTrainer(Trainer):
 
         cfg = self.config
         self.started_at = time.time()
-        self._read_images()
+        self.read_images()
         self.bus.state("loading model")
         with model_loading(cfg.base_model):  # the model and its new LoRA layers, one load in the process at a time
             self._load_and_add_adapters()
@@ -88,37 +77,6 @@ class DiffusionTrainer(Trainer):
                  f"resolution {self.resolution}, weights {str(weight_dtype(self.accelerator)).replace('torch.', '')}, "
                  f"{cfg.network_type} rank {cfg.lora_rank} alpha {cfg.alpha:g} on "
                  f"{', '.join(cfg.targets_for(self.family))}.")
-
-    def _read_images(self) -> None:
-        """The training images (preflight report in the log), the validation images held out, the loss masks."""
-        from ..data.masks import attach_masks
-        from ..data.validation_set import image_validation_set
-
-        cfg = self.config
-        self.report = preflight(cfg.train_data_dir, self.resolution, metadata_path=cfg.metadata_path,
-                                caption_extension=cfg.caption_extension, enable_bucket=cfg.enable_bucket)
-        for line in self.report.lines():
-            self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
-        self.items, self.val_items, note = image_validation_set(list(self.report.items), self.report.folder, cfg,
-                                                                self.resolution)
-        if note:
-            self.say(note)
-        if cfg.masked_loss:
-            files, alpha = attach_masks(self.items + self.val_items, self.report.folder)
-            if cfg.validation_dir:
-                attach_masks(self.val_items, Path(cfg.validation_dir))
-            total = len(self.items) + len(self.val_items)
-            self.say(f"masked_loss: {files + alpha} of {total} images have a mask ({files} in masks/, {alpha} from "
-                     "their alpha channel); the others train on every pixel.",
-                     "info" if files + alpha else "warning")
-
-    @property
-    def caches_text(self) -> bool:
-        """Whether the text conditioning is encoded once: the encoders are frozen and the text never varies."""
-        from ..data.caption_aug import changes_tags
-
-        cfg = self.config
-        return not cfg.train_text_encoder and not changes_tags(cfg.shuffle_tags, cfg.tag_dropout_rate)
 
     def _text_per_step(self) -> None:
         """The captions change at every step (tag shuffling or dropout): the frozen encoders stay on the device."""
@@ -191,27 +149,8 @@ class DiffusionTrainer(Trainer):
         return {name: getattr(self.pipe, name) for name in self.text_encoder_names}
 
     def _cache_latents(self) -> None:
-        self.latents, self.items = self._encode(self.items, "caching latents")
-        if not self.items:
-            raise DatasetError("None of the images could be decoded; see the skipped files above.")
-        if self.val_items:
-            self.val_latents, self.val_items = self._encode(self.val_items, "caching validation latents")
-
-    def _encode(self, items: list[TrainItem], stage: str) -> tuple[LatentCache, list[TrainItem]]:
-        """The latent cache of ``items`` and the items that could be decoded (the others are reported)."""
         cfg = self.config
-        disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
-
-        def progress(done: int, total: int) -> None:
-            self.bus.emit(Progress(stage=stage, done=done, of=total))
-
-        def on_error(item: TrainItem, exc: Exception) -> None:
-            self.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
-
-        cache, failed = encode_latents_shared(  # split over the processes of a multi-GPU run
-            self.pipe.vae, items, self.accelerator, device=self.accelerator.device, dtype=self.pipe.vae.dtype,
-            disk_dir=disk, vae_id=f"{cfg.base_model}|{cfg.vae}", progress=progress, on_error=on_error)
-        return cache, [it for i, it in enumerate(items) if i not in set(failed)]
+        self.cache_images(self.pipe.vae, f"{cfg.base_model}|{cfg.vae}")
 
     # --- text ------------------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -228,8 +167,7 @@ class DiffusionTrainer(Trainer):
 
     @torch.no_grad()
     def _cache_text(self) -> None:
-        captions = sorted({it.caption for it in self.items + self.val_items}
-                          | ({""} if self.config.caption_dropout_rate else set()))
+        captions = self.caption_set()
         for start in range(0, len(captions), 16):
             chunk = captions[start:start + 16]
             out = self.encode_text(self.tokenize(chunk))
@@ -256,11 +194,6 @@ class DiffusionTrainer(Trainer):
         return module
 
     # --- the step --------------------------------------------------------------------------------
-    def batches(self, epoch: int) -> list[list[int]]:
-        acc = self.accelerator
-        return epoch_batches(self.items, self.config.batch_size, self.config.seed, epoch,
-                             acc.process_index, acc.num_processes)
-
     def models(self) -> list[torch.nn.Module]:
         mods = [self.pipe.unet]
         if self.config.train_text_encoder:
@@ -294,27 +227,8 @@ class DiffusionTrainer(Trainer):
         captions = self.step_captions(batch)
         items = [self.items[i] for i in batch]
         per_sample = self.denoise_loss(latents, noise, timesteps, captions, items, self.latents.crops(batch),
-                                       self.latents.masks(batch) if cfg.masked_loss else None)
+                                       self.step_masks(batch))
         return per_sample.mean()
-
-    def step_captions(self, batch: Sequence[int]) -> list[str]:
-        """The captions of this step's samples, after caption dropout, tag shuffling and tag dropout (each
-        sample's own random draw: repeatable, and independent of the noise)."""
-        import random
-
-        from ..data.caption_aug import augment_caption, changes_captions
-
-        cfg = self.config
-        captions = [self.items[i].caption for i in batch]
-        if not changes_captions(cfg.caption_dropout_rate, cfg.shuffle_tags, cfg.tag_dropout_rate):
-            return captions
-        if isinstance(batch, Batch):
-            seeds = [sample_seed(cfg.seed + 7919, *pos) for pos in batch.positions()]
-        else:
-            seeds = [int(torch.randint(0, 2**62, (1,), generator=self.generator)) for _ in batch]
-        return [augment_caption(c, random.Random(seed), dropout=cfg.caption_dropout_rate, shuffle=cfg.shuffle_tags,
-                                keep_tokens=cfg.keep_tokens, tag_dropout=cfg.tag_dropout_rate)
-                for c, seed in zip(captions, seeds)]
 
     def denoise_loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                      captions: Sequence[str], items: Sequence[TrainItem], crops: Sequence[tuple[int, int]],
@@ -340,9 +254,6 @@ class DiffusionTrainer(Trainer):
         return per_sample
 
     # --- validation ------------------------------------------------------------------------------
-    def validation_batches(self) -> list[int]:
-        return list(range(len(self.val_items)))
-
     def validation_loss(self, index: int) -> torch.Tensor:
         """One held-out image at timesteps spread evenly over the schedule, with the latent mean and noise fixed
         by the seed and the image's place: the same number for the same weights, every time."""
@@ -506,15 +417,7 @@ class DiffusionTrainer(Trainer):
             image = pipe(self.config.sample_prompt, num_inference_steps=20, height=size, width=size,
                          generator=gen).images[0]
         pipe.vae.to("cpu")
-        path = self.run.samples_dir / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        return path
-
-    def cleanup(self) -> None:
-        self.latents = None
-        self.val_latents = None
-        self.text_cache = {}
+        return self.run.save_sample(step, image)
 
 
 def _training_scheduler(scheduler):

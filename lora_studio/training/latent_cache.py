@@ -24,6 +24,7 @@ from ..data.buckets import resize_to_bucket
 from ..data.images import load_image_rgb
 from ..data.masks import ALPHA, bucket_mask, latent_mask
 from ..data.train_set import TrainItem
+from .events import Progress
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +174,30 @@ def encode_latents_shared(vae, items: Sequence[TrainItem], accelerator, *, disk_
         if on_error:
             on_error(items[i], RuntimeError(all_errors[i]))
     return LatentCache([entries[i] for i in range(len(items)) if i in entries]), sorted(all_errors)
+
+
+def cache_for_run(trainer, vae, vae_id: str, *, items: Sequence[TrainItem] | None = None,
+                  stage: str = "caching latents", required: bool = True,
+                  **kwargs) -> tuple[LatentCache, list[TrainItem]]:
+    """A run's latents (``encode_latents_shared`` over ``items``, by default ``trainer.items``, in memory or on
+    disk as ``cache_latents`` says) with progress events and a warning per unreadable image; returns the cache and the
+    items that could be encoded. DatasetError when none could (unless not ``required``)."""
+    from ..errors import DatasetError
+
+    cfg = trainer.config
+    items = list(trainer.items if items is None else items)
+    disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
+
+    def progress(done: int, total: int) -> None:
+        trainer.bus.emit(Progress(stage=stage, done=done, of=total))
+
+    def on_error(item: TrainItem, exc: Exception) -> None:
+        trainer.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
+
+    cache, failed = encode_latents_shared(  # split over the processes of a multi-GPU run
+        vae, items, trainer.accelerator, device=trainer.accelerator.device, dtype=vae.dtype, disk_dir=disk,
+        vae_id=vae_id, progress=progress, on_error=on_error, **kwargs)
+    kept = [it for i, it in enumerate(items) if i not in set(failed)]
+    if not kept and required:
+        raise DatasetError("None of the images could be decoded; see the skipped files above.")
+    return cache, kept

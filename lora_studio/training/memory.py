@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..families import get_family
+from .memory_flux import FLOW_FIGURES, estimate_flow
 
 GB = 1e9
 CONTEXT_GB = 0.5            # CUDA context + cuBLAS/cuDNN handles (outside max_memory_allocated); not yet measured
@@ -82,7 +83,6 @@ FIGURES: dict[str, FamilyFigures] = {
         keeps_text_encoders=False, lora_params_per_rank=1_451_520, vae_batch=1, caches_alone=True,
         act_mb_per_mp={"half": 7403, "half_ckpt": 680, "fp32": 10717, "fp32_ckpt": 1158}),
 }
-MIN_RESOLUTION = {"sd15": 256, "sd2": 384, "sdxl": 512}
 RESOLUTION_STEP = 128
 
 
@@ -133,6 +133,10 @@ def estimate_breakdown(config: TrainConfig, family: str) -> MemoryEstimate:
     """The parts of the peak GPU memory of a run with ``config`` on a ``family`` model (see the module doc)."""
     if family == "llm":
         return _estimate_llm(config)
+    if family in FLOW_FIGURES:  # transformer families (FLUX.1, Chroma): memory_flux.py
+        return estimate_flow(config, family, context_gb=CONTEXT_GB, workspace_gb=WORKSPACE_GB,
+                             overhead=ALLOCATOR_OVERHEAD, optimizer_bytes=_optimizer_bytes(config),
+                             vae_gb_per_mp=VAE_ENCODE_GB_PER_MP)
     fig = FIGURES.get(family, FIGURES["sd15"])
     wb = _weight_bytes(config)
     resolution = config.resolution_for(family)
@@ -165,11 +169,12 @@ def estimate_breakdown(config: TrainConfig, family: str) -> MemoryEstimate:
     return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))
 
 
-def unet_parameters(base_model: str) -> int | None:
-    """The UNet's parameter count of a local diffusers folder, from its safetensors headers (no weights read)."""
+def unet_parameters(base_model: str, part: str = "unet") -> int | None:
+    """The parameter count of a local diffusers folder's UNet (or another ``part``: ``transformer``), from its
+    safetensors headers (no weights read)."""
     from safetensors import safe_open
 
-    files = sorted((Path(base_model).expanduser() / "unet").glob("*.safetensors")) if base_model else []
+    files = sorted((Path(base_model).expanduser() / part).glob("*.safetensors")) if base_model else []
     if not files:
         return None
     total = 0
@@ -183,13 +188,20 @@ def unet_parameters(base_model: str) -> int | None:
 
 
 def size_note(config: TrainConfig, family: str) -> str | None:
-    """A sentence when the model's UNet is far from the released one's size the estimate assumes."""
-    fig = FIGURES.get(family)
-    have = unet_parameters(config.base_model) if fig else None
-    if not have or 0.5 <= have / fig.unet_params <= 1.5:
+    """A sentence when the model's UNet (FLUX.1/Chroma: transformer) is far from the released one's size the
+    estimate assumes."""
+    if family in FIGURES:
+        part, released = "unet", FIGURES[family].unet_params
+    elif family in FLOW_FIGURES:
+        part, released = "transformer", FLOW_FIGURES[family].transformer_params
+    else:
         return None
-    return (f"This model's UNet has {have / 1e6:,.1f} M weights, the released {family} model's "
-            f"{fig.unet_params / 1e6:,.0f} M: the estimate is for a full-size model.")
+    have = unet_parameters(config.base_model, part)
+    if not have or 0.5 <= have / released <= 1.5:
+        return None
+    name = "UNet" if part == "unet" else part
+    return (f"This model's {name} has {have / 1e6:,.1f} M weights, the released {family} model's "
+            f"{released / 1e6:,.0f} M: the estimate is for a full-size model.")
 
 
 def estimate_memory(config: TrainConfig, family: str) -> float:
@@ -235,7 +247,8 @@ def next_step_down(config: TrainConfig, family: str | None = None) -> StepDown |
 
     Order: batch size (halved or so, gradient accumulation raised to keep the effective batch), then
     gradient checkpointing on, then 8-bit AdamW, then the resolution (128 px at a time, down to half the
-    family's default). LLMs: batch, checkpointing, 8-bit AdamW, 4-bit base (QLoRA), then max_seq_length.
+    family's default; FLUX/Chroma first put the base in nf4). LLMs: batch, checkpointing, 8-bit AdamW, 4-bit
+    base (QLoRA), then max_seq_length.
     Pure: the config given is not changed.
     """
     family = family or (config.model_family if config.model_family != "auto" else "sd15")
@@ -256,9 +269,12 @@ def next_step_down(config: TrainConfig, family: str | None = None) -> StepDown |
             new = max(config.max_seq_length // 2, 128)
             return StepDown(config.replace(max_seq_length=new), f"max_seq_length {config.max_seq_length} -> {new}")
         return None
+    if family in FLOW_FIGURES and config.base_quantization != "nf4":
+        return StepDown(config.replace(base_quantization="nf4"),
+                        f"base_quantization {config.base_quantization} -> nf4 (4-bit transformer weights)")
     current = config.resolution_for(family)
     new = (current - RESOLUTION_STEP) // 64 * 64
-    if new >= MIN_RESOLUTION.get(family, 256):
+    if new >= (get_family(family).default_resolution or 512) // 2:
         return StepDown(config.replace(resolution=new), f"resolution {current} -> {new}")
     return None
 

@@ -113,6 +113,13 @@ class RunFolder:
     def samples_dir(self) -> Path:
         return self.path / "samples"
 
+    def save_sample(self, step: int, image) -> Path:
+        """``samples/step_NNNNNN.png`` for a sample image (PIL) rendered at ``step``."""
+        path = self.samples_dir / f"step_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        return path
+
     def load_config(self) -> TrainConfig:
         return load_config(self.config_path)
 

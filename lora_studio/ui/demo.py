@@ -39,6 +39,7 @@ class DemoAssets:
     images: Path
     llm_model: Path | None = None
     llm_data: Path | None = None
+    flux_model: Path | None = None  # a tiny FLUX.1-shaped pipeline: the FLUX path with the same images
     train: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAIN))
     render: dict[str, Any] = field(default_factory=lambda: dict(DEMO_RENDER))
 
@@ -57,12 +58,14 @@ def build_demo(root: str | Path) -> DemoAssets:
     images = root / "images"
     if not images.is_dir() or not any(images.glob("*.png")):
         make_demo_images(images, count=DEMO_IMAGE_COUNT, size=DEMO_IMAGE_SIZE, with_captions=False)
+    from ..models.tiny_flux import build_tiny_flux
     from ..models.tiny_llm import build_tiny_llm, make_demo_llm_data
 
+    flux_model = build_tiny_flux(root / "tiny-flux")
     llm_model = build_tiny_llm(root / "tiny-llm")
     llm_data = root / "llm_data.jsonl"
     if not llm_data.is_file():
         make_demo_llm_data(llm_data)
     log.info("demo assets ready in %.1fs under %s", time.time() - started, root)
     return DemoAssets(root=root, model=model, blip=blip, clip=clip, images=images, llm_model=llm_model,
-                      llm_data=llm_data)
+                      llm_data=llm_data, flux_model=flux_model)

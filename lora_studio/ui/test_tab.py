@@ -16,7 +16,8 @@ from typing import Any
 
 import gradio as gr
 
-from ..inference.grid import RenderSettings, lora_display_name, parse_strengths, render_grid
+from ..errors import StudioError
+from ..inference.grid import RenderSettings, lora_display_name, model_render_defaults, parse_strengths, render_grid
 from ..training.run_folder import RunFolder, list_runs
 from .common import friendly, progress_callback
 from .context import StudioContext
@@ -187,12 +188,26 @@ def build_test_tab(ctx: StudioContext) -> dict[str, Any]:
                    concurrency_limit=1)
     c.refresh_btn.click(refresh, [lora, base], [lora, base], api_visibility="private")
     lora.input(lambda f: _base_for(f) or gr.skip(), [lora], [base], api_visibility="private")
+    base.change(lambda b: _steps_and_cfg_for(ctx, b), [base], [c.steps, c.cfg], api_visibility="private")
     comps: dict[str, Any] = {"lora": lora, "base": base, "prompt": c.prompt, "render": c.render_btn,
                              "grid": c.grid_btn, "image": grid_image, "tags": tags, "refresh": refresh}
     from ..inference import llm_compare
 
     comps.update(_build_llm_section(ctx, llm_compare))
     return comps
+
+
+def _steps_and_cfg_for(ctx: StudioContext, base_model: str):
+    """The model's own steps and guidance when its family's registry entry sets them per model (FLUX.1-dev
+    28 / 3.5, schnell 4 / 0, Chroma 35 / 5); other models, and paths the app may not read, keep the fields."""
+    try:
+        ref = ctx.policy.model_ref(base_model)
+    except StudioError:
+        return gr.skip(), gr.skip()
+    defaults = model_render_defaults(ref)
+    if not defaults:
+        return gr.skip(), gr.skip()
+    return defaults["steps"], defaults["cfg"]
 
 
 def _llm_runs(ctx: StudioContext, engine) -> list[tuple[str, str]]:

@@ -6,7 +6,8 @@
     choices.preset        # "llm_16gb" (the engine's recommendation for the GPU; "" without a GPU)
     choices.targets       # the model's Linear layer names (q_proj, k_proj, ...) for target_modules
     choices.target_value  # ["q_proj", "v_proj"]
-    choices.llm           # True: the tab unfolds the language-model settings
+    choices.llm           # True: a language model (its layer names, q_proj/v_proj picked)
+    choices.group         # "llm": the settings group the tab unfolds (the registry's settings_group)
 
 Everything comes from the engine: ``models.detect.family_info`` (family, its presets, the recommended
 preset) and ``models.llm.linear_module_names`` (the layer names a LoRA can target).
@@ -40,6 +41,7 @@ class FamilyChoices:
     target_value: list[str] = field(default_factory=list)
     target_info: str = ""
     llm: bool = False
+    group: str = ""  # the settings group the tab unfolds for the family (llm, flow: FLUX and Chroma)
 
 
 def family_of(base_model: str, family: str = "auto") -> str:
@@ -67,9 +69,12 @@ def llm_layer_names(base_model: str) -> list[str]:
 
 def targets_info(base_model: str, family: str, names: list[str] | None = None) -> str:
     """Help for target_modules: for a language model, the Linear layer names it actually has."""
+    entry = get_family(family)
+    if entry.targets_help:
+        return entry.targets_help
     if family != "llm":
         return ("Layers that get a LoRA: pick or type names (Enter adds one). Empty: "
-                f"{', '.join(get_family(family).default_targets)}.")
+                f"{', '.join(entry.default_targets)}.")
     names = llm_layer_names(base_model) if names is None else names
     found = ", ".join(names) if names else "(could not read the model)"
     default = ", ".join(get_family("llm").default_targets)
@@ -118,12 +123,14 @@ def family_choices(base_model: str, family: str = "auto", gpu_gb: float | None =
         targets = names or list(get_family("llm").default_targets)
         default = [n for n in get_family("llm").default_targets if n in targets]
     else:
-        names, targets, default = [], list(get_family(info.family).default_targets), []
+        entry = get_family(info.family)
+        names, targets, default = [], list(entry.target_choices or entry.default_targets), []
     current = list(current_targets or [])
     value = current if current and all(t in targets for t in current) else default
     return FamilyChoices(family=info.family, text=text, presets=preset_choices(info.presets),
                          preset=recommended or "", targets=targets, target_value=value,
-                         target_info=targets_info(base_model, info.family, names), llm=llm)
+                         target_info=targets_info(base_model, info.family, names), llm=llm,
+                         group=get_family(info.family).settings_group)
 
 
 def estimate_family(cfg: TrainConfig) -> str:

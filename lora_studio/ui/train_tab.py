@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..config import FAMILIES, TrainConfig
 from ..errors import StudioError
+from ..families import FAMILIES as REGISTRY
 from ..hardware import detect_gpu
 from ..presets import get_preset
 from ..training import jobs
@@ -46,7 +47,11 @@ log = logging.getLogger(__name__)
 
 MAX_PLOT_POINTS = 1000
 ESTIMATE_FIELDS = ("batch_size", "resolution", "gradient_checkpointing", "mixed_precision", "optimizer",
-                   "train_text_encoder", "lora_rank", "target_modules", "max_seq_length", "load_in_4bit")
+                   "train_text_encoder", "lora_rank", "target_modules", "max_seq_length", "load_in_4bit",
+                   "base_quantization", "max_sequence_length", "lora_targets", "train_double_block_indices",
+                   "train_single_block_indices")
+# Settings groups that a family unfolds (llm, flow ...): a new base model unfolds its own and folds the others.
+FAMILY_GROUPS = tuple(sorted({f.settings_group for f in REGISTRY.values() if f.settings_group}))
 
 
 def _thin(losses: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -139,7 +144,7 @@ def _settings_layout(ctx: StudioContext, s: SimpleNamespace) -> SimpleNamespace:
             c.preset_md = gr.Markdown(_preset_text(s.fam.preset, s.gpu_gb))
             c.memory_md = gr.Markdown(memory_text(s.initial, s.fam.family, s.gpu_gb), elem_id="memory-estimate")
     c.groups = {}
-    c.form = build_form(s.initial, open_groups=("llm",) if s.fam.llm else (), containers=c.groups,
+    c.form = build_form(s.initial, open_groups=(s.fam.group,) if s.fam.group else (), containers=c.groups,
                         overrides={"target_modules": {"choices": s.fam.targets, "info": s.fam.target_info}})
     c.names = list(SPECIAL_FIELDS) + list(c.form)
     c.comps = [c.base, c.family, c.data_dir] + list(c.form.values())
@@ -291,10 +296,12 @@ class _Handlers:
         return [text] + [gr.update(value=v) if n in values else gr.skip() for n, v in zip(self.c.form, shown)]
 
     def on_model_change(self, base_model: str, model_family: str, targets: list[str] | None) -> tuple:
-        """A new base model or family: its presets (the recommended one picked), layer choices, LLM fields."""
+        """A new base model or family: its presets (the recommended one picked), layer choices, and its own
+        settings group unfolded (the others folded)."""
         f = family_choices(base_model, model_family, self.s.gpu_gb, targets, preselect=not self.s.demo)
         return (f.text, gr.update(choices=f.presets, value=f.preset),
-                gr.update(choices=f.targets, value=f.target_value, info=f.target_info), gr.Accordion(open=f.llm))
+                gr.update(choices=f.targets, value=f.target_value, info=f.target_info),
+                *(gr.Accordion(open=f.group == g) for g in FAMILY_GROUPS))
 
     def update_estimate(self, values: tuple) -> str:
         try:
@@ -339,7 +346,8 @@ def _wire(ctx: StudioContext, c: SimpleNamespace, h: _Handlers) -> None:
     c.preset.change(friendly(h.apply_preset), [c.preset], [c.preset_md] + list(c.form.values()),
                     api_visibility="private")
     gr.on([c.base.change, c.family.change], h.on_model_change, [c.base, c.family, c.form["target_modules"]],
-          [c.family_md, c.preset, c.form["target_modules"], c.groups["llm"]], api_visibility="private")
+          [c.family_md, c.preset, c.form["target_modules"]] + [c.groups[g] for g in FAMILY_GROUPS],
+          api_visibility="private")
     c.models_btn.click(lambda: gr.update(choices=ctx.model_choices()), None, [c.base], api_visibility="private")
     gr.api(h.status_json, api_name="training_status")
 
