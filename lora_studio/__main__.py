@@ -5,6 +5,7 @@
     dataset   check DIR
     generate  --base MODEL --lora FILE --prompt TEXT [--strengths 0,0.5,1] [--out grid.png]
     presets   list the hardware presets and the one that fits this GPU
+    miniature FAMILY --out DIR   write a miniature model trained by the project (sd15, sd15_v, sdxl, llm, blip)
     doctor    check torch, CUDA, GPU memory, bitsandbytes, diffusers, and train a few steps on a tiny model
 
 Runs the same engine as the app. Under ``accelerate launch`` the train command runs on several GPUs.
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_presets_parser(sub)
     add_doctor_parser(sub)
     for module, names in (("cli_dataset", ("add_caption_parser", "add_dataset_parser")),
-                          ("cli_generate", ("add_generate_parser",))):
+                          ("cli_generate", ("add_generate_parser",)),
+                          ("cli_miniature", ("add_miniature_parser",))):
         try:
             mod = __import__(f"lora_studio.{module}", fromlist=list(names))
         except ImportError:

@@ -1,0 +1,99 @@
+"""Training the miniature BLIP captioner on the miniature world (``build.py blip``).
+
+A ``BlipForConditionalGeneration`` with a 64 px, 2-layer vision transformer and a 2-layer text decoder
+(64 wide), whose BERT vocabulary holds the world's words, trained from scratch to caption world pictures
+as "a red circle" / "blue stripes" (colour and shape; the trigger word is added by the captioning step).
+Training is BLIP's own: the caption's first token replaced by ``[DEC]``, next-token loss on the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import world
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BlipRecipe:
+    seed: int = 1900
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 2e-3
+    images: int = 4096
+    hidden: int = 64
+
+    def scaled(self, factor: float) -> "BlipRecipe":
+        out = copy.copy(self)
+        out.steps = max(2, int(self.steps * factor))
+        out.images = max(64, int(self.images * min(1.0, factor * 4)))
+        return out
+
+
+def _scenes(count: int, seed: int) -> list[world.Scene]:
+    """World pictures captioned with colour and shape only (what the captioner says)."""
+    return [world.Scene(s.shape, s.colour, s.background, s.cx, s.cy, s.radius,
+                        world.caption_for(s.colour_name, s.shape, None), s.colour_name, s.background_name)
+            for s in world.world_scenes(count, seed=seed)]
+
+
+def _inputs(processor, scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
+    enc = processor(images=[world.draw(s) for s in scenes], text=[s.caption for s in scenes], padding="max_length",
+                    max_length=12, truncation=True, return_tensors="pt")
+    ids = enc["input_ids"].clone()
+    ids[:, 0] = processor.tokenizer.convert_tokens_to_ids("[DEC]")
+    labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
+    return {"pixel_values": enc["pixel_values"], "input_ids": ids, "attention_mask": enc["attention_mask"],
+            "labels": labels}
+
+
+@torch.no_grad()
+def caption_accuracy(model, processor, count: int = 60, seed: int = 77) -> dict[str, float]:
+    """Share of fresh world pictures whose greedy caption names the right colour, and the right shape."""
+    scenes = world.world_scenes(count, seed=seed)
+    inputs = processor(images=[world.draw(s) for s in scenes], return_tensors="pt")
+    out = model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=10)
+    texts = processor.tokenizer.batch_decode(out, skip_special_tokens=True)
+    colour = sum(s.colour_name in t.split() for s, t in zip(scenes, texts)) / count
+    shape = sum(s.shape in t.split() for s, t in zip(scenes, texts)) / count
+    return {"colour": round(colour, 3), "shape": round(shape, 3)}
+
+
+def build_blip(out: Path, recipe: BlipRecipe, log: Log) -> dict:
+    """Train and save the miniature BLIP with its processor (fp32: it is small). Returns what it measured."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    from ..models.tiny_captioners import build_tiny_blip
+
+    build_tiny_blip(out, seed=recipe.seed, image_size=world.SIZE, words=world.WORDS, hidden=recipe.hidden)
+    model = BlipForConditionalGeneration.from_pretrained(out)
+    processor = BlipProcessor.from_pretrained(out)
+    data = _inputs(processor, _scenes(recipe.images, recipe.seed + 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / recipe.steps))))
+    gen = torch.Generator().manual_seed(recipe.seed + 2)
+    started = time.time()
+    model.train()
+    for step in range(recipe.steps):
+        idx = torch.randint(0, len(data["labels"]), (recipe.batch,), generator=gen)
+        loss = model(**{k: v[idx] for k, v in data.items()}).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == recipe.steps - 1:
+            log(f"blip step {step + 1}/{recipe.steps} loss {loss.item():.4f} ({time.time() - started:.0f}s)")
+    model.eval()
+    report = {"caption_accuracy": caption_accuracy(model, processor)}
+    model.save_pretrained(out)
+    return report
