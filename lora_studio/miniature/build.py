@@ -41,11 +41,16 @@ def build(family: str, out: str | Path, scale: float = 1.0, base: str | Path | N
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    started = time.time()
-    recipe, report = _run(family, out, scale, Path(base) if base else WEIGHTS / "sd15")
+    started, cpu_started = time.time(), time.process_time()
+    try:
+        recipe, report = _run(family, out, scale, Path(base) if base else WEIGHTS / "sd15")
+    finally:
+        torch.set_num_threads(previous_threads)
     record = {"family": family, "recipe": dataclasses.asdict(recipe), "scale": scale, "threads": threads,
-              "seconds": round(time.time() - started, 1), "measured": report, "versions": _versions(),
+              "seconds": round(time.time() - started, 1), "cpu_seconds": round(time.process_time() - cpu_started, 1),
+              "measured": report, "versions": _versions(),
               "command": f"python -m lora_studio.miniature.build {family} --out DIR" + (
                   f" --scale {scale}" if scale != 1.0 else "")}
     atomic_write_json(out / "build.json", record)

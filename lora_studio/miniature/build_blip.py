@@ -25,7 +25,7 @@ Log = Callable[[str], None]
 @dataclass
 class BlipRecipe:
     seed: int = 1900
-    steps: int = 1500
+    steps: int = 2500
     batch: int = 32
     lr: float = 2e-3
     images: int = 4096

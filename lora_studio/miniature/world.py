@@ -107,9 +107,8 @@ def draw(scene: Scene) -> Image.Image:
     x, y, r = scene.cx, scene.cy, scene.radius
     if scene.shape == "circle":
         d.ellipse((x - r, y - r, x + r, y + r), fill=scene.colour)
-    elif scene.shape == "square":
-        s = int(r * 0.85)
-        d.rectangle((x - s, y - s, x + s, y + s), fill=scene.colour)
+    elif scene.shape == "square":  # as wide as the circle: its corners tell them apart
+        d.rectangle((x - r, y - r, x + r, y + r), fill=scene.colour)
     elif scene.shape == "triangle":
         d.polygon([(x, y - r), (x - r, y + int(r * 0.8)), (x + r, y + int(r * 0.8))], fill=scene.colour)
     else:  # stripes fill the picture: the period follows the radius, the direction its parity

@@ -30,7 +30,11 @@ CSS = """
 
 
 def _header(ctx: StudioContext) -> str:
-    mode = " &middot; **demo mode**: tiny offline model, pictures are noise, the workflow is real" if ctx.demo else ""
+    mode = ""
+    if ctx.demo:
+        mode = (" &middot; **demo mode**: miniature models trained by the project on a world of coloured shapes "
+                "(64 px pictures); teach them the pink-background concept `zubi`" if ctx.demo.miniature
+                else " &middot; **demo mode**: tiny offline model, pictures are noise, the workflow is real")
     shared = " &middot; shared: typed paths must lie in the outputs or models folder" if ctx.shared else ""
     return (f"# LoRA Studio\nTrain LoRAs for Stable Diffusion 1.5, SDXL and language models: "
             f"**1** pick images, **2** caption them, **3** train, **4** compare strengths.{mode}{shared}\n\n"
