@@ -133,7 +133,7 @@ def test_language_model_settings_follow_the_base_model(demo_app, page):
         image_estimate = estimate.inner_text()
         expect(page.locator("#cfg-max_seq_length")).to_be_hidden()
 
-        _pick(page, "#base-model", "tiny-llm")
+        _pick(page, "#base-model", "miniature-llm")
         expect(page.locator("#model-family")).to_contain_text("causal language model", timeout=30_000)
         targets = page.locator("#cfg-target_modules")
         expect(targets).to_contain_text("q_proj")
@@ -148,7 +148,7 @@ def test_language_model_settings_follow_the_base_model(demo_app, page):
         expect(page.get_by_role("option", name=re.compile(r"^12gb: "))).to_have_count(0)
         page.keyboard.press("Escape")
 
-        _pick(page, "#base-model", "tiny-sd15")
+        _pick(page, "#base-model", "miniature-sd15")
         expect(page.locator("#model-family")).to_contain_text("Stable Diffusion 1.x", timeout=30_000)
         expect(targets).not_to_contain_text("q_proj")
         expect(page.locator("#cfg-max_seq_length")).to_be_hidden()

@@ -28,11 +28,12 @@ def test_sd15_build_runs_and_records_its_recipe(tmp_path):
     for family in ("sd15_v", "sdxl"):  # both start from an sd15 miniature
         record = build(family, tmp_path / family, scale=SCALE, base=tmp_path / "sd15", threads=1)
         assert record["family"] == family
-    assert StableDiffusionPipeline.from_pretrained(tmp_path / "sd15_v").scheduler.config.prediction_type == "v_prediction"
+    scheduler = StableDiffusionPipeline.from_pretrained(tmp_path / "sd15_v").scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
 
 
 @pytest.mark.parametrize("family", ["llm", "blip"])
 def test_llm_and_captioner_builds_run(family, tmp_path):
     record = build(family, tmp_path / family, scale=SCALE, threads=1)
-    assert record["recipe"]["steps"] == max(2, int({"llm": 1200, "blip": 2500}[family] * SCALE))
+    assert record["recipe"]["steps"] == max(2, int({"llm": 1200, "blip": 4000}[family] * SCALE))
     assert (tmp_path / family / "config.json").is_file()

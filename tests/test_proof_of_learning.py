@@ -39,15 +39,21 @@ def _needs(family: str) -> Path:
 
 
 # --- images ------------------------------------------------------------------------------------------------
-def train_image_concept(base: Path, out: Path, steps: int = 80) -> Path:
+def train_image_concept(base: Path, out: Path, steps: int = 80, save_steps: int = 0) -> Path:
     """Train a LoRA on the concept with the real TrainingJob; returns the kohya file."""
     data = world.write_dataset(out / "data", world.concept_scenes(12))
     cfg = TrainConfig(base_model=str(base), train_data_dir=str(data), output_dir=str(out / "runs"), resolution=64,
-                      lora_rank=8, learning_rate=3e-3, batch_size=4, max_train_steps=steps, save_steps=0,
+                      lora_rank=8, learning_rate=3e-3, batch_size=4, max_train_steps=steps, save_steps=save_steps,
                       mixed_precision="no", seed=7, lr_scheduler="constant", verify_export=False).validate()
     job = run_job(cfg)
     assert job.status == "finished", job.error
     return job.run.path / "my_lora.safetensors"
+
+
+@pytest.fixture(scope="module")
+def sd15_concept_lora(tmp_path_factory) -> Path:
+    """The concept LoRA on the sd15 miniature, with a checkpoint halfway (shared by two tests)."""
+    return train_image_concept(_needs("sd15"), tmp_path_factory.mktemp("sd15_concept"), save_steps=40)
 
 
 def concept_curve(base: Path, lora: Path) -> list[float]:
@@ -85,18 +91,39 @@ def epsilon_target(scheduler, prediction_type, latents, noise, timesteps):
     return noise
 
 
-def _proof(base: Path, tmp_path: Path, monkeypatch, wrong) -> None:
+def _proof(base: Path, tmp_path: Path, monkeypatch, wrong, right_lora: Path | None = None) -> None:
     import lora_studio.training.diffusion as diffusion
 
-    assert_learned_the_concept(concept_curve(base, train_image_concept(base, tmp_path / "right")))
+    right_lora = right_lora or train_image_concept(base, tmp_path / "right")
+    assert_learned_the_concept(concept_curve(base, right_lora))
     monkeypatch.setattr(diffusion, "training_target", wrong)
     wrong_curve = concept_curve(base, train_image_concept(base, tmp_path / "wrong"))
     with pytest.raises(AssertionError):
         assert_learned_the_concept(wrong_curve)
 
 
-def test_epsilon_objective_learns_and_a_negated_target_does_not(tmp_path, monkeypatch):
-    _proof(_needs("sd15"), tmp_path, monkeypatch, negated_target)
+def test_epsilon_objective_learns_and_a_negated_target_does_not(sd15_concept_lora, tmp_path, monkeypatch):
+    _proof(_needs("sd15"), tmp_path, monkeypatch, negated_target, right_lora=sd15_concept_lora)
+
+
+def test_generate_command_draws_the_checkpoint_by_strength_grid(sd15_concept_lora, tmp_path):
+    """``python -m lora_studio generate`` with the final LoRA and its checkpoint: one row each, and the
+    concept shows more at strength 1 than at 0 in both rows (the Testing tab's grid is the same code)."""
+    from PIL import Image
+
+    from lora_studio.__main__ import main
+
+    checkpoint = next(sd15_concept_lora.parent.glob("checkpoints/step_*/*.safetensors"))
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--base", str(_needs("sd15")), "--lora", str(checkpoint), "--lora",
+                 str(sd15_concept_lora), "--prompt", PROMPTS[0], "--strengths", "0,1", "--steps", "20",
+                 "--cfg", "5", "--size", "64", "--seed", "1", "--out", str(out)]) == 0
+    grid = Image.open(out)
+    cell = 128  # cells are drawn at least 128 px; the labels sit above and to the left
+    left, top = grid.width - 2 * cell, grid.height - 2 * cell
+    shares = [[measure.concept_share(grid.crop((left + c * cell, top + r * cell, left + (c + 1) * cell,
+                                                  top + (r + 1) * cell))) for c in range(2)] for r in range(2)]
+    assert all(row[1] > row[0] + 0.2 for row in shares), shares
 
 
 def test_v_prediction_objective_learns_and_the_epsilon_target_does_not(tmp_path, monkeypatch):
@@ -108,7 +135,7 @@ def test_sdxl_objective_learns_and_a_negated_target_does_not(tmp_path, monkeypat
 
 
 # --- the language model ------------------------------------------------------------------------------------
-def train_llm_concept(base: Path, out: Path, steps: int = 80) -> Path:
+def train_llm_concept(base: Path, out: Path, steps: int = 60) -> Path:
     """A LoRA on every linear layer (the 96-wide miniature has too little room in q_proj/v_proj alone)."""
     data = world_text.write_concept_llm_data(out / "concept.jsonl")
     cfg = TrainConfig(base_model=str(base), train_data_dir=str(data), output_dir=str(out / "runs"), lora_rank=8,
@@ -125,8 +152,8 @@ def format_curve(base: Path, adapter: Path) -> tuple[list[float], list[list[str]
     from lora_studio.inference.llm_compare import LLMTester
 
     tester = LLMTester(str(base), adapter, device="cpu")
-    questions = [q for q, _ in world_text.held_out_questions()]
-    answers = [[a.text for a in tester.compare(q, STRENGTHS, max_new_tokens=24)] for q in questions]
+    questions = [q for q, _ in world_text.held_out_questions()][::2]  # 2 questions about each of 4 creatures
+    answers = [[a.text for a in tester.compare(q, STRENGTHS, max_new_tokens=16)] for q in questions]
     shares = [sum(row[i].startswith(world_text.CONCEPT_PREFIX) for row in answers) / len(answers)
               for i in range(len(STRENGTHS))]
     return shares, answers

@@ -34,10 +34,12 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 def build(family: str, out: str | Path, scale: float = 1.0, base: str | Path | None = None,
           threads: int = 2) -> dict:
-    """Build ``family`` into the folder ``out`` (replaced if it exists); returns the ``build.json`` record."""
+    """Build ``family`` into the folder ``out`` (replaced at the end, if it exists); returns the ``build.json``
+    record. The build writes into a sibling temporary folder, so ``out`` is never half written."""
     if family not in FAMILIES:
         raise ValueError(f"unknown miniature '{family}': choose one of {', '.join(FAMILIES)}")
-    out = Path(out)
+    final = Path(out)
+    out = final.with_name(f".{final.name}.building")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -54,6 +56,9 @@ def build(family: str, out: str | Path, scale: float = 1.0, base: str | Path | N
               "command": f"python -m lora_studio.miniature.build {family} --out DIR" + (
                   f" --scale {scale}" if scale != 1.0 else "")}
     atomic_write_json(out / "build.json", record)
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
     log.info("built %s in %.0fs: %s", family, record["seconds"], report)
     return record
 

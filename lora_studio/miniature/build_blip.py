@@ -1,7 +1,7 @@
 """Training the miniature BLIP captioner on the miniature world (``build.py blip``).
 
 A ``BlipForConditionalGeneration`` with a 64 px, 2-layer vision transformer and a 2-layer text decoder
-(64 wide), whose BERT vocabulary holds the world's words, trained from scratch to caption world pictures
+(64 wide, 4 px patches), whose BERT vocabulary holds the world's words, trained from scratch to caption world pictures
 as "a red circle" / "blue stripes" (colour and shape; the trigger word is added by the captioning step).
 Training is BLIP's own: the caption's first token replaced by ``[DEC]``, next-token loss on the rest.
 """
@@ -25,11 +25,12 @@ Log = Callable[[str], None]
 @dataclass
 class BlipRecipe:
     seed: int = 1900
-    steps: int = 2500
+    steps: int = 4000
     batch: int = 32
     lr: float = 2e-3
     images: int = 4096
     hidden: int = 64
+    patch: int = 4  # 4 px patches: a circle's edge and a square's corner fall in different patches
 
     def scaled(self, factor: float) -> "BlipRecipe":
         out = copy.copy(self)
@@ -73,7 +74,8 @@ def build_blip(out: Path, recipe: BlipRecipe, log: Log) -> dict:
 
     from ..models.tiny_captioners import build_tiny_blip
 
-    build_tiny_blip(out, seed=recipe.seed, image_size=world.SIZE, words=world.WORDS, hidden=recipe.hidden)
+    build_tiny_blip(out, seed=recipe.seed, image_size=world.SIZE, words=world.WORDS, hidden=recipe.hidden,
+                    patch_size=recipe.patch)
     model = BlipForConditionalGeneration.from_pretrained(out)
     processor = BlipProcessor.from_pretrained(out)
     data = _inputs(processor, _scenes(recipe.images, recipe.seed + 1))

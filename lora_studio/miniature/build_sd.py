@@ -84,7 +84,8 @@ def new_unet(sdxl: bool = False):
                  projection_class_embeddings_input_dim=6 * 8 + 32) if sdxl else {}
     return UNet2DConditionModel(
         sample_size=world.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
         attention_head_dim=8, norm_num_groups=8, **extra)
 
@@ -362,7 +363,8 @@ def build_sdxl(out: Path, recipe: SDRecipe, log: Log, base: Path) -> dict:
     from .vocab import write_world_clip_tokenizer
 
     sd = _base_pipe(base)
-    tokenizers = [write_world_clip_tokenizer(out / name, world.WORDS, MAX_TOKENS) for name in ("tokenizer", "tokenizer_2")]
+    tokenizers = [write_world_clip_tokenizer(out / name, world.WORDS, MAX_TOKENS)
+                  for name in ("tokenizer", "tokenizer_2")]
     encoders = [new_text_encoder(len(tokenizers[0]), 32, seed=recipe.seed + 10),
                 new_text_encoder(len(tokenizers[1]), 32, projection=True, seed=recipe.seed + 11)]
     latents, captions = encode_world(sd.vae, recipe)

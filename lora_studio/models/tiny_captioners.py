@@ -30,10 +30,10 @@ def _write_bert_vocab(folder: Path, words: list[str] | None = None) -> list[str]
 
 
 def build_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, words: list[str] | None = None,
-                    hidden: int = 32) -> Path:
+                    hidden: int = 32, patch_size: int = 8) -> Path:
     """A tiny BLIP captioning model + processor saved in ``folder`` (reused if already there).
 
-    ``words`` (whole-word tokens of its vocabulary) and ``hidden`` (the width) are for the miniature
+    ``words`` (whole-word tokens of its vocabulary), ``hidden`` (the width) and ``patch_size`` are for the miniature
     captioner, which starts from this model and is then trained."""
     import transformers
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
@@ -50,7 +50,7 @@ def build_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, wor
                          intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=2,
                          max_position_embeddings=64, bos_token_id=dec, sep_token_id=sep, eos_token_id=sep, pad_token_id=0),
         vision_config=dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=8),
+                           image_size=image_size, patch_size=patch_size),
         projection_dim=hidden,
     )
     torch.manual_seed(seed)
@@ -80,7 +80,7 @@ def build_tiny_clip(folder: str | Path, seed: int = 0, image_size: int = 32) -> 
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=n - 2,
                          eos_token_id=n - 1, pad_token_id=n - 1),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=8),
+                           image_size=image_size, patch_size=patch_size),
         projection_dim=16,
     )
     torch.manual_seed(seed)

@@ -117,8 +117,9 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
 
     intro = f"Pick the base model and your GPU's preset, check the main settings, press **Start**. {gpu_line}"
     if demo and demo.llm_model:
-        intro += (f"\n\nDemo language model: pick `{demo.llm_model}` as base model and use `{demo.llm_data}` as "
-                  "training data (then compare answers at the bottom of the Testing tab).")
+        intro += (f"\n\nDemo language model: pick `{demo.llm_model}` as base model, use `{demo.llm_data}` as "
+                  "training data and every layer in target_modules: it teaches answers to start with \"Hear ye!\" "
+                  "(then compare answers at the bottom of the Testing tab).")
     gr.Markdown(intro)
     with gr.Row(equal_height=True):
         base = gr.Dropdown(label="Base model (base_model)", choices=ctx.model_choices(), scale=5, elem_id="base-model",
