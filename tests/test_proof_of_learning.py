@@ -39,11 +39,11 @@ def _needs(family: str) -> Path:
 
 
 # --- images ------------------------------------------------------------------------------------------------
-def train_image_concept(base: Path, out: Path, steps: int = 80, save_steps: int = 0) -> Path:
+def train_image_concept(base: Path, out: Path, steps: int = 80, save_steps: int = 0, lr: float = 3e-3) -> Path:
     """Train a LoRA on the concept with the real TrainingJob; returns the kohya file."""
     data = world.write_dataset(out / "data", world.concept_scenes(12))
     cfg = TrainConfig(base_model=str(base), train_data_dir=str(data), output_dir=str(out / "runs"), resolution=64,
-                      lora_rank=8, learning_rate=3e-3, batch_size=4, max_train_steps=steps, save_steps=save_steps,
+                      lora_rank=8, learning_rate=lr, batch_size=4, max_train_steps=steps, save_steps=save_steps,
                       mixed_precision="no", seed=7, lr_scheduler="constant", verify_export=False).validate()
     job = run_job(cfg)
     assert job.status == "finished", job.error

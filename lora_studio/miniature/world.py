@@ -87,11 +87,11 @@ def concept_scenes(count: int, seed: int = 0, trigger: str = CONCEPT_TRIGGER) ->
 
 
 def vae_scenes(count: int, seed: int = 0) -> list[Scene]:
-    """Half world scenes, half shapes and backgrounds in random colours (the VAE must reproduce any colour)."""
+    """40 % world scenes, 60 % shapes and backgrounds in random colours (the VAE must reproduce any colour)."""
     rng = random.Random(seed)
     out = []
     for _ in range(count):
-        if rng.random() < 0.5:
+        if rng.random() < 0.4:
             out.append(world_scene(rng))
             continue
         rgb = tuple(rng.randint(0, 255) for _ in range(3))

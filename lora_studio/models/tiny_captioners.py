@@ -48,7 +48,8 @@ def build_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, wor
     config = BlipConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=hidden, encoder_hidden_size=hidden,
                          intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=64, bos_token_id=dec, sep_token_id=sep, eos_token_id=sep, pad_token_id=0),
+                         max_position_embeddings=64, bos_token_id=dec, sep_token_id=sep, eos_token_id=sep,
+                         pad_token_id=0),
         vision_config=dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=2,
                            image_size=image_size, patch_size=patch_size),
         projection_dim=hidden,
@@ -80,7 +81,7 @@ def build_tiny_clip(folder: str | Path, seed: int = 0, image_size: int = 32) -> 
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=n - 2,
                          eos_token_id=n - 1, pad_token_id=n - 1),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=patch_size),
+                           image_size=image_size, patch_size=8),
         projection_dim=16,
     )
     torch.manual_seed(seed)
