@@ -26,7 +26,7 @@ Log = Callable[[str], None]
 @dataclass
 class BlipRecipe:
     seed: int = 1900
-    steps: int = 2500
+    steps: int = 4000
     batch: int = 32  # fresh pictures at every step
     lr: float = 1e-3
     hidden: int = 64
@@ -39,7 +39,7 @@ class BlipRecipe:
         return out
 
 
-def _scenes(count: int, seed: int, other_backgrounds: float = 0.3) -> list[world.Scene]:
+def _scenes(count: int, seed: int, other_backgrounds: float = 0.5) -> list[world.Scene]:
     """World pictures captioned with colour and shape only (what the captioner says); ``other_backgrounds`` of
     them on a background of a random colour far from the shape's, so that a background the world never has
     (the demo's pink) does not throw the captioner off."""
