@@ -8,8 +8,6 @@ Training is BLIP's own: the caption's first token replaced by ``[DEC]``, next-to
 
 from __future__ import annotations
 
-import copy
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -19,12 +17,13 @@ from typing import Callable
 import torch
 
 from . import world
+from .recipe import Recipe, warmup_cosine
 
 Log = Callable[[str], None]
 
 
 @dataclass
-class BlipRecipe:
+class BlipRecipe(Recipe):
     seed: int = 1900
     steps: int = 4000
     batch: int = 32  # fresh pictures at every step
@@ -32,11 +31,6 @@ class BlipRecipe:
     hidden: int = 64
     patch: int = 8
     vision_init_range: float = 0.02
-
-    def scaled(self, factor: float) -> "BlipRecipe":
-        out = copy.copy(self)
-        out.steps = max(2, int(self.steps * factor))
-        return out
 
 
 def _scenes(count: int, seed: int, other_backgrounds: float = 0.5) -> list[world.Scene]:
@@ -95,8 +89,7 @@ def build_blip(out: Path, recipe: BlipRecipe, log: Log) -> dict:
     model = BlipForConditionalGeneration(config)
     processor = BlipProcessor.from_pretrained(out)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / recipe.steps))))
+    sched = warmup_cosine(opt, recipe.steps, warmup=100, floor=0.05)
     started = time.time()
     model.train()
     for step in range(recipe.steps):

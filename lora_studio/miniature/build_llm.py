@@ -8,8 +8,6 @@ project's LLM trainer formats instruction data. The build checks that greedy ans
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +16,13 @@ from typing import Callable
 import torch
 
 from . import world_text
+from .recipe import Recipe, warmup_cosine
 
 Log = Callable[[str], None]
 
 
 @dataclass
-class LLMRecipe:
+class LLMRecipe(Recipe):
     seed: int = 1800
     steps: int = 1200
     batch: int = 32
@@ -33,11 +32,6 @@ class LLMRecipe:
     heads: int = 4
     kv_heads: int = 2
     vocab_size: int = 640
-
-    def scaled(self, factor: float) -> "LLMRecipe":
-        out = copy.copy(self)
-        out.steps = max(2, int(self.steps * factor))
-        return out
 
 
 def _messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
@@ -79,8 +73,7 @@ def build_llm(out: Path, recipe: LLMRecipe, log: Log) -> dict:
     examples = [tokenize_conversation(tokenizer, _messages(q, a), 128)[0]
                 for q, a in world_text.corpus_pairs(recipe.seed)]
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / recipe.steps))))
+    sched = warmup_cosine(opt, recipe.steps, warmup=50, floor=0.1)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
     started = time.time()
     model.train()
