@@ -94,7 +94,7 @@ def _click_through(demo_url: str, page) -> None:
     page.get_by_role("tab", name="3. Training").click()
     page.get_by_role("button", name="Start training").click()
     progress = page.locator("#train-progress")
-    expect(progress).to_contain_text(re.compile(r"Step ([5-9]|[1-9]\d) / 60"), timeout=90_000)
+    expect(progress).to_contain_text(re.compile(r"Step ([5-9]|[1-9]\d) / 100"), timeout=90_000)
     # A second browser tab re-attaches to the running job.
     second = page.context.new_page()
     second.goto(demo_url)

@@ -3,8 +3,8 @@ know moves what the model makes toward that concept, monotonically over strength
 deliberately wrong objective the same assertion fails (a proof test that cannot fail proves nothing).
 
 Images: the concept is ``zubi`` (the world's shapes on a pink background, which the base never drew); the
-measure is the share of pink pixels in pictures rendered by the Testing tab's own code (the family's
-diffusers pipeline and scheduler, the LoRA file loaded at each strength). Language model: the concept is an
+measure is how far the background of pictures rendered by the Testing tab's own code (the family's diffusers
+pipeline and scheduler, the LoRA file loaded at each strength) is from that pink. Language model: the concept is an
 answer format ("Hear ye! ..."), measured on questions about creatures the LoRA data never mentions.
 
 What this guarantees: the objective, the timestep/noise handling, the conditioning and the export of each
@@ -23,12 +23,13 @@ from helpers import run_job
 from lora_studio.config import TrainConfig
 from lora_studio.miniature import measure, world, world_text
 from lora_studio.miniature.store import available, miniature_dir
+from lora_studio.training.diffusion import training_target as right_target
 
 pytestmark = pytest.mark.slow
 
 STRENGTHS = (0.0, 0.5, 1.0)
 PROMPTS = [f"{world.CONCEPT_TRIGGER}, a red circle", f"{world.CONCEPT_TRIGGER}, a blue square",
-           f"{world.CONCEPT_TRIGGER}, a green triangle", f"{world.CONCEPT_TRIGGER}, yellow stripes"]
+           f"{world.CONCEPT_TRIGGER}, a green triangle", f"{world.CONCEPT_TRIGGER}, a yellow circle"]
 SEEDS = (1, 2)
 
 
@@ -39,12 +40,16 @@ def _needs(family: str) -> Path:
 
 
 # --- images ------------------------------------------------------------------------------------------------
-def train_image_concept(base: Path, out: Path, steps: int = 80, save_steps: int = 0, lr: float = 3e-3) -> Path:
-    """Train a LoRA on the concept with the real TrainingJob; returns the kohya file."""
+def train_image_concept(base: Path, out: Path, steps: int = 100, save_steps: int = 0) -> Path:
+    """Train a LoRA on the concept with the real TrainingJob (the demo's settings); returns the kohya file."""
+    from lora_studio.ui.demo import DEMO_TRAIN
+
     data = world.write_dataset(out / "data", world.concept_scenes(12))
+    settings = {k: DEMO_TRAIN[k] for k in ("lora_rank", "learning_rate", "batch_size", "min_snr_gamma",
+                                           "lr_scheduler")}
     cfg = TrainConfig(base_model=str(base), train_data_dir=str(data), output_dir=str(out / "runs"), resolution=64,
-                      lora_rank=8, learning_rate=lr, batch_size=4, max_train_steps=steps, save_steps=save_steps,
-                      mixed_precision="no", seed=7, lr_scheduler="constant", verify_export=False).validate()
+                      max_train_steps=steps, save_steps=save_steps, mixed_precision="no", seed=7,
+                      verify_export=False, **settings).validate()
     job = run_job(cfg)
     assert job.status == "finished", job.error
     return job.run.path / "my_lora.safetensors"
@@ -53,11 +58,12 @@ def train_image_concept(base: Path, out: Path, steps: int = 80, save_steps: int 
 @pytest.fixture(scope="module")
 def sd15_concept_lora(tmp_path_factory) -> Path:
     """The concept LoRA on the sd15 miniature, with a checkpoint halfway (shared by two tests)."""
-    return train_image_concept(_needs("sd15"), tmp_path_factory.mktemp("sd15_concept"), save_steps=40)
+    return train_image_concept(_needs("sd15"), tmp_path_factory.mktemp("sd15_concept"), save_steps=50)
 
 
 def concept_curve(base: Path, lora: Path) -> list[float]:
-    """Mean share of pink pixels at each strength, over the prompts and seeds (the Testing tab's renderer)."""
+    """Mean distance of the background to the concept's pink at each strength, over the prompts and seeds
+    (the Testing tab's renderer)."""
     from lora_studio.inference.grid import PipelineCache, RenderSettings, render_strengths
 
     cache = PipelineCache()
@@ -66,24 +72,23 @@ def concept_curve(base: Path, lora: Path) -> list[float]:
         for seed in SEEDS:
             settings = RenderSettings(prompt, seed=seed, steps=20, cfg=5.0, width=64, height=64)
             for i, image in enumerate(render_strengths(str(base), lora, settings, STRENGTHS, cache=cache)):
-                totals[i] += measure.concept_share(image)
+                totals[i] += measure.concept_distance(image)
     cache.clear()
-    return [round(t / (len(PROMPTS) * len(SEEDS)), 3) for t in totals]
+    return [round(t / (len(PROMPTS) * len(SEEDS)), 1) for t in totals]
 
 
 def assert_learned_the_concept(curve: list[float]) -> None:
-    """The base shows no pink; the LoRA at 1 shows much; 0.5 lies in between (monotonic)."""
+    """The base's backgrounds are far from pink (white is 97 away); at strength 1 they are pink (within 50 and
+    at most 60 % of the base's distance); 0.5 lies in between (monotonic)."""
     at0, half, at1 = curve
-    assert at0 < 0.05, f"the base already shows the concept: {curve}"
-    assert at1 - at0 > 0.3, f"the LoRA did not move the pictures to the concept by a clear margin: {curve}"
-    assert at0 < half < at1, f"not monotonic over strengths {STRENGTHS}: {curve}"
+    assert at0 > 80, f"the base already draws the concept: {curve}"
+    assert at1 < 50 and at1 < 0.6 * at0, f"the LoRA did not move the pictures to the concept by a clear margin: {curve}"
+    assert at0 > half > at1, f"not monotonic over strengths {STRENGTHS}: {curve}"
 
 
 def negated_target(scheduler, prediction_type, latents, noise, timesteps):
     """A wrong objective: the opposite of the right target."""
-    from lora_studio.training.diffusion import training_target
-
-    return -training_target(scheduler, prediction_type, latents, noise, timesteps)
+    return -right_target(scheduler, prediction_type, latents, noise, timesteps)
 
 
 def epsilon_target(scheduler, prediction_type, latents, noise, timesteps):
@@ -108,7 +113,8 @@ def test_epsilon_objective_learns_and_a_negated_target_does_not(sd15_concept_lor
 
 def test_generate_command_draws_the_checkpoint_by_strength_grid(sd15_concept_lora, tmp_path):
     """``python -m lora_studio generate`` with the final LoRA and its checkpoint: one row each, and the
-    concept shows more at strength 1 than at 0 in both rows (the Testing tab's grid is the same code)."""
+    background is nearer the concept's pink at strength 1 than at 0 in both rows (the Testing tab's grid is the
+    same code)."""
     from PIL import Image
 
     from lora_studio.__main__ import main
@@ -121,9 +127,9 @@ def test_generate_command_draws_the_checkpoint_by_strength_grid(sd15_concept_lor
     grid = Image.open(out)
     cell = 128  # cells are drawn at least 128 px; the labels sit above and to the left
     left, top = grid.width - 2 * cell, grid.height - 2 * cell
-    shares = [[measure.concept_share(grid.crop((left + c * cell, top + r * cell, left + (c + 1) * cell,
-                                                  top + (r + 1) * cell))) for c in range(2)] for r in range(2)]
-    assert all(row[1] > row[0] + 0.2 for row in shares), shares
+    distances = [[measure.concept_distance(grid.crop((left + c * cell, top + r * cell, left + (c + 1) * cell,
+                                                         top + (r + 1) * cell))) for c in range(2)] for r in range(2)]
+    assert all(row[1] < row[0] - 40 for row in distances), distances
 
 
 def test_v_prediction_objective_learns_and_the_epsilon_target_does_not(tmp_path, monkeypatch):
