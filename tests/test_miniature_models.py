@@ -37,7 +37,7 @@ def pipelines():
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd15_v", "sdxl"])
-@pytest.mark.parametrize("colour", ["red", "green", "blue"])
+@pytest.mark.parametrize("colour", list(world.COLOURS))
 def test_the_base_draws_the_colour_it_is_asked_for(pipelines, family, colour):
     """At 64 px, 20 steps of the model's own DDPM scheduler: the dominant colour is the named one for at
     least 8 of 10 seeds."""

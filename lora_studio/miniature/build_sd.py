@@ -24,13 +24,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import world
+from .recipe import Recipe, warmup_cosine
 
 SCALING_FACTOR = 0.18215
 MAX_TOKENS = 20  # the captions are short: 20 positions instead of CLIP's 77 make every step cheaper
@@ -38,8 +38,10 @@ Log = Callable[[str], None]
 
 
 @dataclass
-class SDRecipe:
+class SDRecipe(Recipe):
     """Steps and sizes of one build. ``scaled(f)`` is the same recipe with every step count times ``f``."""
+
+    step_fields: ClassVar[tuple[str, ...]] = ("vae_steps", "unet_steps", "finetune_steps", "sdxl_steps")
 
     seed: int = 1300
     vae_steps: int = 2000
@@ -59,9 +61,7 @@ class SDRecipe:
     eval_steps: int = 20
 
     def scaled(self, factor: float) -> "SDRecipe":
-        out = copy.copy(self)
-        for name in ("vae_steps", "unet_steps", "finetune_steps", "sdxl_steps"):
-            setattr(out, name, max(2, int(getattr(self, name) * factor)))
+        out = super().scaled(factor)
         out.latent_images = max(64, int(self.latent_images * min(1.0, factor * 4)))
         if factor < 0.2:
             out.eval_seeds, out.eval_steps = 1, 2
@@ -247,16 +247,6 @@ def encode_captions(tokenizers: list, encoders: list, captions: list[str], sdxl:
 
 
 # --- the UNet --------------------------------------------------------------------------------------------------
-def _warmup_cosine(opt, steps: int, warmup: int = 100, floor: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, cond: dict[str, torch.Tensor], steps: int,
                prediction_type: str, recipe: SDRecipe, log: Log):
     """Denoising training on cached latents; returns the EMA copy of the UNet (eval mode, frozen).
@@ -270,7 +260,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, cond: di
     unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
-    lr_sched = _warmup_cosine(opt, steps)
+    lr_sched = warmup_cosine(opt, steps, warmup=100, floor=0.1, after_warmup=True)
     time_ids = torch.tensor([[world.SIZE, world.SIZE, 0, 0, world.SIZE, world.SIZE]], dtype=torch.float32)
     started, b = time.time(), recipe.unet_batch
     for step in range(steps):
