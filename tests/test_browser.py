@@ -82,7 +82,7 @@ def _click_through(demo_url: str, page) -> None:
     expect(page.locator("img").first).to_be_visible()
     _shot(page, "dataset.png")
 
-    # 2. Captioning: run the tiny BLIP with the trigger word, then save.
+    # 2. Captioning: run the miniature BLIP with the trigger word, then save.
     page.get_by_role("tab", name="2. Captioning").click()
     page.get_by_role("button", name="Run captioning").click()
     expect(page.locator("#caption-status")).to_contain_text("captioned", timeout=60_000)
