@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import world
-from .recipe import Recipe, warmup_cosine
+from .recipe import Recipe, train_step, warmup_cosine
 
 Log = Callable[[str], None]
 
@@ -94,11 +94,7 @@ def build_blip(out: Path, recipe: BlipRecipe, log: Log) -> dict:
     model.train()
     for step in range(recipe.steps):
         loss = model(**_inputs(processor, _scenes(recipe.batch, recipe.seed * 100_003 + step))).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        train_step(loss, opt, sched, model.parameters())
         if step % 100 == 0 or step == recipe.steps - 1:
             log(f"blip step {step + 1}/{recipe.steps} loss {loss.item():.4f} ({time.time() - started:.0f}s)")
     model.eval()

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from . import world_text
-from .recipe import Recipe, warmup_cosine
+from .recipe import Recipe, train_step, warmup_cosine
 
 Log = Callable[[str], None]
 
@@ -80,11 +80,7 @@ def build_llm(out: Path, recipe: LLMRecipe, log: Log) -> dict:
     for step in range(recipe.steps):
         picks = torch.randint(0, len(examples), (recipe.batch,), generator=gen).tolist()
         loss = model(**collate([examples[i] for i in picks], tokenizer.pad_token_id)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        train_step(loss, opt, sched, model.parameters())
         if step % 100 == 0 or step == recipe.steps - 1:
             log(f"llm step {step + 1}/{recipe.steps} loss {loss.item():.4f} ({time.time() - started:.0f}s)")
     model.eval()

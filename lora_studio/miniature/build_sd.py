@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .recipe import Recipe, warmup_cosine
+from .recipe import Recipe, train_step, warmup_cosine
 
 SCALING_FACTOR = 0.18215
 MAX_TOKENS = 20  # the captions are short: 20 positions instead of CLIP's 77 make every step cheaper
@@ -139,11 +139,7 @@ def train_vae(recipe: SDRecipe, log: Log):
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        train_step(loss, opt, sched, vae.parameters())
         if (step + 1) % 200 == 0:
             error = f", colour error {vae_colour_error(vae)}" if (step + 1) % 400 == 0 else ""
             log(f"vae step {step + 1}/{recipe.vae_steps} loss {loss.item():.4f} ({time.time() - started:.0f}s){error}")
@@ -278,11 +274,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, cond: di
         snr = compute_snr(scheduler, t)
         weight = snr.clamp(max=recipe.min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
         loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
+        train_step(loss, opt, lr_sched, unet.parameters())
         decay = min(recipe.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):

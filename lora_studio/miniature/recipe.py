@@ -37,3 +37,12 @@ def warmup_cosine(opt, steps: int, warmup: int, floor: float, after_warmup: bool
         return min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_step(loss: torch.Tensor, opt, schedule, parameters, max_norm: float = 1.0) -> None:
+    """One optimiser step: backward, clip the gradient norm, step, advance the learning-rate schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    opt.step()
+    schedule.step()
