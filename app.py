@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _setup_environment(args: argparse.Namespace) -> None:
+    # Gradio hands out the files in its temp folder too, and by default that is /tmp/gradio, shared by every
+    # Gradio app on the machine. Inside the outputs folder it holds only this app's uploads and results, so
+    # the server answers for the outputs folder and nothing else. Set before gradio is imported.
+    gradio_tmp = Path(args.outputs).expanduser().resolve() / ".gradio"
+    os.environ["GRADIO_TEMP_DIR"] = str(gradio_tmp)
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(gradio_tmp / "cached_examples")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.demo:  # the demo never needs the network
@@ -69,6 +75,13 @@ def _login(args: argparse.Namespace, exposed: bool) -> tuple[str, str] | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_environment(args)
+    from lora_studio.versions import InstallError, require_working_install
+
+    try:  # a broken combination of packages: one sentence now, not a traceback halfway through training
+        require_working_install()
+    except InstallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     from lora_studio.ui.security import is_local_host
 
     exposed = args.share or not is_local_host(args.host)

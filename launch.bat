@@ -2,30 +2,70 @@
 REM LoRA Studio launcher for Windows: double-click to start.
 REM   launch.bat              set up .venv on first run, then start the app and open the browser
 REM   launch.bat test         set up the same way (plus test tools), then run the test suite
+REM   launch.bat repair       delete .venv and install everything again (the versions LoRA Studio was tested with)
 REM   launch.bat --share ...  other arguments go to app.py
-REM For an NVIDIA GPU set the CUDA build of PyTorch before the first run, e.g.:
-REM   set LORA_STUDIO_TORCH=torch --index-url https://download.pytorch.org/whl/cu124
+REM PyTorch: with an NVIDIA GPU the matching CUDA build is chosen by itself (lora_studio\torch_build.py).
+REM To choose yourself, set LORA_STUDIO_TORCH before the first run (or before "repair"), e.g.:
+REM   set LORA_STUDIO_TORCH=torch --index-url https://download.pytorch.org/whl/cu128
+REM Packages are installed with requirements.lock as constraints: exactly the versions the tests passed with.
 setlocal enabledelayedexpansion
 cd /d "%~dp0"
 set "MODE=app"
 if /I "%~1"=="test" (set "MODE=test" & shift)
-if "%LORA_STUDIO_TORCH%"=="" set "LORA_STUDIO_TORCH=torch>=2.4"
+if /I "%~1"=="repair" (set "MODE=repair" & shift)
+if /I "%~1"=="--repair" (set "MODE=repair" & shift)
 set "PY=%LORA_STUDIO_PYTHON%"
 if "%PY%"=="" set "PY=py -3"
 
+%PY% -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)" 2>nul
+if errorlevel 1 (
+  echo LoRA Studio needs Python 3.11 or newer. Install it from python.org ^(tick "Add python.exe to PATH"^),
+  echo or set LORA_STUDIO_PYTHON to its python.exe, then start this again.
+  goto :error
+)
+if "%MODE%"=="repair" (
+  echo Repair: deleting .venv and installing everything again ...
+  if exist ".venv" rmdir /s /q ".venv"
+)
 if not exist ".venv\Scripts\python.exe" (
   echo [1/3] First run: creating the virtual environment in .venv ...
-  %PY% -m venv .venv || (echo Python 3.10 or newer is needed: install it from python.org, tick "Add to PATH". & goto :error)
+  %PY% -m venv .venv || goto :error
 )
+
+REM Re-install only when a requirements file, the lock or the torch choice changed since the last install.
+set "REQS=requirements.txt"
+if "%MODE%"=="test" set "REQS=requirements-dev.txt"
 set "STAMP=.venv\.installed-%MODE%"
-if not exist "%STAMP%" (
-  echo [2/3] Installing PyTorch ^(%LORA_STUDIO_TORCH%^) ...
-  .venv\Scripts\python.exe -m pip install --progress-bar on %LORA_STUDIO_TORCH% || goto :error
-  echo [3/3] Installing LoRA Studio's requirements ...
-  .venv\Scripts\python.exe -m pip install --progress-bar on -r requirements.txt || goto :error
-  if "%MODE%"=="test" (.venv\Scripts\python.exe -m pip install -r requirements-dev.txt || goto :error)
-  echo done> "%STAMP%"
+if "%MODE%"=="repair" set "STAMP=.venv\.installed-app"
+copy /b requirements.txt+requirements-dev.txt+requirements.lock ".venv\.hash-input" >nul
+set "WANT="
+for /f "skip=1 delims=" %%h in ('certutil -hashfile ".venv\.hash-input" SHA256') do if not defined WANT set "WANT=%%h"
+del ".venv\.hash-input"
+set "TORCH_KEY=%LORA_STUDIO_TORCH%"
+if "!TORCH_KEY!"=="" set "TORCH_KEY=auto"
+set "WANT=!WANT: =!-%MODE%-!TORCH_KEY!"
+set "HAVE="
+if exist "%STAMP%" set /p HAVE=<"%STAMP%"
+if not "!HAVE!"=="!WANT!" (
+  set "TORCH_ARGS="
+  for /f "usebackq delims=" %%a in (`.venv\Scripts\python.exe lora_studio\torch_build.py`) do set "TORCH_ARGS=%%a"
+  echo [2/3] Installing PyTorch ^(!TORCH_ARGS!^) ...
+  .venv\Scripts\python.exe -m pip install --progress-bar on !TORCH_ARGS!
+  if errorlevel 1 (
+    if not "%LORA_STUDIO_TORCH%"=="" goto :error
+    echo PyTorch's own download server could not be used; trying PyPI's default build instead ...
+    .venv\Scripts\python.exe -m pip install --progress-bar on "torch>=2.4,<2.14" || goto :error
+  )
+  echo [3/3] Installing LoRA Studio's requirements ^(the tested versions in requirements.lock^) ...
+  .venv\Scripts\python.exe -m pip install --progress-bar on -r !REQS! -c requirements.lock || goto :error
+  >"%STAMP%" echo !WANT!
 )
+if "%MODE%"=="repair" (
+  echo Repaired. Start LoRA Studio by double-clicking launch.bat.
+  pause
+  exit /b 0
+)
+
 set "ARGS="
 :collect
 if "%~1"=="" goto :run

@@ -107,7 +107,8 @@ def run_plain(model: Path, data: Path, out: Path, steps: int, batch: int, seq: i
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from lora_studio.data.llm_data import load_tokenizer, preflight_llm
+    from lora_studio.data.llm_data import preflight_llm
+    from lora_studio.models.llm import load_tokenizer
 
     tok = load_tokenizer(str(model))
     examples = preflight_llm(data, tok, seq).examples
@@ -160,7 +161,7 @@ def _spawn(kind: str, model: Path, data: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model), "--data", str(data),
            "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"{kind} run failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][7:])
@@ -188,13 +189,13 @@ def table(ours: dict, plain: dict, ablation: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str, path: Path = ROOT / "docs" / "benchmarks.md") -> None:
-    """Replace (or add) the "## LLM" section of docs/benchmarks.md, keeping every other section."""
+def write_docs(text: str, path: Path = ROOT / "docs" / "benchmarks.md", section: str = "## LLM") -> None:
+    """Replace (or add) the ``section`` ("## LLM") of docs/benchmarks.md, keeping every other section."""
     from lora_studio.fileio import atomic_write_text
 
     old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     lines = old.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == "## LLM"), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == section), None)
     if start is None:
         new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     else:

@@ -9,6 +9,7 @@ gradient checkpointing, precision, optimizer, resolution).
     python benchmarks/bench_memory.py --count         # any machine: what the autograd graph keeps (meta device)
     python benchmarks/bench_memory.py --peak          # any machine: each preset's live peak of a real step (meta)
     python benchmarks/bench_memory.py --cpu           # CPU: the same code path on small shapes (testable)
+    python benchmarks/bench_memory.py --flux          # any machine: the FLUX presets' step on the meta device
 
 On a GPU it prints, per preset: peak memory (``torch.cuda.max_memory_allocated`` plus what the CUDA
 context takes), the estimate of ``lora_studio.training.memory``, steps/s, and the achieved TFLOP/s against
@@ -86,14 +87,14 @@ def build_unet(config: dict[str, Any], device: str | torch.device, dtype: torch.
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from lora_studio.config import DEFAULT_UNET_TARGETS
+    from lora_studio.families import SD_ATTENTION
 
     with torch.device(device):
         unet = UNet2DConditionModel(**config)
     unet.requires_grad_(False)
     unet.to(dtype=dtype)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(DEFAULT_UNET_TARGETS)))
+                                target_modules=list(SD_ATTENTION)))
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -136,8 +137,39 @@ class _FlashLikeSDPA(torch.autograd.Function):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
-def _sdpa(q, k, v, *args, **kwargs):
+def _sdpa(*args, **kwargs):
+    """``scaled_dot_product_attention`` with flash attention's saved tensors (diffusers may pass q, k, v by name)."""
+    q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
     return _FlashLikeSDPA.apply(q, k, v)
+
+
+def live_peak_of_steps(model, loss_of: Callable[[], torch.Tensor], dtype: torch.dtype, checkpointing: bool,
+                       steps: int = 2) -> int:
+    """The live-memory peak (bytes) of ``steps`` LoRA steps of ``model`` on the meta device: ``loss_of()`` (the
+    forward and loss) under CUDA autocast's casting policy, backward, AdamW; diffusers' gradient checkpointing
+    with autocast also while blocks are recomputed; flash attention's saved tensors. The second step has the
+    optimizer state from the start."""
+    if checkpointing:
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(
+            torch.utils.checkpoint.checkpoint, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _AutocastLike(dtype))))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+    tracker = _LiveBytes()
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _sdpa
+    try:
+        with tracker:
+            for _ in range(steps):
+                with _AutocastLike(dtype):
+                    loss = loss_of()
+                    loss.backward()
+                del loss
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real_sdpa
+    return tracker.peak
 
 
 @dataclass
@@ -313,33 +345,12 @@ def measure_step_peak(family: str, resolution: int, batch: int, checkpointing: b
     """
     config = config or UNET_CONFIGS[family]
     unet = build_unet(config, "meta", dtype, rank)
-    if checkpointing:
-        unet.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(
-            torch.utils.checkpoint.checkpoint, use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), _AutocastLike(dtype))))
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
     args, kwargs = unet_inputs(config, batch, resolution, "meta", dtype)
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
-    tracker = _LiveBytes()
-    real_sdpa = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _sdpa
-    try:
-        with tracker:
-            for _ in range(2):  # the second step has the optimizer state from the start
-                with _AutocastLike(dtype):
-                    pred = unet(*args, **kwargs).sample
-                    loss = torch.nn.functional.mse_loss(pred.float(), args[0].float())
-                    loss.backward()
-                del pred, loss
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = real_sdpa
-    peak = tracker.peak
+    peak = live_peak_of_steps(unet, lambda: torch.nn.functional.mse_loss(unet(*args, **kwargs).sample.float(),
+                                                                        args[0].float()), dtype, checkpointing)
     if optimizer == "adamw8bit":
-        peak -= sum(p.numel() for p in params) * (8 - 2)
+        peak -= sum(p.numel() for p in unet.parameters() if p.requires_grad) * (8 - 2)
     return StepPeak(family, resolution, batch, checkpointing, weights, peak)
 
 
@@ -367,12 +378,12 @@ def run_preset(name: str, family: str, values: dict[str, Any], device: str, step
                say: Callable[[str], None] = print) -> StepResult:
     """Train ``steps`` LoRA steps (after 2 warm-up steps) with a preset's settings; memory and speed."""
     from lora_studio.config import TrainConfig
-    from lora_studio.training.diffusion import DEFAULT_RESOLUTION
+    from lora_studio.families import get_family
     from lora_studio.training.memory import estimate_breakdown
 
     cfg = TrainConfig().replace(**values)
     config = (SMALL_CONFIGS if small else UNET_CONFIGS)[family]
-    resolution = 64 if small else (cfg.resolution or DEFAULT_RESOLUTION[family])
+    resolution = 64 if small else (cfg.resolution or get_family(family).default_resolution)
     cuda = device == "cuda"
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32) if cuda \
         else torch.float32
@@ -380,7 +391,7 @@ def run_preset(name: str, family: str, values: dict[str, Any], device: str, step
     unet = build_unet(config, device, dtype, cfg.lora_rank)
     text_encoder = None
     if family in ("sd15", "sd2") and not small:  # the SD1.5 trainer keeps its frozen text encoder on the GPU
-        text_encoder = torch.empty(123_060_480, dtype=dtype, device=device)
+        text_encoder = torch.empty(123_060_480, dtype=dtype, device=device)  # noqa: F841 - held during the steps
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -423,7 +434,6 @@ def run_preset(name: str, family: str, values: dict[str, Any], device: str, step
     flops = forward_flops(family, resolution) * cfg.batch_size if not small else 0
     factor = 3 if cfg.gradient_checkpointing else 2
     estimate = estimate_breakdown(cfg.replace(resolution=resolution), family).training_gb if not small else 0.0
-    del unet, optimizer, text_encoder, args, kwargs
     return StepResult(name, peak, 1 / seconds, flops * factor / seconds / 1e12, estimate, resolution)
 
 
@@ -465,10 +475,10 @@ def report_count(families: list[str], say: Callable[[str], None] = print) -> lis
         "per MP checkpointed (MB) | LoRA params (rank 16) | UNet params | forward TFLOP |")
     say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     out = []
-    from lora_studio.training.diffusion import DEFAULT_RESOLUTION
+    from lora_studio.families import get_family
 
     for family in families:
-        res = DEFAULT_RESOLUTION[family]
+        res = get_family(family).default_resolution
         for batch in (1, 2):
             c = count_activations(family, res, batch)
             full_mp, ckpt_mp = c.per_megapixel()
@@ -562,8 +572,10 @@ def measure_llm_step_peak(batch: int, seq: int, checkpointing: bool, shape: dict
     model.to(torch.bfloat16).requires_grad_(False)
     model.config.use_cache = False
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), _AutocastLike(torch.bfloat16))})
+        from lora_studio.training.runtime import enable_checkpointing
+
+        enable_checkpointing(model, use_reentrant=False,
+                             context_fn=lambda: (contextlib.nullcontext(), _AutocastLike(torch.bfloat16)))
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
     for p in model.parameters():
@@ -628,7 +640,7 @@ def report_peaks(say: Callable[[str], None] = print,
     Returns (preset, StepPeak, measured GB with the frozen SD1.5 text encoder, estimate of the same GB)."""
     from lora_studio.config import TrainConfig
     from lora_studio.presets import list_presets
-    from lora_studio.training.diffusion import DEFAULT_RESOLUTION
+    from lora_studio.families import get_family
     from lora_studio.training.memory import CONTEXT_GB, WORKSPACE_GB, estimate_breakdown
 
     say("| preset | batch | checkpointing | resolution | weights GB | step peak GB | measured total GB | "
@@ -640,7 +652,7 @@ def report_peaks(say: Callable[[str], None] = print,
             if only and preset.name not in only:
                 continue
             cfg = TrainConfig().replace(**preset.values)
-            resolution = cfg.resolution or DEFAULT_RESOLUTION[family]
+            resolution = cfg.resolution or get_family(family).default_resolution
             dtype = torch.float32 if cfg.mixed_precision == "no" else torch.float16
             peak = measure_step_peak(family, resolution, cfg.batch_size, cfg.gradient_checkpointing, cfg.optimizer,
                                      dtype=dtype, rank=cfg.lora_rank)
@@ -674,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", action="store_true", help="count saved activations on the meta device")
     parser.add_argument("--peak", action="store_true",
                         help="measure each preset's live-memory peak of a real step on the meta device")
+    parser.add_argument("--flux", action="store_true",
+                        help="only the FLUX presets' live peak on the meta device (flux_memory.py; also in --peak)")
     parser.add_argument("--cpu", action="store_true", help="small shapes on the CPU even if a GPU is present")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--families", default="sd15,sd2,sdxl", help="for --count")
@@ -686,10 +700,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.count:
         report_count(args.families.split(","))
         return 0
-    if args.peak:
-        report_peaks(only=only)
-        print()
-        report_llm_peaks()
+    if args.peak or args.flux:
+        from flux_memory import report_flux_peaks
+
+        if args.peak:
+            report_peaks(only=only)
+            print()
+            report_llm_peaks()
+            print()
+        report_flux_peaks()
         return 0
     gpu = torch.cuda.is_available() and not args.cpu
     report_presets("cuda" if gpu else "cpu", args.steps if gpu else min(args.steps, 2), small=not gpu, only=only)

@@ -21,24 +21,18 @@ from .logging_setup import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's arguments. The command modules import their heavy libraries only when they run."""
+    from .cli_dataset import add_caption_parser, add_dataset_parser
+    from .cli_generate import add_generate_parser
+    from .cli_miniature import add_miniature_parser
     from .cli_train import add_doctor_parser, add_presets_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="python -m lora_studio", description="LoRA Studio command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_presets_parser(sub)
-    add_doctor_parser(sub)
-    for module, names in (("cli_dataset", ("add_caption_parser", "add_dataset_parser")),
-                          ("cli_generate", ("add_generate_parser",)),
-                          ("cli_miniature", ("add_miniature_parser",))):
-        try:
-            mod = __import__(f"lora_studio.{module}", fromlist=list(names))
-        except ImportError:
-            continue
-        for name in names:
-            if hasattr(mod, name):
-                getattr(mod, name)(sub)
+    for add in (add_train_parser, add_caption_parser, add_dataset_parser, add_generate_parser, add_miniature_parser,
+                add_presets_parser, add_doctor_parser):
+        add(sub)
     return parser
 
 
@@ -47,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
+        if args.command != "doctor":  # doctor reports a broken install itself, among its other checks
+            from .versions import require_working_install
+
+            require_working_install()
         return int(args.func(args) or 0)
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)

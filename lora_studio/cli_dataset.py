@@ -1,4 +1,4 @@
-"""Command line for datasets and captions: ``caption`` and ``dataset check|prepare|convert``.
+"""Command line for datasets and captions: ``caption`` (in ``cli_caption``) and ``dataset check|prepare|convert``.
 
 ``add_caption_parser(subparsers)`` and ``add_dataset_parser(subparsers)`` register the subcommands on the
 main ``python -m lora_studio`` parser; each sets ``func(args) -> exit code``. Progress goes to stderr
@@ -49,67 +49,11 @@ def _fail(exc: StudioError) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- caption
-def cmd_caption(args: argparse.Namespace) -> int:
-    """``caption``: caption a folder into metadata.csv (and .txt sidecars with ``--txt``)."""
-    from lora_studio.captioning.batch import caption_folder
-    from lora_studio.captioning.blip import BlipCaptioner
-    from lora_studio.captioning.clip_tags import ClipStyleTagger
-
-    captioners = []
-    if args.model.lower() != "none":
-        captioners.append(BlipCaptioner(args.model, prefix=args.prefix, device=args.device,
-                                        batch_size=args.batch_size, max_new_tokens=args.max_tokens))
-    if args.style_tags:
-        captioners.append(ClipStyleTagger(args.clip_model, device=args.device, batch_size=args.batch_size))
-    if not captioners:
-        print("error: nothing to do: --model none needs --style-tags.", file=sys.stderr)
-        return EXIT_ERROR
-    progress, close = _progress_bar("captioning")
-    try:
-        run = caption_folder(args.input, captioners, output_csv=args.output, trigger=args.trigger,
-                             overwrite=args.overwrite, write_txt=args.txt, progress=progress)
-    except StudioError as exc:
-        return _fail(exc)
-    finally:
-        close()
-    report = run.report
-    if report is not None:
-        for check in report.skipped:
-            print(f"skipped {check.name}: {'; '.join(check.problems)}", file=sys.stderr)
-    for path, reason in run.failed.items():
-        print(f"failed {path}: {reason}", file=sys.stderr)
-    print(run.summary())
-    for path in run.written[:1]:
-        print(f"captions written to {path}" + (f" (+{len(run.written) - 1} more files)" if len(run.written) > 1 else ""))
-    if report is None or not report.usable:
-        print(f"No usable images found in '{args.input}'.", file=sys.stderr)
-        return EXIT_NOTHING_USABLE
-    return EXIT_OK
-
-
 def add_caption_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``caption`` on ``subparsers`` (from ``parser.add_subparsers()``)."""
-    from lora_studio.captioning.blip import DEFAULT_BLIP
-    from lora_studio.captioning.clip_tags import DEFAULT_CLIP
+    """Register ``caption`` (its options and command live in ``cli_caption``)."""
+    from lora_studio.cli_caption import add_caption_parser as add
 
-    p = subparsers.add_parser("caption", help="auto-caption a folder of images (BLIP, CLIP style tags)",
-                              description="Caption every image in a folder into metadata.csv. Existing "
-                                          "captions are kept unless --overwrite.")
-    p.add_argument("--input", required=True, help="folder of training images (searched recursively)")
-    p.add_argument("--output", default=None, help="metadata.csv to write (default: <input>/metadata.csv)")
-    p.add_argument("--model", default=DEFAULT_BLIP,
-                   help=f"BLIP model id or local folder (default {DEFAULT_BLIP}; 'none' for style tags only)")
-    p.add_argument("--prefix", default=None, help="conditional start of every caption, e.g. 'a painting of'")
-    p.add_argument("--trigger", default=None, help="trigger word put first in every caption, exactly once")
-    p.add_argument("--style-tags", action="store_true", help="add CLIP-ranked medium/style/lighting/colour tags")
-    p.add_argument("--clip-model", default=DEFAULT_CLIP, help=f"CLIP model id or folder (default {DEFAULT_CLIP})")
-    p.add_argument("--overwrite", action="store_true", help="replace existing captions too")
-    p.add_argument("--txt", action="store_true", help="also write kohya .txt sidecars next to the images")
-    p.add_argument("--batch-size", type=int, default=4, help="images per model call (default 4)")
-    p.add_argument("--max-tokens", type=int, default=40, help="longest BLIP caption in tokens (default 40)")
-    p.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda when available)")
-    p.set_defaults(func=cmd_caption)
-    return p
+    return add(subparsers)
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -121,7 +65,9 @@ def _print_table(rows: list[list[str]], headers: list[str]) -> None:
 
 
 def cmd_dataset_check(args: argparse.Namespace) -> int:
-    """``dataset check DIR``: report problems per file and a summary."""
+    """``dataset check DIR``: report problems per file (captions too long for the family included) and a summary."""
+    from lora_studio.captioning.style import target_family
+    from lora_studio.captioning.token_limits import flag_long_captions, limit_text
     from lora_studio.data.scan import ROW_HEADERS, scan_folder
 
     progress, close = _progress_bar("checking")
@@ -131,6 +77,8 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
         return _fail(exc)
     finally:
         close()
+    family = target_family(args.family, args.base_model) or "sd15"
+    too_long = flag_long_captions(report, family, args.base_model)
     rows = report.rows(problems_only=not args.all)
     if rows:
         _print_table(rows, ROW_HEADERS)
@@ -138,6 +86,9 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
     print(report.summary())
     for note in report.notes():
         print(f"  {note}")
+    if too_long:
+        print(f"  {len(too_long)} caption(s) are longer than {limit_text(family)}: the end of each is cut in "
+              "training (shorten them, or pick the family you will train with --family).")
     if args.json:
         from lora_studio.fileio import atomic_write_json
 
@@ -193,6 +144,7 @@ def cmd_dataset_convert(args: argparse.Namespace) -> int:
 
 def add_dataset_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``dataset`` (with ``check``, ``prepare``, ``convert``) on ``subparsers``."""
+    from lora_studio.captioning.token_limits import FAMILY_LIMITS
     from lora_studio.data.prepare import CAPTION_FORMATS, MODES
     from lora_studio.data.scan import DEFAULT_MAX_ASPECT, DEFAULT_MIN_SIZE
 
@@ -211,6 +163,10 @@ def add_dataset_parser(subparsers) -> argparse.ArgumentParser:
     limits(check)
     check.add_argument("--all", action="store_true", help="list every file, not only those with a problem")
     check.add_argument("--json", default=None, help="also write the full report to this JSON file")
+    check.add_argument("--family", choices=list(FAMILY_LIMITS), default=None,
+                       help="the family you will train, for the caption length check (default: of --base-model, "
+                            "else sd15)")
+    check.add_argument("--base-model", default=None, help="the base model you will train (exact token counts)")
     check.set_defaults(func=cmd_dataset_check)
 
     prep = sub.add_parser("prepare", help="write resized RGB copies and captions to a working folder")

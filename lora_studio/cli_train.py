@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import load_config, parse_overrides
 from .errors import StudioError
+from .training.events import Checkpoint, Event, Failed, Finished, Log, Metric, Progress, Sample, Stopped
 
 
 def add_train_parser(sub) -> None:
@@ -32,44 +33,65 @@ def add_presets_parser(sub) -> None:
 
 def add_doctor_parser(sub) -> None:
     p = sub.add_parser("doctor", help="check the installation and train a few steps on a tiny model")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4, help="training steps on a tiny model (0: skip the training check)")
     p.set_defaults(func=cmd_doctor)
 
 
-class _TerminalView:
-    """Prints log lines and a one-line progress bar for a job's events (main process only)."""
+class TerminalView:
+    """Prints log lines and a progress bar for a job's events (main process only).
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    On a terminal the bar is redrawn in place; when standard error is not a terminal (a log file, CI, a
+    process started by a GUI) it prints a plain line every ``every_percent`` percent instead.
+    """
+
+    def __init__(self, stream=None, every_percent: int = 5):
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every_percent
         self.last_loss: float | None = None
+        self.last_percent = -1
         self.bar_shown = False
 
-    def __call__(self, event) -> None:
-        d = event.data
-        if event.kind == "metrics":
-            self.last_loss = d["loss"]
-        elif event.kind == "progress" and d.get("total"):
-            step, total = d["step"], d["total"]
-            width = 30
-            filled = int(width * step / max(total, 1))
-            loss = f" loss {self.last_loss:.4f}" if self.last_loss is not None else ""
-            speed = f" {d.get('it_per_s', 0):.2f} it/s" if d.get("it_per_s") else ""
-            eta = f" ETA {d['eta']}" if d.get("eta") else ""
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total}{loss}{speed}{eta}   ")
-            self.stream.flush()
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Metric):
+            self.last_loss = event.loss
+        elif isinstance(event, Progress) and event.total:
+            self._progress(event)
+        elif isinstance(event, (Log, Checkpoint, Sample, Finished, Stopped, Failed)):
+            self._line(event)
+
+    def _progress(self, p: Progress) -> None:
+        loss = f" loss {self.last_loss:.4f}" if self.last_loss is not None else ""
+        speed = f" {p.it_per_s:.2f} it/s" if p.it_per_s else ""
+        eta = f" ETA {p.eta}" if p.eta else ""
+        if self.tty:
+            filled = int(30 * p.step / max(p.total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {p.step}/{p.total}{loss}{speed}{eta}   ")
             self.bar_shown = True
-        elif event.kind in ("log", "checkpoint", "sample", "finished", "stopped", "failed"):
-            if self.bar_shown:
-                self.stream.write("\n")
-                self.bar_shown = False
-            text = d.get("message") or f"{event.kind}: {d.get('path', '')}"
-            prefix = {"failed": "error: ", "checkpoint": "saved checkpoint ", "sample": "sample "}.get(event.kind, "")
-            if event.kind in ("checkpoint", "sample"):
-                text = d["path"]
-            if d.get("level") == "warning":
-                prefix = "warning: "
-            self.stream.write(prefix + text + "\n")
-            self.stream.flush()
+        else:
+            percent = 100 * p.step // max(p.total, 1)
+            if percent // self.every == self.last_percent // self.every and p.step != p.total:
+                return
+            self.last_percent = percent
+            self.stream.write(f"step {p.step}/{p.total} ({percent}%){loss}{speed}{eta}\n")
+        self.stream.flush()
+
+    def _line(self, event: Event) -> None:
+        if self.bar_shown:
+            self.stream.write("\n")
+            self.bar_shown = False
+        if isinstance(event, Checkpoint):
+            text = f"saved checkpoint {event.path}"
+        elif isinstance(event, Sample):
+            text = f"sample {event.path}"
+        elif isinstance(event, Failed):
+            text = f"error: {event.message}"
+        elif isinstance(event, Log) and event.level == "warning":
+            text = f"warning: {event.message}"
+        else:
+            text = event.message
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -86,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset = auto_preset(args.config, overrides) if args.preset == "auto" else args.preset
         job = TrainingJob(load_config(args.config, preset=preset, overrides=overrides))
     if is_main_process():
-        job.bus.subscribe(_TerminalView())
+        job.bus.subscribe(TerminalView())
     job.start()
     previous = signal.getsignal(signal.SIGINT)
 
@@ -111,8 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def auto_preset(config_path: str | None, overrides: dict) -> str | None:
     """The preset for the config's base model family that fits the detected GPU (None without a GPU)."""
-    from .models.family import family_info
-    from .presets import detect_gpu
+    from .models.detect import family_info
+    from .hardware import detect_gpu
 
     cfg = load_config(config_path, overrides=overrides)
     gpu = detect_gpu()
@@ -125,11 +147,13 @@ def auto_preset(config_path: str | None, overrides: dict) -> str | None:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import detect_gpu, list_presets, recommend_preset
+    from .families import FAMILIES
+    from .hardware import detect_gpu
+    from .presets import list_presets, recommend_preset
 
     gpu = detect_gpu()
     print(f"GPU: {gpu['name']} ({gpu['memory_gb']:.1f} GB)" if gpu else "GPU: none found (CUDA not available)")
-    for family in ("sd15", "sdxl", "llm"):
+    for family in dict.fromkeys(f.preset_group for f in FAMILIES.values()):  # sd15, sdxl, flux, llm
         presets = list_presets(family)
         if not presets:
             continue
@@ -143,13 +167,34 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_install() -> bool:
+    """The install check and how the installed versions differ from the tested ones; True when whole."""
+    from .versions import LOCK, install_message, install_problems, installed_versions, lock_differences, read_lock
+
+    problems = install_problems()
+    if problems:
+        print(f"PROBLEM: {install_message(problems)}")
+    else:
+        print("Installed packages work together.")
+    if LOCK.is_file():
+        diffs = [d for d in lock_differences(installed_versions(), read_lock()) if "not installed" not in d]
+        print(f"Versions differ from the tested ones in {LOCK.name}: " + "; ".join(diffs) if diffs
+              else f"Versions are the tested ones ({LOCK.name}).")
+    return not problems
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
+    from .hardware import describe_device
 
-    ok = True
     print(f"LoRA Studio {__version__}, Python {sys.version.split()[0]}")
+    ok = _doctor_install()
+    line, warning = describe_device()
+    print(f"Device: {line}")
+    if warning:
+        print(f"WARNING: {warning}")
     print(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -169,8 +214,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                                                            " (8-bit AdamW needs CUDA; AdamW is used instead)"))
     except Exception as exc:
         print(f"bitsandbytes: not usable ({exc.__class__.__name__}); 8-bit AdamW falls back to AdamW")
-    print(f"\nTraining {args.steps} steps on a tiny built-in model ...")
-    ok = _doctor_train(args.steps) and ok
+    if args.steps > 0:
+        print(f"\nTraining {args.steps} steps on a tiny built-in model ...")
+        ok = _doctor_train(args.steps) and ok
     print("All checks passed." if ok else "Some checks failed (see above).")
     return 0 if ok else 1
 
@@ -193,6 +239,6 @@ def _doctor_train(steps: int) -> bool:
         if job.status != "finished":
             print(f"  tiny training FAILED: {job.error}")
             return False
-        losses = ", ".join(f"{loss:.3f}" for _, loss in snap["losses"])
+        losses = ", ".join(f"{loss:.3f}" for _, loss in snap.losses)
         print(f"  tiny training OK in {time.time() - started:.1f}s; losses: {losses}")
         return True

@@ -19,9 +19,12 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from .errors import ConfigError
+from .families import FAMILY_IDS, get_family
 from .fileio import atomic_write_text
+from .presets import load_preset
+from .yaml_files import read_yaml_mapping
 
-FAMILIES = ("auto", "sd15", "sd2", "sdxl", "llm")
+FAMILIES = ("auto",) + FAMILY_IDS
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = (
@@ -34,17 +37,24 @@ LR_SCHEDULERS = (
 )
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 CACHE_MODES = ("memory", "disk", "none")
+# FLUX and the next flow-matching families (training/flow_matching.py)
+TIMESTEP_SAMPLINGS = ("sigmoid", "logit_normal", "uniform", "shift", "flux_shift")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+BASE_QUANTIZATIONS = ("none", "nf4", "int8", "fp8")
+LORA_TARGET_PRESETS = ("attention", "all_linear")
 
-DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-DEFAULT_LLM_TARGETS = ["q_proj", "v_proj"]
+# What a field holds, beyond its Python type. Paths are checked by these kinds (the shared app's path policy):
+#   model   a folder, a file or a hub id (owner/name)      data    an existing file or folder to read
+#   file    an existing file (or a LoRA/adapter folder)     output  a folder that is created when missing
+# The others come from the type: bool, number, choice, list, text.
+PATH_KINDS = ("model", "data", "file", "output")
 
 
 def _opt(default: Any, help: str, *, choices: Iterable[str] | None = None, min: float | None = None,
-         max: float | None = None, group: str = "main") -> Any:
-    """A dataclass field with help text and the allowed values kept in its metadata."""
+         max: float | None = None, group: str = "main", kind: str | None = None) -> Any:
+    """A dataclass field with help text, its kind and the allowed values kept in its metadata."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
-            "group": group}
+            "group": group, "kind": kind}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -55,21 +65,22 @@ class TrainConfig:
     """Everything a training run needs. Field names are the YAML keys."""
 
     # --- what to train -------------------------------------------------------------------------------
-    base_model: str = _opt("", "Base model: a diffusers folder, a hub id, or a single .safetensors checkpoint.")
-    model_family: str = _opt("auto", "sd15, sd2, sdxl or llm; 'auto' detects it from the model files.",
+    base_model: str = _opt("", "Base model: a diffusers folder, a hub id, or a single .safetensors checkpoint.",
+                           kind="model")
+    model_family: str = _opt("auto", f"{', '.join(FAMILY_IDS)}; 'auto' detects it from the model files.",
                              choices=FAMILIES)
     vae: str | None = _opt(None, "Optional VAE (folder, hub id or file), e.g. an fp16-safe SDXL VAE.",
-                           group="advanced")
+                           group="advanced", kind="model")
     single_file_config: str | None = _opt(
         None, "For a single-file checkpoint (.safetensors/.ckpt): a diffusers folder or hub id of the same family "
         "whose configs and tokenizer it uses. Empty: the family's standard ones from the hub (a few MB, once).",
-        group="advanced")
-    train_data_dir: str = _opt("", "Folder with the training images (or LLM data file/folder).")
+        group="advanced", kind="model")
+    train_data_dir: str = _opt("", "Folder with the training images (or LLM data file/folder).", kind="data")
     metadata_path: str | None = _opt(None, "Caption table (metadata.csv). Empty: use <train_data_dir>/"
-                                     "metadata.csv if present, else .txt caption files.")
+                                     "metadata.csv if present, else .txt caption files.", kind="file")
     caption_extension: str = _opt(".txt", "Extension of kohya-style caption files next to the images.",
                                   group="advanced")
-    output_dir: str = _opt("output", "Folder where runs and the exported LoRA are written.")
+    output_dir: str = _opt("output", "Folder where runs and the exported LoRA are written.", kind="output")
     output_name: str = _opt("my_lora", "File name of the exported LoRA (without extension).")
 
     # --- the LoRA ------------------------------------------------------------------------------------
@@ -78,16 +89,17 @@ class TrainConfig:
                                     min=0.0)
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA layers (0 to 1).", min=0.0, max=1.0, group="advanced")
     target_modules: list[str] | None = _opt(None, "Layers that get a LoRA. Empty: to_q, to_k, to_v, to_out.0 "
-                                            "for images; q_proj, v_proj for LLMs.", group="advanced")
+                                            "for SD/SDXL; the lora_targets preset for FLUX/Chroma; q_proj, v_proj "
+                                            "for LLMs.", group="advanced")
     train_text_encoder: bool = _opt(False, "Also train a LoRA on the text encoder(s).")
     text_encoder_lr: float | None = _opt(None, "Learning rate for the text encoder LoRA. Empty: learning_rate.",
                                          min=0.0, max=1.0, group="advanced")
     init_lora: str | None = _opt(None, "Continue training from an existing LoRA file (kohya, diffusers or "
-                                 "PEFT folder).")
+                                 "PEFT folder).", kind="file")
 
     # --- schedule ------------------------------------------------------------------------------------
     resolution: int | None = _opt(None, "Training resolution in pixels. Empty: 512 for SD1.5, 768 for SD2, "
-                                  "1024 for SDXL.", min=64, max=4096)
+                                  "1024 for SDXL and FLUX.", min=64, max=4096)
     batch_size: int = _opt(1, "Images per step.", min=1, max=1024)
     epochs: int = _opt(10, "Passes over the dataset.", min=1, max=100000)
     max_train_steps: int | None = _opt(None, "Stop after this many optimizer steps (overrides epochs).",
@@ -122,6 +134,34 @@ class TrainConfig:
                                        min=0.0, max=100.0, group="advanced")
     prediction_type: str = _opt("auto", "epsilon or v_prediction; 'auto' reads it from the model's scheduler.",
                                 choices=PREDICTION_TYPES, group="advanced")
+
+    # --- FLUX and other flow-matching models ---------------------------------------------------------
+    timestep_sampling: str = _opt("sigmoid", "Which noise levels training sees: sigmoid (default), logit_normal "
+                                  "(logit_mean/logit_std), uniform, shift (discrete_flow_shift), or flux_shift "
+                                  "(by image size, as the FLUX pipeline shifts at inference).",
+                                  choices=TIMESTEP_SAMPLINGS, group="flow")
+    logit_mean: float = _opt(0.0, "logit_normal: mean of the normal drawn before the sigmoid.", min=-10.0, max=10.0,
+                             group="flow")
+    logit_std: float = _opt(1.0, "logit_normal: its standard deviation.", min=0.01, max=10.0, group="flow")
+    discrete_flow_shift: float = _opt(3.0, "shift: how far noise levels move towards pure noise (1 = none, 3 as "
+                                      "sd-scripts).", min=0.01, max=100.0, group="flow")
+    loss_weighting: str = _opt("none", "Loss weight per noise level: none, sigma_sqrt or cosmap (SD3 paper).",
+                               choices=LOSS_WEIGHTINGS, group="flow")
+    max_sequence_length: int = _opt(512, "T5 prompt length in tokens (FLUX.1-dev and Chroma 512; schnell was "
+                                    "trained with 256). Longer captions are cut.", min=16, max=512, group="flow")
+    guidance_scale: float = _opt(1.0, "Guidance fed to a guidance-distilled model (FLUX.1-dev) while training; 1.0 "
+                                 "as sd-scripts and ai-toolkit. Not the guidance used to render.", min=0.0, max=30.0,
+                                 group="flow")
+    base_quantization: str = _opt("none", "Frozen base transformer stored as: none (bf16), nf4 (4-bit, bitsandbytes, "
+                                  "CUDA), int8 (torchao weight-only) or fp8 (float8, cast up when used).",
+                                  choices=BASE_QUANTIZATIONS, group="flow")
+    lora_targets: str = _opt("attention", "Transformer layers with a LoRA: attention (q, k, v, out of image and "
+                             "text) or all_linear (adds feed-forward and single-block MLP). target_modules overrides.",
+                             choices=LORA_TARGET_PRESETS, group="flow")
+    train_double_block_indices: str = _opt("all", "Double blocks that get a LoRA: all, none, or indices and ranges "
+                                           "such as 0-7,10 (as sd-scripts).", group="flow")
+    train_single_block_indices: str = _opt("all", "Single blocks that get a LoRA: all, none, or indices and ranges "
+                                           "such as 0-19.", group="flow")
 
     # --- LLM details ---------------------------------------------------------------------------------
     max_seq_length: int = _opt(512, "LLM: longest training sequence in tokens (longer rows are truncated).",
@@ -162,6 +202,8 @@ class TrainConfig:
                     raise ConfigError(f.name, f"{value} is out of range; allowed: {_range_text(lo, hi)}.")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules", "is an empty list; leave it out to use the defaults.")
+        for key in ("train_double_block_indices", "train_single_block_indices"):
+            block_indices(getattr(self, key), key)
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
             raise ConfigError("output_name", "must be a plain file name without / \\ : * ? \" < > |.")
         return self
@@ -179,11 +221,13 @@ class TrainConfig:
     def alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
-    def unet_targets(self) -> list[str]:
-        return list(self.target_modules or DEFAULT_UNET_TARGETS)
+    def targets_for(self, family: str) -> list[str]:
+        """``target_modules``, or the family's default layers when it is empty."""
+        return list(self.target_modules or get_family(family).default_targets)
 
-    def llm_targets(self) -> list[str]:
-        return list(self.target_modules or DEFAULT_LLM_TARGETS)
+    def resolution_for(self, family: str) -> int:
+        """``resolution``, or the family's default (512 when it has none)."""
+        return int(self.resolution or get_family(family).default_resolution or 512)
 
     # --- conversion ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -197,6 +241,25 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return merge(self, changes)
+
+
+def block_indices(text: str, key: str, count: int | None = None) -> list[int] | None:
+    """``"all"`` -> None (every block), ``"none"`` -> [], ``"0-3,7"`` -> [0, 1, 2, 3, 7]; ConfigError naming ``key``
+    for bad syntax or (with ``count``, the model's number of blocks) an index the model does not have."""
+    text = (text or "").strip().lower()
+    if text in ("", "all"):
+        return None
+    if text == "none":
+        return []
+    found: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+            raise ConfigError(key, f"'{part}' is not a block index or range; write all, none, or e.g. 0-7,10.")
+        found.update(range(int(lo), (int(hi) if sep else int(lo)) + 1))
+    if count is not None and max(found) >= count:
+        raise ConfigError(key, f"block {max(found)} does not exist: this model has blocks 0 to {count - 1}.")
+    return sorted(found)
 
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
@@ -214,6 +277,21 @@ ALIASES = {
     "save_every_n_steps": "save_steps",
     "optimizer_type": "optimizer",
 }
+
+
+def field_kind(f: dataclasses.Field) -> str:
+    """model, data, file, output (paths), or bool, number, choice, list, text (from the type)."""
+    if f.metadata.get("kind"):
+        return f.metadata["kind"]
+    t = _base_type(f)
+    if f.metadata.get("choices"):
+        return "choice"
+    return {"bool": "bool", "int": "number", "float": "number", "list[str]": "list"}.get(t, "text")
+
+
+def path_fields() -> list[dataclasses.Field]:
+    """The fields that hold a path (or a model reference), by their kind."""
+    return [f for f in fields(TrainConfig) if field_kind(f) in PATH_KINDS]
 
 
 def _allows_none(f: dataclasses.Field) -> bool:
@@ -252,6 +330,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if t == "str":
             if isinstance(value, (dict, list)):
                 raise ValueError
+            if _means_no(f, value):  # YAML reads a bare `no` as false
+                return "no"
             return str(value)
         if t == "list[str]":
             if isinstance(value, str):
@@ -266,6 +346,14 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     kind = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text",
             "list[str]": "a list of names"}.get(t, t)
     raise ConfigError(f.name, f"expected {kind}, got {value!r}.")
+
+
+def _means_no(f: dataclasses.Field, value: Any) -> bool:
+    """``mixed_precision: no`` arrives as False from YAML (and ``false`` is meant the same way)."""
+    choices = f.metadata.get("choices") or ()
+    if "no" not in choices:
+        return False
+    return value is False or (isinstance(value, str) and value.strip().lower() in ("false", "off", "none"))
 
 
 def _range_text(lo: float | None, hi: float | None) -> str:
@@ -296,24 +384,6 @@ def merge(base: TrainConfig, changes: Mapping[str, Any], source: str = "override
     return TrainConfig(**values).validate()
 
 
-def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; errors name the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("config", f"file '{p}' does not exist.")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError("config", f"'{p}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("config", f"'{p}' must hold 'key: value' lines, not a {type(data).__name__}.")
-    return data
-
-
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """``["batch_size=2", "learning_rate=5e-5"]`` -> dict, values parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -328,8 +398,6 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike | None = None, *, preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Build a config: defaults <- preset <- YAML file <- overrides. Raises ConfigError."""
-    from .presets import load_preset  # local import: presets imports this module
-
     cfg = TrainConfig()
     file_values = read_yaml_mapping(path) if path else {}
     preset_name = preset or file_values.pop("preset", None)
@@ -342,7 +410,8 @@ def load_config(path: str | os.PathLike | None = None, *, preset: str | None = N
     return cfg.validate()
 
 
-GROUP_TITLES = {"main": "Main settings", "advanced": "Advanced", "llm": "Language models (family: llm)"}
+GROUP_TITLES = {"main": "Main settings", "advanced": "Advanced",
+                "flow": "FLUX and Chroma (flow matching)", "llm": "Language models (family: llm)"}
 
 
 def template_yaml() -> str:

@@ -20,6 +20,8 @@ def setup_logging(verbose: bool, level: int = logging.WARNING, fmt: str = "%(lev
     logging.basicConfig(level=logging.DEBUG if verbose else level, format=fmt, datefmt=datefmt)
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if not verbose:  # torchao cannot load its CUDA kernels into a CPU-only torch and says so at import
+        logging.getLogger("torchao").setLevel(logging.ERROR)
     if not verbose:  # read by the libraries when they are first imported (after this)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

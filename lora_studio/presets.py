@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .yaml_files import read_yaml_mapping
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 TEMPLATE_NAME = "lora_default"
@@ -27,8 +28,6 @@ class Preset:
 
 
 def _read(path: Path) -> Preset:
-    from .config import read_yaml_mapping
-
     data = read_yaml_mapping(path)
     info = data.pop("preset_info", {}) or {}
     return Preset(name=path.stem, family=str(info.get("family", "sd15")), vram_gb=float(info.get("vram_gb", 0)),
@@ -57,18 +56,6 @@ def get_preset(name: str) -> Preset:
 def load_preset(name: str) -> dict[str, Any]:
     """The config keys a preset sets."""
     return dict(get_preset(name).values)
-
-
-def detect_gpu() -> dict[str, Any] | None:
-    """Name and memory of the first CUDA GPU, or None without CUDA."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard requirement
-        return None
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "memory_gb": props.total_memory / 1e9, "count": torch.cuda.device_count()}
 
 
 def recommend_preset(memory_gb: float | None, family: str = "sd15") -> Preset | None:

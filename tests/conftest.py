@@ -38,3 +38,13 @@ def demo_images(tmp_path) -> Path:
     from lora_studio.models.tiny import make_demo_images
 
     return make_demo_images(tmp_path / "images", count=8, size=64)
+
+
+# Tests that start the app as a server (or several training processes) are end-to-end and long: `slow`.
+SLOW_FIXTURES = {"demo_app", "client", "app", "two_process_run"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

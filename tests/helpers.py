@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lora_studio.config import TrainConfig
+from lora_studio.training.events import Progress
 from lora_studio.training.job import TrainingJob
 
 
@@ -11,3 +12,16 @@ def run_job(cfg: TrainConfig, timeout: float = 600) -> TrainingJob:
     job = TrainingJob(cfg).start()
     assert job.wait(timeout), "the training job did not end in time"
     return job
+
+
+def stop_then_resume(cfg: TrainConfig, stop_at: int, timeout: float = 600) -> TrainingJob:
+    """A run stopped (as the Stop button does) once step ``stop_at`` is done, then resumed from its run folder
+    to the end; returns the resumed job (its ``run`` is the same folder)."""
+    first = TrainingJob(cfg)
+    first.bus.subscribe(lambda e: first.stop() if isinstance(e, Progress) and e.step == stop_at else None)
+    first.start().wait(timeout)
+    assert first.status == "stopped", first.error
+    resumed = TrainingJob.resume(first.run.path)
+    resumed.start().wait(timeout)
+    assert resumed.status == "finished", resumed.error
+    return resumed

@@ -330,11 +330,12 @@ def test_preset_list_and_layer_choices_follow_the_family(demo_app):
 
 
 def test_start_job_trains_here_on_one_gpu_and_launches_accelerate_on_several(monkeypatch, tmp_path):
-    """The choice behind Start and Resume, with the engine's job and launcher replaced by fakes."""
+    """The choice behind Start and Resume, with the in-process job and the launched processes replaced by fakes."""
     from lora_studio.config import TrainConfig
-    from lora_studio.training import multi_gpu
+    from lora_studio.errors import StudioError
+    from lora_studio.training import job as job_module
+    from lora_studio.training import jobs, process_job
     from lora_studio.training.run_folder import RunFolder
-    from lora_studio.ui import train_extras
 
     calls = []
 
@@ -350,38 +351,42 @@ def test_start_job_trains_here_on_one_gpu_and_launches_accelerate_on_several(mon
         def start(self):
             return self
 
-    class FakeProc:
-        def __init__(self, run_dir):
-            self.run_dir, self.returncode = run_dir, None
+    class FakePopen:
+        def __init__(self, cmd, env, **kwargs):
+            precision = cmd[cmd.index("--mixed_precision") + 1]
+            resume = cmd[cmd.index("--resume") + 1] if "--resume" in cmd else None
+            calls.append(("accelerate", precision, int(cmd[cmd.index("--num_processes") + 1]), resume))
+            self.pid, self.returncode = 4242, None
 
         def poll(self):
             return None
 
     cfg = TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16").validate()
     run = RunFolder.create(cfg)
+    real_job = job_module.TrainingJob
+    monkeypatch.setattr(job_module, "TrainingJob", FakeJob)
+    monkeypatch.setattr(process_job, "available_gpus", lambda: 2)
+    monkeypatch.setattr(process_job.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(TrainConfig, "require_paths", lambda self: None)
 
-    def fake_launch(config, num_gpus, *, resume_dir=None):
-        calls.append(("accelerate", config.mixed_precision, num_gpus, str(resume_dir) if resume_dir else None))
-        return FakeProc(run.path)
-
-    monkeypatch.setattr(train_extras, "TrainingJob", FakeJob)
-    monkeypatch.setattr(multi_gpu, "available_gpus", lambda: 2)
-    monkeypatch.setattr(multi_gpu, "start_multi_gpu", fake_launch)
-
-    assert isinstance(train_extras.start_job(cfg, 1), FakeJob) and calls.pop() == ("here", cfg)
-    job = train_extras.start_job(cfg, 2)
-    assert isinstance(job, train_extras.ProcessJob) and calls.pop() == ("accelerate", "bf16", 2, None)
-    assert job.is_running() and job.run.path == run.path
-    train_extras.start_job(None, 2, resume_dir=run.path)  # the run folder's config.yaml
+    assert isinstance(jobs.start_job(cfg, 1), FakeJob) and calls.pop() == ("here", cfg)
+    job = jobs.start_job(cfg, 2)
+    assert isinstance(job, process_job.ProcessJob) and calls.pop() == ("accelerate", "bf16", 2, None)
+    assert job.is_running() and jobs.running_job() is job
+    with pytest.raises(StudioError, match="already in progress"):  # one run at a time, whatever its kind
+        real_job(cfg).start()
+    job.proc.poll = lambda: 0  # the launched run ends
+    jobs.start_job(None, 2, resume_dir=run.path)  # the run folder's config.yaml
     assert calls.pop() == ("accelerate", "bf16", 2, str(run.path))
-    train_extras.start_job(None, 1, resume_dir=run.path)
+    jobs.current_job().proc.poll = lambda: 0
+    jobs.start_job(None, 1, resume_dir=run.path)
     assert calls[-2] == ("here, resume", str(run.path))
     # Stop and Save now reach the other process through the run folder's commands/.
     job.stop()
     job.save_now()
-    assert (run.path / "commands" / "stop").is_file() and (run.path / "commands" / "save").is_file()
-    with pytest.raises(train_extras.StudioError, match="3 GPUs were asked for but this machine has 2"):
-        train_extras.start_job(cfg, 3)
+    assert (job.run.path / "commands" / "stop").is_file() and (job.run.path / "commands" / "save").is_file()
+    with pytest.raises(StudioError, match="3 GPUs were asked for but this machine has 2"):
+        jobs.start_job(cfg, 3)
 
 
 def test_several_gpus_on_a_machine_without_them_are_refused(client):

@@ -1,11 +1,14 @@
 """Click through the ``--demo`` flow in a real headless Chromium, and keep the screenshots for the README.
 
 Dataset check, captioning, training a few steps (the loss plot draws while it runs), a strength grid.
-Screenshots go to ``docs/img/`` (dataset.png, captioning.png, training.png, testing.png).
+With ``LORA_STUDIO_SCREENSHOTS=1`` the README's screenshots are refreshed in ``docs/img/`` (dataset.png,
+captioning.png, training.png, testing.png); otherwise they go to the test's temporary folder, so a test run
+leaves the work tree as it was.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -51,17 +54,23 @@ def page(tmp_path):
             context.close()
 
 
-def _shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    tmp = SHOTS / f".{name}.tmp.png"
+@pytest.fixture()
+def shots(tmp_path) -> Path:
+    """Where screenshots go: docs/img when asked (LORA_STUDIO_SCREENSHOTS=1), else a temporary folder."""
+    return SHOTS if os.environ.get("LORA_STUDIO_SCREENSHOTS") == "1" else tmp_path / "shots"
+
+
+def _shot(page, folder: Path, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp.png"
     page.screenshot(path=str(tmp), full_page=True)
-    shutil.move(tmp, SHOTS / name)
+    shutil.move(tmp, folder / name)
 
 
-def test_demo_flow_in_the_browser(demo_app, page):
+def test_demo_flow_in_the_browser(demo_app, page, shots):
     """On failure the page's training numbers and the server's log tail are in the message."""
     try:
-        _click_through(demo_app.url, page)
+        _click_through(demo_app.url, page, shots)
     except Exception as exc:  # expect() failures and Playwright timeouts
         stats = page.locator("#train-stats").inner_text(timeout=2000) if page.locator("#train-stats").count() else ""
         toasts = " | ".join(page.locator(".toast-body").all_inner_texts())
@@ -70,7 +79,7 @@ def test_demo_flow_in_the_browser(demo_app, page):
                              f"{demo_app.output()[-4000:]}") from None
 
 
-def _click_through(demo_url: str, page) -> None:
+def _click_through(demo_url: str, page, shots: Path) -> None:
     from playwright.sync_api import expect
 
     page.goto(demo_url)
@@ -80,7 +89,7 @@ def _click_through(demo_url: str, page) -> None:
     page.get_by_role("button", name="Check folder").click()
     expect(page.locator("#dataset-summary")).to_contain_text("images usable", timeout=30_000)
     expect(page.locator("img").first).to_be_visible()
-    _shot(page, "dataset.png")
+    _shot(page, shots, "dataset.png")
 
     # 2. Captioning: run the miniature BLIP with the trigger word, then save.
     page.get_by_role("tab", name="2. Captioning").click()
@@ -88,7 +97,7 @@ def _click_through(demo_url: str, page) -> None:
     expect(page.locator("#caption-status")).to_contain_text("captioned", timeout=60_000)
     page.get_by_role("button", name="Save captions").click()
     expect(page.locator("#caption-save-status")).to_contain_text("Saved", timeout=30_000)
-    _shot(page, "captioning.png")
+    _shot(page, shots, "captioning.png")
 
     # 3. Training: start; the progress and the loss plot update live; wait for the end.
     page.get_by_role("tab", name="3. Training").click()
@@ -106,7 +115,7 @@ def _click_through(demo_url: str, page) -> None:
     expect(progress).to_contain_text("finished", timeout=120_000)
     expect(page.locator("#train-stats")).to_contain_text("Loss:")
     page.wait_for_timeout(1500)  # let the last sample image and the plot settle
-    _shot(page, "training.png")
+    _shot(page, shots, "training.png")
 
     # 4. Testing: the new run's LoRA is listed; render the strength grid.
     page.get_by_role("tab", name="4. Testing").click()
@@ -116,7 +125,7 @@ def _click_through(demo_url: str, page) -> None:
     expect(page.locator("#a1111-tags textarea, #a1111-tags input").first).to_have_value(
         re.compile(r"<lora:demo_lora:0\.25>"), timeout=10_000)
     page.wait_for_timeout(500)
-    _shot(page, "testing.png")
+    _shot(page, shots, "testing.png")
 
 
 def test_language_model_settings_follow_the_base_model(demo_app, page):
@@ -157,6 +166,35 @@ def test_language_model_settings_follow_the_base_model(demo_app, page):
         _pick(page, "#preset", "24gb: ")
         expect(page.locator("#cfg-batch_size input")).to_have_value("8", timeout=10_000)
         expect(estimate).not_to_have_text(image_estimate, timeout=10_000)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n--- app log (tail):\n{demo_app.output()[-3000:]}") from None
+
+
+def test_flux_settings_follow_the_base_model(demo_app, page):
+    """Picking the demo's tiny FLUX model: the FLUX presets, the FLUX and Chroma settings unfolded (the
+    language-model ones folded), the transformer's layer names as LoRA targets; back to SD1.5 folds them."""
+    from playwright.sync_api import expect
+
+    try:
+        page.goto(demo_app.url)
+        page.get_by_role("tab", name="3. Training").click()
+        expect(page.locator("#memory-estimate")).to_contain_text("not yet measured on a GPU", timeout=30_000)
+        expect(page.locator("#cfg-base_quantization")).to_be_hidden()
+
+        _pick(page, "#base-model", "tiny-flux")
+        expect(page.locator("#model-family")).to_contain_text("FLUX.1", timeout=30_000)
+        expect(page.locator("#cfg-base_quantization")).to_be_visible()
+        expect(page.locator("#cfg-max_seq_length")).to_be_hidden()
+        page.locator("#cfg-target_modules input").click()
+        expect(page.get_by_role("option", name="attn.add_q_proj")).to_be_visible()
+        page.keyboard.press("Escape")
+        page.locator("#preset input").click()
+        expect(page.get_by_role("option", name=re.compile(r"^flux_16gb: "))).to_be_visible()
+        page.keyboard.press("Escape")
+
+        _pick(page, "#base-model", "tiny-sd15")
+        expect(page.locator("#model-family")).to_contain_text("Stable Diffusion 1.x", timeout=30_000)
+        expect(page.locator("#cfg-base_quantization")).to_be_hidden()
     except Exception as exc:
         raise AssertionError(f"{exc}\n--- app log (tail):\n{demo_app.output()[-3000:]}") from None
 

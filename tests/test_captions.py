@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_studio.data.captions import (csv_to_txt, load_captions, read_metadata_csv, read_txt_captions,
+from lora_studio.data.captions import (csv_to_txt, load_captions, path_inside, read_metadata_csv, read_txt_captions,
                                        txt_to_csv, write_metadata_csv, write_txt_captions)
 from lora_studio.errors import DatasetError
 
@@ -98,3 +98,24 @@ def test_convert_both_ways(tmp_path):
     out = tmp_path / "new.csv"
     txt_to_csv(tmp_path, imgs, out)
     assert read_metadata_csv(out) == {"a.png": "edited", "b.png": "csv b, with comma"}
+
+
+def test_caption_names_outside_the_folder_are_refused(tmp_path):
+    """A name from the app never chooses where a caption is written: absolute, ``..`` and links out are refused."""
+    folder, victim = tmp_path / "data", tmp_path / "victim"
+    folder.mkdir()
+    victim.mkdir()
+    (victim / "notes.txt").write_text("precious", encoding="utf-8")
+    (folder / "out").symlink_to(victim)
+    for bad in (str(victim / "abs.png"), "../victim/notes.png", "sub/../../victim/notes.png", "out/notes.png"):
+        with pytest.raises(DatasetError, match="outside the image folder"):
+            write_txt_captions(folder, {"fine.png": "ok", bad: "overwritten"})
+        with pytest.raises(DatasetError, match="outside"):
+            path_inside(folder, bad)
+    assert (victim / "notes.txt").read_text(encoding="utf-8") == "precious"
+    assert sorted(p.name for p in victim.iterdir()) == ["notes.txt"]  # no abs.txt, no .bak
+    assert not (folder / "fine.txt").exists()  # a bad name stops the call before any write
+    # Names inside the folder, relative or absolute, are written.
+    written = write_txt_captions(folder, {"fine.png": "ok", str(folder / "sub" / "deep.png"): "deep"})
+    assert written == [folder / "fine.txt", folder / "sub" / "deep.txt"]
+    assert path_inside(folder, "sub/../x.png") == folder / "sub/../x.png"

@@ -68,7 +68,7 @@ def test_caption_command_keeps_edits_and_reports_missing_model(models, folder, c
     capsys.readouterr()
     assert main(["caption", "--input", str(folder), "--model", str(folder / "missing-model"), "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: The BLIP captioning model folder") and "does not exist" in err
+    assert err.startswith("error: The captioning model folder") and "does not exist" in err
 
 
 def test_caption_command_nothing_usable(models, tmp_path, capsys):
@@ -108,3 +108,24 @@ def test_module_entry_point(folder):
                            "--min-size", "16"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "3 of 4 images usable, 1 skipped (1 unreadable), 0 captioned" in proc.stdout
+
+
+def test_relative_folder_keeps_txt_captions(tmp_path, monkeypatch, capsys):
+    """`data` or `./data` with kohya .txt captions: every command finds them (no `data/data/...`)."""
+    make_demo_images(tmp_path / "data", count=3, size=48)
+    monkeypatch.chdir(tmp_path)
+    for folder in ("data", "./data"):
+        assert main(["dataset", "check", folder, "--min-size", "32"]) == 0
+        assert "3 of 3 images usable, 3 captioned" in capsys.readouterr().out
+    assert main(["dataset", "convert", "data", "--to", "csv"]) == 0
+    rows = read_metadata_csv(tmp_path / "data" / "metadata.csv")
+    assert rows == {f"img_{i:03d}.png": f"a {c} {s} on a light background"
+                    for i, (c, s) in enumerate([("red", "circle"), ("green", "square"), ("blue", "circle")])}
+    write_metadata_csv(tmp_path / "data" / "metadata.csv", {**rows, "img_000.png": "from the csv"})
+    assert main(["dataset", "convert", "./data", "--to", "txt", "--overwrite"]) == 0
+    assert (tmp_path / "data" / "img_000.txt").read_text(encoding="utf-8") == "from the csv"
+    assert not (tmp_path / "data" / "data").exists()
+    assert main(["dataset", "prepare", "data", "--output", "work", "--resolution", "32", "--min-size", "32",
+                 "--captions", "both"]) == 0
+    assert (tmp_path / "work" / "img_000.txt").read_text(encoding="utf-8") == "from the csv"
+    assert len(read_metadata_csv(tmp_path / "work" / "metadata.csv")) == 3

@@ -57,6 +57,37 @@ def test_broken_yaml_names_line(tmp_path):
     assert "line" in str(err.value)
 
 
+@pytest.mark.parametrize("text", ["mixed_precision: no\n", "mixed_precision: false\n", "mixed_precision: 'no'\n",
+                                  "mixed_precision: False\n"])
+def test_mixed_precision_no_as_yaml_reads_it(tmp_path, text):
+    """YAML reads a bare `no` (and `false`) as the boolean False: both mean mixed_precision 'no'."""
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.mixed_precision == "no"
+    saved = tmp_path / "saved.yaml"
+    cfg.save(saved)
+    assert load_config(saved).mixed_precision == "no"  # and it survives the run folder's config.yaml
+
+
+@pytest.mark.parametrize("item", ["mixed_precision=no", "mixed_precision=false", "mixed_precision=No"])
+def test_mixed_precision_no_on_the_command_line(item):
+    assert load_config(overrides=parse_overrides([item])).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="'True' is not allowed"):
+        load_config(overrides=parse_overrides(["mixed_precision=yes"]))
+
+
+def test_binary_config_file_is_a_config_error(tmp_path, capsys):
+    from lora_studio.__main__ import main
+
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a text file") as err:
+        load_config(binary)
+    assert err.value.field == "config"
+    assert main(["train", "--config", str(binary)]) == 2
+    out = capsys.readouterr().err
+    assert "not a text file" in out and "Traceback" not in out and "UnicodeDecodeError" not in out
+
+
 def test_precedence_preset_then_file_then_overrides(tmp_path):
     path = write(tmp_path, "batch_size: 3\nlearning_rate: 2e-4\n")
     cfg = load_config(path, preset="12gb", overrides=parse_overrides(["learning_rate=1e-5", "seed=7"]))

@@ -75,6 +75,7 @@ def test_sd15_keys(sd15):
         assert state[f"{m}.lora_down.weight"].dtype == torch.float16
 
 
+@pytest.mark.slow
 def test_sdxl_keys_use_sai_names(sdxl):
     pipe, _, _, unet_sd, te_sds = sdxl
     state = peft_to_kohya(unet_sd, te_sds, "sdxl", ALPHA, unet_config=pipe.unet.config)
@@ -206,7 +207,7 @@ def test_metadata_and_hash(sd15, tmp_path):
     assert read_metadata(other)["sshs_model_hash"] == written["sshs_model_hash"]  # hash ignores metadata
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_kohya_file_reloads_to_trained_output(family, sd15, sdxl, tiny_sd15, tiny_sdxl, tmp_path):
     pipe, base, expected, unet_sd, te_sds = sd15 if family == "sd15" else sdxl
     assert np.abs(expected - base).max() > 0.1  # the LoRA really changes the image

@@ -86,6 +86,7 @@ def test_check_catches_a_wrong_alpha(sd15, tmp_path):
         check_export(folder, "sd15", wrong, expected_images=expected, base_images=base, prompt=PROMPT, seed=SEED)
 
 
+@pytest.mark.slow
 def test_check_catches_a_missing_module(sd15, tmp_path):
     folder, pipe, base, expected, unet_sd, te_sds = sd15
     state = peft_to_kohya(unet_sd, te_sds, "sd15", ALPHA)
@@ -104,6 +105,7 @@ def test_check_passes_and_reports(sd15, tmp_path):
     assert "ok.safetensors reloads to the trained output" in str(report)
 
 
+@pytest.mark.slow
 def test_check_catches_a_base_mismatch(sd15, tmp_path):
     folder, pipe, base, expected, unet_sd, te_sds = sd15
     path = save_kohya_lora(tmp_path / "ok.safetensors", peft_to_kohya(unet_sd, te_sds, "sd15", ALPHA), {})
@@ -112,6 +114,7 @@ def test_check_catches_a_base_mismatch(sd15, tmp_path):
                      prompt=PROMPT, seed=SEED)
 
 
+@pytest.mark.slow
 def test_half_precision_base_needs_held_dtypes(tiny_sd15, tmp_path):
     """A trainer that held the frozen weights in fp16 (the VAE in fp32) renders with those roundings:
     held_dtypes mirrors them in the fresh pipeline."""

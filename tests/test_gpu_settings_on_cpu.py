@@ -17,7 +17,9 @@ import torch
 
 from lora_studio.config import TrainConfig
 from lora_studio.training.runtime import make_accelerator, weight_dtype
-from helpers import run_job
+from helpers import run_job, stop_then_resume
+
+pytestmark = pytest.mark.slow  # every preset and precision on a tiny model: long, run in CI
 
 
 @pytest.fixture()
@@ -37,7 +39,7 @@ def test_bf16_image_lora_trains_and_passes_the_export_check(family, tiny_sd15, t
     model = tiny_sd15 if family == "sd15" else tiny_sdxl
     job = run_job(_image_config(model, demo_images, tmp_path / "out"))
     assert job.status == "finished", job.error
-    log = job.snapshot()["log"]
+    log = job.snapshot().log
     assert any("weights bfloat16" in line for line in log), log
     passed = [line for line in log if "Export check passed" in line]
     assert passed, log
@@ -45,7 +47,7 @@ def test_bf16_image_lora_trains_and_passes_the_export_check(family, tiny_sd15, t
     # autocast render or a differently rounded VAE overshot; strength 0 gives the base exactly.
     within = float(passed[0].split("within ")[1].split(" ")[0])
     assert within < 1e-3 and "strength 0 vs base 0" in passed[0], passed[0]
-    losses = [loss for _, loss in job.snapshot()["losses"]]
+    losses = [loss for _, loss in job.snapshot().losses]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert [step for step, _ in job.run.list_checkpoints()] == [3]  # the last step is the export
 
@@ -60,10 +62,10 @@ def test_bf16_llm_lora_trains_and_passes_the_export_check(tmp_path, cpu_check):
                       seed=7, lr_scheduler="constant", max_seq_length=64).validate()
     job = run_job(cfg)
     assert job.status == "finished", job.error
-    log = job.snapshot()["log"]
+    log = job.snapshot().log
     assert any("weights bfloat16" in line for line in log), log
     assert any("Export check passed" in line for line in log), log
-    losses = [loss for _, loss in job.snapshot()["losses"]]
+    losses = [loss for _, loss in job.snapshot().losses]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
 
 
@@ -103,7 +105,7 @@ def test_gradient_checkpointing_trains_the_same_lora(family, train_text_encoder,
                           gradient_checkpointing=checkpointing, train_text_encoder=train_text_encoder).validate()
         job = run_job(cfg)
         assert job.status == "finished", job.error
-        runs[checkpointing] = ([loss for _, loss in job.snapshot()["losses"]],
+        runs[checkpointing] = ([loss for _, loss in job.snapshot().losses],
                                load_file(str(job.run.path / "my_lora.safetensors")))
     (plain_losses, plain), (ckpt_losses, ckpt) = runs[False], runs[True]
     assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5) and plain_losses[0] != plain_losses[-1]
@@ -147,7 +149,7 @@ def test_every_preset_runs_as_set(name, tiny_sd15, tiny_sdxl, tiny_llm64, demo_i
     cfg = TrainConfig().replace(**preset.values).replace(**small).validate()
     job = run_job(cfg)
     assert job.status == "finished", job.error
-    log = job.snapshot()["log"]
+    log = job.snapshot().log
     assert any("Export check passed" in line for line in log), log
     assert not any("learned very little" in line for line in log), log
     assert not any("instead" in line for line in log), log  # no 8-bit or 4-bit fallback under the CPU check
@@ -155,7 +157,7 @@ def test_every_preset_runs_as_set(name, tiny_sd15, tiny_sdxl, tiny_llm64, demo_i
         assert any("4-bit NF4 (QLoRA)" in line for line in log), log
     elif cfg.mixed_precision == "bf16":
         assert any("weights bfloat16" in line for line in log), log
-    losses = [loss for _, loss in job.snapshot()["losses"]]
+    losses = [loss for _, loss in job.snapshot().losses]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     if family == "llm":
         assert sum(losses[-3:]) < sum(losses[:3]), losses
@@ -163,7 +165,6 @@ def test_every_preset_runs_as_set(name, tiny_sd15, tiny_sdxl, tiny_llm64, demo_i
 
 def test_bf16_resume_after_stop_gives_the_same_losses(tiny_sdxl, demo_images, tmp_path, cpu_check):
     """Resume in mixed precision: the fp32 LoRA, optimizer and RNG state restore the run exactly."""
-    from lora_studio.training.job import TrainingJob
     from lora_studio.training.run_folder import RunFolder
 
     def config(out: str) -> TrainConfig:
@@ -173,12 +174,6 @@ def test_bf16_resume_after_stop_gives_the_same_losses(tiny_sdxl, demo_images, tm
 
     full = run_job(config("a"))
     assert full.status == "finished", full.error
-    first = TrainingJob(config("b"))
-    first.bus.subscribe(lambda e: first.stop() if e.kind == "progress" and e.data.get("step") == 3 else None)
-    first.start().wait(600)
-    assert first.status == "stopped", first.error
-    resumed = TrainingJob.resume(first.run.path)
-    resumed.start().wait(600)
-    assert resumed.status == "finished", resumed.error
-    losses = [m["loss"] for m in RunFolder(first.run.path).read_metrics()]
-    assert losses == pytest.approx([loss for _, loss in full.snapshot()["losses"]], rel=1e-5, abs=1e-6)
+    resumed = stop_then_resume(config("b"), stop_at=3)
+    losses = [m["loss"] for m in RunFolder(resumed.run.path).read_metrics()]
+    assert losses == pytest.approx([loss for _, loss in full.snapshot().losses], rel=1e-5, abs=1e-6)

@@ -74,7 +74,8 @@ def test_checkpoint_grid_png_and_tags(tiny_sd15, lora_file, tmp_path):
     assert seen[-1] == (4, 4)
     from PIL import Image
 
-    saved = Image.open(out)
+    with Image.open(out) as saved:
+        saved.load()
     assert saved.width >= 2 * 128 and saved.height > 2 * 128  # two cells wide, two rows plus the labels
 
 

@@ -30,7 +30,7 @@ def lora_model(base: Path, **kw):
 
 
 def batch(tokenizer_dir: Path) -> dict[str, torch.Tensor]:
-    from lora_studio.data.llm_data import load_tokenizer
+    from lora_studio.models.llm import load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_dir))
     enc = tok(["<s><|user|>\nWhat do bees make?</s>\n<|assistant|>\n", "Hello world"], padding=True,
@@ -95,7 +95,7 @@ def test_adapters_the_tools_cannot_load_are_refused(tiny_llm, tmp_path):
 def test_merged_model_matches_the_adapter(tiny_llm, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lora_studio.data.llm_data import load_tokenizer
+    from lora_studio.models.llm import load_tokenizer
     from lora_studio.export.peft_llm import logits_of, save_adapter, save_merged_model
 
     model = lora_model(tiny_llm)

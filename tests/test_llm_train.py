@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lora_studio.config import TrainConfig
+from lora_studio.training.events import Progress
 from lora_studio.training.job import TrainingJob
 from lora_studio.training.run_folder import RunFolder
 from helpers import run_job
@@ -44,7 +45,7 @@ def make_config(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
 def test_loss_goes_down_and_exports_a_checked_adapter(tiny_llm, llm_data, tmp_path):
     job = run_job(make_config(tiny_llm, llm_data, tmp_path / "out", max_train_steps=24, learning_rate=5e-2))
     assert job.status == "finished", job.error
-    losses = [loss for _, loss in job.snapshot()["losses"]]
+    losses = [loss for _, loss in job.snapshot().losses]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
     adapter = job.run.path / "my_lora"
@@ -52,7 +53,7 @@ def test_loss_goes_down_and_exports_a_checked_adapter(tiny_llm, llm_data, tmp_pa
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert not config.get("modules_to_save") and config["base_model_name_or_path"] == str(tiny_llm)
-    log = job.snapshot()["log"]
+    log = job.snapshot().log
     assert any("16 rows read" in line and "alpaca 16" in line for line in log)
     assert any("Export check passed" in line and "identical logits" in line for line in log)
     assert all(m["tokens_per_s"] >= 0 for m in job.run.read_metrics())
@@ -63,8 +64,9 @@ def test_loss_goes_down_and_exports_a_checked_adapter(tiny_llm, llm_data, tmp_pa
 
 def test_family_is_detected_and_loss_matches_the_models_own(tiny_llm, llm_data, tmp_path):
     from lora_studio.data.llm_data import collate, preflight_llm
-    from lora_studio.models.loading import detect_family
-    from lora_studio.training.llm import answer_logits_mode, causal_lm_loss, load_causal_lm
+    from lora_studio.models.detect import detect_family
+    from lora_studio.models.llm import load_causal_lm
+    from lora_studio.training.llm import answer_logits_mode, causal_lm_loss
 
     assert detect_family(str(tiny_llm)) == "llm"
     model = load_causal_lm(str(tiny_llm))
@@ -82,10 +84,10 @@ def test_resume_after_stop_gives_the_same_losses(tiny_llm, llm_data, tmp_path):
     kw = dict(max_train_steps=steps, save_steps=3, verify_export=False, lora_dropout=0.1, batch_size=3)
     full = run_job(make_config(tiny_llm, llm_data, tmp_path / "a", **kw))
     assert full.status == "finished", full.error
-    full_losses = [loss for _, loss in full.snapshot()["losses"]]
+    full_losses = [loss for _, loss in full.snapshot().losses]
 
     first = TrainingJob(make_config(tiny_llm, llm_data, tmp_path / "b", **kw))
-    first.bus.subscribe(lambda e: first.stop() if e.kind == "progress" and e.data.get("step") == 5 else None)
+    first.bus.subscribe(lambda e: first.stop() if isinstance(e, Progress) and e.step == 5 else None)
     first.start().wait(600)
     assert first.status == "stopped", first.error
     run = first.run
@@ -109,12 +111,12 @@ def test_init_lora_continues_from_an_adapter_folder(tiny_llm, llm_data, tmp_path
     adapter = first.run.path / "my_lora"
     second = run_job(make_config(tiny_llm, llm_data, tmp_path / "b", max_train_steps=2, init_lora=str(adapter)))
     assert second.status == "finished", second.error
-    assert any("Continuing from the adapter" in line for line in second.snapshot()["log"])
+    assert any("Continuing from the adapter" in line for line in second.snapshot().log)
     config = json.loads((second.run.path / "my_lora" / "adapter_config.json").read_text())
     assert config["r"] == 2 and sorted(config["target_modules"]) == ["k_proj", "q_proj"]  # the adapter's own
     # the continued adapter starts from the first one: its first loss is the first run's last loss or lower
-    first_losses = [loss for _, loss in first.snapshot()["losses"]]
-    second_losses = [loss for _, loss in second.snapshot()["losses"]]
+    first_losses = [loss for _, loss in first.snapshot().losses]
+    second_losses = [loss for _, loss in second.snapshot().losses]
     assert second_losses[0] < first_losses[0]
     load_adapter_model(tiny_llm, second.run.path / "my_lora")  # and it loads
 
@@ -136,14 +138,14 @@ def test_qlora_without_cuda_falls_back_with_a_message(tiny_llm, llm_data, tmp_pa
     job = run_job(make_config(tiny_llm, llm_data, tmp_path / "out", load_in_4bit=True, max_train_steps=2,
                               gradient_checkpointing=True, target_modules=["all-linear"]))
     assert job.status == "finished", job.error
-    assert any("load_in_4bit (QLoRA) needs a CUDA GPU" in line for line in job.snapshot()["log"])
+    assert any("load_in_4bit (QLoRA) needs a CUDA GPU" in line for line in job.snapshot().log)
     config = json.loads((job.run.path / "my_lora" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                        "up_proj", "down_proj"])
 
 
 def test_linear_names_for_the_target_picker(tiny_llm):
-    from lora_studio.training.llm import linear_module_names
+    from lora_studio.models.llm import linear_module_names
 
     assert linear_module_names(tiny_llm) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -167,6 +169,7 @@ def test_llm_presets_exist_for_each_memory_size():
     assert recommend_preset(24.0, "llm").name == "llm_24gb"
 
 
+@pytest.mark.slow
 def test_cli_trains_an_llm_lora(tiny_llm, llm_data, tmp_path):
     config = tmp_path / "llm.yaml"
     config.write_text(f"base_model: {tiny_llm}\ntrain_data_dir: {llm_data}\noutput_dir: {tmp_path / 'out'}\n"

@@ -11,7 +11,7 @@ import torch
 
 from lora_studio.config import TrainConfig
 from lora_studio.errors import ModelLoadError
-from lora_studio.models.loading import detect_family, resolve_family
+from lora_studio.models.detect import detect_family, resolve_family
 from lora_studio.presets import list_presets, recommend_preset
 from lora_studio.training.memory import check_fits, estimate_breakdown, estimate_memory, next_step_down
 
@@ -49,7 +49,7 @@ def test_detects_sd1_sd2_sdxl_and_llm_folders(tmp_path, tiny_sdxl, tiny_sd15):
     assert [detect_family(str(p)) for p in (sd1, sd2v, sd2_base, xl, llm)] == ["sd15", "sd2", "sd2", "sdxl", "llm"]
     assert detect_family(str(tiny_sdxl)) == "sdxl" and detect_family(str(tiny_sd15)) == "sd15"
 
-    from lora_studio.models.family import family_info
+    from lora_studio.models.detect import family_info
 
     info = family_info(str(sd2v))
     assert (info.family, info.prediction_type, info.default_resolution) == ("sd2", "v_prediction", 768)
@@ -64,10 +64,13 @@ def test_unsupported_folders_are_named(tmp_path):
                                 {**SD, "text_encoder": [None, None], "text_encoder_2": ["transformers", "X"]})
     with pytest.raises(ModelLoadError, match="SDXL refiner"):
         detect_family(str(refiner))
+    sd3 = _diffusers_folder(tmp_path / "sd3", "StableDiffusion3Pipeline", {"transformer": ["diffusers", "X"],
+                                                                           "vae": ["diffusers", "AutoencoderKL"]})
+    with pytest.raises(ModelLoadError, match="StableDiffusion3Pipeline"):
+        detect_family(str(sd3))
     flux = _diffusers_folder(tmp_path / "flux", "FluxPipeline", {"transformer": ["diffusers", "X"],
                                                                  "vae": ["diffusers", "AutoencoderKL"]})
-    with pytest.raises(ModelLoadError, match="FluxPipeline"):
-        detect_family(str(flux))
+    assert detect_family(str(flux)) == "flux"  # trained since FLUX support (tests/test_flux.py)
 
 
 def _single_file(path: Path, keys: list[str]) -> Path:
@@ -167,10 +170,12 @@ def test_check_fits_warns_with_the_preset_and_is_quiet_when_it_fits():
 # --- auto_fit step-down -------------------------------------------------------------------------------
 def test_step_down_sequence_batch_then_checkpointing_then_8bit_then_resolution():
     cfg = TrainConfig(batch_size=4, resolution=1024, gradient_checkpointing=False, optimizer="adamw")
-    seen, changes = cfg, []
+    seen, changes, resumable = cfg, [], []
     while (step := next_step_down(seen, "sdxl")) is not None:
-        seen, what = step
-        changes.append(what)
+        seen = step.config
+        changes.append(step.change)
+        resumable.append(step.resumable)
+    assert resumable.count(True) == 1 and changes[resumable.index(True)] == "gradient_checkpointing off -> on"
     assert changes[0].startswith("batch_size 4 -> 2 (gradient_accumulation_steps 1 -> 2")
     assert changes[1].startswith("batch_size 2 -> 1 (gradient_accumulation_steps 2 -> 4")
     assert changes[2:4] == ["gradient_checkpointing off -> on", "optimizer adamw -> adamw8bit"]
@@ -218,7 +223,7 @@ def _run(cfg: TrainConfig):
 def test_auto_fit_steps_down_until_the_run_finishes(tiny_sd15, demo_images, tmp_path, oom_when_batched):
     job = _run(_sd15_config(tiny_sd15, demo_images, tmp_path / "out", auto_fit=True, batch_size=2))
     assert job.status == "finished", job.error
-    log = "\n".join(job.snapshot()["log"])
+    log = "\n".join(job.snapshot().log)
     assert "auto_fit steps down (batch_size 2 -> 1 (gradient_accumulation_steps 1 -> 2" in log
     assert "restarting from step 0" in log
     saved = job.run.load_config()
@@ -263,7 +268,7 @@ def test_checkpointing_step_down_resumes_from_the_last_checkpoint(tiny_sd15, dem
     job = _run(_sd15_config(tiny_sd15, demo_images, tmp_path / "out", batch_size=1, max_train_steps=6, save_steps=2,
                             auto_fit=True))
     assert job.status == "finished", job.error
-    log = "\n".join(job.snapshot()["log"])
+    log = "\n".join(job.snapshot().log)
     assert "gradient_checkpointing off -> on) and tries again, resuming from the last checkpoint" in log
     assert "Resumed from checkpoint at step 4" in log
     assert [m["step"] for m in job.run.read_metrics()] == [1, 2, 3, 4, 5, 6]
@@ -282,6 +287,7 @@ def test_8bit_adamw_falls_back_to_adamw_with_a_warning_without_cuda():
 
 
 # --- the benchmark's CPU path and the estimate's constants ---------------------------------------------
+@pytest.mark.slow
 def test_bench_memory_counts_activations_and_runs_small_shapes(capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_memory
@@ -300,11 +306,11 @@ def test_sd15_activation_constant_matches_the_count():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_memory
 
-    from lora_studio.training.memory import FAMILIES
+    from lora_studio.training.memory import FIGURES
 
     full, ckpt = bench_memory.count_activations("sd15", 512, 1).per_megapixel()
-    assert full / 1e6 == pytest.approx(FAMILIES["sd15"].act_mb_per_mp["half"], rel=0.05)
-    assert ckpt / 1e6 == pytest.approx(FAMILIES["sd15"].act_mb_per_mp["half_ckpt"], rel=0.05)
+    assert full / 1e6 == pytest.approx(FIGURES["sd15"].act_mb_per_mp["half"], rel=0.05)
+    assert ckpt / 1e6 == pytest.approx(FIGURES["sd15"].act_mb_per_mp["half_ckpt"], rel=0.05)
 
 
 def test_vae_caching_constant_matches_the_measurement():
@@ -320,6 +326,7 @@ def test_vae_caching_constant_matches_the_measurement():
     assert half == pytest.approx(VAE_ENCODE_GB_PER_MP / 2, rel=0.05)
 
 
+@pytest.mark.slow
 def test_estimate_covers_the_measured_live_peak_of_a_real_step():
     """The 12 GB preset's step on the full-size SD1.5 UNet (meta device, bench_memory --peak): the estimate of
     the same parts (everything but CUDA context and workspace) must not be below the measured peak, and not
@@ -366,4 +373,4 @@ def test_out_of_memory_while_exporting_does_not_retrain(tiny_sd15, demo_images, 
     monkeypatch.setattr(DiffusionTrainer, "export", export)
     job = _run(_sd15_config(tiny_sd15, demo_images, tmp_path / "out", batch_size=2, max_train_steps=2, auto_fit=True))
     assert job.status == "failed" and "ran out of memory" in job.error
-    assert "auto_fit steps down" not in "\n".join(job.snapshot()["log"])
+    assert "auto_fit steps down" not in "\n".join(job.snapshot().log)

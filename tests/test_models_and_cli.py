@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lora_studio.errors import ModelLoadError
-from lora_studio.models.loading import detect_family, load_diffusion_pipeline, resolve_family
+from lora_studio.models.detect import detect_family, resolve_family
+from lora_studio.models.loading import load_diffusion_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +87,7 @@ def test_presets_command_lists_what_each_sets():
     assert "batch_size=" in out.stdout and "gradient_checkpointing=" in out.stdout
 
 
+@pytest.mark.slow
 def test_doctor_trains_a_tiny_model():
     out = _cli("doctor", "--steps", "3")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -93,6 +95,7 @@ def test_doctor_trains_a_tiny_model():
     assert "tiny training OK" in out.stdout and "All checks passed." in out.stdout
 
 
+@pytest.mark.slow
 def test_preset_auto_without_gpu_applies_none(tiny_sd15, demo_images, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"base_model: {tiny_sd15}\ntrain_data_dir: {demo_images}\noutput_dir: {tmp_path / 'out'}\n"

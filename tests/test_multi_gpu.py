@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ import yaml
 
 from lora_studio.config import TrainConfig
 from lora_studio.data.train_set import TrainItem, epoch_batches, sample_seed
-from lora_studio.training import multi_gpu
+from lora_studio.training import multi_gpu, process_job
 from lora_studio.training.events import Commands
 from lora_studio.training.run_folder import RunFolder
 
@@ -69,7 +68,7 @@ def two_process_run(tmp_path_factory, tiny_sd15) -> dict:
                   output_dir=str(root / "out2"))
     config_path = root / "two.yaml"
     config_path.write_text(yaml.safe_dump(values), encoding="utf-8")
-    proc = _launch(multi_gpu.launch_command(config_path, 2))
+    proc = _launch(process_job.launch_command(config_path, 2))
     runs = [p for p in (root / "out2").iterdir() if p.is_dir() and not p.name.startswith(".")]
     return {"root": root, "data": data, "values": values, "runs": runs, "output": proc.stdout + proc.stderr}
 
@@ -94,7 +93,7 @@ def test_two_processes_match_one_process(two_process_run, tmp_path):
     values = dict(two_process_run["values"], batch_size=2, output_dir=str(tmp_path / "out1"))
     config_path = tmp_path / "one.yaml"
     config_path.write_text(yaml.safe_dump(values), encoding="utf-8")
-    _launch(multi_gpu.launch_command(config_path, 1))  # the same command line, one process
+    _launch(process_job.launch_command(config_path, 1))  # the same command line, one process
     (run_one,) = [p for p in (tmp_path / "out1").iterdir() if p.is_dir() and not p.name.startswith(".")]
     one, two = _lora(run_one), _lora(two_process_run["runs"][0])
     assert one.keys() == two.keys()
@@ -112,12 +111,13 @@ def test_two_processes_match_one_process(two_process_run, tmp_path):
 def test_two_processes_resume_exactly(two_process_run):
     run = two_process_run["runs"][0]
     before = _lora(run)
-    _launch(multi_gpu.launch_command(None, 2, resume_dir=run))  # continues from the step-2 checkpoint
+    _launch(process_job.launch_command(None, 2, resume_dir=run))  # continues from the step-2 checkpoint
     after = _lora(run)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [r["step"] for r in RunFolder(run).read_metrics()] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_two_processes_in_bf16_with_text_encoders_pass_the_export_check(tiny_sd15, tmp_path, monkeypatch):
     """The GPU presets' mixed precision under DDP (bf16 on the CPU, LORA_STUDIO_CPU_CHECK): accelerate wraps
     each model for autocast and for DDP; the main process's export check must see through both."""
@@ -129,7 +129,7 @@ def test_two_processes_in_bf16_with_text_encoders_pass_the_export_check(tiny_sd1
                   train_text_encoder=True, verify_export=True, output_dir=str(tmp_path / "out"))
     config_path = tmp_path / "bf16.yaml"
     config_path.write_text(yaml.safe_dump(values), encoding="utf-8")
-    proc = _launch(multi_gpu.launch_command(config_path, 2))
+    proc = _launch(process_job.launch_command(config_path, 2))
     output = proc.stdout + proc.stderr
     assert "weights bfloat16" in output and "x 2 process(es)" in output
     assert "Export check passed" in output, output[-3000:]
@@ -181,30 +181,34 @@ def test_sample_seeds_are_stable_and_distinct():
 def test_launch_command(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("mixed_precision: bf16\n", encoding="utf-8")
-    single = multi_gpu.launch_command(cfg, 1, python="py")
+    single = process_job.launch_command(cfg, 1, python="py")
     assert single == ["py", "-m", "lora_studio", "train", "--config", str(cfg)]
-    cmd = multi_gpu.launch_command(cfg, 4, python="py", port=29555)
+    cmd = process_job.launch_command(cfg, 4, python="py", port=29555)
     assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd
     assert cmd[cmd.index("--mixed_precision") + 1] == "bf16" and cmd[cmd.index("--main_process_port") + 1] == "29555"
     assert cmd[-5:] == ["-m", "lora_studio", "train", "--config", str(cfg)]
-    resume = multi_gpu.launch_command(None, 2, resume_dir=tmp_path, python="py")
+    resume = process_job.launch_command(None, 2, resume_dir=tmp_path, python="py")
     assert resume[-5:] == ["-m", "lora_studio", "train", "--resume", str(tmp_path)]
 
 
-def test_start_multi_gpu_prepares_one_run_folder(tmp_path, monkeypatch, tiny_sd15, demo_images):
+def test_process_job_prepares_one_run_folder(tmp_path, monkeypatch, tiny_sd15, demo_images):
     started = {}
 
     class FakePopen:
         def __init__(self, cmd, env, **kwargs):
             started.update(cmd=cmd, env=env)
-            self.pid = 4242
+            self.pid, self.returncode = 4242, 0
 
-    monkeypatch.setattr(multi_gpu.subprocess, "Popen", FakePopen)
+        def poll(self):  # the launched run has ended (the next test may start one)
+            return 0
+
+    monkeypatch.setattr(process_job.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(process_job, "available_gpus", lambda: 2)
     cfg = TrainConfig(**dict(SETTINGS, base_model=str(tiny_sd15), train_data_dir=str(demo_images),
                              output_dir=str(tmp_path / "out"))).validate()
-    proc = multi_gpu.start_multi_gpu(cfg, 2)
-    run = RunFolder.open(proc.run_dir)
+    job = process_job.ProcessJob(cfg, 2).start()
+    run = RunFolder.open(job.run.path)
     assert run.load_config().to_dict() == cfg.to_dict()
     assert started["env"][multi_gpu.ENV_RUN_DIR] == str(run.path)
     assert started["cmd"][-2:] == ["--config", str(run.config_path)]
@@ -219,17 +223,17 @@ def test_stop_through_a_command_file(tmp_path, tiny_sd15, demo_images):
     """A run in another process is stopped by a file (what the UI does for a multi-GPU run)."""
     from lora_studio.training.job import make_trainer
     from lora_studio.training.loop import run_training
-    from lora_studio.training.events import EventBus
+    from lora_studio.training.events import EventBus, Progress
 
     cfg = TrainConfig(**dict(SETTINGS, base_model=str(tiny_sd15), train_data_dir=str(demo_images),
                              output_dir=str(tmp_path), batch_size=2, save_steps=0)).validate()
     run = RunFolder.create(cfg)
-    multi_gpu.request_command(run.path, "stop")  # stale: dropped when training starts
+    run.request_command("stop")  # stale: dropped when training starts
     bus = EventBus()
 
     def stop_after_first_step(event) -> None:
-        if event.kind == "progress" and event.data.get("step") == 1:
-            multi_gpu.request_command(run.path, "stop")
+        if isinstance(event, Progress) and event.step == 1:
+            run.request_command("stop")
 
     bus.subscribe(stop_after_first_step)
     files = run_training(make_trainer(cfg, run, bus), Commands())
@@ -237,4 +241,4 @@ def test_stop_through_a_command_file(tmp_path, tiny_sd15, demo_images):
     assert [s for s, _ in run.list_checkpoints()] == [1]
     assert not (run.path / "commands" / "stop").exists()
     with pytest.raises(ValueError):
-        multi_gpu.request_command(run.path, "explode")
+        run.request_command("explode")

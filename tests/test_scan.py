@@ -145,7 +145,7 @@ def test_prepare_copies_never_touch_originals(tmp_path, messy):
     result = prepare_dataset(report, tmp_path / "prepared", resolution=32, mode="center_crop", captions="both")
     assert _digest(root) == before
     assert len(result.written) == len(report.usable) and not result.failed
-    for src, dst in result.written.items():
+    for dst in result.written.values():
         with Image.open(dst) as im:
             assert im.size == (32, 32) and im.mode == "RGB"
     assert (tmp_path / "prepared/10_mystyle/ünïcode ✓.png").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +28,14 @@ def _render(pipe, prompt: str, seed: int = 3) -> np.ndarray:
     return render(pipe, prompt, seed, steps=2, size=64)
 
 
+@pytest.mark.slow
 def test_sdxl_trains_exports_and_reloads(tiny_sdxl, demo_images, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
 
     job = run_job(make_config(tiny_sdxl, demo_images, tmp_path / "out"))
     assert job.status == "finished", job.error
-    log = job.snapshot()["log"]
+    log = job.snapshot().log
     assert any("Export check passed" in line for line in log), log
     assert any("(sdxl)" in line for line in log)
     kohya = job.run.path / "my_lora.safetensors"
@@ -66,7 +69,7 @@ def test_sdxl_text_encoder_lora_exports_te1_and_te2(tiny_sdxl, demo_images, tmp_
     job = run_job(make_config(tiny_sdxl, demo_images, tmp_path / "out", train_text_encoder=True,
                               gradient_checkpointing=True, max_train_steps=4))
     assert job.status == "finished", job.error
-    log = job.snapshot()["log"]
+    log = job.snapshot().log
     assert any("Checking the export on the CPU" in line for line in log)
     assert any("Export check passed" in line for line in log)
     with safe_open(str(job.run.path / "my_lora.safetensors"), framework="pt") as fh:
@@ -174,4 +177,4 @@ def test_a_sample_that_runs_out_of_memory_is_skipped_not_the_run(tiny_sdxl, demo
     job = run_job(make_config(tiny_sdxl, demo_images, tmp_path / "out", max_train_steps=2, sample_steps=1,
                               sample_prompt="a red circle", verify_export=False))
     assert job.status == "finished", job.error
-    assert any("Sample at step 1 skipped" in line for line in job.snapshot()["log"])
+    assert any("Sample at step 1 skipped" in line for line in job.snapshot().log)

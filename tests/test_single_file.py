@@ -12,7 +12,8 @@ import torch
 
 from lora_studio.config import TrainConfig
 from lora_studio.errors import ModelLoadError
-from lora_studio.models.loading import detect_family, load_diffusion_pipeline
+from lora_studio.models.detect import detect_family
+from lora_studio.models.loading import load_diffusion_pipeline
 from lora_studio.models.tiny import save_as_single_file
 from helpers import run_job
 
@@ -47,6 +48,7 @@ def test_without_its_configs_offline_the_message_says_what_to_set(checkpoint, mo
     assert "my_finetune.safetensors" in message and "single_file_config" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_a_lora_trains_on_a_single_file_and_renders_on_it(tiny_sd15, checkpoint, demo_images, tmp_path):
     from lora_studio.inference.grid import PipelineCache, RenderSettings, render_grid
     from lora_studio.ui.test_tab import model_options
@@ -56,7 +58,7 @@ def test_a_lora_trains_on_a_single_file_and_renders_on_it(tiny_sd15, checkpoint,
                       batch_size=2, max_train_steps=6, save_steps=0, mixed_precision="no", seed=11).validate()
     job = run_job(cfg)
     assert job.status == "finished", job.error
-    log = job.snapshot()["log"]
+    log = job.snapshot().log
     assert any("(sd15)" in line for line in log)
     assert any("Export check passed" in line for line in log), log  # reloaded into a fresh single-file pipeline
     lora = job.run.path / "my_lora.safetensors"

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
 from lora_studio.config import TrainConfig
 from lora_studio.errors import StudioError
-from lora_studio.training.run_folder import RunFolder
-from lora_studio.ui.train_extras import ProcessJob, command_text, memory_text, start_on_gpus
+from lora_studio.training.process_job import ProcessJob
+from lora_studio.ui.train_extras import command_text, memory_text
 
 
 def test_memory_text_warns_only_when_the_gpu_is_too_small():
@@ -42,32 +41,34 @@ def test_command_text_for_one_and_two_gpus(tmp_path):
     assert "--mixed_precision bf16" in two and two.endswith(f"-m lora_studio train --config {path}")
 
 
-def test_process_job_reads_its_run_folder(tmp_path):
-    run = RunFolder.create(TrainConfig(output_dir=str(tmp_path)).validate())
-    run.write_state(status="training", step=3, total=10)
-    run.append_metrics({"step": 1, "loss": 0.5})
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; print('hello from rank 0'); sys.exit(3)"],
-                            stdout=open(run.path / "train.log", "wb"), stderr=subprocess.STDOUT)
-    proc.run_dir = run.path
-    job = ProcessJob(proc)
-    proc.wait(30)
+def test_process_job_reads_its_run_folder(tmp_path, monkeypatch):
+    """A launched run that writes to its run folder and exits with an error shows as failed, with its log."""
+    from lora_studio.training import process_job
+
+    monkeypatch.setattr(process_job, "available_gpus", lambda: 2)
+    monkeypatch.setattr(process_job, "launch_command", lambda *a, **k: [
+        sys.executable, "-c", "import sys; print('hello from rank 0'); sys.exit(3)"])
+    monkeypatch.setattr(TrainConfig, "require_paths", lambda self: None)
+    job = ProcessJob(TrainConfig(output_dir=str(tmp_path)).validate(), 2).start()
+    job.run.append_metrics({"step": 1, "loss": 0.5})
+    assert job.wait(60)
     snap = job.snapshot()
-    assert not job.is_running() and snap["status"] == "failed" and "exited with code 3" in snap["error"]
-    assert snap["losses"] == [(1, 0.5)] and "hello from rank 0" in snap["log"]
+    assert not job.is_running() and snap.status == "failed" and "exited with code 3" in snap.error
+    assert snap.losses == [(1, 0.5)] and "hello from rank 0" in snap.log
     job.stop()
-    assert (run.path / "commands" / "stop").is_file()
+    assert (job.run.path / "commands" / "stop").is_file()
 
 
 def test_more_gpus_than_the_machine_has_is_refused(tmp_path):
     with pytest.raises(StudioError, match="GPUs were asked for"):
-        start_on_gpus(TrainConfig(output_dir=str(tmp_path)).validate(), 64)
+        ProcessJob(TrainConfig(output_dir=str(tmp_path)).validate(), 64).start()
 
 
 def test_target_help_lists_the_llm_layers(tmp_path):
     from lora_studio.models.tiny_llm import build_tiny_llm
-    from lora_studio.ui.train_tab import _targets_info
+    from lora_studio.ui.train_family import targets_info
 
     model = build_tiny_llm(tmp_path / "llm")
-    text = _targets_info(str(model), "llm")
+    text = targets_info(str(model), "llm")
     assert "q_proj" in text and "down_proj" in text
-    assert "to_q" in _targets_info("", "sd15")
+    assert "to_q" in targets_info("", "sd15")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lora_studio.config import TrainConfig
+from lora_studio.training.events import Progress
 from lora_studio.training.job import TrainingJob
 from lora_studio.training.run_folder import RunFolder
 from helpers import run_job
@@ -59,6 +60,7 @@ def denoise_error(base: Path, lora: Path | None, data: Path, strength: float = 1
     return total / (len(images) * 8)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_exports_reload(tiny_sd15, demo_images, tmp_path):
     cfg = make_config(tiny_sd15, demo_images, tmp_path / "out", max_train_steps=40, learning_rate=3e-3,
                       lora_rank=8, lora_alpha=4)  # alpha != rank: the export check covers the scale
@@ -67,7 +69,7 @@ def test_loss_goes_down_and_exports_reload(tiny_sd15, demo_images, tmp_path):
     run = job.run
     kohya = run.path / "my_lora.safetensors"
     assert kohya.is_file() and (run.path / "diffusers").is_dir()
-    assert any("Export check passed" in line for line in job.snapshot()["log"])
+    assert any("Export check passed" in line for line in job.snapshot().log)
     metrics = run.read_metrics()
     assert [m["step"] for m in metrics] == list(range(1, 41))
     assert all({"step", "loss", "lr"} <= set(m) for m in metrics)
@@ -81,17 +83,18 @@ def test_loss_goes_down_and_exports_reload(tiny_sd15, demo_images, tmp_path):
     assert state["status"] == "finished" and str(kohya) in state["files"]
 
 
+@pytest.mark.slow
 def test_resume_after_stop_gives_the_same_losses(tiny_sd15, demo_images, tmp_path):
     steps = 8
     full = run_job(make_config(tiny_sd15, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=3,
                                verify_export=False, lora_dropout=0.1))
     assert full.status == "finished", full.error
-    full_losses = [loss for _, loss in full.snapshot()["losses"]]
+    full_losses = [loss for _, loss in full.snapshot().losses]
 
     cfg = make_config(tiny_sd15, demo_images, tmp_path / "b", max_train_steps=steps, save_steps=3,
                       verify_export=False, lora_dropout=0.1)
     first = TrainingJob(cfg)
-    first.bus.subscribe(lambda e: first.stop() if e.kind == "progress" and e.data.get("step") == 5 else None)
+    first.bus.subscribe(lambda e: first.stop() if isinstance(e, Progress) and e.step == 5 else None)
     first.start().wait(600)
     assert first.status == "stopped", first.error
     run = first.run
@@ -146,7 +149,7 @@ def test_init_lora_continues_from_an_exported_file(tiny_sd15, demo_images, tmp_p
     lora = first.run.path / "my_lora.safetensors"
     second = run_job(make_config(tiny_sd15, demo_images, tmp_path / "b", max_train_steps=2, init_lora=str(lora)))
     assert second.status == "finished", second.error
-    assert any("Continuing from the LoRA" in line for line in second.snapshot()["log"])
+    assert any("Continuing from the LoRA" in line for line in second.snapshot().log)
 
 
 @pytest.mark.parametrize("setup, words", [
@@ -181,6 +184,7 @@ def test_second_job_is_refused_while_one_runs(tiny_sd15, demo_images, tmp_path):
     assert first.status == "stopped"
 
 
+@pytest.mark.slow
 def test_cli_train_and_bad_config(tiny_sd15, demo_images, tmp_path):
     cfg = tmp_path / "my_style.yaml"
     cfg.write_text(f"base_model: {tiny_sd15}\ntrain_data_dir: {demo_images}\noutput_dir: {tmp_path / 'out'}\n"
@@ -211,7 +215,7 @@ def test_v_prediction_text_encoder_and_all_knobs(tmp_path, demo_images):
                       cache_latents="disk", lr_scheduler="constant_with_warmup", lr_warmup_steps=1)
     job = run_job(cfg)
     assert job.status == "finished", job.error
-    log = "\n".join(job.snapshot()["log"])
+    log = "\n".join(job.snapshot().log)
     assert "(sd2), prediction type v_prediction" in log and "Export check passed" in log
     assert "effective batch 4" in log
     with safe_open(str(job.run.path / "my_lora.safetensors"), "pt") as fh:

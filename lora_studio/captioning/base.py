@@ -1,8 +1,10 @@
 """The one captioner interface: load once, caption a batch with progress and cancel, release after.
 
 A ``Captioner`` subclass implements ``load``, ``release`` and ``_caption_batch`` (a list of RGB images to
-a list of strings). ``caption`` does the rest: decodes each file (a bad file becomes an error result, the
-batch goes on), groups images into batches, reports ``progress(done, total, path)``, stops between batches
+a list of strings), and may implement ``prepare`` (resize one image to the model's input, once, with a good
+filter, so the processor does not resize it again). ``kind`` says whether it writes a sentence or tags.
+``caption`` does the rest: decodes each file (a bad file becomes an error result, the batch goes on),
+groups images into batches, reports ``progress(done, total, path)``, stops between batches
 when ``cancel`` is set, and releases the model afterwards unless it was already loaded by the caller
 (``with captioner: ...`` keeps it loaded across several calls).
 """
@@ -55,6 +57,15 @@ def pick_device(device: str | None = None) -> str:
     return "cpu"
 
 
+def pick_dtype(device: str):
+    """bf16 on a CUDA GPU that has it (fp16 on an older one), fp32 elsewhere."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
 def free_memory() -> None:
     """Give memory back after a model is dropped (Python objects and the CUDA cache)."""
     gc.collect()
@@ -71,6 +82,7 @@ class Captioner(ABC):
     """Base class of every captioner (BLIP captions, CLIP style tags, ...)."""
 
     name: str = "captioner"
+    kind: str = "sentence"  # "sentence" or "tags": how its text joins others and takes a caption style
 
     def __init__(self, batch_size: int = 4, device: str | None = None):
         self.batch_size = max(1, int(batch_size))
@@ -93,6 +105,10 @@ class Captioner(ABC):
     @abstractmethod
     def _caption_batch(self, images: list[Image.Image]) -> list[str]:
         """Captions for a list of RGB images, same order."""
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """The image as the model takes it (subclasses resize it here, once); called once per image."""
+        return image
 
     def __enter__(self) -> "Captioner":
         self.load()
@@ -135,6 +151,11 @@ class Captioner(ABC):
                 img = item.convert("RGB") if isinstance(item, Image.Image) else load_image_rgb(item)
             except DatasetError as exc:
                 out[-1].error = str(exc)
+                continue
+            try:
+                img = self.prepare(img)
+            except Exception as exc:  # e.g. a 1-pixel-wide strip: this image only
+                out[-1].error = f"{self.name} cannot take this image ({exc})."
                 continue
             decoded.append((len(out) - 1, img))
         if not decoded:

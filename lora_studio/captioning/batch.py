@@ -1,9 +1,11 @@
-"""Caption a whole folder: BLIP sentence + CLIP style tags + trigger word, saved to metadata.csv / .txt.
+"""Caption a whole folder: a sentence (BLIP, Florence-2, Qwen-VL, JoyCaption) and/or tags (WD14, CLIP style
+tags) + trigger word, saved to metadata.csv / .txt.
 
 ``caption_folder`` scans the folder (only readable images are captioned, exact duplicates once), keeps
 every existing caption unless ``overwrite`` is set (a person may have edited it), runs each captioner
-over the images that need a caption (one model in memory at a time, released after its pass), joins the
-parts in the order subject/scene sentence, style tags, and puts the trigger word first, exactly once.
+over the images that need a caption (one model in memory at a time, released after its pass), shapes each
+output for the caption ``style`` (``style.shape_caption``), joins the parts in the order the captioners
+were given (a sentence, then tags), and places the trigger word (first by default, exactly once).
 Captions are written atomically; the previous ``metadata.csv`` is kept as ``metadata.csv.bak``.
 """
 
@@ -17,11 +19,10 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from lora_studio.captioning.base import Captioner
-from lora_studio.captioning.edits import add_trigger
+from lora_studio.captioning.style import merge_parts, place_trigger, shape_caption
 from lora_studio.data.captions import (METADATA_NAME, load_captions, relative_name, write_metadata_csv,
                                        write_txt_captions)
 from lora_studio.data.scan import ScanReport, scan_folder
-from lora_studio.data.tags import join_tags
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,11 @@ class CaptionRun:
 
 def caption_images(images: list[Path], captioners: list[Captioner], existing: Mapping[Path, str] | None = None,
                    trigger: str | None = None, overwrite: bool = False, progress: Progress | None = None,
-                   cancel: threading.Event | None = None) -> CaptionRun:
-    """Caption ``images`` with each captioner in turn and join their outputs (no files written)."""
+                   cancel: threading.Event | None = None, style: str | None = None,
+                   trigger_placement: str = "start") -> CaptionRun:
+    """Caption ``images`` with each captioner in turn and join their outputs (no files written).
+
+    ``style`` (tags, short, detailed) shapes each output; None keeps them as the captioners wrote them."""
     existing = {Path(k): v.strip() for k, v in (existing or {}).items() if v and v.strip()}
     run = CaptionRun()
     todo = [p for p in images if overwrite or p not in existing]
@@ -73,8 +77,9 @@ def caption_images(images: list[Path], captioners: list[Captioner], existing: Ma
         results = captioner.caption(targets, progress=stage_progress, cancel=cancel)
         for path, result in zip(targets, results):
             if result.ok:
-                if result.text.strip():
-                    parts[path].append(result.text.strip())
+                text = shape_caption(result.text, style, captioner.kind)
+                if text:
+                    parts[path].append(text)
             else:
                 run.failed[path] = result.error or "unknown error"
                 parts.pop(path, None)
@@ -83,7 +88,7 @@ def caption_images(images: list[Path], captioners: list[Captioner], existing: Ma
             break
     for path in images:
         if parts.get(path):
-            text = join_tags(parts[path])
+            text = merge_parts(parts[path])
             run.generated.append(path)
         elif path in existing:
             text = existing[path]  # kept, failed or cancelled: the old caption stays
@@ -93,14 +98,15 @@ def caption_images(images: list[Path], captioners: list[Captioner], existing: Ma
             if path in parts and path not in run.failed and not run.cancelled:
                 run.failed[path] = "the captioner returned an empty caption"
             continue
-        run.captions[path] = add_trigger(text, trigger) if trigger else text
+        run.captions[path] = place_trigger(text, trigger, trigger_placement)
     return run
 
 
 def caption_folder(folder: str | os.PathLike, captioners: list[Captioner], output_csv: str | os.PathLike | None = None,
                    trigger: str | None = None, overwrite: bool = False, write_txt: bool = False,
                    write_csv: bool = True, min_size: int = 1, progress: Progress | None = None,
-                   cancel: threading.Event | None = None) -> CaptionRun:
+                   cancel: threading.Event | None = None, style: str | None = None,
+                   trigger_placement: str = "start") -> CaptionRun:
     """Caption every readable image in ``folder`` and save the captions (see the module docstring).
 
     ``file_name`` in the CSV is the image path relative to ``folder``. Existing captions are read from
@@ -113,7 +119,7 @@ def caption_folder(folder: str | os.PathLike, captioners: list[Captioner], outpu
     images = report.usable_images
     existing = load_captions(root, images, csv_path if csv_path.is_file() else None)
     run = caption_images(images, captioners, existing, trigger=trigger, overwrite=overwrite,
-                         progress=progress, cancel=cancel)
+                         progress=progress, cancel=cancel, style=style, trigger_placement=trigger_placement)
     run.report = report
     if write_csv and run.captions:
         rows = {relative_name(p, root): run.captions[p] for p in images if p in run.captions}

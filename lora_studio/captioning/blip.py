@@ -14,11 +14,11 @@ import re
 from PIL import Image
 
 from lora_studio.captioning.base import Captioner, free_memory, pick_device
+from lora_studio.captioning import DEFAULT_BLIP  # noqa: F401  (re-exported)
 from lora_studio.captioning.loading import load_model_part
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"
 LARGE_BLIP = "Salesforce/blip-image-captioning-large"
 # BLIP's well-known filler words ("arafed", "araffe") that mean nothing.
 _FILLER = re.compile(r"\b(?:ara+f+\w*|arafed)\b\s*", re.IGNORECASE)

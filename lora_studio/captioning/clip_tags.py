@@ -15,13 +15,13 @@ from typing import Mapping, Sequence
 from PIL import Image
 
 from lora_studio.captioning.base import Captioner, free_memory, pick_device
+from lora_studio.captioning import DEFAULT_CLIP  # noqa: F401  (re-exported)
 from lora_studio.captioning.loading import load_model_part
 from lora_studio.captioning.vocabulary import STYLE_VOCABULARY
 from lora_studio.data.tags import join_tags
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
 
 def _features(out):
@@ -41,6 +41,7 @@ class ClipStyleTagger(Captioner):
     """Tags from a fixed vocabulary ranked by CLIP image-text similarity (``per_category`` per category)."""
 
     name = "CLIP style tags"
+    kind = "tags"
 
     def __init__(self, model: str | os.PathLike = DEFAULT_CLIP,
                  vocabulary: Mapping[str, Sequence[str]] | None = None, per_category: int = 1,

@@ -14,6 +14,7 @@ from typing import Callable, TypeVar
 
 from lora_studio.errors import ModelLoadError
 from lora_studio.models.download import download_progress, is_hub_id
+from lora_studio.models.load_lock import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def load_model_part(loader: Callable[[str], T], ref: str | os.PathLike, what: st
         raise ModelLoadError(f"The {what} folder '{ref_s}' does not exist; give an existing folder or a "
                              f"Hugging Face model id.")
     try:
-        with download_progress(ref_s, report):
+        with model_loading(f"the {what}"), download_progress(ref_s, report):
             return loader(ref_s)
     except ModelLoadError:
         raise

@@ -131,6 +131,25 @@ def _resolve(folder: Path, image: str | os.PathLike) -> Path:
     return image if image.is_absolute() else folder / image
 
 
+def path_inside(folder: str | os.PathLike, name: str | os.PathLike, what: str = "image folder") -> Path:
+    """``folder / name``, refusing a name that leads outside ``folder``.
+
+    An absolute name, one that climbs out with ``..`` or one that goes through a link to elsewhere raises
+    ``DatasetError``: names typed in (or sent to) the app never choose where a file is written.
+    """
+    full = _resolve(Path(folder), name)
+    root = os.path.normcase(os.path.realpath(folder))
+    real = os.path.normcase(os.path.realpath(full))
+    try:
+        inside = os.path.commonpath([root, real]) == root
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside:
+        raise DatasetError(f"'{name}' is outside the {what} '{folder}'; files are only written inside it. "
+                           "Use file names relative to that folder.")
+    return full
+
+
 def read_txt_captions(folder: str | os.PathLike, images: Iterable[str | os.PathLike],
                       extension: str = ".txt") -> dict[Path, str]:
     """``{image: caption}`` from sidecar files (keys as given; relative paths resolve against ``folder``)."""
@@ -155,11 +174,15 @@ def read_txt_captions(folder: str | os.PathLike, images: Iterable[str | os.PathL
 
 def write_txt_captions(folder: str | os.PathLike, captions: Mapping[str | os.PathLike, str],
                        extension: str = ".txt", backup: bool = True) -> list[Path]:
-    """Write one sidecar per image (atomic; a changed file's old text kept as ``.txt.bak``)."""
+    """Write one sidecar per image (atomic; a changed file's old text kept as ``.txt.bak``).
+
+    Every sidecar must lie inside ``folder`` (``path_inside``); one that does not stops the call before
+    anything is written."""
     folder = Path(folder)
+    sides = {image: path_inside(folder, sidecar_path(image, extension)) for image in captions}
     written: list[Path] = []
     for image, caption in captions.items():
-        side = sidecar_path(_resolve(folder, image), extension)
+        side = sides[image]
         data = caption.strip().encode("utf-8")
         if side.exists():
             if side.read_bytes() == data:

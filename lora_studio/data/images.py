@@ -32,10 +32,15 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (sorted; hidden files and folders such as ``.cache`` are skipped)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"The image folder '{folder}' does not exist or is not a folder.")
+    """Image files under ``folder`` (sorted; hidden files and folders such as ``.cache`` are skipped).
+
+    The paths are absolute (``folder`` made absolute, links not followed), so they mean the same file
+    whichever folder they are later joined to or looked up from (a relative ``data`` gives ``/cwd/data/a.png``,
+    never ``data/a.png``, which ``data`` + name would turn into ``data/data/a.png``)."""
+    given = Path(folder)
+    if not given.is_dir():
+        raise DatasetError(f"The image folder '{given}' does not exist or is not a folder.")
+    folder = Path(os.path.abspath(given))
     found: list[Path] = []
     if recursive:
         for root, dirs, files in os.walk(folder):

@@ -414,6 +414,8 @@ def preflight_llm(path: str | Path, tokenizer, max_seq_length: int,
     """Read, check and tokenize the data. ``tokenizer`` is a tokenizer or a model folder / hub id;
     ``progress(done, total)`` is called every 500 rows."""
     if isinstance(tokenizer, (str, Path)):
+        from ..models.llm import load_tokenizer
+
         tokenizer = load_tokenizer(str(tokenizer))
     rows, skipped, read = read_rows(path)
     report = LLMPreflight(source=Path(path), rows_read=read, skipped=list(skipped), max_seq_length=max_seq_length)
@@ -453,21 +455,6 @@ def _nothing_to_train(report: LLMPreflight) -> str:
     where, first = report.skipped[0] if report.skipped else ("", "")
     return (f"None of the {report.rows_read} rows in '{report.source}' can train ({reasons}). First problem, "
             f"{where}: {first}. Each row needs instruction + output, messages with an assistant answer, or text.")
-
-
-def load_tokenizer(base_model: str):
-    """The base model's tokenizer, with a pad token (the EOS token) when it has none."""
-    from transformers import AutoTokenizer
-
-    from ..errors import ModelLoadError
-
-    try:
-        tok = AutoTokenizer.from_pretrained(base_model)
-    except Exception as exc:
-        raise ModelLoadError(f"Could not load the tokenizer of '{base_model}': {str(exc).splitlines()[0]}.") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
 
 
 # --- batches -------------------------------------------------------------------------------------------

@@ -21,16 +21,16 @@ from typing import Callable
 
 from PIL import Image
 
-from lora_studio.data.captions import METADATA_NAME, write_metadata_csv, write_txt_captions
+from lora_studio.data.captions import METADATA_NAME, path_inside, write_metadata_csv, write_txt_captions
 from lora_studio.data.images import load_image_rgb
 from lora_studio.data.scan import ScanReport
 from lora_studio.errors import DatasetError
+from lora_studio.data import CAPTION_FORMATS  # noqa: F401  (re-exported)
+from lora_studio.data import PREPARE_MODES as MODES
 from lora_studio.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
-MODES = ("center_crop", "keep_aspect", "copy")
-CAPTION_FORMATS = ("txt", "csv", "both", "none")
 
 
 @dataclass
@@ -108,15 +108,14 @@ def prepare_dataset(report: ScanReport, output_dir: str | os.PathLike, resolutio
     output.mkdir(parents=True, exist_ok=True)
     result = PrepareResult(output_dir=output)
     used: set[str] = set()
-    rows: dict[str, str] = {}
-    sidecars: dict[Path, str] = {}
+    rows: dict[str, str] = {}  # name relative to the working folder -> caption
     usable = report.usable
     for done, check in enumerate(usable, start=1):
         if cancel is not None and cancel.is_set():
             result.cancelled = True
             break
         rel = _target_name(check.name, used)
-        target = output / rel
+        target = path_inside(output, rel, "working folder")
         try:
             img = resize_image(load_image_rgb(check.path), resolution, mode)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,11 +127,10 @@ def prepare_dataset(report: ScanReport, output_dir: str | os.PathLike, resolutio
         result.written[check.path] = target
         if check.caption:
             rows[rel] = check.caption
-            sidecars[target] = check.caption
         if progress is not None:
             progress(done, len(usable), check.path)
-    if captions in ("txt", "both") and sidecars:
-        write_txt_captions(output, sidecars)
+    if captions in ("txt", "both") and rows:
+        write_txt_captions(output, rows)
     if captions in ("csv", "both") and rows:
         write_metadata_csv(output / METADATA_NAME, rows)
     log.info(result.summary())

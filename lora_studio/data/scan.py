@@ -25,11 +25,10 @@ from lora_studio.data.captions import load_captions, relative_name
 from lora_studio.data.images import is_image_file, list_images, load_image_rgb
 from lora_studio.data.tags import repeats_for
 from lora_studio.errors import DatasetError
+from lora_studio.data import DEFAULT_MAX_ASPECT, DEFAULT_MIN_SIZE  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIN_SIZE = 256
-DEFAULT_MAX_ASPECT = 4.0
 NEAR_DUPLICATE_BITS = 4          # dHash bits (of 64) that may differ for "near duplicate"
 NEAR_DUPLICATE_COLOUR = 12.0     # mean absolute difference of 8x8 colour thumbnails (0-255)
 

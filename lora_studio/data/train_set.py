@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..errors import DatasetError
 from .buckets import make_buckets, pick_bucket
-from .captions import load_captions
+from .captions import load_captions, relative_name
 from .images import list_images
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,8 @@ def _oriented_size(path: Path) -> tuple[int, int]:
 
 
 def _repeats(path: Path, root: Path) -> int:
-    try:
-        from .tags import repeats_for
-    except ImportError:  # pragma: no cover - tags module arrives with the dataset tools
-        return 1
+    from .tags import repeats_for
+
     return repeats_for(path, root)
 
 
@@ -99,7 +97,7 @@ def preflight(train_data_dir: str | Path, resolution: int, *, metadata_path: str
     buckets = make_buckets(resolution) if enable_bucket else [(resolution, resolution)]
     small = 0
     for path in images:
-        name = str(path.relative_to(folder))
+        name = relative_name(path, folder)
         caption = captions.get(path, "").strip()
         if not caption:
             report.skipped.append((name, "no caption"))
@@ -121,6 +119,16 @@ def preflight(train_data_dir: str | Path, resolution: int, *, metadata_path: str
     return report
 
 
+def preflight_run(config, resolution: int, say) -> Preflight:
+    """``preflight`` of a run's ``train_data_dir`` with its caption settings; each report line said (skips and
+    warnings as warnings)."""
+    report = preflight(config.train_data_dir, resolution, metadata_path=config.metadata_path,
+                       caption_extension=config.caption_extension, enable_bucket=config.enable_bucket)
+    for line in report.lines():
+        say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
+    return report
+
+
 class Batch(list):
     """Indices of ``items`` for one micro-batch, and where it sits in the epoch.
 
@@ -139,7 +147,7 @@ class Batch(list):
         """``(epoch, global batch, position in it)`` of each sample."""
         return [(self.epoch, self.number, self.offset + k) for k in range(len(self))]
 
-    def generators(self, seed: int) -> list["torch.Generator"]:
+    def generators(self, seed: int) -> list:
         """One CPU ``torch.Generator`` per sample, seeded by ``(seed, epoch, global batch, position)``."""
         import torch
 

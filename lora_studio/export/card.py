@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..data.tags import split_tags, top_tags
+from ..families import get_family
 from ..fileio import atomic_write_json, atomic_write_text
 
-SD_VERSIONS = {"sd15": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
-FAMILY_TITLES = {"sd15": "Stable Diffusion 1.5", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL",
-                 "llm": "causal language model"}
+SD_VERSIONS = {"sd15": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux", "chroma": "Flux"}
+FAMILY_TITLES = {"sd15": "Stable Diffusion 1.5", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux": "FLUX.1",
+                 "chroma": "Chroma", "llm": "causal language model"}
+# ComfyUI node that loads the base model: a transformer-only file (FLUX.1, Chroma) goes in "Load Diffusion Model"
+COMFY_LOADERS = {"flux": "Load Diffusion Model", "chroma": "Load Diffusion Model"}
 PREFERRED_WEIGHT = 0.8
 TOP_TAGS = 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -91,7 +94,7 @@ def settings_rows(config: Any, family: str, state: Mapping[str, Any], steps: int
     if family == "llm":
         rows.append(("max sequence length", config.max_seq_length))
     else:
-        rows += [("resolution", config.resolution or {"sdxl": 1024, "sd2": 768}.get(family, 512)),
+        rows += [("resolution", config.resolution_for(family)),
                  ("text encoder trained", "yes" if config.train_text_encoder else "no")]
         if config.noise_offset:
             rows.append(("noise offset", config.noise_offset))
@@ -122,8 +125,10 @@ def _image_usage(name: str, file_name: str, config: Any, family: str, triggers: 
                  has_diffusers_folder: bool) -> list[str]:
     trigger = ", ".join(triggers)
     prompt = f"{trigger}, " if trigger else ""
-    pipe_class = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    entry = get_family(family)
+    pipe_class = (entry.pipeline or "diffusers:StableDiffusionPipeline").partition(":")[2]
     base = config.base_model if _is_hub_id(config.base_model) else "path/to/base-model"
+    dtype = entry.half_dtype
     out = [
         "## How to use it", "",
         "### AUTOMATIC1111 / Forge", "",
@@ -134,13 +139,14 @@ def _image_usage(name: str, file_name: str, config: Any, family: str, triggers: 
         "description.", "",
         "### ComfyUI", "",
         f"Copy `{file_name}` into `ComfyUI/models/loras`. Add a **Load LoRA** node (LoraLoader) between "
-        "**Load Checkpoint** and the CLIP Text Encode / KSampler nodes, pick the file, set `strength_model` "
+        f"**{COMFY_LOADERS.get(family, 'Load Checkpoint')}** and the CLIP Text Encode / "
+        "KSampler nodes, pick the file, set `strength_model` "
         f"to {PREFERRED_WEIGHT}" + (f" and `strength_clip` to {PREFERRED_WEIGHT}" if config.train_text_encoder
                                     else " (`strength_clip` has no effect: the text encoder was not trained)") + ".",
         "",
         "### diffusers", "",
         "```python", "import torch", f"from diffusers import {pipe_class}", "",
-        f'pipe = {pipe_class}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe = {pipe_class}.from_pretrained("{base}", torch_dtype=torch.{dtype}).to("cuda")',
         f'pipe.load_lora_weights(".", weight_name="{file_name}", adapter_name="{name}")',
         f'pipe.set_adapters(["{name}"], adapter_weights=[{PREFERRED_WEIGHT}])',
         f'image = pipe("{prompt}your prompt").images[0]', "```", "",

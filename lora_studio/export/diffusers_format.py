@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..fileio import make_temp_dir
+
 log = logging.getLogger(__name__)
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -106,7 +108,7 @@ def save_diffusers_lora(folder: str | Path, pipeline_class: type, unet_state: Ma
         kwargs[f"{name}_lora_layers"] = prepared(state)
         kwargs[f"{name}_lora_adapter_metadata"] = adapter_config(state, rank, alpha, name)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    tmp = make_temp_dir(folder.parent, folder.name)
     try:
         pipeline_class.save_lora_weights(str(tmp), **kwargs)
         if not (tmp / weight_name).is_file():

@@ -140,11 +140,6 @@ def unet_kohya_name(module: str, family: str, block_map: Mapping[str, str] | Non
     return "lora_unet_" + module.replace(".", "_")
 
 
-def unet_module_to_kohya(module: str, family: str, unet_config: Any = None) -> str:
-    """Like ``unet_kohya_name``, building the SDXL block map from ``unet_config``."""
-    return unet_kohya_name(module, family, sai_block_map(unet_config) if family == "sdxl" else None)
-
-
 def te_kohya_name(module: str, family: str, component: str = "text_encoder") -> str:
     """``lora_te_text_model_...`` for a CLIP text encoder module path (with or without ``text_model.``)."""
     if module.startswith("text_model."):
@@ -153,8 +148,6 @@ def te_kohya_name(module: str, family: str, component: str = "text_encoder") -> 
         module = "text_model." + module
     return f"{te_prefix(family, component)}_" + module.replace(".", "_")
 
-
-te_module_to_kohya = te_kohya_name
 
 
 def _split_peft_key(key: str) -> tuple[str, str]:

@@ -19,10 +19,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+from ..families import FAMILIES
+
+# ss_base_model_version per family: the registry's kohya_version (sd_v1, sdxl_base_v1-0, flux1, chroma ...)
+BASE_MODEL_VERSION = {f.id: f.kohya_version for f in FAMILIES.values() if f.kohya_version}
+_ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
+                 "flux": "flux-1-dev", "chroma": "chroma"}
 # kohya's sai_model_spec: an SDXL LoRA names the SAI implementation, SD1.x/SD2.x LoRAs name diffusers
-_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}
+_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models",
+                   "flux": "https://github.com/black-forest-labs/flux",
+                   "chroma": "https://huggingface.co/lodestones/Chroma"}
 _BLOCK = 1024 * 1024
 
 

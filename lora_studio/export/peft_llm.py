@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ModelLoadError, TrainingError
 from ..fileio import atomic_write_json
+from ..models.load_lock import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def reload_and_compare(model, adapter_dir: str | Path, batch: dict[str, torch.Te
     with model.disable_adapter():
         base = logits_of(model, batch, autocast)
     base_model = model.unload()
-    reloaded = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    with model_loading(str(adapter_dir)):
+        reloaded = PeftModel.from_pretrained(base_model, str(adapter_dir))
     got = logits_of(reloaded, batch, autocast)
     report = ReloadReport(max_diff=float((got - expected).abs().max()),
                           lora_effect=float((expected - base).abs().max()), tokens=int(batch["attention_mask"].sum()))
@@ -159,13 +161,15 @@ def load_adapter_model(base_model: str | Path, adapter_dir: str | Path, *, dtype
     if not is_adapter_folder(adapter_dir):
         raise ModelLoadError(f"'{adapter_dir}' is not a PEFT adapter folder (adapter_config.json + "
                              "adapter_model.safetensors).")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype or torch.float32)
-    except Exception as exc:
-        raise ModelLoadError(f"Could not load the base model '{base_model}': {str(exc).splitlines()[0]}.") from None
-    if device is not None:
-        model.to(device)
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
+    with model_loading(str(base_model)):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype or torch.float32)
+        except Exception as exc:
+            raise ModelLoadError(f"Could not load the base model '{base_model}': "
+                                 f"{str(exc).splitlines()[0]}.") from None
+        if device is not None:
+            model.to(device)
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
 
 
 def save_merged_model(base_model: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, tokenizer=None,
@@ -179,12 +183,13 @@ def save_merged_model(base_model: str | Path, adapter_dir: str | Path, out_dir: 
     from transformers import AutoModelForCausalLM
 
     final = Path(out_dir)
-    try:
-        base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype)
-    except Exception as exc:
-        raise ModelLoadError(f"Could not load the base model '{base_model}' to merge: "
-                             f"{str(exc).splitlines()[0]}.") from None
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with model_loading(str(base_model)):
+        try:
+            base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype)
+        except Exception as exc:
+            raise ModelLoadError(f"Could not load the base model '{base_model}' to merge: "
+                                 f"{str(exc).splitlines()[0]}.") from None
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tmp = _fresh_tmp(final)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:

@@ -30,11 +30,13 @@ import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..errors import TrainingError
+from ..models.load_lock import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -99,34 +101,70 @@ def load_fresh_pipeline(base_model: str | Path, family: str, *, device: str | to
     return pipe
 
 
+def count_placed(model: torch.nn.Module, adapter: str) -> int:
+    """How many modules of ``model`` carry the LoRA adapter ``adapter`` (what a loader really placed)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
+
+
+def _check_placed(model: torch.nn.Module, expected: int, lora_file: Path) -> None:
+    placed = count_placed(model, VERIFY_ADAPTER)
+    if placed != expected:
+        raise TrainingError(f"Export check failed: diffusers placed {placed} of the {expected} LoRA layers of "
+                            f"{lora_file.name}; the others would be silently ignored. Please report this.")
+
+
 def check_export(base_model: str | Path, family: str, lora_file: Path, *, expected_images: np.ndarray,
                  base_images: np.ndarray | None, prompt: str, seed: int, steps: int = 2, size: int = 64,
                  atol: float | None = None, base_atol: float = 1e-5, device: str | torch.device = "cpu",
                  vae: str | None = None, held_dtypes: dict[str, torch.dtype] | None = None,
-                 single_file_config: str | None = None) -> VerifyReport:
+                 single_file_config: str | None = None, fresh_pipeline: Callable[[], Any] | None = None,
+                 expected_modules: int | None = None, denoiser: str = "unet") -> VerifyReport:
     """Reload ``lora_file`` into a fresh pipeline; raise ``TrainingError`` unless it reproduces the trained model.
 
     ``expected_images`` and ``base_images`` come from ``render`` on the in-memory pipeline (float32, LoRA
-    on / adapters disabled) with the same prompt, seed, steps and size.
+    on / adapters disabled) with the same prompt, seed, steps and size. ``fresh_pipeline`` builds the fresh
+    pipeline instead of ``load_fresh_pipeline`` (e.g. with the same quantized base); with ``expected_modules``
+    the modules of ``pipe.<denoiser>`` that really got the LoRA are counted (diffusers drops unknown keys silently).
     """
-    lora_file = Path(lora_file)
-    atol = DEFAULT_ATOL if atol is None else float(atol)
-    pipe = load_fresh_pipeline(base_model, family, device=device, vae=vae, held_dtypes=held_dtypes,
-                               single_file_config=single_file_config)
+    pipe = fresh_pipeline() if fresh_pipeline else load_fresh_pipeline(
+        base_model, family, device=device, vae=vae, held_dtypes=held_dtypes, single_file_config=single_file_config)
     try:
-        fresh_base = render(pipe, prompt, seed, steps, size)
-        try:
-            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=VERIFY_ADAPTER)
-        except Exception as exc:
-            raise TrainingError(f"Export check failed: diffusers cannot load {lora_file.name} "
-                                f"({exc.__class__.__name__}: {exc}).") from exc
-        pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[1.0])
-        reloaded = render(pipe, prompt, seed, steps, size)
-        pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[0.0])
-        at_zero = render(pipe, prompt, seed, steps, size)
+        return check_reload(pipe, lora_file, expected_images=expected_images, base_images=base_images, prompt=prompt,
+                            seed=seed, steps=steps, size=size, atol=atol, base_atol=base_atol,
+                            expected_modules=expected_modules, denoiser=denoiser)
     finally:
         del pipe
         gc.collect()
+
+
+def check_reload(pipe, lora_file: Path, *, expected_images: np.ndarray, base_images: np.ndarray | None, prompt: str,
+                 seed: int, steps: int = 2, size: int = 64, atol: float | None = None, base_atol: float = 1e-5,
+                 expected_modules: int | None = None, denoiser: str = "unet") -> VerifyReport:
+    """The comparisons of ``check_export`` on ``pipe``, which renders the base model when called (a fresh pipeline,
+    or the trained one with its own adapter switched off): load ``lora_file`` as the adapter ``verify``, count
+    the layers placed, render at strength 1 and 0. The ``verify`` adapter is left loaded (the caller removes it)."""
+    lora_file = Path(lora_file)
+    atol = DEFAULT_ATOL if atol is None else float(atol)
+    fresh_base = render(pipe, prompt, seed, steps, size)
+    try:
+        with model_loading(lora_file.name):
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=VERIFY_ADAPTER)
+    except Exception as exc:
+        raise TrainingError(f"Export check failed: diffusers cannot load {lora_file.name} "
+                            f"({exc.__class__.__name__}: {exc}).") from exc
+    model = getattr(pipe, denoiser)
+    if expected_modules is not None:
+        _check_placed(model, expected_modules, lora_file)
+    for name, param in model.named_parameters():  # as training holds a LoRA, also over a quantized base
+        if f".{VERIFY_ADAPTER}." in name:
+            param.data = param.data.float()
+    model.enable_adapters()  # a trained pipeline had its own adapter switched off
+    pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[1.0])
+    reloaded = render(pipe, prompt, seed, steps, size)
+    pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[0.0])
+    at_zero = render(pipe, prompt, seed, steps, size)
     reference_base = base_images if base_images is not None else fresh_base
     report = VerifyReport(lora_file=lora_file, max_diff=_max_diff(reloaded, expected_images),
                           base_diff=_max_diff(at_zero, base_images) if base_images is not None else None,

@@ -24,7 +24,9 @@ from typing import Any, Callable, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ConfigError, ModelLoadError, StudioError
+from ..families import get_family
 from ..fileio import atomic_write
+from ..models.load_lock import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +94,13 @@ def a1111_tag(name: str, strength: float) -> str:
     return f"<lora:{name}:{strength:g}>"
 
 
-def pick_device() -> tuple[str, Any]:
-    """(device, dtype): CUDA in half precision when available, else the CPU in float32."""
+def pick_device(half_dtype: str = "float16") -> tuple[str, Any]:
+    """(device, dtype): CUDA in half precision (``half_dtype``, the family's) when available, else the CPU in
+    float32."""
     import torch
 
     if torch.cuda.is_available():
-        return "cuda", torch.float16
+        return "cuda", getattr(torch, half_dtype)
     return "cpu", torch.float32
 
 
@@ -120,7 +123,8 @@ class PipelineCache:
                  single_file_config: str | None = None):
         """The pipeline of ``base_model`` (loaded on first use, reused while the model stays the same);
         ``report`` hears how a hub download is going; ``single_file_config`` as in ``load_diffusion_pipeline``."""
-        from ..models.loading import detect_family, load_diffusion_pipeline
+        from ..models.detect import detect_family
+        from ..models.loading import load_diffusion_pipeline
 
         with self.lock:
             key = (str(base_model), vae or "", single_file_config or "")
@@ -128,13 +132,13 @@ class PipelineCache:
                 return self._pipe
             self.clear()
             family = detect_family(str(base_model))
-            if family == "llm":
-                raise ModelLoadError(f"'{base_model}' is a language model; image grids need a Stable Diffusion "
-                                     "base model (use the language-model comparison instead).")
-            device, dtype = pick_device()
+            if not get_family(family).is_image:
+                raise ModelLoadError(f"'{base_model}' is a language model; image grids need an image base model "
+                                     "(use the language-model comparison instead).")
+            device, dtype = pick_device(get_family(family).half_dtype)
             pipe = load_diffusion_pipeline(str(base_model), family, torch_dtype=dtype, vae=vae, report=report,
                                            single_file_config=single_file_config)
-            pipe.to(device)
+            _place(pipe, device)
             pipe.set_progress_bar_config(disable=True)
             self._key, self._pipe, self._family = key, pipe, family
             return pipe
@@ -163,10 +167,11 @@ class PipelineCache:
             self._counter += 1
             name = f"lora_{self._counter}"
             try:
-                if path.is_dir():
-                    pipe.load_lora_weights(str(path), adapter_name=name)
-                else:
-                    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                with model_loading(path.name):
+                    if path.is_dir():
+                        pipe.load_lora_weights(str(path), adapter_name=name)
+                    else:
+                        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
             except Exception as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise ModelLoadError(f"Could not load the LoRA '{path.name}' into this base model: {first}. "
@@ -200,6 +205,37 @@ class PipelineCache:
             pass
 
 
+def _place(pipe, device: str) -> None:
+    """On the device; a pipeline the GPU cannot hold whole (FLUX.1 with T5-XXL is about 34 GB in bf16) moves
+    model by model to it, and layer by layer (slow, but it renders) when even its largest model does not fit."""
+    if device != "cuda":
+        pipe.to(device)
+        return
+    import torch
+
+    sizes = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in pipe.components.values()
+             if isinstance(m, torch.nn.Module)]
+    room = 0.85 * torch.cuda.get_device_properties(0).total_memory
+    if sum(sizes) <= room:
+        pipe.to(device)
+    elif max(sizes, default=0) <= room:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.enable_sequential_cpu_offload()
+
+
+def model_render_defaults(base_model: str) -> dict[str, float] | None:
+    """``{"steps", "cfg"}`` a model is meant to render with when its family's registry entry sets them per model
+    (``Family.render_settings``: FLUX.1-dev 28 / 3.5, schnell 4 / 0, Chroma 35 / 5); None for the other families
+    (the caller keeps its own defaults) or when the model cannot be read."""
+    from ..models.detect import detect_family
+
+    try:
+        return get_family(detect_family(str(base_model))).render_settings(str(base_model))
+    except StudioError:
+        return None
+
+
 _DEFAULT_CACHE = PipelineCache()
 
 
@@ -211,7 +247,9 @@ def default_cache() -> PipelineCache:
 # --- rendering ------------------------------------------------------------------------------------
 
 def native_size(pipe) -> int:
-    """The model's native image size in pixels (512 for SD1.5, 1024 for SDXL)."""
+    """The model's native image size in pixels (512 for SD1.5, 1024 for SDXL and FLUX)."""
+    if getattr(pipe, "unet", None) is None:  # transformer pipelines: their default size
+        return int(pipe.default_sample_size * pipe.vae_scale_factor)
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 

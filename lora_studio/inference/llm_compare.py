@@ -21,8 +21,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..data.llm_data import load_tokenizer, prompt_ids
+from ..data.llm_data import prompt_ids
+from ..models.llm import load_causal_lm, load_tokenizer
 from ..errors import ModelLoadError
+from ..models.load_lock import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,6 @@ class LLMTester:
         from peft import PeftModel
 
         from ..export.peft_llm import is_adapter_folder
-        from ..training.llm import load_causal_lm
-
         if not is_adapter_folder(adapter_dir):
             raise ModelLoadError(f"'{adapter_dir}' is not a PEFT adapter folder (adapter_config.json + "
                                  "adapter_model.safetensors).")
@@ -77,7 +77,8 @@ class LLMTester:
         model = load_causal_lm(base_model, dtype=dtype, device=self.device,
                                load_in_4bit=load_in_4bit and self.device.type == "cuda", report=report)
         self.adapter_name, self._loads = ADAPTER, 0
-        self.model = PeftModel.from_pretrained(model, self.adapter_dir, adapter_name=ADAPTER)
+        with model_loading(self.adapter_dir):
+            self.model = PeftModel.from_pretrained(model, self.adapter_dir, adapter_name=ADAPTER)
         self.model.eval()
 
     # --- adapters --------------------------------------------------------------------------------
@@ -87,7 +88,8 @@ class LLMTester:
             return
         self._loads += 1
         name, old = f"{ADAPTER}{self._loads}", self.adapter_name
-        self.model.load_adapter(str(adapter_dir), adapter_name=name)
+        with model_loading(str(adapter_dir)):
+            self.model.load_adapter(str(adapter_dir), adapter_name=name)
         self.model.set_adapter(name)
         self.model.delete_adapter(old)
         self.adapter_name, self.adapter_dir = name, str(adapter_dir)

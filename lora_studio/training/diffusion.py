@@ -20,36 +20,28 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import DEFAULT_TEXT_ENCODER_TARGETS, TrainConfig
-from ..data.train_set import Batch, Preflight, TrainItem, epoch_batches, preflight
+from ..config import TrainConfig
+from ..data.train_set import Batch, preflight_run
+from ..families import get_family
 from ..errors import DatasetError
+from ..models.load_lock import model_loading
 from ..models.loading import load_diffusion_pipeline
 from .events import EventBus
-from .latent_cache import LatentCache, encode_latents_shared
-from .loop import Trainer
+from .image_trainer import ImageTrainer
+from .latent_cache import cache_for_run
 from .run_folder import RunFolder
-from .runtime import full_precision_forward, weight_dtype
+from .runtime import enable_checkpointing, full_precision_forward, weight_dtype
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 VERIFY_STEPS, VERIFY_SIZE = 2, 64
 
 
-class DiffusionTrainer(Trainer):
-    family = "sd15"
+class DiffusionTrainer(ImageTrainer):
     text_encoder_names = ("text_encoder",)
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "sd15"):
-        super().__init__(config, run, bus)
-        self.family = family
-        self.resolution = config.resolution or DEFAULT_RESOLUTION.get(family, 512)
-        self.pipe = None
-        self.items: list[TrainItem] = []
-        self.report: Preflight | None = None
-        self.latents: LatentCache | None = None
-        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self.started_at = 0.0
+        super().__init__(config, run, bus, family)
 
     # --- setup ---------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -57,12 +49,28 @@ class DiffusionTrainer(Trainer):
 
         cfg, acc = self.config, self.accelerator
         self.started_at = time.time()
-        self.report = preflight(cfg.train_data_dir, self.resolution, metadata_path=cfg.metadata_path,
-                                caption_extension=cfg.caption_extension, enable_bucket=cfg.enable_bucket)
-        for line in self.report.lines():
-            self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
+        self.report = preflight_run(cfg, self.resolution, self.say)
         self.items = list(self.report.items)
-        self.bus.emit("state", state="loading model")
+        self.bus.state("loading model")
+        with model_loading(cfg.base_model):  # the model and its new LoRA layers, one load in the process at a time
+            self._load_and_add_adapters()
+        self._warn_long_captions()
+        self.bus.state("caching latents")
+        self._cache_latents()
+        self.pipe.vae.to("cpu")
+        if not cfg.train_text_encoder:
+            self._cache_text()
+        if cfg.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for name in self.text_encoder_names:
+                    enable_checkpointing(getattr(self.pipe, name))
+        self.say(f"Model: {cfg.base_model} ({self.family}), prediction type {self.prediction_type}, "
+                 f"resolution {self.resolution}, weights {str(weight_dtype(acc)).replace('torch.', '')}, "
+                 f"LoRA rank {cfg.lora_rank} alpha {cfg.alpha:g} on {', '.join(cfg.targets_for(self.family))}.")
+
+    def _load_and_add_adapters(self) -> None:
+        cfg, acc = self.config, self.accelerator
         dtype = weight_dtype(acc)
         self.pipe = pipe = load_diffusion_pipeline(cfg.base_model, self.family, vae=cfg.vae, report=self.say,
                                                    single_file_config=cfg.single_file_config)
@@ -79,19 +87,18 @@ class DiffusionTrainer(Trainer):
         self.held_dtypes = {name: dtype for name in ["unet", *self.text_encoder_names]}
         self.held_dtypes["vae"] = self.vae_dtype(dtype)
         self._add_adapters()
-        self.bus.emit("state", state="caching latents")
-        self._cache_latents()
-        pipe.vae.to("cpu")
-        if not cfg.train_text_encoder:
-            self._cache_text()
-        if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-            if cfg.train_text_encoder:
-                for name in self.text_encoder_names:
-                    getattr(pipe, name).gradient_checkpointing_enable()
-        self.say(f"Model: {cfg.base_model} ({self.family}), prediction type {self.prediction_type}, "
-                 f"resolution {self.resolution}, weights {str(dtype).replace('torch.', '')}, "
-                 f"LoRA rank {cfg.lora_rank} alpha {cfg.alpha:g} on {', '.join(cfg.unet_targets())}.")
+
+    def _warn_long_captions(self) -> None:
+        """Captions longer than the tokenizer's limit (77 for CLIP) are cut: say how many, in the log."""
+        from ..data.caption_length import count_too_long, too_long_message
+
+        tok = self.pipe.tokenizer
+        limit = int(tok.model_max_length)
+        cut, total, longest = count_too_long([it.caption for it in self.items],
+                                             lambda cs: [len(ids) for ids in tok(cs, truncation=False).input_ids],
+                                             limit)
+        if cut:
+            self.say(too_long_message(cut, total, limit, longest), "warning")
 
     def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype
@@ -104,15 +111,17 @@ class DiffusionTrainer(Trainer):
         from peft import LoraConfig
 
         cfg = self.config
-        self.pipe.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                              init_lora_weights="gaussian", target_modules=cfg.unet_targets()))
+
+        def lora(targets) -> LoraConfig:
+            return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                              init_lora_weights="gaussian", target_modules=list(targets))
+
+        self.pipe.unet.add_adapter(lora(cfg.targets_for(self.family)))
         trained = [self.pipe.unet]
         if cfg.train_text_encoder:
             for name in self.text_encoder_names:
-                te = getattr(self.pipe, name)
-                te.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                          init_lora_weights="gaussian", target_modules=DEFAULT_TEXT_ENCODER_TARGETS))
-                trained.append(te)
+                getattr(self.pipe, name).add_adapter(lora(get_family(self.family).text_encoder_targets))
+                trained.append(getattr(self.pipe, name))
         if cfg.init_lora:
             from ..export.lora_state import apply_init_lora
 
@@ -125,23 +134,7 @@ class DiffusionTrainer(Trainer):
 
     def _cache_latents(self) -> None:
         cfg = self.config
-        disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
-        skipped: list[str] = []
-
-        def progress(done: int, total: int) -> None:
-            self.bus.emit("progress", step=0, total=0, stage="caching latents", done=done, of=total)
-
-        def on_error(item: TrainItem, exc: Exception) -> None:
-            skipped.append(item.path.name)
-            self.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
-
-        self.latents, failed = encode_latents_shared(  # split over the processes of a multi-GPU run
-            self.pipe.vae, self.items, self.accelerator, device=self.accelerator.device, dtype=self.pipe.vae.dtype,
-            disk_dir=disk, vae_id=f"{cfg.base_model}|{cfg.vae}", progress=progress, on_error=on_error)
-        if failed:
-            self.items = [it for i, it in enumerate(self.items) if i not in set(failed)]
-        if not self.items:
-            raise DatasetError("None of the images could be decoded; see the skipped files above.")
+        self.latents, self.items = cache_for_run(self, self.pipe.vae, f"{cfg.base_model}|{cfg.vae}")
 
     # --- text ------------------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -175,17 +168,12 @@ class DiffusionTrainer(Trainer):
         """``pipe.<name>`` as the step must call it: through its DDP wrapper once the loop prepared it
         (a trained text encoder called around the wrapper would skip the gradient all-reduce)."""
         module = getattr(self.pipe, name)
-        for prepared in getattr(self, "prepared_models", None) or ():
+        for prepared in self.prepared_models:
             if self.accelerator.unwrap_model(prepared) is module:
                 return prepared
         return module
 
     # --- the step --------------------------------------------------------------------------------
-    def batches(self, epoch: int) -> list[list[int]]:
-        acc = self.accelerator
-        return epoch_batches(self.items, self.config.batch_size, self.config.seed, epoch,
-                             acc.process_index, acc.num_processes)
-
     def models(self) -> list[torch.nn.Module]:
         mods = [self.pipe.unet]
         if self.config.train_text_encoder:
@@ -311,7 +299,7 @@ class DiffusionTrainer(Trainer):
                                             rank=cfg.lora_rank, alpha=cfg.alpha, family=self.family)
         files = [kohya_path, diffusers_dir]
         if cfg.verify_export:
-            self.bus.emit("state", state="verifying export")
+            self.bus.state("verifying export")
             report = self.verify(kohya_path)
             self.say(f"Export check passed: {report}")
             self.warn_if_little_effect(report.effect, report.atol, "the test image")
@@ -366,14 +354,7 @@ class DiffusionTrainer(Trainer):
             image = pipe(self.config.sample_prompt, num_inference_steps=20, height=size, width=size,
                          generator=gen).images[0]
         pipe.vae.to("cpu")
-        path = self.run.samples_dir / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        return path
-
-    def cleanup(self) -> None:
-        self.latents = None
-        self.text_cache = {}
+        return self.run.save_sample(step, image)
 
 
 def training_target(scheduler, prediction_type: str, latents: torch.Tensor, noise: torch.Tensor,

@@ -23,6 +23,7 @@ import torch
 from ..data.buckets import resize_to_bucket
 from ..data.images import load_image_rgb
 from ..data.train_set import TrainItem
+from .events import Progress
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +158,27 @@ def encode_latents_shared(vae, items: Sequence[TrainItem], accelerator, *, disk_
         if on_error:
             on_error(items[i], RuntimeError(all_errors[i]))
     return LatentCache([entries[i] for i in range(len(items)) if i in entries]), sorted(all_errors)
+
+
+def cache_for_run(trainer, vae, vae_id: str, **kwargs) -> tuple[LatentCache, list[TrainItem]]:
+    """A run's latents (``encode_latents_shared`` over ``trainer.items``, in memory or on disk as
+    ``cache_latents`` says) with progress events and a warning per unreadable image; returns the cache and the
+    items that could be encoded. DatasetError when none could."""
+    from ..errors import DatasetError
+
+    cfg = trainer.config
+    disk = Path(cfg.output_dir) / ".cache" / "latents" if cfg.cache_latents == "disk" else None
+
+    def progress(done: int, total: int) -> None:
+        trainer.bus.emit(Progress(stage="caching latents", done=done, of=total))
+
+    def on_error(item: TrainItem, exc: Exception) -> None:
+        trainer.say(f"skipped {item.path.name}: cannot be decoded ({exc})", "warning")
+
+    cache, failed = encode_latents_shared(  # split over the processes of a multi-GPU run
+        vae, trainer.items, trainer.accelerator, device=trainer.accelerator.device, dtype=vae.dtype, disk_dir=disk,
+        vae_id=vae_id, progress=progress, on_error=on_error, **kwargs)
+    items = [it for i, it in enumerate(trainer.items) if i not in set(failed)]
+    if not items:
+        raise DatasetError("None of the images could be decoded; see the skipped files above.")
+    return cache, items

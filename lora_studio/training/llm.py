@@ -13,62 +13,28 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..config import TrainConfig
-from ..data.llm_data import LLMPreflight, collate, epoch_batches, load_tokenizer, preflight_llm, prompt_ids
+from ..data.llm_data import LLMPreflight, collate, epoch_batches, preflight_llm, prompt_ids
 from ..errors import ConfigError, ModelLoadError
-from ..models.download import download_progress
-from .events import EventBus
+from ..models.llm import linear_module_names, linear_paths, load_causal_lm, load_tokenizer
+from .events import EventBus, Progress
 from .loop import Trainer
 from .run_folder import RunFolder
-from .runtime import cpu_check, weight_dtype
+from .runtime import cpu_check, enable_checkpointing, weight_dtype
 
 VERIFY_TOKENS = 64
 SAMPLE_NEW_TOKENS = 64
 
 
-# --- model helpers (also used by the UI and the Testing tab) -------------------------------------------
-def linear_module_names(model_or_path: Any) -> list[str]:
-    """The distinct names of the Linear layers a LoRA can target (``q_proj``, ``v_proj``, ... no ``lm_head``).
-
-    Takes a loaded model, or a model folder / hub id (then the model is built on the meta device: no weights
-    are read, so it is instant even for big models).
-    """
-    model = _meta_model(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
-    names: dict[str, None] = {}
-    for full_name in _linear_paths(model):
-        leaf = full_name.rsplit(".", 1)[-1]
-        if leaf not in ("lm_head", "embed_out", "output", "score"):
-            names[leaf] = None
-    return list(names)
-
-
-def _linear_paths(model) -> list[str]:
-    """Full names of the model's own Linear (and GPT-2 Conv1D) layers, LoRA layers left out."""
-    from transformers.pytorch_utils import Conv1D
-
-    return [name for name, module in model.named_modules()
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and ".lora_" not in name]
-
-
-def _meta_model(base_model: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(base_model)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except Exception as exc:
-        raise ModelLoadError(f"Could not read the model '{base_model}': {str(exc).splitlines()[0]}.") from None
-
-
+# --- checks -------------------------------------------------------------------------------------------
 def check_targets(model, targets: list[str]) -> None:
     """ConfigError naming the missing target and the layers the model has, if a target matches nothing."""
     available = linear_module_names(model)
-    full_names = _linear_paths(model)
+    full_names = linear_paths(model)
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in full_names):
             raise ConfigError("target_modules", f"'{target}' matches no layer of this model; its Linear layers are: "
@@ -92,47 +58,6 @@ def use_4bit(config: TrainConfig, say=None) -> bool:
         say(f"{reason}; loading the model unquantized instead (needs about 4x the memory for its weights).",
             "warning")
     return False
-
-
-def load_causal_lm(base_model: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                   load_in_4bit: bool = False, report: Callable[[str], None] | None = None):
-    """Load a transformers causal LM (folder or hub id); 4-bit NF4 with ``load_in_4bit`` (CUDA only).
-
-    ``report`` hears how a hub download of the model is going (``models.download``)."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=compute)
-        kwargs["dtype"] = compute
-    if device is not None and torch.device(device).type == "cuda":
-        kwargs["device_map"] = {"": torch.device(device).index or 0}
-    try:
-        with download_progress(base_model, report):
-            model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
-    except Exception as exc:
-        raise ModelLoadError(f"Could not load the language model '{base_model}': {str(exc).splitlines()[0]}. "
-                             "Check that it is a complete transformers model folder or hub id.") from None
-    if device is not None and "device_map" not in kwargs:
-        model.to(device)
-    if load_in_4bit and "device_map" not in kwargs:
-        _keep_4bit_weights_unpacked(model)
-    return model
-
-
-def _keep_4bit_weights_unpacked(model) -> None:
-    """4-bit on the CPU (``LORA_STUDIO_CPU_CHECK``): bitsandbytes repacks a 4-bit layer's weights for fast CPU
-    inference at its first no-grad forward, and a LoRA on a repacked layer gets no gradient afterwards (the
-    run would train nothing). The trainer's own no-grad probes (``answer_logits_mode``) come first, so the
-    repacking is switched off for training."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 NO_EFFECT = 1e-3  # a trained LoRA that moves no logit by this much has learned (next to) nothing
@@ -184,10 +109,8 @@ def causal_lm_loss(model, inputs: dict[str, torch.Tensor], mode: str = "labels")
 
 # --- the trainer -----------------------------------------------------------------------------------------
 class LLMTrainer(Trainer):
-    family = "llm"
-
-    def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus):
-        super().__init__(config, run, bus)
+    def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "llm"):
+        super().__init__(config, run, bus, family)
         self.model = None
         self.tokenizer = None
         self.report: LLMPreflight | None = None
@@ -201,11 +124,11 @@ class LLMTrainer(Trainer):
         cfg, acc = self.config, self.accelerator
         self.started_at = time.time()
         self.tokenizer = load_tokenizer(cfg.base_model)
-        self.bus.emit("state", state="tokenizing")
+        self.bus.state("tokenizing")
         self.report = preflight_llm(cfg.train_data_dir, self.tokenizer, cfg.max_seq_length, progress=self._progress)
         for line in self.report.lines():
             self.say(line, "warning" if line.lstrip().startswith(("skipped", "warning")) else "info")
-        self.bus.emit("state", state="loading model")
+        self.bus.state("loading model")
         self.quantized = use_4bit(cfg, say=self.say)
         dtype = weight_dtype(acc)
         model = load_causal_lm(cfg.base_model, dtype=dtype, device=acc.device, load_in_4bit=self.quantized,
@@ -215,9 +138,12 @@ class LLMTrainer(Trainer):
         # QLoRA too: peft's prepare_model_for_kbit_training is not used, it would upcast the embeddings and
         # lm_head to fp32 (about 4 GB more for a 128k-vocabulary 8B model); autocast handles the precision.
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, use_reentrant=False)
         self.logits_mode = answer_logits_mode(model)
-        self.model = self._add_lora(model)
+        from ..models.load_lock import model_loading
+
+        with model_loading("the LoRA"):  # new LoRA layers must not be built while another thread loads
+            self.model = self._add_lora(model)
         for p in self.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
@@ -233,7 +159,7 @@ class LLMTrainer(Trainer):
                  f"max_seq_length {cfg.max_seq_length}.")
 
     def _progress(self, done: int, total: int) -> None:
-        self.bus.emit("progress", step=0, total=0, stage="tokenizing", done=done, of=total)
+        self.bus.emit(Progress(stage="tokenizing", done=done, of=total))
 
     def _add_lora(self, model):
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -254,7 +180,7 @@ class LLMTrainer(Trainer):
             self.say(f"Continuing from the adapter {cfg.init_lora} (its rank {lora.r}, alpha {lora.lora_alpha:g} and "
                      "target modules are used; lora_rank/lora_alpha/target_modules in the config are ignored).")
             return model
-        targets = cfg.llm_targets()
+        targets = cfg.targets_for("llm")
         if targets == ["all-linear"]:  # named explicitly, so the adapter config lists short names
             targets = linear_module_names(model)
         check_targets(model, targets)
@@ -283,6 +209,13 @@ class LLMTrainer(Trainer):
             loss = causal_lm_loss(model, inputs, self.logits_mode)
         self.tokens_seen += int(inputs["attention_mask"].sum())
         return loss
+
+    def export_extra_bytes(self) -> int:
+        """With ``save_merged_model``, the merged full model: about 2 bytes per base weight (bf16/fp16; a 4-bit
+        base counts its packed weights, so this is on the low side)."""
+        if not self.config.save_merged_model:
+            return 0
+        return 2 * sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
 
     def step_metrics(self) -> dict[str, float]:
         tokens, since = self._last_tokens
@@ -332,13 +265,13 @@ class LLMTrainer(Trainer):
                                info=self._info(step, epoch))
         files = [adapter]
         if cfg.verify_export:
-            self.bus.emit("state", state="verifying export")
+            self.bus.state("verifying export")
             batch = collate([_head(e, VERIFY_TOKENS) for e in self.report.examples[:2]], self.tokenizer.pad_token_id)
             self.model, report = reload_and_compare(model, adapter, batch, autocast=self.accelerator.autocast)
             self.say(f"Export check passed: {report}")
             self.warn_if_little_effect(report.lora_effect, NO_EFFECT, "the model's logits")
         if getattr(cfg, "save_merged_model", False):
-            self.bus.emit("state", state="merging")
+            self.bus.state("merging")
             merged = save_merged_model(cfg.base_model, adapter, self.run.path / f"{cfg.output_name}-merged",
                                        tokenizer=self.tokenizer)
             self.say(f"Merged model written to {merged}.")

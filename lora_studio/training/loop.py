@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..config import TrainConfig
 from ..errors import OutOfMemoryError, StudioError, TrainingError
+from ..families import get_family
 from ..fileio import atomic_write
-from .events import Commands, EventBus
+from .disk import check_free_space, checkpoint_note, run_bytes, write_fault
+from .events import Checkpoint, Commands, EventBus, Finished, Metric, Progress, Sample, Stopped
 from .multi_gpu import any_process, mean_over_processes
 from .run_folder import RunFolder
 from .runtime import all_finite, build_optimizer, free_memory, is_out_of_memory, make_accelerator, memory_gb
@@ -31,11 +34,14 @@ from .runtime import rng_state, set_rng_state
 class Trainer(ABC):
     """What the loop needs from a model-specific trainer."""
 
-    def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus):
+    def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str):
         self.config = config
         self.run = run
         self.bus = bus
+        self.family = family  # the id of its entry in the family registry (families.py)
+        self.accelerator = None
         self.accelerator = make_accelerator(config, say=self.say)
+        self.prepared_models: list[torch.nn.Module] = []  # models() as accelerate prepared them (the loop sets it)
         # Noise, timesteps and other per-step randomness come from this generator, saved in checkpoints.
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
@@ -50,8 +56,7 @@ class Trainer(ABC):
                      "Train longer or raise learning_rate.", "warning")
 
     def accelerator_ready_and_main(self) -> bool:
-        acc = getattr(self, "accelerator", None)
-        return acc is None or acc.is_main_process
+        return self.accelerator is None or self.accelerator.is_main_process
 
     # --- to implement --------------------------------------------------------------------------------
     @abstractmethod
@@ -94,6 +99,10 @@ class Trainer(ABC):
         """Render a sample for ``config.sample_prompt`` into ``run.samples_dir``; None if not supported."""
         return None
 
+    def export_extra_bytes(self) -> int:
+        """Bytes the export writes besides the LoRA files (the free-space check adds them); none by default."""
+        return 0
+
     def step_metrics(self) -> dict[str, float]:
         """Extra numbers for this step's metrics record (e.g. tokens per second); none by default."""
         return {}
@@ -104,7 +113,7 @@ class Trainer(ABC):
         from ..export.card import write_card
 
         try:
-            write_card(self.run, self.config, getattr(self, "family", "sd15"), files, tag_frequency,
+            write_card(self.run, self.config, self.family, files, tag_frequency,
                        captions=captions, steps=step, num_images=num_images)
         except Exception as exc:  # the LoRA itself is written; the card can be rewritten later
             self.say(f"The LoRA card (README.md) could not be written: {exc.__class__.__name__}: {exc}", "warning")
@@ -112,15 +121,8 @@ class Trainer(ABC):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups() for p in group["params"]]
 
-    def cleanup(self) -> None:
+    def cleanup(self) -> None:  # noqa: B027 - optional for a trainer
         """Release models and caches (called at the end of every run, also on failure)."""
-
-
-def _eta_text(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class _Speed:
@@ -162,10 +164,21 @@ class _Checkpointer:
         final = run.checkpoint_dir(step)
         tmp = final.with_name(f".{final.name}.tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        try:
+            self._write(tmp, step, epoch, batch_in_epoch)
+        except BaseException:  # a full disk: give back what the half-written checkpoint took
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        run.prune_checkpoints(t.config.keep_checkpoints)
+        return final
+
+    def _write(self, tmp: Path, step: int, epoch: int, batch_in_epoch: int) -> None:
+        t = self.trainer
         t.save_lora(tmp, f"{t.config.output_name}-step{step:06d}", step, epoch)
         state = {
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
@@ -178,13 +191,6 @@ class _Checkpointer:
             state["scaler"] = scaler.state_dict()
         atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
         (tmp / "done").write_text(str(step), encoding="utf-8")
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        tmp.rename(final)
-        run.prune_checkpoints(t.config.keep_checkpoints)
-        return final
 
     def load(self, folder: Path) -> dict[str, Any]:
         t = self.trainer
@@ -205,164 +211,230 @@ def run_training(trainer: Trainer, commands: Commands, resume: bool = False) -> 
 
     Raises TrainingError (NaN loss, out of memory) or another StudioError with a human message.
     """
-    cfg, run, bus, acc = trainer.config, trainer.run, trainer.bus, trainer.accelerator
-    main = acc.is_main_process
-    from transformers import get_scheduler
-
+    loop = _Loop(trainer, commands)
     try:
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.seed)  # LoRA initialisation, dropout; per-step noise uses trainer.generator
-        bus.emit("state", state="preparing")
-        trainer.prepare()
-        batches_per_epoch = len(trainer.batches(0))
-        per_epoch, total, epochs = total_steps(cfg, batches_per_epoch)
-        optimizer = build_optimizer(cfg, trainer.param_groups(), say=trainer.say)
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                  num_training_steps=total)
-        prepared = acc.prepare(*trainer.models(), optimizer)
-        models, optimizer = list(prepared[:-1]), prepared[-1]
-        trainer.prepared_models = models
-        ckpt = _Checkpointer(trainer, optimizer, scheduler)
-
-        step, start_epoch, skip = 0, 0, 0
-        if resume:
-            latest = run.latest_checkpoint()
-            if latest is None:
-                trainer.say("No checkpoint to resume from: starting this run from step 0.", "warning")
-            else:
-                state = ckpt.load(latest[1])
-                step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
-                if skip >= batches_per_epoch:
-                    start_epoch, skip = start_epoch + 1, 0
-                if main:
-                    run.truncate_metrics(step)
-                trainer.say(f"Resumed from checkpoint at step {step} of {total}.")
-
-        writer = _tensorboard(run) if main else None
-        world = acc.num_processes
-        trainer.say(f"Training {total} steps: {batches_per_epoch} batches per epoch x {epochs} epochs, "
-                    f"batch {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x {world} "
-                    f"process(es) = effective batch {cfg.batch_size * cfg.gradient_accumulation_steps * world}.")
-        if main:
-            run.take_commands()  # drop stop/save requests left over from an earlier process
-            run.write_state(status="training", step=step, total=total, message="", num_processes=world,
-                            effective_batch=cfg.batch_size * cfg.gradient_accumulation_steps * world)
-        bus.emit("state", state="training")
-        bus.emit("progress", step=step, total=total, epoch=start_epoch, it_per_s=0.0, eta_s=None, elapsed_s=0.0)
-
-        speed, started = _Speed(), time.time()
-        last_good: Path | None = run.latest_checkpoint()[1] if run.latest_checkpoint() else None
-        params = trainer.trainable_parameters()
-        ga = cfg.gradient_accumulation_steps
-        for model in models:
-            model.train()
-
-        for epoch in range(start_epoch, epochs):
-            batches = trainer.batches(epoch)
-            accumulated, micro = 0.0, 0
-            for i in range(skip if epoch == start_epoch else 0, len(batches)):
-                sync = (micro + 1 == ga) or (i == len(batches) - 1)
-                ctx = _no_sync(acc, models) if (not sync and world > 1) else _null()
-                with ctx:
-                    loss = trainer.compute_loss(batches[i])
-                    if any_process(acc, not torch.isfinite(loss.detach()).all()):  # all processes stop together
-                        raise _NaNLoss(step + 1)
-                    acc.backward(loss / ga)
-                accumulated += float(loss.detach()) / ga
-                micro += 1
-                if not sync:
-                    continue
-                if cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]  # the rate this step used
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_value = mean_over_processes(acc, accumulated * ga / micro)  # the loss of the whole step
-                accumulated, micro = 0.0, 0
-
-                it_s = speed.tick()
-                eta = (total - step) / it_s if it_s > 0 else None
-                if main and (step % cfg.log_every_steps == 0 or step == total):
-                    record = {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                              "time": round(time.time() - started, 3), **memory_gb(acc.device),
-                              **trainer.step_metrics()}
-                    run.append_metrics(record)
-                    if writer:
-                        writer.add_scalar("loss", loss_value, step)
-                        writer.add_scalar("lr", record["lr"], step)
-                    bus.emit("metrics", **record)
-                bus.emit("progress", step=step, total=total, epoch=epoch, it_per_s=round(it_s, 3), eta_s=eta,
-                         eta=_eta_text(eta) if eta is not None else "", elapsed_s=time.time() - started)
-
-                if main:
-                    for name in run.take_commands():  # requests from another process (multi_gpu.request_command)
-                        commands.request(name)
-                stop = any_process(acc, commands.take("stop"))  # one decision for all processes
-                done = step >= total
-                periodic = cfg.save_steps and step % cfg.save_steps == 0 and not done
-                if (periodic or commands.take("save") or stop) and main:
-                    if not all_finite(params):
-                        raise _NaNLoss(step)
-                    bus.emit("state", state="saving")
-                    last_good = ckpt.save(step, epoch, i + 1)
-                    bus.emit("checkpoint", step=step, path=str(last_good))
-                    run.write_state(step=step, last_checkpoint=str(last_good))
-                    bus.emit("state", state="training")
-                if main and cfg.sample_prompt and ((cfg.sample_steps and step % cfg.sample_steps == 0)
-                                                   or commands.take("sample")):
-                    path = trainer.render_sample(step)
-                    if path:
-                        bus.emit("sample", step=step, path=str(path))
-                if stop:
-                    acc.wait_for_everyone()
-                    if main:
-                        run.write_state(status="stopped", step=step, message=f"Stopped at step {step}.")
-                    bus.emit("stopped", step=step, message=f"Stopped at step {step} of {total}; "
-                             "press Resume (or use --resume) to continue.")
-                    return []
-                if done:
-                    break
-            if step >= total:
-                break
-
-        acc.wait_for_everyone()
-        files: list[Path] = []
-        if main:
-            if not all_finite(params):
-                raise _NaNLoss(step)
-            bus.emit("state", state="exporting")
-            files = trainer.export(step, epochs)
-            run.write_state(status="finished", step=step, files=[str(f) for f in files],
-                            message="Training finished.")
-        if writer:
-            writer.close()
-        bus.emit("finished", files=[str(f) for f in files], message=f"Finished {step} steps.")
-        return files
+        loop.prepare(resume)
+        if not loop.train():
+            return []
+        return loop.finish()
     except _NaNLoss as nan:
-        where = (f"The last good checkpoint is kept: {last_good}." if last_good else
+        where = (f"The last good checkpoint is kept: {loop.last_good}." if loop.last_good else
                  "No checkpoint had been saved yet (lower save_steps to keep more).")
-        raise TrainingError(f"The loss became NaN/infinite at step {nan.step}, so training stopped. {where} "
-                            "Try a lower learning_rate, mixed_precision bf16 instead of fp16, or max_grad_norm 1.")
+        raise TrainingError(f"The loss became NaN/infinite at step {nan.step}, so training stopped. {where} Try a "
+                            "lower learning_rate, mixed_precision bf16 instead of fp16, or max_grad_norm 1.") from None
     except StudioError:
         raise
     except Exception as exc:
         if is_out_of_memory(exc):
             free_memory()
-            raise OutOfMemoryError(out_of_memory_advice(cfg, getattr(trainer, "family", None))) from None
+            raise OutOfMemoryError(out_of_memory_advice(trainer.config, trainer.family)) from None
+        fault = write_fault(exc, trainer.run.path, loop.need)
+        if fault is not None:
+            raise TrainingError(fault + checkpoint_note(trainer.run)) from None
         raise
     finally:
+        if loop.writer is not None:  # also after a failure: what TensorBoard got so far is flushed to disk
+            try:
+                loop.writer.close()
+            except Exception as exc:  # a full disk: the run's own error says so already
+                trainer.say(f"TensorBoard logs could not be closed: {exc}", "warning")
         trainer.cleanup()
         free_memory()
+
+
+class _Loop:
+    """The state of one run of the loop: what ``run_training`` prepares, steps through and finishes."""
+
+    def __init__(self, trainer: Trainer, commands: Commands):
+        self.t, self.commands = trainer, commands
+        self.cfg, self.run, self.bus, self.acc = trainer.config, trainer.run, trainer.bus, trainer.accelerator
+        self.main = self.acc.is_main_process
+        self.step, self.start_epoch, self.skip = 0, 0, 0
+        self.last_good: Path | None = None
+        self.writer = None
+        self.need: int | None = None  # bytes the run writes (the free-space check's estimate)
+
+    # --- before the first step ---------------------------------------------------------------------
+    def prepare(self, resume: bool) -> None:
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        t, cfg, acc = self.t, self.cfg, self.acc
+        set_seed(cfg.seed)  # LoRA initialisation, dropout; per-step noise uses trainer.generator
+        self.bus.state("preparing")
+        t.prepare()
+        self.batches_per_epoch = len(t.batches(0))
+        _, self.total, self.epochs = total_steps(cfg, self.batches_per_epoch)
+        optimizer = build_optimizer(cfg, t.param_groups(), say=t.say)
+        self.scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                       num_training_steps=self.total)
+        prepared = acc.prepare(*t.models(), optimizer)
+        self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        t.prepared_models = self.models
+        self.ckpt = _Checkpointer(t, self.optimizer, self.scheduler)
+        self.need = _check_disk_space(t, self.total)
+        if resume:
+            self._resume()
+        self.last_good = self.run.latest_checkpoint()[1] if self.run.latest_checkpoint() else None
+        self.writer = _tensorboard(self.run, self.step) if self.main else None
+        self._announce()
+
+    def _resume(self) -> None:
+        latest = self.run.latest_checkpoint()
+        if latest is None:
+            self.t.say("No checkpoint to resume from: starting this run from step 0.", "warning")
+            if self.main:
+                self.run.truncate_metrics(0)  # the steps are trained again: no row may stay twice
+            return
+        state = self.ckpt.load(latest[1])
+        self.step, self.start_epoch, self.skip = state["step"], state["epoch"], state["batch_in_epoch"]
+        if self.skip >= self.batches_per_epoch:
+            self.start_epoch, self.skip = self.start_epoch + 1, 0
+        if self.main:
+            self.run.truncate_metrics(self.step)
+        self.t.say(f"Resumed from checkpoint at step {self.step} of {self.total}.")
+
+    def _announce(self) -> None:
+        cfg, world = self.cfg, self.acc.num_processes
+        effective = cfg.batch_size * cfg.gradient_accumulation_steps * world
+        self.t.say(f"Training {self.total} steps: {self.batches_per_epoch} batches per epoch x {self.epochs} epochs, "
+                   f"batch {cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} x {world} "
+                   f"process(es) = effective batch {effective}.")
+        if self.main:
+            self.run.take_commands()  # drop stop/save requests left over from an earlier process
+            self.run.write_state(status="training", step=self.step, total=self.total, message="",
+                                 num_processes=world, effective_batch=effective)
+        self.bus.state("training")
+        self.bus.emit(Progress(step=self.step, total=self.total, epoch=self.start_epoch))
+
+    # --- the steps ---------------------------------------------------------------------------------
+    def train(self) -> bool:
+        """Step to the end; False when stopped by a command."""
+        cfg, acc, t = self.cfg, self.acc, self.t
+        self.speed, self.started = _Speed(), time.time()
+        self.params = t.trainable_parameters()
+        ga, world = cfg.gradient_accumulation_steps, acc.num_processes
+        for model in self.models:
+            model.train()
+        for epoch in range(self.start_epoch, self.epochs):
+            batches = t.batches(epoch)
+            accumulated, micro = 0.0, 0
+            for i in range(self.skip if epoch == self.start_epoch else 0, len(batches)):
+                sync = (micro + 1 == ga) or (i == len(batches) - 1)
+                with _no_sync(acc, self.models) if (not sync and world > 1) else contextlib.nullcontext():
+                    loss = t.compute_loss(batches[i])
+                    if any_process(acc, not torch.isfinite(loss.detach()).all()):  # all processes stop together
+                        raise _NaNLoss(self.step + 1)
+                    acc.backward(loss / ga)
+                accumulated += float(loss.detach()) / ga
+                micro += 1
+                if not sync:
+                    continue
+                self._optimizer_step()
+                loss_value = mean_over_processes(acc, accumulated * ga / micro)  # the loss of the whole step
+                accumulated, micro = 0.0, 0
+                if not self._after_step(loss_value, epoch, i + 1):
+                    return False
+                if self.step >= self.total:
+                    return True
+        return True
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _after_step(self, loss: float, epoch: int, batches_done: int) -> bool:
+        """Metrics, progress, commands, checkpoint and sample after an optimizer step; False when stopping."""
+        cfg, step = self.cfg, self.step
+        it_s = self.speed.tick()
+        eta = (self.total - step) / it_s if it_s > 0 else None
+        if self.main and (step % cfg.log_every_steps == 0 or step == self.total):
+            self._log_metric(loss, epoch)
+        self.bus.emit(Progress(step=step, total=self.total, epoch=epoch, it_per_s=round(it_s, 3), eta_s=eta,
+                               elapsed_s=time.time() - self.started))
+        if self.main:
+            for name in self.run.take_commands():  # requests from another process (RunFolder.request_command)
+                self.commands.request(name)
+        stop = any_process(self.acc, self.commands.take("stop"))  # one decision for all processes
+        periodic = cfg.save_steps and step % cfg.save_steps == 0 and step < self.total
+        if (periodic or self.commands.take("save") or stop) and self.main:
+            self._save_checkpoint(epoch, batches_done)
+        if self.main and cfg.sample_prompt and ((cfg.sample_steps and step % cfg.sample_steps == 0)
+                                                or self.commands.take("sample")):
+            path = self.t.render_sample(step)
+            if path:
+                self.bus.emit(Sample(step, str(path)))
+        if stop:
+            self.acc.wait_for_everyone()
+            if self.main:
+                self.run.write_state(status="stopped", step=step, message=f"Stopped at step {step}.")
+            self.bus.emit(Stopped(step, f"Stopped at step {step} of {self.total}; press Resume (or use --resume) "
+                                        "to continue."))
+        return not stop
+
+    def _log_metric(self, loss: float, epoch: int) -> None:
+        values = {"epoch": epoch, "time": round(time.time() - self.started, 3), **memory_gb(self.acc.device),
+                  **self.t.step_metrics()}
+        metric = Metric(self.step, loss, self.lr, values)
+        self.run.append_metrics(metric.record())
+        if self.writer:
+            self.writer.add_scalar("loss", loss, self.step)
+            self.writer.add_scalar("lr", self.lr, self.step)
+        self.bus.emit(metric)
+
+    def _save_checkpoint(self, epoch: int, batches_done: int) -> None:
+        if not all_finite(self.params):
+            raise _NaNLoss(self.step)
+        self.bus.state("saving")
+        self.last_good = self.ckpt.save(self.step, epoch, batches_done)
+        self.bus.emit(Checkpoint(self.step, str(self.last_good)))
+        self.run.write_state(step=self.step, last_checkpoint=str(self.last_good))
+        self.bus.state("training")
+
+    # --- after the last step -------------------------------------------------------------------------
+    def finish(self) -> list[Path]:
+        self.acc.wait_for_everyone()
+        files: list[Path] = []
+        if self.main:
+            if not all_finite(self.params):
+                raise _NaNLoss(self.step)
+            self.bus.state("exporting")
+            files = self.t.export(self.step, self.epochs)
+            self.run.write_state(status="finished", step=self.step, files=[str(f) for f in files],
+                                 message="Training finished.")
+        self.bus.emit(Finished([str(f) for f in files], f"Finished {self.step} steps."))
+        return files
+
+
+def _check_disk_space(trainer: Trainer, total: int) -> int:
+    """Refuse to train when the run's disk cannot hold its checkpoints and exported files (the main process
+    decides, all processes stop together); returns the estimate."""
+    params = trainer.trainable_parameters()
+    count = sum(p.numel() for p in params)
+    size = max((p.element_size() for p in params), default=4)
+    need, parts = run_bytes(trainer.config, count, size, total, getattr(trainer, "resolution", None),
+                            trainer.export_extra_bytes())
+    short = None
+    if trainer.accelerator.is_main_process:
+        try:
+            check_free_space(trainer.run.path, need, parts)
+        except TrainingError as exc:
+            short = exc
+    if any_process(trainer.accelerator, short is not None):
+        raise short or TrainingError("The main process found too little free disk space for this run; see its log.")
+    return need
 
 
 def _smaller_preset_hint(family: str, is_smaller) -> str:
     """' Try the preset X (...).' for the largest preset of the family that ``is_smaller(values)`` accepts."""
     from ..presets import list_presets
 
-    smaller = [p for p in list_presets("sd15" if family == "sd2" else family) if is_smaller(p.values)]
+    smaller = [p for p in list_presets(get_family(family).preset_group) if is_smaller(p.values)]
     return f" Try the preset '{smaller[-1].name}' ({smaller[-1].description})." if smaller else ""
 
 
@@ -381,7 +453,9 @@ def out_of_memory_advice(cfg: TrainConfig, family: str | None = None) -> str:
     return (f"The GPU ran out of memory (batch_size {cfg.batch_size}, resolution {cfg.resolution}, "
             f"gradient_checkpointing {cfg.gradient_checkpointing}).{hint} Or lower batch_size, turn on "
             "gradient_checkpointing, use optimizer adamw8bit, or lower the resolution. "
-            "Setting auto_fit: true makes the run step down by itself.")
+            "Setting auto_fit: true makes the run step down by itself."
+            + (" For FLUX and Chroma, base_quantization nf4 stores the transformer in 4 bits (about 6.7 GB instead "
+               "of 24 for FLUX.1)." if get_family(family).settings_group == "flow" else ""))
 
 
 class _NaNLoss(Exception):
@@ -397,22 +471,12 @@ def _no_sync(acc, models: Sequence[torch.nn.Module]) -> contextlib.ExitStack:
     return stack
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _tensorboard(run: RunFolder):
+def _tensorboard(run: RunFolder, step: int = 0):
+    """The run's TensorBoard writer. When the logs already hold events (a resumed or restarted run), the
+    steps after ``step`` are purged (``purge_step``), so TensorBoard shows each step once, not doubled curves."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is in requirements.txt; keep training without it
         return None
-    return SummaryWriter(log_dir=str(run.logs_dir))
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+    earlier = run.logs_dir.is_dir() and any(run.logs_dir.glob("events.out.tfevents.*"))
+    return SummaryWriter(log_dir=str(run.logs_dir), purge_step=step + 1 if earlier else None)

@@ -37,10 +37,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 from ..config import TrainConfig
-from .diffusion import DEFAULT_RESOLUTION
+from ..families import get_family
+from .memory_flux import FLOW_FIGURES, estimate_flow
 
 GB = 1e9
 CONTEXT_GB = 0.5            # CUDA context + cuBLAS/cuDNN handles (outside max_memory_allocated); not yet measured
@@ -67,7 +69,7 @@ class FamilyFigures:
 
 # Activation figures: ``bench_memory.py --count`` (diffusers 0.42, torch 2.13, rank 16 on the default
 # targets), per megapixel of one image. SD2 fp32 is scaled from SD2 half by SD1.5's fp32/half ratio.
-FAMILIES: dict[str, FamilyFigures] = {
+FIGURES: dict[str, FamilyFigures] = {
     "sd15": FamilyFigures(
         unet_params=859_520_964, text_encoders=((123_060_480, 12, 768),), keeps_text_encoders=True,
         lora_params_per_rank=199_296, vae_batch=4,
@@ -81,7 +83,6 @@ FAMILIES: dict[str, FamilyFigures] = {
         keeps_text_encoders=False, lora_params_per_rank=1_451_520, vae_batch=1, caches_alone=True,
         act_mb_per_mp={"half": 7403, "half_ckpt": 680, "fp32": 10717, "fp32_ckpt": 1158}),
 }
-MIN_RESOLUTION = {"sd15": 256, "sd2": 384, "sdxl": 512}
 RESOLUTION_STEP = 128
 
 
@@ -123,16 +124,20 @@ def _optimizer_bytes(config: TrainConfig) -> int:
 
 def _rank_scale(config: TrainConfig) -> float:
     """More target modules than the default four cost proportionally more LoRA weights (a rough guess)."""
-    return max(len(config.unet_targets()), 1) / 4
+    return max(len(config.targets_for("sd15")), 1) / 4
 
 
 def estimate_breakdown(config: TrainConfig, family: str) -> MemoryEstimate:
     """The parts of the peak GPU memory of a run with ``config`` on a ``family`` model (see the module doc)."""
     if family == "llm":
         return _estimate_llm(config)
-    fig = FAMILIES.get(family, FAMILIES["sd15"])
+    if family in FLOW_FIGURES:  # transformer families (FLUX.1, Chroma): memory_flux.py
+        return estimate_flow(config, family, context_gb=CONTEXT_GB, workspace_gb=WORKSPACE_GB,
+                             overhead=ALLOCATOR_OVERHEAD, optimizer_bytes=_optimizer_bytes(config),
+                             vae_gb_per_mp=VAE_ENCODE_GB_PER_MP)
+    fig = FIGURES.get(family, FIGURES["sd15"])
     wb = _weight_bytes(config)
-    resolution = config.resolution or DEFAULT_RESOLUTION.get(family, 512)
+    resolution = config.resolution_for(family)
     megapixels = resolution * resolution / 1e6
     key = ("half" if wb == 2 else "fp32") + ("_ckpt" if config.gradient_checkpointing else "")
     te_params = sum(p for p, _, _ in fig.text_encoders)
@@ -161,11 +166,12 @@ def estimate_breakdown(config: TrainConfig, family: str) -> MemoryEstimate:
     return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))
 
 
-def unet_parameters(base_model: str) -> int | None:
-    """The UNet's parameter count of a local diffusers folder, from its safetensors headers (no weights read)."""
+def unet_parameters(base_model: str, part: str = "unet") -> int | None:
+    """The parameter count of a local diffusers folder's UNet (or another ``part``: ``transformer``), from its
+    safetensors headers (no weights read)."""
     from safetensors import safe_open
 
-    files = sorted((Path(base_model).expanduser() / "unet").glob("*.safetensors")) if base_model else []
+    files = sorted((Path(base_model).expanduser() / part).glob("*.safetensors")) if base_model else []
     if not files:
         return None
     total = 0
@@ -179,13 +185,20 @@ def unet_parameters(base_model: str) -> int | None:
 
 
 def size_note(config: TrainConfig, family: str) -> str | None:
-    """A sentence when the model's UNet is far from the released one's size the estimate assumes."""
-    fig = FAMILIES.get(family)
-    have = unet_parameters(config.base_model) if fig else None
-    if not have or 0.5 <= have / fig.unet_params <= 1.5:
+    """A sentence when the model's UNet (FLUX.1/Chroma: transformer) is far from the released one's size the
+    estimate assumes."""
+    if family in FIGURES:
+        part, released = "unet", FIGURES[family].unet_params
+    elif family in FLOW_FIGURES:
+        part, released = "transformer", FLOW_FIGURES[family].transformer_params
+    else:
         return None
-    return (f"This model's UNet has {have / 1e6:,.1f} M weights, the released {family} model's "
-            f"{fig.unet_params / 1e6:,.0f} M: the estimate is for a full-size model.")
+    have = unet_parameters(config.base_model, part)
+    if not have or 0.5 <= have / released <= 1.5:
+        return None
+    name = "UNet" if part == "unet" else part
+    return (f"This model's {name} has {have / 1e6:,.1f} M weights, the released {family} model's "
+            f"{released / 1e6:,.0f} M: the estimate is for a full-size model.")
 
 
 def estimate_memory(config: TrainConfig, family: str) -> float:
@@ -202,10 +215,10 @@ def check_fits(config: TrainConfig, family: str, gpu_memory_gb: float | None) ->
         return None
     from ..presets import recommend_preset
 
-    preset = recommend_preset(gpu_memory_gb, family)
+    preset = recommend_preset(gpu_memory_gb, get_family(family).preset_group)
     hint = f"Pick the preset '{preset.name}' ({preset.description}), or " if preset else ""
     step = next_step_down(config, family)
-    first = f"; auto_fit would first try: {step[1]}" if step else ""
+    first = f"; auto_fit would first try: {step.change}" if step else ""
     return (f"This run may not fit in the GPU's {gpu_memory_gb:.1f} GB: the estimated peak is {est}. "
             f"{hint}lower batch_size, turn on gradient_checkpointing, use optimizer adamw8bit or lower the "
             f"resolution, or set auto_fit: true to step down on out-of-memory{first}. "
@@ -218,36 +231,48 @@ def _smaller_batch(batch: int) -> int:
     return max(d for d in range(1, batch // 2 + 1) if batch % d == 0)
 
 
-def next_step_down(config: TrainConfig, family: str | None = None) -> tuple[TrainConfig, str] | None:
+class StepDown(NamedTuple):
+    """One auto_fit step: the smaller config, what changed (for the log), and whether the run's checkpoints
+    still continue exactly (only gradient checkpointing keeps the batch, optimizer and resolution)."""
+    config: TrainConfig
+    change: str
+    resumable: bool = False
+
+
+def next_step_down(config: TrainConfig, family: str | None = None) -> StepDown | None:
     """The next smaller setting after an out-of-memory, or None when nothing is left to try.
 
     Order: batch size (halved or so, gradient accumulation raised to keep the effective batch), then
     gradient checkpointing on, then 8-bit AdamW, then the resolution (128 px at a time, down to half the
-    family's default). LLMs: batch, checkpointing, 8-bit AdamW, 4-bit base (QLoRA), then max_seq_length.
+    family's default; FLUX/Chroma first put the base in nf4). LLMs: batch, checkpointing, 8-bit AdamW, 4-bit
+    base (QLoRA), then max_seq_length.
     Pure: the config given is not changed.
     """
     family = family or (config.model_family if config.model_family != "auto" else "sd15")
     if config.batch_size > 1:
         new = _smaller_batch(config.batch_size)
         ga = config.gradient_accumulation_steps * config.batch_size // new
-        return (config.replace(batch_size=new, gradient_accumulation_steps=ga),
-                f"batch_size {config.batch_size} -> {new} (gradient_accumulation_steps "
-                f"{config.gradient_accumulation_steps} -> {ga}, same effective batch)")
+        return StepDown(config.replace(batch_size=new, gradient_accumulation_steps=ga),
+                        f"batch_size {config.batch_size} -> {new} (gradient_accumulation_steps "
+                        f"{config.gradient_accumulation_steps} -> {ga}, same effective batch)")
     if not config.gradient_checkpointing:
-        return config.replace(gradient_checkpointing=True), "gradient_checkpointing off -> on"
+        return StepDown(config.replace(gradient_checkpointing=True), "gradient_checkpointing off -> on", resumable=True)
     if config.optimizer != "adamw8bit":
-        return config.replace(optimizer="adamw8bit"), f"optimizer {config.optimizer} -> adamw8bit"
+        return StepDown(config.replace(optimizer="adamw8bit"), f"optimizer {config.optimizer} -> adamw8bit")
     if family == "llm":
         if not config.load_in_4bit:
-            return config.replace(load_in_4bit=True), "load_in_4bit off -> on (QLoRA)"
+            return StepDown(config.replace(load_in_4bit=True), "load_in_4bit off -> on (QLoRA)")
         if config.max_seq_length > 128:
             new = max(config.max_seq_length // 2, 128)
-            return config.replace(max_seq_length=new), f"max_seq_length {config.max_seq_length} -> {new}"
+            return StepDown(config.replace(max_seq_length=new), f"max_seq_length {config.max_seq_length} -> {new}")
         return None
-    current = config.resolution or DEFAULT_RESOLUTION.get(family, 512)
+    if family in FLOW_FIGURES and config.base_quantization != "nf4":
+        return StepDown(config.replace(base_quantization="nf4"),
+                        f"base_quantization {config.base_quantization} -> nf4 (4-bit transformer weights)")
+    current = config.resolution_for(family)
     new = (current - RESOLUTION_STEP) // 64 * 64
-    if new >= MIN_RESOLUTION.get(family, 256):
-        return config.replace(resolution=new), f"resolution {current} -> {new}"
+    if new >= (get_family(family).default_resolution or 512) // 2:
+        return StepDown(config.replace(resolution=new), f"resolution {current} -> {new}")
     return None
 
 
@@ -291,7 +316,7 @@ def _estimate_llm(config: TrainConfig) -> MemoryEstimate:
     embed = vocab * h * (1 if s["tied"] else 2)
     weight_bytes = 0.56 if config.load_in_4bit else _weight_bytes(config)
     dims = {"h": h, "kv": kv, "i": i}
-    lora = sum(dims[a] + dims[b] for t in config.llm_targets() if t in _LLM_DIMS for a, b in [_LLM_DIMS[t]])
+    lora = sum(dims[a] + dims[b] for t in config.targets_for("llm") if t in _LLM_DIMS for a, b in [_LLM_DIMS[t]])
     lora *= config.lora_rank * layers
     tokens = config.batch_size * config.max_seq_length
     per_token = layers * (LLM_CKPT_BYTES_PER_H * h if config.gradient_checkpointing else 2 * (10 * h + 3 * i))
@@ -317,5 +342,5 @@ def largest_fitting_batch(config: TrainConfig, family: str, budget_gb: float, li
     return best
 
 
-__all__ = ["MemoryEstimate", "estimate_memory", "estimate_breakdown", "check_fits", "next_step_down",
-           "largest_fitting_batch", "FAMILIES"]
+__all__ = ["MemoryEstimate", "estimate_memory", "estimate_breakdown", "check_fits", "next_step_down", "StepDown",
+           "largest_fitting_batch", "FIGURES"]

@@ -25,28 +25,24 @@ counts), ``latent_cache.encode_latents_shared`` splits the VAE encoding over the
 encoded twice), per-sample noise is seeded by the sample's place in the epoch (``Batch.generators``), and
 only the main process writes ``job.json``, metrics, TensorBoard, checkpoints, samples and the export.
 
-``launch_command`` / ``start_multi_gpu`` build and start that command for the UI; ``request_command``
-steers a run in another process (stop, save, sample) through files that the loop's main process polls.
+The app starts such a run with ``process_job.ProcessJob`` and steers it through command files in the run
+folder (``RunFolder.request_command``), which the loop's main process takes at every step.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import TrainConfig, load_config
+from ..config import TrainConfig
 from ..errors import StudioError
 
 # A run folder chosen before the processes start (the UI's launcher sets it; see RunFolder.create).
 ENV_RUN_DIR = "LORA_STUDIO_RUN_DIR"
-COMMAND_NAMES = ("stop", "save", "sample")
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 
 
@@ -150,63 +146,3 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def launch_command(config_path: str | os.PathLike, num_gpus: int, *, resume_dir: str | os.PathLike | None = None,
-                   port: int | None = None, python: str | None = None) -> list[str]:
-    """The command that trains ``config_path`` on ``num_gpus`` processes (a plain ``train`` for one).
-
-    ``resume_dir`` continues that run folder from its latest checkpoint instead (``--resume``).
-    """
-    if num_gpus < 1:
-        raise StudioError(f"The number of GPUs must be at least 1 (got {num_gpus}).")
-    python = python or sys.executable
-    train = ["-m", "lora_studio", "train"]
-    train += ["--resume", str(resume_dir)] if resume_dir else ["--config", str(config_path)]
-    if num_gpus == 1:
-        return [python] + train
-    precision = load_config(config_path).mixed_precision if config_path and Path(config_path).is_file() else "no"
-    return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_gpus),
-            "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no",
-            "--main_process_port", str(port or free_port())] + train
-
-
-def start_multi_gpu(config: TrainConfig, num_gpus: int, *, resume_dir: str | os.PathLike | None = None,
-                    env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Create the run folder, write its ``config.yaml`` and start ``accelerate launch`` on it.
-
-    Returns the ``Popen``; its ``run_dir`` attribute is the run folder, whose ``job.json``,
-    ``metrics.jsonl`` and ``train.log`` (the command's output) the UI watches. ``request_command(run_dir,
-    "stop")`` stops it cleanly with a checkpoint; ``start_multi_gpu(config, n, resume_dir=run_dir)`` resumes.
-    """
-    from .run_folder import RunFolder
-
-    if resume_dir:
-        run = RunFolder.open(resume_dir)
-    else:
-        config.validate()
-        config.require_paths()
-        run = RunFolder.create(config)
-    cmd = launch_command(run.config_path, num_gpus, resume_dir=run.path if resume_dir else None)
-    child_env = dict(os.environ if env is None else env)
-    child_env[ENV_RUN_DIR] = str(run.path)
-    log = open(run.path / "train.log", "ab")
-    try:
-        proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
-                                start_new_session=True)
-    finally:
-        log.close()  # the child holds its own handle
-    run.write_state(status="starting", command=cmd, num_processes=num_gpus, launcher_pid=proc.pid)
-    proc.run_dir = run.path  # type: ignore[attr-defined]
-    return proc
-
-
-def request_command(run_dir: str | os.PathLike, name: str) -> Path:
-    """Ask a run in another process to ``stop``, ``save`` or ``sample`` at its next step."""
-    if name not in COMMAND_NAMES:
-        raise ValueError(f"unknown command {name!r}; one of {', '.join(COMMAND_NAMES)}")
-    folder = Path(run_dir) / "commands"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(name, encoding="utf-8")
-    return path

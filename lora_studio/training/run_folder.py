@@ -14,6 +14,7 @@ The UI rebuilds its view from this folder after a browser refresh or an app rest
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -24,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, load_config
-from ..fileio import atomic_write_json
+from ..errors import ConfigError
+from ..fileio import atomic_write_json, atomic_write_text, is_temp_name
+from .events import COMMAND_NAMES
+from .multi_gpu import ENV_RUN_DIR, broadcast_from_main, is_main_process
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
@@ -40,10 +44,8 @@ class RunFolder:
 
         Under several processes only the main process creates it and the others receive its path, so
         all of them write into one folder. A launcher may fix the folder beforehand through the
-        ``LORA_STUDIO_RUN_DIR`` environment variable (``multi_gpu.start_multi_gpu`` does).
+        ``LORA_STUDIO_RUN_DIR`` environment variable (``process_job.ProcessJob`` does).
         """
-        from .multi_gpu import ENV_RUN_DIR, broadcast_from_main, is_main_process
-
         path = str(cls._create_here(config, os.environ.get(ENV_RUN_DIR)).path) if is_main_process() else None
         return cls(Path(broadcast_from_main(path)))
 
@@ -65,16 +67,18 @@ class RunFolder:
                 n += 1
                 path = root / f"{config.output_name}-{stamp}-{n}"
         run = cls(path)
-        for sub in ("logs", "checkpoints", "samples"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
-        config.save(run.config_path)
-        run.write_state(status="created", step=0, created_at=time.time())
+        try:
+            for sub in ("logs", "checkpoints", "samples"):
+                (path / sub).mkdir(parents=True, exist_ok=True)
+            config.save(run.config_path)
+            run.write_state(status="created", step=0, created_at=time.time())
+        except BaseException:  # a full or read-only disk: leave no half-made run folder behind
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return run
 
     @classmethod
     def open(cls, path: str | Path) -> "RunFolder":
-        from ..errors import ConfigError
-
         run = cls(Path(path))
         if not run.config_path.is_file():
             raise ConfigError("resume", f"'{path}' is not a run folder (it has no config.yaml).")
@@ -109,6 +113,13 @@ class RunFolder:
     def samples_dir(self) -> Path:
         return self.path / "samples"
 
+    def save_sample(self, step: int, image) -> Path:
+        """``samples/step_NNNNNN.png`` for a sample image (PIL) rendered at ``step``."""
+        path = self.samples_dir / f"step_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        return path
+
     def load_config(self) -> TrainConfig:
         return load_config(self.config_path)
 
@@ -121,14 +132,19 @@ class RunFolder:
 
     def write_state(self, **changes: Any) -> dict[str, Any]:
         """Merge ``changes`` into ``job.json`` (only the main process writes it; others get the merge back)."""
-        from .multi_gpu import is_main_process
-
         state = self.read_state()
         if not is_main_process():
             return {**state, **changes}
         state.update(changes)
         state["updated_at"] = time.time()
-        atomic_write_json(self.state_path, state)
+        try:
+            atomic_write_json(self.state_path, state)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.state_path.is_file():
+                raise
+            # A full disk has no room for a second copy: rewrite in place (the old blocks are freed first),
+            # so a failed run still says why it failed.
+            self.state_path.write_text(json.dumps(state, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         return state
 
     # --- metrics ---------------------------------------------------------------------------------
@@ -148,20 +164,46 @@ class RunFolder:
         return rows
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop metrics beyond ``after_step`` (a resumed run repeats those steps)."""
-        rows = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
-        from ..fileio import atomic_write_text
+        """Keep the metrics up to ``after_step``, each step once (a resumed run repeats the later steps).
 
+        A step found twice (left by an older file that was never trimmed) keeps its last row."""
+        by_step = {r.get("step", 0): r for r in self.read_metrics() if r.get("step", 0) <= after_step}
+        rows = [by_step[s] for s in sorted(by_step)]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
-    # --- commands from another process (multi_gpu.request_command) ---------------------------------
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the temporary files and folders a killed process left (``.<name>.<random>.tmp``,
+        ``.step_N.tmp``, ``.diffusers.tmp-*`` ...). Only call it while no process writes this run."""
+        removed = []
+        for folder, dirs, files in os.walk(self.path):
+            for name in [d for d in dirs if is_temp_name(d)] + [f for f in files if is_temp_name(f)]:
+                target = Path(folder) / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+                removed.append(target)
+            dirs[:] = [d for d in dirs if not is_temp_name(d)]
+        return removed
+
+    # --- commands from another process ------------------------------------------------------------
+    def request_command(self, name: str) -> Path:
+        """Ask the run (training in another process) to ``stop``, ``save`` or ``sample`` at its next step."""
+        if name not in COMMAND_NAMES:
+            raise ValueError(f"unknown command {name!r}; one of {', '.join(COMMAND_NAMES)}")
+        folder = self.path / "commands"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        path.write_text(name, encoding="utf-8")
+        return path
+
     def take_commands(self) -> list[str]:
         """Names of the command files (``commands/stop``, ``save``, ``sample``) present, removing them."""
         folder = self.path / "commands"
         if not folder.is_dir():
             return []
         taken = []
-        for name in ("stop", "save", "sample"):
+        for name in COMMAND_NAMES:
             try:
                 (folder / name).unlink()
             except OSError:  # not requested (or already taken)
@@ -190,13 +232,6 @@ class RunFolder:
     def prune_checkpoints(self, keep: int) -> None:
         for _, d in self.list_checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(d, ignore_errors=True)
-
-    def lora_files(self) -> list[Path]:
-        """Exported LoRA files and checkpoint LoRA files of this run (for the Testing tab)."""
-        files = sorted(self.path.glob("*.safetensors"))
-        for _, d in self.list_checkpoints():
-            files += sorted(d.glob("*.safetensors"))
-        return files
 
 
 def list_runs(output_dir: str | Path) -> list[RunFolder]:

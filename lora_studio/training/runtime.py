@@ -24,13 +24,14 @@ def make_accelerator(config: TrainConfig, say=None):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    precision = config.mixed_precision
-    # Under cpu_check bf16 runs on the CPU; fp16 stays off there (the CPU has no loss scaling).
-    if not torch.cuda.is_available() and precision != "no" and not (precision == "bf16" and cpu_check()):
-        if say:
-            say(f"No CUDA GPU found: training on the CPU in full precision (mixed_precision '{precision}' "
-                "is ignored). This is fine for tiny tests; real models need a GPU.")
-        precision = "no"
+    from ..hardware import adapt_precision, device_kind, mps_supports_bf16
+
+    # On the CPU fp16 stays off (no loss scaling there); under cpu_check bf16 runs there. MPS: bf16 or fp32.
+    kind = device_kind()
+    precision, note = adapt_precision(config.mixed_precision, kind, cpu_check=cpu_check(),
+                                      bf16_ok=kind == "mps" and mps_supports_bf16())
+    if note and say:
+        say(note)
     from .multi_gpu import accelerator_kwargs, check_world, is_distributed
 
     if not is_distributed():
@@ -114,6 +115,8 @@ def memory_gb(device: torch.device | None = None) -> dict[str, float]:
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
         out["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         out["gpu_reserved_gb"] = round(torch.cuda.memory_reserved() / 1e9, 3)
+    elif device is not None and device.type == "mps":
+        out["gpu_allocated_gb"] = round(torch.mps.current_allocated_memory() / 1e9, 3)
     try:
         import psutil
 
@@ -162,3 +165,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def enable_checkpointing(model: torch.nn.Module, use_reentrant: bool | None = None, **options: Any) -> None:
+    """Activation (gradient) checkpointing on a transformers model, by its newer name where it has one
+    (``activation_checkpointing_enable``; ``gradient_checkpointing_enable`` is deprecated in transformers 5).
+    ``options`` go to ``torch.utils.checkpoint`` (e.g. ``context_fn``)."""
+    if use_reentrant is not None:
+        options["use_reentrant"] = use_reentrant
+    options = options or None
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)

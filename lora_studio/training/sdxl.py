@@ -15,7 +15,7 @@ What SDXL adds to the SD1.5 step:
   with a message naming the ``vae`` key: a NaN latent can never train silently.
 - Memory: while latents are cached only the VAE is on the GPU, while captions are encoded only the text
   encoders, so neither phase adds to the training peak (UNet + LoRA + activations).
-- 1024 px default resolution (``DEFAULT_RESOLUTION`` in ``diffusion.py``).
+- 1024 px default resolution (the family registry, ``families.py``).
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ FP16_SAFE_VAE_HINT = "madebyollin/sdxl-vae-fp16-fix"
 
 
 class SDXLTrainer(DiffusionTrainer):
-    family = "sdxl"
     text_encoder_names = ("text_encoder", "text_encoder_2")
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "sdxl"):
-        super().__init__(config, run, bus, family="sdxl")
+        super().__init__(config, run, bus, family=family)
 
     # --- VAE and latents -------------------------------------------------------------------------
     def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:

@@ -18,21 +18,33 @@ from ..errors import StudioError
 log = logging.getLogger(__name__)
 
 
+def _verbose() -> bool:
+    """``--verbose`` (debug logging) shows a traceback for every error, user errors included."""
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def friendly(fn: Callable) -> Callable:
-    """Turn the engine's StudioError (and ValueError) into a gr.Error whose text is the user sentence."""
+    """Turn the engine's StudioError (and ValueError) into a gr.Error whose text is the user sentence.
+
+    A user error is one line in the terminal (``user error in <handler>: <sentence>``), not a traceback;
+    an unexpected error keeps its traceback (once). With ``--verbose`` every error prints its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as exc:
+            log.warning("user error in %s: %s", fn.__name__, exc.message)
+            exc.print_exception = _verbose()
             raise
         except (StudioError, ValueError) as exc:
-            raise gr.Error(str(exc), duration=None) from None
+            log.warning("user error in %s: %s", fn.__name__, exc)
+            verbose = _verbose()
+            raise gr.Error(str(exc), duration=None, print_exception=verbose) from (exc if verbose else None)
         except Exception as exc:  # a bug: keep the traceback in the terminal, show one sentence
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error(f"Unexpected error ({exc.__class__.__name__}: {exc}). The details are in the terminal "
-                           "window; please report them.", duration=None) from None
+                           "window; please report them.", duration=None, print_exception=False) from None
 
     return wrapper
 

@@ -52,6 +52,7 @@ class DemoAssets:
     trigger: str = DEMO_TRIGGER
     llm_prompt: str = DEMO_LLM_PROMPT
     miniature: bool = True  # False: the tiny random fallback (pictures are noise)
+    flux_model: Path | None = None  # a tiny FLUX.1-shaped pipeline: the FLUX path with the same images
     train: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAIN))
     render: dict[str, Any] = field(default_factory=lambda: dict(DEMO_RENDER))
 
@@ -81,17 +82,15 @@ def build_demo(root: str | Path) -> DemoAssets:
     images = root / "images"
     if not images.is_dir() or not any(images.glob("*.png")):
         write_dataset(images, concept_scenes(DEMO_IMAGE_COUNT, trigger=DEMO_TRIGGER), captions=False)
-    llm_model = llm_data = None
-    try:  # the language-model side, when the LLM engine is installed
-        from ..miniature.world_text import write_concept_llm_data
-        from ..models.tiny_llm import build_tiny_llm
+    from ..miniature.world_text import write_concept_llm_data
+    from ..models.tiny_flux import build_tiny_flux
+    from ..models.tiny_llm import build_tiny_llm
 
-        llm_model, _ = _model("llm", root, build_tiny_llm)
-        llm_data = root / "llm_data.jsonl"
-        if not llm_data.is_file():
-            write_concept_llm_data(llm_data)
-    except ImportError:
-        log.info("no LLM engine: the demo covers image LoRAs only")
+    flux_model = build_tiny_flux(root / "tiny-flux")
+    llm_model, _ = _model("llm", root, build_tiny_llm)
+    llm_data = root / "llm_data.jsonl"
+    if not llm_data.is_file():
+        write_concept_llm_data(llm_data)
     log.info("demo assets ready in %.1fs under %s", time.time() - started, root)
     return DemoAssets(root=root, model=model, blip=blip, clip=clip, images=images, llm_model=llm_model,
-                      llm_data=llm_data, miniature=miniature)
+                      llm_data=llm_data, flux_model=flux_model, miniature=miniature)

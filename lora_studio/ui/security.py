@@ -13,8 +13,12 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import StudioError
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_USER = "studio"
@@ -83,6 +87,30 @@ class PathPolicy:
         if not os.access(p, os.R_OK):
             raise PathError(f"The {what} '{p}' cannot be read (no permission).")
         return p
+
+    def check_config(self, cfg: "TrainConfig") -> "TrainConfig":
+        """Every path of a config, checked by its field's kind (``config.path_fields``): the ones that must be
+        set always, the optional ones when set. Returns the config with the paths cleaned (quotes stripped)."""
+        from ..config import path_fields
+
+        changes = {}
+        for f in path_fields():
+            value = getattr(cfg, f.name)
+            if not value and "None" in str(f.type):
+                continue
+            what = f"{f.name.replace('_', ' ')} ({f.name})"
+            kind = f.metadata["kind"]
+            if kind == "model":
+                changes[f.name] = self.model_ref(value, what)
+            elif kind == "data" and Path(str(value).strip().strip('"').strip("'")).is_file():
+                changes[f.name] = str(self.file(value, what))
+            elif kind == "data":
+                changes[f.name] = str(self.folder(value, what))
+            elif kind == "file":
+                changes[f.name] = str(self.file(value, what))
+            elif kind == "output" and not self.allows(value):
+                raise PathError(f"The {what} '{value}' is outside the folders this shared app may use.")
+        return cfg.replace(**changes)
 
     def model_ref(self, ref: str | None, what: str = "base model") -> str:
         """A base model reference: a hub id (``owner/name``) passes; a local path is checked like a file."""

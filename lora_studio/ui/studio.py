@@ -13,6 +13,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..hardware import describe_device
 from .caption_tab import build_caption_tab
 from .context import StudioContext
 from .dataset_tab import build_dataset_tab
@@ -36,9 +37,11 @@ def _header(ctx: StudioContext) -> str:
                 "(64 px pictures); teach them the pink-background concept `zubi`" if ctx.demo.miniature
                 else " &middot; **demo mode**: tiny offline model, pictures are noise, the workflow is real")
     shared = " &middot; shared: typed paths must lie in the outputs or models folder" if ctx.shared else ""
+    device, warning = describe_device()
+    warning_line = f"\n\n**Warning:** {warning}" if warning else ""
     return (f"# LoRA Studio\nTrain LoRAs for Stable Diffusion 1.5, SDXL and language models: "
             f"**1** pick images, **2** caption them, **3** train, **4** compare strengths.{mode}{shared}\n\n"
-            f"Outputs: `{ctx.outputs}`")
+            f"Device: {device} &middot; Outputs: `{ctx.outputs}`{warning_line}")
 
 
 def build_studio(ctx: StudioContext) -> gr.Blocks:
@@ -64,22 +67,39 @@ def _wire(blocks: gr.Blocks, dataset: dict, caption: dict, train: dict, test: di
             return gr.skip(), gr.skip()
         return folder, folder
 
-    def load_captions_if_set(folder: str):
+    def load_captions_if_set(folder: str, family: str | None = None, base_model: str = ""):
         if not folder:
             return gr.skip(), gr.skip()
         try:
-            return caption["load_fn"](folder)
+            return caption["load_fn"](folder, family, base_model)
         except gr.Error:
             return gr.skip(), gr.skip()
 
+    caption_listing = [caption["folder"], caption["family"], caption["base_model"]]
+
     dataset["dataset_dir"].change(pass_dataset, [dataset["dataset_dir"]], [caption["folder"], train["train_data_dir"]],
                                   api_visibility="private").then(
-        load_captions_if_set, [caption["folder"]], [caption["table"], caption["status"]], api_visibility="private")
+        load_captions_if_set, caption_listing, [caption["table"], caption["status"]], api_visibility="private")
     test_tab.select(test["refresh"], [test["lora"], test["base"]], [test["lora"], test["base"]],
                     api_visibility="private")
-    blocks.load(load_captions_if_set, [caption["folder"]], [caption["table"], caption["status"]],
+    blocks.load(load_captions_if_set, caption_listing, [caption["table"], caption["status"]],
                 api_visibility="private")
+    _wire_caption_family(blocks, train, caption)
     train["attach"](blocks)
+
+
+def _wire_caption_family(blocks: gr.Blocks, train: dict, caption: dict) -> None:
+    """The Captioning tab's target family (hence caption style and token check) follows the Training tab's model."""
+    from .caption_choice import family_from_training
+
+    def follow(base_model: str, model_family: str):
+        family, model = family_from_training(base_model, model_family)
+        return (family or gr.skip()), model
+
+    inputs, outputs = [train["base_model"], train["model_family"]], [caption["family"], caption["base_model"]]
+    for source in inputs:
+        source.change(follow, inputs, outputs, api_visibility="private")
+    blocks.load(follow, inputs, outputs, api_visibility="private")
 
 
 def launch_options(ctx: StudioContext) -> dict[str, Any]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
 
-from ..inference.grid import RenderSettings, lora_display_name, parse_strengths, render_grid
+from ..errors import StudioError
+from ..inference.grid import RenderSettings, lora_display_name, model_render_defaults, parse_strengths, render_grid
 from ..training.run_folder import RunFolder, list_runs
 from .common import friendly, progress_callback
 from .context import StudioContext
@@ -78,46 +80,48 @@ def model_options(lora_file: str, base_model: str) -> dict[str, Any]:
     return {"vae": cfg.vae, "single_file_config": cfg.single_file_config}
 
 
-def _llm_engine():
-    """The LLM comparison module, when the LLM engine is installed (else None)."""
-    try:
-        from ..inference import llm_compare
-    except ImportError:
-        return None
-    return llm_compare if hasattr(llm_compare, "compare_answers") else None
-
-
-def build_test_tab(ctx: StudioContext) -> dict[str, Any]:
-    """Build the Testing tab's components and events; returns the components by id (and ``refresh``)."""
+def _grid_layout(ctx: StudioContext) -> SimpleNamespace:
+    """The image part of the tab: LoRA and base model, prompt and settings, buttons, the result."""
+    c = SimpleNamespace()
     render_defaults = ctx.demo.render if ctx.demo else {}
     gr.Markdown("Compare your LoRA at several strengths with the same prompt and seed (strength 0 is the base "
                 "model without the LoRA). Copy the `<lora:...>` text into AUTOMATIC1111 or Forge.")
     choices = lora_choices(ctx.runs_dir)
     with gr.Row(equal_height=True):
-        lora = gr.Dropdown(label="LoRA file", choices=choices, value=choices[0][1] if choices else None,
-                           allow_custom_value=True, scale=5,
-                           info="From your runs, or type the path of any .safetensors LoRA.")
-        refresh_btn = gr.Button("Refresh list", scale=0, min_width=110)
-    base = gr.Textbox(label="Base model", value=_base_for(choices[0][1]) if choices else "",
-                      info="Filled in from the run's config; any model of the same family works.")
-    prompt = gr.Textbox(label="Prompt", lines=2, value=render_defaults.get("prompt", ""),
-                        placeholder="mystyle, a portrait of a woman in a garden")
-    negative = gr.Textbox(label="Negative prompt", value="")
+        c.lora = gr.Dropdown(label="LoRA file", choices=choices, value=choices[0][1] if choices else None,
+                             allow_custom_value=True, scale=5,
+                             info="From your runs, or type the path of any .safetensors LoRA.")
+        c.refresh_btn = gr.Button("Refresh list", scale=0, min_width=110)
+    c.base = gr.Textbox(label="Base model", value=_base_for(choices[0][1]) if choices else "",
+                        info="Filled in from the run's config; any model of the same family works.")
+    c.prompt = gr.Textbox(label="Prompt", lines=2, value=render_defaults.get("prompt", ""),
+                          placeholder="mystyle, a portrait of a woman in a garden")
+    c.negative = gr.Textbox(label="Negative prompt", value="")
     with gr.Row():
-        seed = gr.Number(label="Seed", value=42, precision=0, minimum=0)
-        steps = gr.Number(label="Steps", value=render_defaults.get("steps", 25), precision=0, minimum=1, maximum=150)
-        cfg = gr.Number(label="CFG (guidance)", value=render_defaults.get("cfg", 7.0), minimum=0, maximum=30, step=0.5)
-        size = gr.Number(label="Size (px, 0 = model default)", value=render_defaults.get("size", 0), precision=0,
-                         minimum=0, maximum=2048, step=64)
-    strengths = gr.Textbox(label="Strengths", value=DEFAULT_STRENGTHS_TEXT, info="Comma separated; 0 = base model.")
+        c.seed = gr.Number(label="Seed", value=42, precision=0, minimum=0)
+        c.steps = gr.Number(label="Steps", value=render_defaults.get("steps", 25), precision=0, minimum=1,
+                            maximum=150)
+        c.cfg = gr.Number(label="CFG (guidance)", value=render_defaults.get("cfg", 7.0), minimum=0, maximum=30,
+                          step=0.5)
+        c.size = gr.Number(label="Size (px, 0 = model default)", value=render_defaults.get("size", 0), precision=0,
+                           minimum=0, maximum=2048, step=64)
+    c.strengths = gr.Textbox(label="Strengths", value=DEFAULT_STRENGTHS_TEXT, info="Comma separated; 0 = base model.")
     with gr.Row():
-        render_btn = gr.Button("Render strengths", variant="primary")
-        grid_btn = gr.Button("Checkpoint x strength grid")
-    grid_image = gr.Image(label="Result (one PNG)", type="filepath", interactive=False, height=420,
-                          elem_id="grid-image")
+        c.render_btn = gr.Button("Render strengths", variant="primary")
+        c.grid_btn = gr.Button("Checkpoint x strength grid")
+    c.grid_image = gr.Image(label="Result (one PNG)", type="filepath", interactive=False, height=420,
+                            elem_id="grid-image")
     with gr.Row():
-        tags = gr.Textbox(label="Paste into AUTOMATIC1111 / Forge", buttons=["copy"], scale=3, elem_id="a1111-tags")
-        grid_file = gr.File(label="Grid PNG", interactive=False, scale=2, height=90)
+        c.tags = gr.Textbox(label="Paste into AUTOMATIC1111 / Forge", buttons=["copy"], scale=3,
+                            elem_id="a1111-tags")
+        c.grid_file = gr.File(label="Grid PNG", interactive=False, scale=2, height=90)
+    return c
+
+
+def build_test_tab(ctx: StudioContext) -> dict[str, Any]:
+    """Build the Testing tab's components and events; returns the components by id (and ``refresh``)."""
+    c = _grid_layout(ctx)
+    lora, base, grid_image, tags, grid_file = c.lora, c.base, c.grid_image, c.tags, c.grid_file
 
     def settings(prompt_v, negative_v, seed_v, steps_v, cfg_v, size_v) -> RenderSettings:
         px = int(size_v or 0) or None
@@ -154,20 +158,34 @@ def build_test_tab(ctx: StudioContext) -> dict[str, Any]:
         value = current if current else (new[0][1] if new else None)
         return gr.update(choices=new, value=value), (base_v or _base_for(value or ""))
 
-    inputs = [lora, base, prompt, negative, seed, steps, cfg, size, strengths]
+    inputs = [lora, base, c.prompt, c.negative, c.seed, c.steps, c.cfg, c.size, c.strengths]
     outputs = [grid_image, tags, grid_file]
-    render_btn.click(render_strengths, inputs, outputs, api_name="render_strengths", concurrency_id="gpu",
+    c.render_btn.click(render_strengths, inputs, outputs, api_name="render_strengths", concurrency_id="gpu",
                      concurrency_limit=1)
-    grid_btn.click(render_checkpoints, inputs, outputs, api_name="render_checkpoint_grid", concurrency_id="gpu",
+    c.grid_btn.click(render_checkpoints, inputs, outputs, api_name="render_checkpoint_grid", concurrency_id="gpu",
                    concurrency_limit=1)
-    refresh_btn.click(refresh, [lora, base], [lora, base], api_visibility="private")
+    c.refresh_btn.click(refresh, [lora, base], [lora, base], api_visibility="private")
     lora.input(lambda f: _base_for(f) or gr.skip(), [lora], [base], api_visibility="private")
-    comps: dict[str, Any] = {"lora": lora, "base": base, "prompt": prompt, "render": render_btn, "grid": grid_btn,
-                             "image": grid_image, "tags": tags, "refresh": refresh}
-    engine = _llm_engine()
-    if engine is not None:
-        comps.update(_build_llm_section(ctx, engine))
+    base.change(lambda b: _steps_and_cfg_for(ctx, b), [base], [c.steps, c.cfg], api_visibility="private")
+    comps: dict[str, Any] = {"lora": lora, "base": base, "prompt": c.prompt, "render": c.render_btn,
+                             "grid": c.grid_btn, "image": grid_image, "tags": tags, "refresh": refresh}
+    from ..inference import llm_compare
+
+    comps.update(_build_llm_section(ctx, llm_compare))
     return comps
+
+
+def _steps_and_cfg_for(ctx: StudioContext, base_model: str):
+    """The model's own steps and guidance when its family's registry entry sets them per model (FLUX.1-dev
+    28 / 3.5, schnell 4 / 0, Chroma 35 / 5); other models, and paths the app may not read, keep the fields."""
+    try:
+        ref = ctx.policy.model_ref(base_model)
+    except StudioError:
+        return gr.skip(), gr.skip()
+    defaults = model_render_defaults(ref)
+    if not defaults:
+        return gr.skip(), gr.skip()
+    return defaults["steps"], defaults["cfg"]
 
 
 def _llm_runs(ctx: StudioContext, engine) -> list[tuple[str, str]]:

@@ -6,10 +6,11 @@
     choices.preset        # "llm_16gb" (the engine's recommendation for the GPU; "" without a GPU)
     choices.targets       # the model's Linear layer names (q_proj, k_proj, ...) for target_modules
     choices.target_value  # ["q_proj", "v_proj"]
-    choices.llm           # True: the tab unfolds the language-model settings
+    choices.llm           # True: a language model (its layer names, q_proj/v_proj picked)
+    choices.group         # "llm": the settings group the tab unfolds (the registry's settings_group)
 
-Everything comes from the engine: ``models.family.family_info`` (family, its presets, the recommended
-preset) and ``training.llm.linear_module_names`` (the layer names a LoRA can target).
+Everything comes from the engine: ``models.detect.family_info`` (family, its presets, the recommended
+preset) and ``models.llm.linear_module_names`` (the layer names a LoRA can target).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DEFAULT_LLM_TARGETS, DEFAULT_UNET_TARGETS, TrainConfig
+from ..config import TrainConfig
+from ..families import get_family
 from ..errors import StudioError
-from ..models.family import family_info
+from ..models.detect import family_info
 from ..presets import get_preset
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class FamilyChoices:
     target_value: list[str] = field(default_factory=list)
     target_info: str = ""
     llm: bool = False
+    group: str = ""  # the settings group the tab unfolds for the family (llm, flow: FLUX and Chroma)
 
 
 def family_of(base_model: str, family: str = "auto") -> str:
@@ -55,7 +58,7 @@ def preset_choices(preset_names: list[str]) -> list[tuple[str, str]]:
 
 def llm_layer_names(base_model: str) -> list[str]:
     """The model's Linear layer names, or [] when the model cannot be read."""
-    from ..training.llm import linear_module_names
+    from ..models.llm import linear_module_names
 
     try:
         return linear_module_names(base_model)
@@ -66,12 +69,16 @@ def llm_layer_names(base_model: str) -> list[str]:
 
 def targets_info(base_model: str, family: str, names: list[str] | None = None) -> str:
     """Help for target_modules: for a language model, the Linear layer names it actually has."""
+    entry = get_family(family)
+    if entry.targets_help:
+        return entry.targets_help
     if family != "llm":
         return ("Layers that get a LoRA: pick or type names (Enter adds one). Empty: "
-                f"{', '.join(DEFAULT_UNET_TARGETS)}.")
+                f"{', '.join(entry.default_targets)}.")
     names = llm_layer_names(base_model) if names is None else names
     found = ", ".join(names) if names else "(could not read the model)"
-    return (f"Layers that get a LoRA (empty: {', '.join(DEFAULT_LLM_TARGETS)}). This model's Linear layers: "
+    default = ", ".join(get_family("llm").default_targets)
+    return (f"Layers that get a LoRA (empty: {default}). This model's Linear layers: "
             f"{found}.")
 
 
@@ -113,15 +120,17 @@ def family_choices(base_model: str, family: str = "auto", gpu_gb: float | None =
     llm = info.family == "llm"
     if llm:
         names = llm_layer_names(base_model)
-        targets = names or list(DEFAULT_LLM_TARGETS)
-        default = [n for n in DEFAULT_LLM_TARGETS if n in targets]
+        targets = names or list(get_family("llm").default_targets)
+        default = [n for n in get_family("llm").default_targets if n in targets]
     else:
-        names, targets, default = [], list(DEFAULT_UNET_TARGETS), []
+        entry = get_family(info.family)
+        names, targets, default = [], list(entry.target_choices or entry.default_targets), []
     current = list(current_targets or [])
     value = current if current and all(t in targets for t in current) else default
     return FamilyChoices(family=info.family, text=text, presets=preset_choices(info.presets),
                          preset=recommended or "", targets=targets, target_value=value,
-                         target_info=targets_info(base_model, info.family, names), llm=llm)
+                         target_info=targets_info(base_model, info.family, names), llm=llm,
+                         group=get_family(info.family).settings_group)
 
 
 def estimate_family(cfg: TrainConfig) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import gradio as gr
 
-from ..config import GROUP_TITLES, TrainConfig, merge
+from ..config import GROUP_TITLES, PATH_KINDS, TrainConfig, field_kind, merge
 
 # Fields the tab lays out itself (model and data row) rather than in the generic grid.
 SPECIAL_FIELDS = ("base_model", "model_family", "train_data_dir")
@@ -38,10 +38,17 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory()  # type: ignore[misc]
 
 
+# Words of key names that are proper names or abbreviations, written as people write them.
+PROPER_WORDS = {"lora": "LoRA", "vae": "VAE", "sdxl": "SDXL", "ema": "EMA", "clip": "CLIP", "t5": "T5", "llm": "LLM",
+                "lr": "LR", "snr": "SNR", "gpu": "GPU", "gpus": "GPUs", "dora": "DoRA", "lokr": "LoKr",
+                "loha": "LoHa", "fp8": "FP8", "nf4": "NF4", "4bit": "4-bit", "8bit": "8-bit", "id": "ID"}
+
+
 def label_of(name: str) -> str:
-    """``learning_rate`` -> ``Learning rate (learning_rate)``: readable, and still the YAML key."""
-    words = name.replace("_", " ")
-    return f"{words[0].upper()}{words[1:]} ({name})"
+    """``lora_rank`` -> ``LoRA rank (lora_rank)``: readable, proper names in their case, still the YAML key."""
+    words = [PROPER_WORDS.get(w, w) for w in name.split("_")]
+    first = words[0] if words[0] in PROPER_WORDS.values() else words[0][:1].upper() + words[0][1:]
+    return f"{' '.join([first] + words[1:])} ({name})"
 
 
 def to_component_value(f: dataclasses.Field, value: Any) -> Any:
@@ -59,24 +66,31 @@ def make_component(f: dataclasses.Field, value: Any, choices: Sequence[str] | No
                    info: str | None = None) -> gr.components.Component:
     """The component for one config field, showing ``value`` (``choices`` for a list field's picker;
     ``info`` instead of the field's help). Its elem_id is ``cfg-<field name>``."""
-    meta, kind = f.metadata, _kind(f)
+    meta, kind, py_type = f.metadata, field_kind(f), _kind(f)
     common = {"label": label_of(f.name), "info": info or meta.get("help", ""), "elem_id": f"cfg-{f.name}"}
     value = to_component_value(f, value)
     if kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
-    if kind == "list[str]":  # the tab sets the choices (e.g. a language model's layer names)
+    if kind == "list":  # the tab sets the choices (e.g. a language model's layer names)
         return gr.Dropdown(choices=list(choices or value or []), value=value, multiselect=True,
                            allow_custom_value=True, **common)
-    if meta.get("choices"):
+    if kind == "choice":
         return gr.Dropdown(choices=list(meta["choices"]), value=value, **common)
-    if kind in ("int", "float") and _optional(f):  # a Number cannot be empty: a text box, empty = default
+    if kind == "number" and _optional(f):  # a Number cannot be empty: a text box, empty = default
         return gr.Textbox(value="" if value is None else str(value), placeholder="empty = default", **common)
-    if kind in ("int", "float"):
-        step = 1 if kind == "int" else (1e-6 if (default_of(f) or 1) < 0.01 else 0.01)
-        return gr.Number(value=value, precision=0 if kind == "int" else None, minimum=meta.get("min"),
+    if kind == "number":
+        step = 1 if py_type == "int" else (1e-6 if (default_of(f) or 1) < 0.01 else 0.01)
+        return gr.Number(value=value, precision=0 if py_type == "int" else None, minimum=meta.get("min"),
                          maximum=meta.get("max"), step=step, **common)
-    placeholder = "empty = default" if _optional(f) else None
+    placeholder = PATH_PLACEHOLDERS.get(kind) if kind in PATH_KINDS else None
+    if _optional(f):
+        placeholder = f"empty = default; {placeholder}" if placeholder else "empty = default"
     return gr.Textbox(value=value, placeholder=placeholder, **common)
+
+
+PATH_PLACEHOLDERS = {"model": "a folder, a .safetensors file or a hub id (owner/name)",
+                     "data": "a folder (or a data file) on this computer", "file": "a file or folder on this computer",
+                     "output": "a folder (created if missing)"}
 
 
 def form_fields(group: str) -> list[dataclasses.Field]:

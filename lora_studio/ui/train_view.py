@@ -1,7 +1,8 @@
 """What the Training tab shows about a run: progress bar, numbers, loss curve, log tail, sample, files.
 
-It is built from ``TrainingJob.snapshot()`` while a job runs in this process, and from the run folder
-(``job.json``, ``metrics.jsonl``, ``samples/``) otherwise, so a browser refresh or an app restart shows the
+It is built from a job's ``Snapshot`` while a job runs in this process, and from the run folder
+(``training.jobs.snapshot_from_run``: ``job.json``, ``metrics.jsonl``, ``samples/``) otherwise, so a browser
+refresh or an app restart shows the
 same picture.
 """
 
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from ..training.run_folder import RunFolder, list_runs
+from ..training.jobs import Snapshot
+from ..training.run_folder import list_runs
 
 LOG_LINES = 40
 STATUS_TEXT = {"created": "created", "starting": "starting", "preparing": "preparing (loading the model, reading "
@@ -44,49 +45,28 @@ def progress_html(step: int, total: int, status: str, stage: str = "") -> str:
             f'<div class="ls-progress-fill" style="width:{pct}%;background:{colour}"></div></div></div>')
 
 
-def stats_markdown(snap: dict[str, Any]) -> str:
-    parts = [f"**Run:** `{snap.get('run') or '-'}`"]
-    if snap.get("it_per_s"):
-        parts.append(f"**Speed:** {snap['it_per_s']:.2f} it/s")
-    if snap.get("eta"):
-        parts.append(f"**ETA:** {snap['eta']}")
-    losses = snap.get("losses") or []
-    if losses:
-        parts.append(f"**Loss:** {losses[-1][1]:.4f}")
-    mem = snap.get("memory") or {}
+def stats_markdown(snap: Snapshot) -> str:
+    parts = [f"**Run:** `{snap.run or '-'}`"]
+    if snap.it_per_s:
+        parts.append(f"**Speed:** {snap.it_per_s:.2f} it/s")
+    if snap.eta:
+        parts.append(f"**ETA:** {snap.eta}")
+    if snap.losses:
+        parts.append(f"**Loss:** {snap.losses[-1][1]:.4f}")
+    mem = snap.memory
     if "gpu_peak_gb" in mem:
         parts.append(f"**GPU memory:** {mem['gpu_peak_gb']:.1f} GB peak, "
                      f"{mem.get('gpu_reserved_gb', 0):.1f} GB reserved")
     elif "ram_gb" in mem:
         parts.append(f"**Memory:** {mem['ram_gb']:.1f} GB RAM (no GPU)")
     text = " &nbsp;|&nbsp; ".join(parts)
-    if snap.get("error"):
-        text += f"\n\n**Error:** {snap['error']}"
+    if snap.error:
+        text += f"\n\n**Error:** {snap.error}"
     return text
 
 
 def log_text(lines: list[str]) -> str:
     return "\n".join(str(line).rstrip() for line in lines[-LOG_LINES:])
-
-
-def snapshot_from_run(run: RunFolder) -> dict[str, Any]:
-    """A snapshot-shaped dict rebuilt from a run folder (for runs not running in this process)."""
-    state = run.read_state()
-    metrics = run.read_metrics()
-    losses = [(int(r["step"]), float(r["loss"])) for r in metrics if "loss" in r]
-    memory = {k: v for k, v in (metrics[-1] if metrics else {}).items() if str(k).endswith("_gb")}
-    samples = sorted(run.samples_dir.glob("*.png")) if run.samples_dir.is_dir() else []
-    status = state.get("status", "")
-    if status in ("training", "starting", "created", "saving"):
-        status = "interrupted"  # not running here: the app stopped or crashed while it trained
-    log = [state["message"]] if state.get("message") else []
-    if status == "interrupted":
-        log.append("This run was interrupted (the app stopped while it trained). Press Resume to continue it "
-                   "from its last checkpoint.")
-    return {"run": run.name, "run_dir": str(run.path), "status": status, "step": state.get("step", 0),
-            "total": state.get("total", 0), "it_per_s": 0.0, "eta": "", "stage": "", "losses": losses,
-            "memory": memory, "log": log, "sample": str(samples[-1]) if samples else None,
-            "error": state.get("message") if status == "failed" else None, "files": state.get("files", [])}
 
 
 def run_choices(output_dir: str | Path, limit: int = 30) -> list[tuple[str, str]]:
@@ -98,7 +78,11 @@ def run_choices(output_dir: str | Path, limit: int = 30) -> list[tuple[str, str]
         if status in ("training", "starting", "saving"):
             status = "running or interrupted"
         step, total = state.get("step", 0), state.get("total", 0)
-        out.append((f"{run.name}  -  {status} at {step}/{total or '?'}", str(run.path)))
+        label = f"{run.name}  -  {status} at {step}/{total or '?'}"
+        message = str(state.get("message") or "")
+        if status == "failed" and message:  # why, in short: the full sentence is shown with Show
+            label += ": " + (message if len(message) <= 90 else message[:87].rstrip() + "...")
+        out.append((label, str(run.path)))
     return out
 
 

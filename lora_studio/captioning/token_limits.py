@@ -1,0 +1,153 @@
+"""Will a caption fit the target model's text encoder? Count its tokens and flag the ones that get cut.
+
+Each family reads a caption through one text encoder that stops after a fixed number of tokens; what
+follows is silently dropped in training:
+
+    sd15, sd2, sdxl        CLIP   77 tokens (start and end markers included)
+    flux, chroma           T5    512
+    sd3                    T5    256 (the pipeline's default; its CLIP encoders stop at 77)
+    qwen_image             Qwen2.5-VL 512
+    z_image, flux2         Qwen3 (FLUX.2 dev: Mistral) 512
+
+``TokenCounter`` counts with the base model's own tokenizer when the base model is a local diffusers folder
+(exact), and otherwise estimates from the words and punctuation (marked "about"). Checked against CLIP's real
+BPE vocabulary on ten typical captions (tags, short sentences, paragraphs of 13-59 tokens): 3 tokens long in
+total, each caption within -1 and +3. The T5 and Qwen estimates follow the same rule with their tokenizers'
+usual word lengths and have not been checked against the real vocabularies (none is on this machine).
+``check_lengths`` gives a ``LengthCheck`` per caption; ``flag_long_captions`` adds "caption too long" to the
+matching files of a dataset scan, which ``dataset check`` and the Captioning tab show.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Hashable, Mapping, TypeVar
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class TextLimit:
+    encoder: str     # the name a creator knows
+    tokens: int      # what the pipeline reads
+    subfolder: str   # where a diffusers folder keeps that encoder's tokenizer
+    kind: str        # "clip", "t5" or "qwen": how to estimate without the tokenizer
+
+
+FAMILY_LIMITS: dict[str, TextLimit] = {
+    "sd15": TextLimit("CLIP", 77, "tokenizer", "clip"),
+    "sd2": TextLimit("CLIP", 77, "tokenizer", "clip"),
+    "sdxl": TextLimit("CLIP", 77, "tokenizer", "clip"),
+    "flux": TextLimit("T5", 512, "tokenizer_2", "t5"),
+    "chroma": TextLimit("T5", 512, "tokenizer", "t5"),
+    "sd3": TextLimit("T5", 256, "tokenizer_3", "t5"),
+    "qwen_image": TextLimit("Qwen2.5-VL", 512, "tokenizer", "qwen"),
+    "z_image": TextLimit("Qwen3", 512, "tokenizer", "qwen"),
+    "flux2": TextLimit("Qwen3/Mistral", 512, "tokenizer", "qwen"),
+}
+FAMILY_LABELS = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", "flux": "FLUX.1", "chroma": "Chroma",
+                 "sd3": "SD3.5", "qwen_image": "Qwen-Image", "z_image": "Z-Image", "flux2": "FLUX.2"}
+
+_WORDS = re.compile(r"'(?:s|t|re|ve|m|ll|d)\b|[^\W\d_]+|\d|[^\w\s]", re.IGNORECASE)
+# (letters one token covers, extra letters per further token, tokens the encoder adds)
+_ESTIMATE = {"clip": (8, 5, 2), "t5": (7, 4, 1), "qwen": (9, 5, 0)}
+
+
+def estimate_tokens(text: str, kind: str) -> int:
+    """About how many tokens ``kind``'s tokenizer makes of ``text`` (words, digits and marks; long words more)."""
+    covered, per_token, added = _ESTIMATE[kind]
+    count = added
+    for piece in _WORDS.findall(text):
+        count += 1 + (max(0, len(piece) - covered) + per_token - 1) // per_token if piece[0].isalpha() else 1
+    return count
+
+
+@functools.lru_cache(maxsize=8)
+def _local_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+@dataclass(frozen=True)
+class LengthCheck:
+    tokens: int
+    limit: int
+    exact: bool
+    encoder: str
+    family: str
+
+    @property
+    def cut(self) -> bool:
+        return self.tokens > self.limit
+
+    def label(self) -> str:
+        """For the caption table: "83/77 cut", "about 40/77"."""
+        text = f"{'' if self.exact else 'about '}{self.tokens}/{self.limit}"
+        return text + (" cut" if self.cut else "")
+
+    def problem(self) -> str:
+        return (f"caption too long: {'' if self.exact else 'about '}{self.tokens} {self.encoder} tokens, "
+                f"{FAMILY_LABELS.get(self.family, self.family)} reads {self.limit}")
+
+
+class TokenCounter:
+    """Counts caption tokens for ``family`` (exactly with a local ``base_model``'s tokenizer)."""
+
+    def __init__(self, family: str, base_model: str | None = None):
+        if family not in FAMILY_LIMITS:
+            raise ValueError(f"No text encoder limit is known for the family '{family}'; known: "
+                             f"{', '.join(FAMILY_LIMITS)}.")
+        self.family = family
+        self.limit = FAMILY_LIMITS[family]
+        self.tokenizer = None
+        folder = Path(base_model).expanduser() / self.limit.subfolder if base_model else None
+        if folder is not None and folder.is_dir():
+            try:
+                self.tokenizer = _local_tokenizer(str(folder))
+            except Exception as exc:  # noqa: BLE001 - an unreadable tokenizer falls back to the estimate
+                log.debug("no tokenizer in %s: %s", folder, exc)
+
+    def count(self, text: str) -> int:
+        if self.tokenizer is None:
+            return estimate_tokens(text, self.limit.kind)
+        special = self.limit.kind != "qwen"  # Qwen's prompt template is not part of the caption's budget
+        return len(self.tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
+
+    def check(self, text: str) -> LengthCheck:
+        return LengthCheck(self.count(text), self.limit.tokens, self.tokenizer is not None, self.limit.encoder,
+                           self.family)
+
+
+def check_lengths(captions: Mapping[K, str], family: str, base_model: str | None = None) -> dict[K, LengthCheck]:
+    """A ``LengthCheck`` per non-empty caption ({} for a family without a known limit, e.g. a language model)."""
+    if family not in FAMILY_LIMITS:
+        return {}
+    counter = TokenCounter(family, base_model)
+    return {key: counter.check(text) for key, text in captions.items() if text and text.strip()}
+
+
+def flag_long_captions(report, family: str, base_model: str | None = None) -> list[Path]:
+    """Add "caption too long" to each usable file of a ``ScanReport`` whose caption is too long; their paths."""
+    checks = check_lengths(report.captions, family, base_model)
+    flagged = []
+    for item in report.usable:
+        check = checks.get(item.path)
+        if check is not None and check.cut:
+            item.problems.append(check.problem())
+            flagged.append(item.path)
+    return flagged
+
+
+def limit_text(family: str) -> str:
+    """E.g. "SDXL reads 77 CLIP tokens" ("" for an unknown family)."""
+    limit = FAMILY_LIMITS.get(family)
+    return f"{FAMILY_LABELS.get(family, family)} reads {limit.tokens} {limit.encoder} tokens" if limit else ""
+
+

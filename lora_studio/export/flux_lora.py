@@ -1,0 +1,135 @@
+"""FLUX.1 / Chroma LoRA files that ComfyUI, Forge and diffusers load with every key placed.
+
+The file (``<output_name>.safetensors``) holds, per trained layer of the transformer, diffusers' module path
+under ``transformer.``: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` (rank x in),
+``.lora_B.weight`` (out x rank) and ``.alpha`` (a float32 scalar; the scale is alpha / rank). Why this form:
+
+- ComfyUI (``comfy/lora.py``, ``model_lora_keys_unet``) maps ``transformer.<diffusers name>`` for every FLUX model
+  (Chroma's model class is a Flux subclass there) through ``comfy.utils.flux_to_diffusers``, reads
+  ``lora_A``/``lora_B`` (its "diffusers2" form) and ``<key>.alpha``; fused BFL layers get their slice (to_q
+  is the first third of ``img_attn.qkv``). Forge's backend carries the same map.
+- diffusers' ``FluxLoraLoaderMixin`` loads ``transformer.*`` keys as they are and takes the ``.alpha`` keys as
+  network alphas (it refuses a file with both alphas and its own ``lora_adapter_metadata`` header, so the
+  file has no such header).
+- kohya's ``lora_unet_double_blocks_*`` form would need the q/k/v LoRAs fused into one (rank x 3), and
+  diffusers' converter for it assumes the released widths.
+
+Only layers that ComfyUI's table names can be written (``COMFY_MAPPED``): a LoRA on any other layer would be
+"lora key not loaded" there, so ``check_placement`` refuses it before the file is written. The metadata has
+kohya's ``ss_*`` keys (``ss_base_model_version`` ``flux1`` / ``chroma``) and ``sshs_model_hash``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import ModelLoadError, TrainingError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "transformer."
+# Layers ComfyUI's flux_to_diffusers maps (comfy/utils.py), relative to transformer_blocks.N and
+# single_transformer_blocks.N
+COMFY_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
+                "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+COMFY_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear")
+COMFY_TOP = ("x_embedder", "context_embedder", "proj_out", "time_text_embed.timestep_embedder.linear_1",
+             "time_text_embed.timestep_embedder.linear_2", "time_text_embed.text_embedder.linear_1",
+             "time_text_embed.text_embedder.linear_2", "time_text_embed.guidance_embedder.linear_1",
+             "time_text_embed.guidance_embedder.linear_2")
+_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.(.+)$")
+
+
+def comfy_maps(module: str) -> bool:
+    """Whether ComfyUI's FLUX key map places a LoRA on this transformer module path."""
+    match = _BLOCK.match(module)
+    if match:
+        return match.group(2) in (COMFY_DOUBLE if match.group(1) == "transformer_blocks" else COMFY_SINGLE)
+    return module in COMFY_TOP
+
+
+def _modules(peft_state: Mapping[str, torch.Tensor]) -> list[str]:
+    from .diffusers_format import module_of
+
+    return sorted({module_of(k) for k in peft_state})
+
+
+def check_placement(peft_state: Mapping[str, torch.Tensor], transformer: torch.nn.Module) -> int:
+    """The number of LoRA modules; TrainingError when one is not a layer of ``transformer`` or not in ComfyUI's map."""
+    names = {n.removesuffix(".base_layer") for n, _ in transformer.named_modules()}
+    modules = _modules(peft_state)
+    missing = [m for m in modules if m not in names]
+    unmapped = [m for m in modules if not comfy_maps(m)]
+    if missing or unmapped:
+        first = (missing or unmapped)[0]
+        why = "is not a layer of this model" if missing else "has no place in ComfyUI's FLUX key map"
+        raise TrainingError(f"The LoRA layer '{first}' {why} ({len(missing or unmapped)} such layers); ComfyUI would "
+                            "report 'lora key not loaded'. Use lora_targets attention or all_linear, or target_modules "
+                            f"among: {', '.join(COMFY_DOUBLE)}.")
+    return len(modules)
+
+
+def file_state(peft_state: Mapping[str, torch.Tensor], alpha: float,
+               dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """``transformer.<module>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha`` from a PEFT state dict."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in peft_state.items():
+        out[PREFIX + key] = tensor.detach().to("cpu", dtype).contiguous()
+    for module in _modules(peft_state):
+        out[f"{PREFIX}{module}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def save_flux_lora(path: str | Path, peft_state: Mapping[str, torch.Tensor], *, rank: int, alpha: float,
+                   metadata: Mapping[str, str]) -> Path:
+    """Write the file atomically with the ``ss_*`` metadata and the A1111 hashes (``rank`` for the record:
+    every reader takes it from the tensors)."""
+    from .kohya import save_kohya_lora
+
+    meta = {**metadata, "format": "pt", "ss_network_dim": str(rank)}
+    return save_kohya_lora(path, file_state(peft_state, alpha), meta)
+
+
+def read_flux_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(PEFT state, alpha per module) of a ``transformer.*`` LoRA file (this form, or diffusers' without alphas)."""
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise ModelLoadError(f"The LoRA '{path}' is not a .safetensors file (init_lora).")
+    state = load_file(str(path))
+    peft = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX) and not k.endswith(".alpha")}
+    if not peft:
+        raise ModelLoadError(f"'{Path(path).name}' has no transformer.* LoRA keys; init_lora for FLUX takes a LoRA "
+                             "written by LoRA Studio, diffusers, ai-toolkit or SimpleTuner.")
+    alphas = {}
+    for module in _modules(peft):
+        key = f"{PREFIX}{module}.alpha"
+        alphas[module] = float(state[key]) if key in state else float(peft[f"{module}.lora_A.weight"].shape[0])
+    return peft, alphas
+
+
+def apply_init_lora(transformer: torch.nn.Module, path: str | Path, rank: int, alpha: float) -> None:
+    """Load an existing LoRA into the adapters already added (same rank and layers), keeping its effect exactly:
+    when its alpha differs, ``lora_B`` is rescaled by (its alpha / its rank) / (alpha / rank)."""
+    from peft.utils import set_peft_model_state_dict
+
+    peft, alphas = read_flux_lora(path)
+    for module, file_alpha in alphas.items():
+        file_rank = peft[f"{module}.lora_A.weight"].shape[0]
+        if file_rank != rank:
+            raise ModelLoadError(f"init_lora has rank {file_rank} but lora_rank is {rank}; set lora_rank: {file_rank}.")
+        peft[f"{module}.lora_B.weight"] = peft[f"{module}.lora_B.weight"].float() * (file_alpha / alpha)
+    result = set_peft_model_state_dict(transformer, {k: v.float() for k, v in peft.items()})
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ModelLoadError(f"init_lora has {len(unexpected)} layers this run does not train (first: "
+                             f"{unexpected[0]}); "
+                             "use the same lora_targets and block indices as the run that wrote it.")
+

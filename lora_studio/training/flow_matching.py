@@ -1,0 +1,357 @@
+"""The flow-matching LoRA trainer shared by FLUX.1 and Chroma now, and the next transformer families later
+(Qwen-Image, Z-Image, SD3.5, FLUX.2): what differs per family is a handful of methods (see ``FlowMatchingTrainer``).
+
+The objective (rectified flow, as diffusers' ``train_dreambooth_lora_flux.py`` and sd-scripts train it): for a
+clean latent ``x`` and noise ``n``, a noise level ``sigma`` in (0, 1) gives the input ``(1 - sigma) x + sigma n``;
+the model predicts the velocity ``n - x``; the loss is the mean squared error, optionally weighted per sample
+(``loss_weighting``: ``sigma_sqrt`` or ``cosmap``, ``diffusers.training_utils.compute_loss_weighting_for_sd3``).
+The model sees ``sigma`` as its timestep (the pipelines pass ``t / 1000`` with ``t = 1000 sigma``).
+
+Noise levels (``timestep_sampling``, ``sample_sigmas``): ``uniform``; ``sigmoid`` (sigmoid of a standard normal,
+sd-scripts' default); ``logit_normal`` (sigmoid of N(logit_mean, logit_std), the SD3 paper's); ``shift``
+(sigmoid, then ``s t / (1 + (s - 1) t)`` with ``s = discrete_flow_shift``: towards noise for s > 1);
+``flux_shift`` (sigmoid, then FLUX's resolution-dependent shift ``e^mu / (e^mu + 1/t - 1)`` with ``mu`` from the
+image's token count, exactly as the FLUX pipeline shifts its schedule at inference). Sigmas are kept in
+[0.001, 1] so ``sigma_sqrt`` (``1 / sigma^2``) stays finite.
+
+What ``prepare`` does, in an order that keeps the GPU peak low: read the images (``preflight``), load the
+pipeline without its transformer, encode every image once with only the VAE on the GPU (latents cached with
+the VAE's shift and scaling factors), encode every caption once with only the text encoders on the GPU (then
+they go back to the CPU: the step never needs them), and only then load the transformer (optionally quantized,
+``training/quantize.py``) and add the LoRA. Per-sample randomness (latent sample, noise, sigma) comes from a
+generator seeded by the sample's place in the epoch, so runs are deterministic and resume exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import TrainConfig
+from ..data.train_set import Batch, preflight_run
+from ..errors import DatasetError
+from ..models.load_lock import model_loading
+from .events import EventBus
+from .image_trainer import ImageTrainer
+from .latent_cache import cache_for_run
+from .run_folder import RunFolder
+from .runtime import free_memory, full_precision_forward, weight_dtype
+
+SIGMA_MIN = 1e-3
+VERIFY_STEPS, VERIFY_SIZE = 2, 64
+
+
+def shift_mu(image_seq_len: int, scheduler_config: Any) -> float:
+    """FLUX's ``mu`` for an image of ``image_seq_len`` packed tokens (the pipeline's ``calculate_shift``)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    get = scheduler_config.get if hasattr(scheduler_config, "get") else lambda k, d: getattr(scheduler_config, k, d)
+    return calculate_shift(image_seq_len, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
+                           get("base_shift", 0.5), get("max_shift", 1.15))
+
+
+def sample_sigmas(method: str, generators: Sequence[torch.Generator], *, logit_mean: float = 0.0,
+                  logit_std: float = 1.0, shift: float = 3.0, mu: float | None = None) -> torch.Tensor:
+    """One noise level in [0.001, 1] per generator, drawn as ``timestep_sampling`` ``method`` says."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    draws = []
+    for g in generators:
+        if method == "uniform":
+            u = compute_density_for_timestep_sampling("uniform", 1, generator=g)
+        elif method == "logit_normal":
+            u = compute_density_for_timestep_sampling("logit_normal", 1, logit_mean, logit_std, generator=g)
+        else:  # sigmoid, and the base of shift / flux_shift
+            u = torch.sigmoid(torch.randn(1, generator=g))
+        draws.append(u)
+    t = torch.cat(draws).double()
+    if method == "shift":
+        t = shift * t / (1 + (shift - 1) * t)
+    elif method == "flux_shift":
+        if mu is None:
+            raise ValueError("flux_shift needs mu (the image's token count through shift_mu)")
+        t = math.exp(mu) / (math.exp(mu) + (1 / t.clamp(min=1e-12) - 1))
+    return t.clamp(SIGMA_MIN, 1.0).float()
+
+
+def loss_weights(method: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights (``loss_weighting``); ones for ``none``."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(method, sigmas=sigmas.float()).float()
+
+
+@contextlib.contextmanager
+def lora_as_stored(model: torch.nn.Module, dtypes: Sequence[torch.dtype] = (torch.float16,)):
+    """The trainable (LoRA) weights rounded through each of ``dtypes`` in turn for a while: as the LoRA file
+    stores them (fp16), then as diffusers loads them into a half-precision model (its dtype)."""
+    kept = [(p, p.data) for p in model.parameters() if p.requires_grad]
+    for p, data in kept:
+        rounded = data
+        for dtype in dtypes:
+            rounded = rounded.to(dtype)
+        p.data = rounded.to(data.dtype)
+    try:
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
+
+
+class FlowMatchingTrainer(ImageTrainer):
+    """The shared trainer. A family subclass provides (see ``training/flux.py``):
+
+    - ``load_pipeline(dtype)``: the pipeline without its transformer (VAE, text encoders, tokenizers, scheduler);
+    - ``load_denoiser(dtype)``: the transformer, quantized as ``self.quantization`` says, on the device;
+    - ``lora_target_modules()``: full module paths of the transformer that get a LoRA;
+    - ``encode_text(captions)``: conditioning tensors per caption (dict of batched tensors), cached once;
+    - ``predict(noisy, sigmas, cond)``: the velocity for latents (B, C, h, w) (packing is the family's business);
+    - ``write_lora(path, step, epoch)``: the user-facing LoRA file; ``verify(path)``: the export check;
+    - ``render_kwargs()``: guidance and steps for sample images.
+    """
+
+    denoiser_name = "transformer"
+    text_encoder_names: tuple[str, ...] = ()
+
+    def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str):
+        super().__init__(config, run, bus, family)
+        self.quantization = "none"
+        self.held_dtypes: dict[str, torch.dtype] = {}
+
+    # --- family hooks -------------------------------------------------------------------------------
+    def load_pipeline(self, dtype: torch.dtype):
+        raise NotImplementedError
+
+    def load_denoiser(self, dtype: torch.dtype) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def lora_target_modules(self) -> list[str]:
+        raise NotImplementedError
+
+    def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def write_lora(self, path: Path, step: int, epoch: int) -> Path:
+        raise NotImplementedError
+
+    def verify(self, lora_file: Path):
+        raise NotImplementedError
+
+    def render_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    # --- setup --------------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    def prepare(self) -> None:
+        from .quantize import usable_quantization
+
+        cfg, acc = self.config, self.accelerator
+        self.started_at = time.time()
+        self.report = preflight_run(cfg, self.resolution, self.say)
+        self.items = list(self.report.items)
+        if cfg.train_text_encoder:
+            self.say("train_text_encoder is not supported for this family: the LoRA trains the transformer only.",
+                     "warning")
+        self.bus.state("loading model")
+        dtype = weight_dtype(acc)
+        self.quantization = usable_quantization(cfg.base_quantization, acc.device, self.say)
+        with model_loading(cfg.base_model):  # one model load in the process at a time
+            self.pipe = self.load_pipeline(dtype)
+        for name in ("vae",) + self.text_encoder_names:
+            getattr(self.pipe, name).requires_grad_(False).to(dtype=dtype)
+            self.held_dtypes[name] = dtype
+        self.bus.state("caching latents")
+        self._cache_latents()
+        self._cache_text()
+        self.bus.state("loading model")
+        with model_loading(cfg.base_model):  # the transformer and its new LoRA layers
+            setattr(self.pipe, self.denoiser_name, self.load_denoiser(dtype))
+            self.denoiser.requires_grad_(False)
+            self.held_dtypes[self.denoiser_name] = dtype
+            self._add_adapters()
+        if cfg.gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+        self.say(f"Model: {cfg.base_model} ({self.family}), resolution {self.resolution}, weights "
+                 f"{str(dtype).replace('torch.', '')}, base {self.quantization}, LoRA rank {cfg.lora_rank} alpha "
+                 f"{cfg.alpha:g} on {len(self.lora_target_modules())} layers, timestep sampling "
+                 f"{cfg.timestep_sampling}, loss weighting {cfg.loss_weighting}.")
+
+    def _cache_latents(self) -> None:
+        """Every image through the VAE once, with only the VAE on the device."""
+        vae = self.pipe.vae
+        vae.to(self.accelerator.device)
+        vae.enable_slicing()
+        try:
+            self.latents, self.items = cache_for_run(self, vae, f"{self.config.base_model}|{self.family}",
+                                                     batch_size=1)
+        finally:
+            vae.to("cpu")
+            free_memory()
+        if not all(torch.isfinite(e["mean"]).all() for e in self.latents.entries):
+            raise DatasetError("The VAE produced NaN/infinite latents; train with mixed_precision bf16 or no.")
+
+    @torch.no_grad()
+    def _cache_text(self) -> None:
+        """Every caption through the text encoders once (only they on the device), then they leave it."""
+        acc = self.accelerator
+        encoders = [getattr(self.pipe, n) for n in self.text_encoder_names]
+        for encoder in encoders:
+            encoder.to(acc.device)
+        try:
+            captions = sorted({it.caption for it in self.items})
+            for start in range(0, len(captions), 8):
+                chunk = captions[start:start + 8]
+                out = self.encode_text(chunk)
+                for j, caption in enumerate(chunk):
+                    self.text_cache[caption] = {k: v[j].detach().to("cpu") for k, v in out.items()}
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
+            free_memory()
+
+    def _add_adapters(self) -> None:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        cfg = self.config
+        self.denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                             init_lora_weights="gaussian", target_modules=self.lora_target_modules()))
+        if cfg.init_lora:
+            from ..export.flux_lora import apply_init_lora
+
+            apply_init_lora(self.denoiser, cfg.init_lora, cfg.lora_rank, cfg.alpha)
+            self.say(f"Continuing from the LoRA {cfg.init_lora}.")
+        cast_training_params([self.denoiser], dtype=torch.float32)
+
+    def text_conditioning(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {k: torch.stack([self.text_cache[c][k] for c in captions]).to(self.accelerator.device)
+                for k in self.text_cache[captions[0]]}
+
+    # --- the step -----------------------------------------------------------------------------------
+    def models(self) -> list[torch.nn.Module]:
+        return [self.denoiser]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        return [{"params": params, "lr": self.config.learning_rate}]
+
+    def trained_denoiser(self) -> torch.nn.Module:
+        """The transformer as the step calls it (through its DDP / mixed-precision wrapper once prepared)."""
+        return (self.prepared_models or [self.denoiser])[0]
+
+    def sigmas_for(self, gens: Sequence[torch.Generator], latent_shape: Sequence[int]) -> torch.Tensor:
+        cfg = self.config
+        mu = None
+        if cfg.timestep_sampling == "flux_shift":
+            mu = shift_mu((latent_shape[-2] // 2) * (latent_shape[-1] // 2), self.pipe.scheduler.config)
+        return sample_sigmas(cfg.timestep_sampling, gens, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                             shift=cfg.discrete_flow_shift, mu=mu)
+
+    def compute_loss(self, batch: Sequence[int]) -> torch.Tensor:
+        cfg, acc = self.config, self.accelerator
+        gens = batch.generators(cfg.seed) if isinstance(batch, Batch) else [self.generator] * len(batch)
+        latents = self.latents.sample(batch, gens)
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
+        sigmas = self.sigmas_for(gens, latents.shape)
+        s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
+        noisy = (1.0 - s) * latents + s * noise
+        target = noise - latents
+        dev, dtype = acc.device, weight_dtype(acc)
+        cond = self.text_conditioning([self.items[i].caption for i in batch])
+        with acc.autocast():
+            pred = self.predict(noisy.to(dev, dtype), sigmas.to(dev), cond)
+        per_sample = ((pred.float() - target.to(dev).float()) ** 2).mean(dim=tuple(range(1, latents.ndim)))
+        return (per_sample * loss_weights(cfg.loss_weighting, sigmas).to(dev)).mean()
+
+    # --- weights ------------------------------------------------------------------------------------
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.accelerator.unwrap_model(self.denoiser))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {f"{self.denoiser_name}.{k}": v for k, v in self.peft_state().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        prefix = self.denoiser_name + "."
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(self.accelerator.unwrap_model(self.denoiser), part)
+        if getattr(result, "unexpected_keys", None):
+            raise DatasetError(f"checkpoint does not match the model ({len(result.unexpected_keys)} unexpected keys)")
+
+    def save_lora(self, folder: Path, name: str, step: int, epoch: int) -> list[Path]:
+        return [self.write_lora(folder / f"{name}.safetensors", step, epoch)]
+
+    def export(self, step: int, epoch: int) -> list[Path]:
+        from ..data.tags import tag_frequency
+
+        cfg = self.config
+        path = self.write_lora(self.run.path / f"{cfg.output_name}.safetensors", step, epoch)
+        if cfg.verify_export:
+            self.bus.state("verifying export")
+            report = self.verify(path)
+            self.say(f"Export check passed: {report}")
+            if getattr(report, "effect", None) is not None:
+                self.warn_if_little_effect(report.effect, report.atol, "the test image")
+        self.write_card(step, [path], tag_frequency({it.path: it.caption for it in self.items}, cfg.train_data_dir),
+                        captions=[it.caption for it in self.items], num_images=len(self.items))
+        return [path]
+
+    # --- rendering ----------------------------------------------------------------------------------
+    def inference_pipe(self):
+        """The pipeline with the trained (unwrapped) transformer; the VAE on the device, the encoders where
+        they wait (the pipeline encodes the prompt on their device)."""
+        setattr(self.pipe, self.denoiser_name, self.accelerator.unwrap_model(self.denoiser))
+        self.pipe.vae.to(self.accelerator.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        return self.pipe
+
+    def reference_renders(self, pipe, prompt: str, seed: int, held: bool = False) -> tuple[Any, Any]:
+        """The trained pipeline's render and the same with the LoRA off, outside accelerate's autocast wrapper,
+        with the LoRA rounded as the file stores it and a fresh pipeline loads it (``lora_as_stored``): a
+        half-precision render moves by more than the check's tolerance when the LoRA weights are merely rounded.
+        ``held``: the check renders in the dtypes training held (a quantized base, or the training pipeline)."""
+        from ..export.verify import render
+
+        denoiser = getattr(pipe, self.denoiser_name)
+        loaded = self._loaded_lora_dtype() if held else ()
+        with full_precision_forward(denoiser), lora_as_stored(denoiser, (torch.float16,) + loaded):
+            expected = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
+            denoiser.disable_adapters()
+            try:
+                base = render(pipe, prompt, seed, VERIFY_STEPS, VERIFY_SIZE)
+            finally:
+                denoiser.enable_adapters()
+        return expected, base
+
+    def _loaded_lora_dtype(self) -> tuple[torch.dtype, ...]:
+        """The dtype diffusers gives a LoRA it loads into this transformer as training held it (PEFT matches a
+        layer's floating weight dtype: bf16, or float8 for an fp8 base; a 4-bit layer the compute dtype)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layer = next(m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer))
+        dtype = layer.get_base_layer().weight.dtype
+        return (dtype if dtype.is_floating_point else self.held_dtypes.get(self.denoiser_name, torch.float32),)
+
+    @torch.no_grad()
+    def render_sample(self, step: int) -> Path | None:
+        pipe = self.inference_pipe()
+        gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
+        with self.accelerator.autocast():
+            image = pipe(self.config.sample_prompt, height=self.resolution, width=self.resolution, generator=gen,
+                         max_sequence_length=self.config.max_sequence_length, **self.render_kwargs()).images[0]
+        pipe.vae.to("cpu")
+        return self.run.save_sample(step, image)

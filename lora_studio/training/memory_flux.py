@@ -1,0 +1,83 @@
+"""The GPU memory estimate of a FLUX.1 or Chroma LoRA run (``memory.estimate_breakdown`` calls it).
+
+Training phase: CUDA context + the transformer's weights as stored (``base_quantization``: bf16 2 bytes a
+weight, nf4 0.56, int8 and fp8 1; the top-level embedders stay bf16) + one dequantized layer for a quantized
+base + the LoRA's fp32 weights, gradients and optimizer state + activations + workspace. The text encoders
+and the VAE are not on the GPU while training (their outputs are cached first).
+
+Activations: every token of the joint sequence (image tokens ``(resolution / 16)^2`` plus the T5 tokens,
+``max_sequence_length``) costs the same in every block, so the activations are ``tokens x batch x bytes per
+token``. The bytes per token are what ``benchmarks/flux_memory.py`` measures: the live peak of two real LoRA
+steps of the full-size FLUX.1 transformer on the meta device (bf16 autocast, flash attention, rank 16 on the
+attention layers) at 512 and 1024 px, with and without diffusers' gradient checkpointing; the slope between
+the two sizes is the per-token cost (the LoRA's own state is the intercept, counted apart). Chroma has the
+same blocks, so the same cost per token.
+
+Caching phase: the VAE alone encoding one image, then the text encoders alone (T5-XXL in bf16 is 9.5 GB:
+the largest single thing a FLUX run puts on a 12 GB card).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import TrainConfig, block_indices
+
+ACT_BYTES_PER_TOKEN = {"ckpt": 542_000, "full": 6_407_600}  # bf16, measured (benchmarks/flux_memory.py)
+DEQUANTIZED_LAYER_GB = 0.1  # the largest layer (single block proj_out, 47 M weights) in bf16 while it computes
+
+
+@dataclass(frozen=True)
+class FlowFigures:
+    transformer_params: int
+    kept_params: int                        # top-level embedders, never quantized
+    text_encoder_params: tuple[int, ...]
+    lora_per_rank: dict[str, tuple[int, int]]  # lora_targets -> (all double blocks, all single blocks)
+    blocks: tuple[int, int] = (19, 38)
+    vae_params: int = 83_819_683
+
+
+_LORA = {"attention": (933_888, 700_416), "all_linear": (2_101_248, 1_984_512)}
+FLOW_FIGURES = {
+    "flux": FlowFigures(11_901_408_320, 66_982_976, (123_060_480, 4_762_310_656), _LORA),
+    "chroma": FlowFigures(8_899_983_424, 293_075_008, (4_762_310_656,), _LORA),
+}
+
+
+def _block_share(config: TrainConfig, count: int, key: str) -> float:
+    kept = block_indices(getattr(config, key), key)
+    return 1.0 if kept is None else len([i for i in kept if i < count]) / count
+
+
+def lora_parameters(config: TrainConfig, fig: FlowFigures) -> float:
+    """LoRA weights of the run (the preset's layers, the block filters; custom target_modules as the preset)."""
+    double, single = fig.lora_per_rank.get(config.lora_targets, fig.lora_per_rank["attention"])
+    return config.lora_rank * (double * _block_share(config, fig.blocks[0], "train_double_block_indices")
+                               + single * _block_share(config, fig.blocks[1], "train_single_block_indices"))
+
+
+def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, workspace_gb: float,
+                  overhead: float, optimizer_bytes: int, vae_gb_per_mp: float):
+    """``MemoryEstimate`` parts of a FLUX/Chroma run (the constants shared with the UNet estimate are passed in)."""
+    from .quantize import BYTES_PER_WEIGHT
+    from .memory import GB, MemoryEstimate
+
+    fig = FLOW_FIGURES.get(family, FLOW_FIGURES["flux"])
+    resolution = config.resolution_for(family)
+    half = config.mixed_precision != "no"
+    stored = BYTES_PER_WEIGHT[config.base_quantization] if config.base_quantization != "none" else (2 if half else 4)
+    weights = (fig.transformer_params - fig.kept_params) * stored + fig.kept_params * (2 if half else 4)
+    tokens = (resolution // 16) ** 2 + config.max_sequence_length
+    per_token = ACT_BYTES_PER_TOKEN["ckpt" if config.gradient_checkpointing else "full"] * (1 if half else 2)
+    parts = {
+        "CUDA context": context_gb,
+        "transformer weights": weights / GB,
+        "LoRA weights, gradients and optimizer": lora_parameters(config, fig) * optimizer_bytes / GB,
+        "activations": tokens * config.batch_size * per_token * (1 + overhead) / GB,
+        "workspace": workspace_gb + (DEQUANTIZED_LAYER_GB if config.base_quantization != "none" else 0.0),
+    }
+    megapixels = resolution * resolution / 1e6
+    vae = fig.vae_params * 2 / GB + vae_gb_per_mp / 2 * megapixels
+    text = sum(fig.text_encoder_params) * (2 if half else 4) / GB
+    caching = context_gb + workspace_gb + max(vae, text)
+    return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))
