@@ -2,8 +2,8 @@
 
 ``sd15``: a byte-level CLIP tokenizer with the world's words as single tokens and a frozen, randomly
 initialised 2-layer CLIP text encoder whose token embeddings are made distinct (kept in fp32); a VAE (16, 32,
-64 channels, /4) trained alone on world pictures and random colours until it reproduces colours, its latents then rescaled so the real SD
-scaling factor 0.18215 gives them unit spread; a UNet (32, 64, 64) trained with epsilon prediction on the
+64 channels, /4) trained alone on world pictures and random colours until it reproduces colours, its latents
+then rescaled so the real SD scaling factor 0.18215 gives them unit spread; a UNet (32, 64, 64) trained with epsilon prediction on the
 cached latents of world pictures (min-SNR weighted, 10 % empty captions for classifier-free guidance,
 an EMA copy saved); a DDPM scheduler.
 
