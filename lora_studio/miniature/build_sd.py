@@ -1,20 +1,20 @@
-"""Training the miniature Stable Diffusion models from scratch on the CPU (``python -m lora_studio.miniature.build``).
+"""Training the miniature Stable Diffusion models from scratch on the CPU (``python -m
+lora_studio.miniature.build``).
 
-``sd15``: a byte-level CLIP tokenizer with the world's words as single tokens and a frozen, randomly
-initialised 2-layer CLIP text encoder whose token embeddings are made distinct (kept in fp32); a VAE (16, 32,
-64 channels, /4) trained alone on world pictures and random colours until it reproduces colours, its latents
-then rescaled so the real SD scaling factor 0.18215 gives them unit spread; a UNet (32, 64, 64) trained with epsilon prediction on the
-cached latents of world pictures (min-SNR weighted, 10 % empty captions for classifier-free guidance,
-an EMA copy saved); a DDPM scheduler.
+``sd15``: a byte-level CLIP tokenizer with the world's words as single tokens and a frozen, randomly initialised
+2-layer CLIP text encoder whose token embeddings are made distinct (kept in fp32); a VAE (16, 32, 64 channels,
+/4) trained alone on world pictures and random colours until it reproduces colours, its latents then rescaled so
+the real SD scaling factor 0.18215 gives them unit spread; a UNet (32, 64, 64) trained with epsilon prediction
+on the cached latents of world pictures (min-SNR weighted, 10 % empty captions for classifier-free guidance, an
+EMA copy saved); a DDPM scheduler.
 
 ``sd15_v``: the sd15 miniature's VAE, tokenizer and text encoder, its UNet fine-tuned to v-prediction.
 
-``sdxl``: the sd15 miniature's VAE; two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``,
-32 wide each, concatenated to 64 as SDXL does), a UNet with SDXL's added conditioning (pooled text
-embedding and size/crop time ids) started from the sd15 UNet's weights where shapes match and trained on.
+``sdxl``: the sd15 miniature's VAE; two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, 32
+wide each, concatenated to 64 as SDXL does), a UNet with SDXL's added conditioning (pooled text embedding and
+size/crop time ids) started from the sd15 UNet's weights where shapes match and trained on.
 
-Same seed, same torch version and thread count: same weights. Progress goes to the ``log`` callback.
-"""
+Same seed, same torch version and thread count: same weights. Progress goes to the ``log`` callback."""
 
 from __future__ import annotations
 
