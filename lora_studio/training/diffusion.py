@@ -204,10 +204,7 @@ class DiffusionTrainer(ImageTrainer):
         n_train = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.cat([torch.randint(0, n_train, (1,), generator=g) for g in gens])
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        target = training_target(self.noise_scheduler, self.prediction_type, latents, noise, timesteps)
         dev = acc.device
         unet = self.prepared_models[0]
         dtype = weight_dtype(acc)
@@ -358,6 +355,17 @@ class DiffusionTrainer(ImageTrainer):
                          generator=gen).images[0]
         pipe.vae.to("cpu")
         return self.run.save_sample(step, image)
+
+
+def training_target(scheduler, prediction_type: str, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the velocity for v-prediction, else the noise (epsilon).
+
+    One module-level function, so the proof-of-learning tests can swap in a wrong objective and show that
+    their measurements then fail."""
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
 
 
 def _training_scheduler(scheduler):
