@@ -192,7 +192,7 @@ def test_flux_settings_follow_the_base_model(demo_app, page):
         expect(page.get_by_role("option", name=re.compile(r"^flux_16gb: "))).to_be_visible()
         page.keyboard.press("Escape")
 
-        _pick(page, "#base-model", "tiny-sd15")
+        _pick(page, "#base-model", "miniature-sd15")
         expect(page.locator("#model-family")).to_contain_text("Stable Diffusion 1.x", timeout=30_000)
         expect(page.locator("#cfg-base_quantization")).to_be_hidden()
     except Exception as exc:
