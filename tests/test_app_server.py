@@ -111,10 +111,10 @@ def test_flow_through_every_tab(demo_app, client):
 
     # Captioning: the tiny BLIP with a trigger word, a previewed batch edit, then save.
     demo = outputs / "demo"
-    table, text = client.predict(str(images), ["BLIP caption"], "demo style", True, str(demo / "tiny-blip"),
+    table, text = client.predict(str(images), ["BLIP caption"], "zubi", True, str(demo / "miniature-blip"),
                                  str(demo / "tiny-clip"), api_name="/run_captioning")
     rows = table["data"]
-    assert "captioned" in text and rows and all(r[2].startswith("demo style") for r in rows)
+    assert "captioned" in text and rows and all(r[2].startswith("zubi, a ") for r in rows)
     preview = client.predict(table, "", "", ", shapes", "", "", "", False, False, False,
                              api_name="/preview_caption_edit")
     assert all(r[2].endswith("shapes") for r in preview["data"])
@@ -152,11 +152,11 @@ def test_flow_through_every_tab(demo_app, client):
     assert "base_model:" in yaml_text and "max_train_steps: 12" in yaml_text
 
     # Testing: strengths side by side, and the checkpoint x strength grid.
-    grid, tags, _ = client.predict(lora_file, "", "demo style, a red circle", "", 1, 3, 5.0, 32, "0, 0.5, 1",
+    grid, tags, _ = client.predict(lora_file, "", "zubi, a red circle", "", 1, 3, 5.0, 32, "0, 0.5, 1",
                                    api_name="/render_strengths")
     assert Path(grid).is_file() and tags == "<lora:demo_lora:0.5>  <lora:demo_lora:1>"
     assert any((outputs / "grids").glob("demo_lora-*.png"))
-    grid2, _, _ = client.predict(lora_file, "", "demo style", "", 1, 2, 5.0, 32, "0, 1",
+    grid2, _, _ = client.predict(lora_file, "", "zubi", "", 1, 2, 5.0, 32, "0, 1",
                                  api_name="/render_checkpoint_grid")
     assert Path(grid2).is_file()
 
@@ -165,7 +165,7 @@ def test_language_model_lora_answers_side_by_side(demo_app, client):
     pytest.importorskip("lora_studio.inference.llm_compare")
     app, outputs = demo_app
     demo = outputs / "demo"
-    params = {**_defaults(client, "/start_training"), "base_model": str(demo / "tiny-llm"),
+    params = {**_defaults(client, "/start_training"), "base_model": str(demo / "miniature-llm"),
               "train_data_dir": str(demo / "llm_data.jsonl"), "output_name": "llm_demo", "max_train_steps": 6,
               "save_steps": 0, "sample_steps": 0, "resolution": "", "learning_rate": 0.01}
     client.predict(**params, api_name="/start_training")
@@ -292,7 +292,7 @@ def test_memory_estimate_follows_the_family(demo_app, client):
     params = {**_defaults(client, "/memory_estimate"), "resolution": "512", "batch_size": 1}
     sd15 = client.predict(**{**params, "model_family": "sd15"}, api_name="/memory_estimate")
     sdxl = client.predict(**{**params, "model_family": "sdxl"}, api_name="/memory_estimate")
-    llm = client.predict(**{**params, "base_model": str(outputs / "demo" / "tiny-llm")}, api_name="/memory_estimate")
+    llm = client.predict(**{**params, "base_model": str(outputs / "demo" / "miniature-llm")}, api_name="/memory_estimate")
     assert "UNet weights" in sd15 and "UNet weights" in sdxl and "UNet" not in llm
     assert float(sdxl.split("about ")[1].split(" GB")[0]) > float(sd15.split("about ")[1].split(" GB")[0])
 
@@ -301,7 +301,7 @@ def test_preset_list_and_layer_choices_follow_the_family(demo_app):
     from lora_studio.ui.train_family import family_choices
 
     app, outputs = demo_app
-    sd15, llm = str(outputs / "demo" / "tiny-sd15"), str(outputs / "demo" / "tiny-llm")
+    sd15, llm = str(outputs / "demo" / "miniature-sd15"), str(outputs / "demo" / "miniature-llm")
 
     def names(choices):
         return [value for _, value in choices.presets]

@@ -91,7 +91,7 @@ def _click_through(demo_url: str, page, shots: Path) -> None:
     expect(page.locator("img").first).to_be_visible()
     _shot(page, shots, "dataset.png")
 
-    # 2. Captioning: run the tiny BLIP with the trigger word, then save.
+    # 2. Captioning: run the miniature BLIP with the trigger word, then save.
     page.get_by_role("tab", name="2. Captioning").click()
     page.get_by_role("button", name="Run captioning").click()
     expect(page.locator("#caption-status")).to_contain_text("captioned", timeout=60_000)
@@ -103,7 +103,7 @@ def _click_through(demo_url: str, page, shots: Path) -> None:
     page.get_by_role("tab", name="3. Training").click()
     page.get_by_role("button", name="Start training").click()
     progress = page.locator("#train-progress")
-    expect(progress).to_contain_text(re.compile(r"Step ([5-9]|[1-9]\d) / 20"), timeout=90_000)
+    expect(progress).to_contain_text(re.compile(r"Step ([5-9]|[1-9]\d) / 100"), timeout=90_000)
     # A second browser tab re-attaches to the running job.
     second = page.context.new_page()
     second.goto(demo_url)
@@ -142,7 +142,7 @@ def test_language_model_settings_follow_the_base_model(demo_app, page):
         image_estimate = estimate.inner_text()
         expect(page.locator("#cfg-max_seq_length")).to_be_hidden()
 
-        _pick(page, "#base-model", "tiny-llm")
+        _pick(page, "#base-model", "miniature-llm")
         expect(page.locator("#model-family")).to_contain_text("causal language model", timeout=30_000)
         targets = page.locator("#cfg-target_modules")
         expect(targets).to_contain_text("q_proj")
@@ -157,7 +157,7 @@ def test_language_model_settings_follow_the_base_model(demo_app, page):
         expect(page.get_by_role("option", name=re.compile(r"^12gb: "))).to_have_count(0)
         page.keyboard.press("Escape")
 
-        _pick(page, "#base-model", "tiny-sd15")
+        _pick(page, "#base-model", "miniature-sd15")
         expect(page.locator("#model-family")).to_contain_text("Stable Diffusion 1.x", timeout=30_000)
         expect(targets).not_to_contain_text("q_proj")
         expect(page.locator("#cfg-max_seq_length")).to_be_hidden()
@@ -192,7 +192,7 @@ def test_flux_settings_follow_the_base_model(demo_app, page):
         expect(page.get_by_role("option", name=re.compile(r"^flux_16gb: "))).to_be_visible()
         page.keyboard.press("Escape")
 
-        _pick(page, "#base-model", "tiny-sd15")
+        _pick(page, "#base-model", "miniature-sd15")
         expect(page.locator("#model-family")).to_contain_text("Stable Diffusion 1.x", timeout=30_000)
         expect(page.locator("#cfg-base_quantization")).to_be_hidden()
     except Exception as exc:

@@ -28,19 +28,23 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_clip_tokenizer(folder: Path, max_length: int = 77) -> None:
-    """Write vocab.json + merges.txt (+ configs) that ``CLIPTokenizer.from_pretrained(folder)`` loads."""
+def write_clip_tokenizer(folder: Path, max_length: int = 77, merges: list[str] | None = None) -> None:
+    """Write vocab.json + merges.txt (+ configs) that ``CLIPTokenizer.from_pretrained(folder)`` loads.
+
+    ``merges`` ("a b" pairs, in rank order) replaces the few built-in ones (the miniatures pass merges that
+    make their words single tokens)."""
     from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
+    merges = _BYTE_MERGES if merges is None else merges
     chars = _bytes_to_unicode()
     vocab_list = chars + [c + "</w>" for c in chars]
-    for merge in _BYTE_MERGES:
+    for merge in merges:
         vocab_list.append(merge.replace(" ", ""))
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_BYTE_MERGES) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
                         pad_token="<|endoftext|>")
     tok.save_pretrained(folder)

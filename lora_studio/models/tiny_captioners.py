@@ -20,17 +20,21 @@ _BERT_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "painting", "p
                "square", "shape", "background", "light", "dark", "sitting", "standing", "close", "up"]
 
 
-def _write_bert_vocab(folder: Path) -> list[str]:
+def _write_bert_vocab(folder: Path, words: list[str] | None = None) -> list[str]:
     letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = list(_BERT_SPECIAL) + _BERT_WORDS
+    vocab = list(_BERT_SPECIAL) + [w for w in (words or _BERT_WORDS) if w not in _BERT_SPECIAL]
     vocab += [c for c in letters + "0123456789,.'-!?" if c not in vocab]
     vocab += ["##" + c for c in letters]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     return vocab
 
 
-def build_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32) -> Path:
-    """A tiny BLIP captioning model + processor saved in ``folder`` (reused if already there)."""
+def build_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32, words: list[str] | None = None,
+                    hidden: int = 32, patch_size: int = 8) -> Path:
+    """A tiny BLIP captioning model + processor saved in ``folder`` (reused if already there).
+
+    ``words`` (whole-word tokens of its vocabulary), ``hidden`` (the width) and ``patch_size`` are for the miniature
+    captioner, which starts from this model and is then trained."""
     import transformers
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
@@ -38,16 +42,17 @@ def build_tiny_blip(folder: str | Path, seed: int = 0, image_size: int = 32) -> 
     if (folder / "config.json").exists() and (folder / "vocab.txt").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _write_bert_vocab(folder)
+    vocab = _write_bert_vocab(folder, words)
     tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]", model_max_length=64)
     dec, sep = vocab.index("[DEC]"), vocab.index("[SEP]")
     config = BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
-                         bos_token_id=dec, sep_token_id=sep, eos_token_id=sep, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=8),
-        projection_dim=32,
+        text_config=dict(vocab_size=len(vocab), hidden_size=hidden, encoder_hidden_size=hidden,
+                         intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=64, bos_token_id=dec, sep_token_id=sep, eos_token_id=sep,
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=patch_size),
+        projection_dim=hidden,
     )
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config)

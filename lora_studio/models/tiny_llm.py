@@ -39,8 +39,10 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tiny_tokenizer(folder: str | Path | None = None, vocab_size: int = 384, chat_template: bool = True):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` (saved to ``folder`` when given)."""
+def build_tiny_tokenizer(folder: str | Path | None = None, vocab_size: int = 384, chat_template: bool = True,
+                         corpus: list[str] | None = None):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``corpus`` (default: a small built-in text),
+    saved to ``folder`` when given."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,7 +52,7 @@ def build_tiny_tokenizer(folder: str | Path | None = None, vocab_size: int = 384
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus or _corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    additional_special_tokens=ROLE_TOKENS, model_max_length=2048)
     if chat_template:

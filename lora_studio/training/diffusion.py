@@ -237,10 +237,7 @@ class DiffusionTrainer(ImageTrainer):
         when ``weighted`` and ``min_snr_gamma`` is set."""
         acc = self.accelerator
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        target = training_target(self.noise_scheduler, self.prediction_type, latents, noise, timesteps)
         dev, dtype = acc.device, weight_dtype(acc)
         unet = self.pipe.unet if self._validating else self.prepared_models[0]
         cond = self.text_conditioning(captions)
@@ -418,6 +415,17 @@ class DiffusionTrainer(ImageTrainer):
                          generator=gen).images[0]
         pipe.vae.to("cpu")
         return self.run.save_sample(step, image)
+
+
+def training_target(scheduler, prediction_type: str, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the velocity for v-prediction, else the noise (epsilon).
+
+    One module-level function, so the proof-of-learning tests can swap in a wrong objective and show that
+    their measurements then fail."""
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
 
 
 def _training_scheduler(scheduler):

@@ -85,7 +85,7 @@ def build_caption_tab(ctx: StudioContext) -> dict[str, gr.components.Component]:
     with gr.Row():
         kinds = gr.CheckboxGroup(list(CAPTIONERS), value=["BLIP caption"], label="Captioners",
                                  info="Sentence captioners write a description; WD14 and CLIP add tags after it.")
-        trigger = gr.Textbox(label="Trigger word", value="demo style" if demo else "", placeholder="mystyle")
+        trigger = gr.Textbox(label="Trigger word", value=demo.trigger if demo else "", placeholder="mystyle")
         overwrite = gr.Checkbox(label="Replace existing captions", value=False,
                                 info="Off: only images without a caption are captioned.")
     setup = _setup_components(ctx)

@@ -31,7 +31,11 @@ CSS = """
 
 
 def _header(ctx: StudioContext) -> str:
-    mode = " &middot; **demo mode**: tiny offline model, pictures are noise, the workflow is real" if ctx.demo else ""
+    mode = ""
+    if ctx.demo:
+        mode = (" &middot; **demo mode**: miniature models trained by the project on a world of coloured shapes "
+                "(64 px pictures); teach them the pink-background concept `zubi`" if ctx.demo.miniature
+                else " &middot; **demo mode**: tiny offline model, pictures are noise, the workflow is real")
     shared = " &middot; shared: typed paths must lie in the outputs or models folder" if ctx.shared else ""
     device, warning = describe_device()
     warning_line = f"\n\n**Warning:** {warning}" if warning else ""

@@ -231,7 +231,7 @@ def _build_llm_section(ctx: StudioContext, engine) -> dict[str, Any]:
                                   allow_custom_value=True, scale=5)
             llm_refresh = gr.Button("Refresh list", scale=0, min_width=110)
         llm_base = gr.Textbox(label="Base model", value=_base_for(choices[0][1]) if choices else "")
-        llm_prompt = gr.Textbox(label="Prompt", lines=3)
+        llm_prompt = gr.Textbox(label="Prompt", lines=3, value=ctx.demo.llm_prompt if ctx.demo else "")
         with gr.Row():
             llm_strengths = gr.Textbox(label="Strengths", value="0, 0.5, 1")
             max_tokens = gr.Number(label="Max new tokens", value=128, precision=0, minimum=1, maximum=4096)

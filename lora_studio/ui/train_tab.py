@@ -116,8 +116,9 @@ def _settings_layout(ctx: StudioContext, s: SimpleNamespace) -> SimpleNamespace:
     c = SimpleNamespace()
     intro = f"Pick the base model and your GPU's preset, check the main settings, press **Start**. {s.gpu_line}"
     if s.demo and s.demo.llm_model:
-        intro += (f"\n\nDemo language model: pick `{s.demo.llm_model}` as base model and use `{s.demo.llm_data}` as "
-                  "training data (then compare answers at the bottom of the Testing tab).")
+        intro += (f"\n\nDemo language model: pick `{s.demo.llm_model}` as base model, use `{s.demo.llm_data}` as "
+                  "training data and every layer in target_modules: it teaches answers to start with \"Hear ye!\" "
+                  "(then compare answers at the bottom of the Testing tab).")
     gr.Markdown(intro)
     with gr.Row(equal_height=True):
         c.base = gr.Dropdown(label="Base model (base_model)", choices=ctx.model_choices(), scale=5,
