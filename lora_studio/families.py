@@ -32,6 +32,10 @@ FLUX_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.
 # ... and (lora_targets: all_linear) the feed-forward layers and the single blocks' MLP and output projections
 FLUX_ALL_LINEAR = FLUX_ATTENTION + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
                                     "proj_mlp", "proj_out")
+# Qwen-Image blocks: q, k, v and out of the image and text streams; all_linear adds both streams' feed-forward layers
+QWEN_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                  "attn.add_v_proj", "attn.to_add_out")
+QWEN_ALL_LINEAR = QWEN_ATTENTION + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,27 @@ def _is_flux_keys(keys: set[str]) -> bool:
         not any(k.startswith("distilled_guidance_layer.") for k in names)
 
 
+# Qwen-Image / Z-Image: a diffusers folder names its pipeline class; a single file is the transformer as ComfyUI
+# publishes it (Qwen-Image in diffusers' names with its text-norm ``txt_norm``; Z-Image in its original layout,
+# with the noise and context refiners), optionally under ``model.diffusion_model.``.
+def _is_qwen_image_index(index: dict[str, Any], folder: Path) -> bool:
+    return index.get("_class_name") == "QwenImagePipeline"
+
+
+def _is_qwen_image_keys(keys: set[str]) -> bool:
+    names = _bfl_names(keys)
+    return {"txt_norm.weight", "img_in.weight"} <= names and any(".img_mod." in k for k in names)
+
+
+def _is_z_image_index(index: dict[str, Any], folder: Path) -> bool:
+    return index.get("_class_name") == "ZImagePipeline"
+
+
+def _is_z_image_keys(keys: set[str]) -> bool:
+    names = _bfl_names(keys)
+    return any(k.startswith("noise_refiner.") for k in names) and any(k.startswith("context_refiner.") for k in names)
+
+
 # --- the registry ------------------------------------------------------------------------------------------
 _SD = dict(kind="image", trainer="lora_studio.training.diffusion:DiffusionTrainer",
            pipeline="diffusers:StableDiffusionPipeline", default_targets=SD_ATTENTION,
@@ -195,6 +220,15 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
     Family("chroma", "Chroma", trainer="lora_studio.training.flux:ChromaTrainer",
            pipeline="diffusers:ChromaPipeline", kohya_version="chroma", sample_steps=35, guidance_scale=5.0,
            matches_index=_is_chroma_index, matches_keys=_is_chroma_keys, **_FLOW),
+    Family("qwen_image", "Qwen-Image", kind="image", trainer="lora_studio.training.qwen_image:QwenImageTrainer",
+           pipeline="diffusers:QwenImagePipeline", default_resolution=1024, default_targets=QWEN_ATTENTION,
+           target_choices=QWEN_ALL_LINEAR, targets_help="Transformer layers that get a LoRA, in every kept block "
+           "(Enter adds one). Empty: the lora_targets preset (attention, or all_linear).", settings_group="flow",
+           preset_group="qwen_image", formats=("diffusers",), kohya_version="qwen_image", sample_steps=50,
+           guidance_scale=4.0, half_dtype="bfloat16", caption_style="detailed", text_token_limit=512,
+           matches_index=_is_qwen_image_index, matches_keys=_is_qwen_image_keys,
+           pipeline_loader="lora_studio.models.flow_loading:load_flow_pipeline",
+           render_defaults="lora_studio.training.qwen_image:qwen_render_defaults", notes={"true_cfg": True}),
     Family("llm", "causal language model", kind="text", trainer="lora_studio.training.llm:LLMTrainer",
            default_targets=("q_proj", "v_proj"), settings_group="llm", preset_group="llm", formats=("peft",),
            text_token_limit=None),

@@ -39,23 +39,23 @@ from .run_folder import RunFolder
 from .runtime import full_precision_forward, weight_dtype
 
 ATTENTION_TARGETS, ALL_LINEAR_TARGETS = FLUX_ATTENTION, FLUX_ALL_LINEAR  # lora_targets: attention, all_linear
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+# the transformer's lists of blocks, each with the config key that keeps only some of them
+FLUX_BLOCKS = {"transformer_blocks": "train_double_block_indices",
+               "single_transformer_blocks": "train_single_block_indices"}
 
 
-def target_modules(transformer: torch.nn.Module, config: TrainConfig) -> list[str]:
-    """Full paths of the transformer's Linear layers that get a LoRA (preset or target_modules, block filters)."""
-    blocks = {"transformer_blocks": len(transformer.transformer_blocks),
-              "single_transformer_blocks": len(transformer.single_transformer_blocks)}
-    keep = {"transformer_blocks": block_indices(config.train_double_block_indices, "train_double_block_indices",
-                                                blocks["transformer_blocks"]),
-            "single_transformer_blocks": block_indices(config.train_single_block_indices,
-                                                       "train_single_block_indices",
-                                                       blocks["single_transformer_blocks"])}
-    wanted = tuple(config.target_modules or (ATTENTION_TARGETS if config.lora_targets == "attention"
-                                             else ALL_LINEAR_TARGETS))
+def target_modules(transformer: torch.nn.Module, config: TrainConfig, attention: Sequence[str] = ATTENTION_TARGETS,
+                   all_linear: Sequence[str] = ALL_LINEAR_TARGETS, blocks: dict[str, str] | None = None) -> list[str]:
+    """Full paths of the transformer's Linear layers that get a LoRA (preset or target_modules, block filters);
+    ``attention`` / ``all_linear``: the family's presets, ``blocks``: its block lists (FLUX's by default)."""
+    blocks = blocks or FLUX_BLOCKS
+    block = re.compile(rf"^({'|'.join(map(re.escape, blocks))})\.(\d+)\.(.+)$")
+    keep = {name: block_indices(getattr(config, key), key, len(getattr(transformer, name)))
+            for name, key in blocks.items()}
+    wanted = tuple(config.target_modules or (attention if config.lora_targets == "attention" else all_linear))
     found, used, layer_names = [], set(), set()
     for name, module in transformer.named_modules():
-        match = _BLOCK.match(name)
+        match = block.match(name)
         if not match or not isinstance(module, torch.nn.Linear):
             continue
         kind, index, rest = match.group(1), int(match.group(2)), match.group(3)
@@ -76,6 +76,8 @@ def target_modules(transformer: torch.nn.Module, config: TrainConfig) -> list[st
 
 class FluxTrainer(FlowMatchingTrainer):
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    transformer_loader = "lora_studio.models.flux_loading:load_transformer"  # (base_model, family, **kwargs)
+    file_prefix = "transformer."  # of the keys in the LoRA file (export/flux_lora.py)
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "flux"):
         # FLUX's activations overflow in fp16 (the registry's half_dtype says bfloat16)
@@ -87,19 +89,20 @@ class FluxTrainer(FlowMatchingTrainer):
 
     # --- loading ------------------------------------------------------------------------------------
     def load_pipeline(self, dtype: torch.dtype):
-        from ..models.flux_loading import load_flux_pipeline
-
         if self._fp16_replaced and dtype == torch.bfloat16:
             self.say(f"{get_family(self.family).name} overflows in fp16: training in bf16 instead (mixed_precision "
                      "fp16 is replaced).", "warning")
         cfg = self.config
-        return load_flux_pipeline(cfg.base_model, self.family, torch_dtype=dtype, without_transformer=True,
-                                  single_file_config=cfg.single_file_config, report=self.say)
+        return get_family(self.family).hook("pipeline_loader")(
+            cfg.base_model, self.family, torch_dtype=dtype, without_transformer=True,
+            single_file_config=cfg.single_file_config, report=self.say)
 
     def load_denoiser(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Module:
         """The transformer, quantized as ``self.quantization`` says, on ``device`` (the run's by default)."""
-        from ..models.flux_loading import load_transformer
+        from ..families import _load
         from .quantize import load_with_quantization, quantize_in_place
+
+        load_transformer = _load(self.transformer_loader)
 
         cfg, device = self.config, device or self.accelerator.device
 
@@ -184,13 +187,19 @@ class FluxTrainer(FlowMatchingTrainer):
             base_model_name=Path(cfg.base_model).name or cfg.base_model, training_started_at=self.started_at,
             steps=step, epoch=epoch, extra=extra)
 
+    def check_placement(self, state: dict[str, torch.Tensor]) -> int:
+        """Every LoRA layer is a layer of the transformer and in ComfyUI's key map of the family (FLUX here)."""
+        from ..export.flux_lora import check_placement
+
+        return check_placement(state, self.accelerator.unwrap_model(self.denoiser))
+
     def write_lora(self, path: Path, step: int, epoch: int) -> Path:
-        from ..export.flux_lora import check_placement, save_flux_lora
+        from ..export.flux_lora import save_flux_lora
 
         state = self.peft_state()
-        check_placement(state, self.accelerator.unwrap_model(self.denoiser))
+        self.check_placement(state)
         return save_flux_lora(path, state, rank=self.config.lora_rank, alpha=self.config.alpha,
-                              metadata=self.metadata(step, epoch))
+                              metadata=self.metadata(step, epoch), prefix=self.file_prefix)
 
     @torch.no_grad()
     def verify(self, lora_file: Path):
@@ -241,7 +250,6 @@ class FluxTrainer(FlowMatchingTrainer):
         """The base model loaded anew, rounded as training held it; a quantized transformer quantized again the
         same way (deterministic: the same stored weights)."""
         from ..export.verify import load_fresh_pipeline
-        from ..models.flux_loading import load_flux_pipeline
         from ..models.load_lock import model_loading
 
         cfg, device = self.config, self.accelerator.device
@@ -249,8 +257,9 @@ class FluxTrainer(FlowMatchingTrainer):
             return load_fresh_pipeline(cfg.base_model, self.family, device=device, held_dtypes=self.held_dtypes,
                                        single_file_config=cfg.single_file_config)
         with model_loading(cfg.base_model):
-            fresh = load_flux_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
-                                       transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
+            fresh = get_family(self.family).hook("pipeline_loader")(
+                cfg.base_model, self.family, single_file_config=cfg.single_file_config,
+                transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
         self._check_dtypes(fresh)
         fresh.set_progress_bar_config(disable=True)
         return fresh

@@ -1,0 +1,160 @@
+"""Qwen-Image LoRAs on the tiny offline pipeline: train, export, reload with every layer placed, strength 0 = base,
+exact resume, detection from a folder and a single file, the text conditioning and latent normalisation.
+
+The exported file is loaded the way a user's diffusers script loads it (``load_lora_weights`` on a fresh
+``QwenImagePipeline``) and the layers that really got the adapter are counted: diffusers drops keys it does not
+recognise without a word (a ``transformer.`` prefix with alphas, for instance, places nothing in this family).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora_studio.config import TrainConfig
+from lora_studio.training.run_folder import RunFolder
+from helpers import run_job, stop_then_resume
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory) -> Path:
+    from lora_studio.models.tiny_qwen_image import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("models") / "tiny-qwen-image")
+
+
+def qwen_config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
+    values = dict(base_model=str(model), train_data_dir=str(data), output_dir=str(out), resolution=64, lora_rank=4,
+                  learning_rate=5e-2, batch_size=2, max_train_steps=4, save_steps=0, seed=3, max_sequence_length=32)
+    values.update(changes)
+    return TrainConfig(**values).validate()
+
+
+def _render(pipe, prompt: str, seed: int = 1) -> np.ndarray:
+    from lora_studio.export.verify import render
+
+    return render(pipe, prompt, seed, steps=2, size=64)
+
+
+def test_qwen_image_lora_trains_exports_and_every_layer_is_placed(tiny_qwen_image, demo_images, tmp_path):
+    from diffusers import QwenImagePipeline
+    from safetensors import safe_open
+
+    from lora_studio.export.diffusers_format import module_of
+    from lora_studio.export.verify import count_placed
+
+    job = run_job(qwen_config(tiny_qwen_image, demo_images, tmp_path / "out", lora_targets="all_linear",
+                              train_double_block_indices="1"))
+    assert job.status == "finished", job.error
+    log = job.snapshot().log
+    passed = [line for line in log if "Export check passed" in line]
+    assert passed and "strength 0 vs base 0" in passed[0], log
+    assert float(passed[0].split("within ")[1].split(" ")[0]) < 1e-3
+
+    lora = job.run.path / "my_lora.safetensors"
+    with safe_open(str(lora), "pt") as fh:
+        keys, meta = list(fh.keys()), fh.metadata()
+    modules = sorted({module_of(k) for k in keys if not k.endswith(".alpha")})
+    # ComfyUI's generic "diffusion_model.<name>" form, alphas beside every module
+    assert all(k.startswith("diffusion_model.transformer_blocks.1.") for k in keys)
+    assert sorted(k[:-len(".alpha")] for k in keys if k.endswith(".alpha")) == modules
+    assert len(modules) == 12  # all_linear: 8 attention layers + 4 feed-forward layers, block 1 only
+    assert meta["ss_base_model_version"] == "qwen_image" and meta["modelspec.architecture"] == "qwen-image/lora"
+    assert meta["ss_steps"] == "4" and meta["ss_network_dim"] == "4" and "ss_guidance_scale" not in meta
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle on a light background"
+    base = _render(pipe, prompt)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="mine")
+    assert count_placed(pipe.transformer, "mine") == len(modules)
+    pipe.set_adapters(["mine"], adapter_weights=[0.0])
+    assert np.array_equal(_render(pipe, prompt), base)  # strength 0 is the base exactly
+    pipe.set_adapters(["mine"], adapter_weights=[1.0])
+    assert np.abs(_render(pipe, prompt) - base).max() > 1e-3
+
+
+def test_qwen_image_resume_after_stop_gives_the_same_losses(tiny_qwen_image, demo_images, tmp_path):
+    steps = 4
+    common = dict(max_train_steps=steps, save_steps=2, verify_export=False, timestep_sampling="flux_shift",
+                  caption_dropout_rate=0.3)
+    full = run_job(qwen_config(tiny_qwen_image, demo_images, tmp_path / "a", **common))
+    assert full.status == "finished", full.error
+    full_losses = [loss for _, loss in full.snapshot().losses]
+    resumed = stop_then_resume(qwen_config(tiny_qwen_image, demo_images, tmp_path / "b", **common), stop_at=3)
+    metrics = RunFolder(resumed.run.path).read_metrics()
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert [m["loss"] for m in metrics] == pytest.approx(full_losses, rel=1e-5, abs=1e-6)
+
+
+def test_text_drops_the_template_and_latents_are_normalised(tiny_qwen_image, demo_images, tmp_path):
+    from diffusers import QwenImagePipeline
+
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.qwen_image import QwenImageTrainer, QwenLatents
+
+    cfg = qwen_config(tiny_qwen_image, demo_images, tmp_path / "out")
+    trainer = QwenImageTrainer(cfg, RunFolder.create(cfg), EventBus())
+    trainer.pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image, transformer=None)
+    captions = ["a red circle", "a blue square on a dark background with a cat"]
+    cond = trainer.encode_text(captions)
+    lengths = [len(trainer.pipe.tokenizer(c + "<|im_end|>\n<|im_start|>assistant\n").input_ids) for c in captions]
+    assert cond["prompt_embeds_mask"].sum(1).tolist() == lengths  # the caption and the template's end, no system part
+    # cached one by one, a batch of both is padded to the longer one with its mask zero there
+    trainer.text_cache = {c: {k: v[i, :lengths[i]] for k, v in cond.items()} for i, c in enumerate(captions)}
+    batch = trainer.text_conditioning(captions)
+    assert batch["prompt_embeds"].shape[1] == max(lengths) and batch["prompt_embeds_mask"][0, lengths[0]:].sum() == 0
+
+    vae = trainer.pipe.vae
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    raw = vae.encode(pixels.unsqueeze(2)).latent_dist.mean[:, :, 0]
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+    normalised = QwenLatents(vae).encode(pixels).latent_dist.mean
+    assert normalised.shape == (1, 16, 8, 8)
+    assert torch.allclose(normalised * std + mean, raw, atol=1e-5)  # what the pipeline undoes before decoding
+
+
+def test_qwen_image_detected_from_folder_and_single_file(tiny_qwen_image, tmp_path):
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors.torch import save_file
+
+    from lora_studio.families import get_family
+    from lora_studio.models.detect import detect_family, family_info
+    from lora_studio.models.flow_loading import load_flow_pipeline
+
+    assert detect_family(str(tiny_qwen_image)) == "qwen_image"
+    assert family_info(str(tiny_qwen_image)).prediction_type == "flow_matching"
+    transformer = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_image / "transformer")
+    single = tmp_path / "qwen_image_tiny.safetensors"  # as ComfyUI's diffusion_models files: diffusers' names
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in transformer.state_dict().items()},
+              str(single))
+    assert detect_family(str(single)) == "qwen_image"
+    lora_like = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+               "diffusion_model.img_in.lora_A.weight": torch.zeros(4, 64),
+               "diffusion_model.txt_norm.lora_A.weight": torch.zeros(4, 32)}, str(lora_like))
+    assert not get_family("qwen_image").matches_keys(set(__import__("safetensors").safe_open(
+        str(lora_like), "pt").keys()))
+    pipe = load_flow_pipeline(str(single), "qwen_image", single_file_config=str(tiny_qwen_image))
+    assert torch.equal(pipe.transformer.state_dict()["img_in.weight"], transformer.state_dict()["img_in.weight"])
+
+
+def test_testing_tab_renders_with_true_cfg(tiny_qwen_image, monkeypatch):
+    from lora_studio.inference import grid
+
+    assert grid.model_render_defaults(str(tiny_qwen_image)) == {"steps": 50, "cfg": 4.0}
+    seen = {}
+
+    class Pipe:
+        def __call__(self, prompt, **kwargs):
+            seen.update(kwargs)
+            return type("Out", (), {"images": ["image"]})()
+
+    Pipe.__name__ = "QwenImagePipeline"
+    Pipe.default_sample_size, Pipe.vae_scale_factor, Pipe.unet = 8, 8, None
+    grid.render_one(Pipe(), grid.RenderSettings(prompt="a sign", steps=2, cfg=4.0), None, 0)
+    assert seen["true_cfg_scale"] == 4.0 and seen["negative_prompt"].strip() == "" and "guidance_scale" not in seen
