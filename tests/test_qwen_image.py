@@ -158,3 +158,38 @@ def test_testing_tab_renders_with_true_cfg(tiny_qwen_image, monkeypatch):
     Pipe.default_sample_size, Pipe.vae_scale_factor, Pipe.unet = 8, 8, None
     grid.render_one(Pipe(), grid.RenderSettings(prompt="a sign", steps=2, cfg=4.0), None, 0)
     assert seen["true_cfg_scale"] == 4.0 and seen["negative_prompt"].strip() == "" and "guidance_scale" not in seen
+
+
+def test_qwen_image_presets_fit_their_budget_and_12gb_cannot_fit():
+    from lora_studio.presets import list_presets, recommend_preset
+    from lora_studio.training.memory import estimate_breakdown, next_step_down
+
+    presets = list_presets("qwen_image")
+    assert [p.name for p in presets] == ["qwen_image_16gb", "qwen_image_24gb"]
+    for preset in presets:
+        cfg = TrainConfig().replace(**preset.values)
+        est = estimate_breakdown(cfg, "qwen_image")
+        assert est.total_gb <= 0.9 * preset.vram_gb and cfg.base_quantization == "nf4", preset.name
+        assert est.caching_gb < 3  # Qwen2.5-VL encodes on the CPU when it does not fit: not in the GPU peak
+    smallest = TrainConfig().replace(**presets[0].values).replace(resolution=512, lora_rank=4)
+    assert estimate_breakdown(smallest, "qwen_image").total_gb > 0.9 * 12  # no 12 GB preset: nothing fits
+    fp8 = TrainConfig().replace(**presets[1].values).replace(base_quantization="fp8")
+    assert estimate_breakdown(fp8, "qwen_image").total_gb > 24  # fp8 needs a bigger card than 24 GB
+    assert recommend_preset(24.0, "qwen_image").name == "qwen_image_24gb"
+    assert next_step_down(fp8.replace(optimizer="adamw8bit"), "qwen_image").config.base_quantization == "nf4"
+
+
+@pytest.mark.slow  # about 2 minutes: the 20B transformer's steps on the meta device
+def test_qwen_image_estimate_covers_a_measured_step_of_the_full_size_transformer():
+    import sys
+
+    from lora_studio.training.memory import estimate_breakdown
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from qwen_image_memory import measure_qwen_step_peak
+
+    cfg = TrainConfig(resolution=1024, gradient_checkpointing=True, mixed_precision="bf16", base_quantization="nf4",
+                      max_sequence_length=128)
+    peak = measure_qwen_step_peak(1024, 1, True, text_tokens=128)
+    parts = estimate_breakdown(cfg, "qwen_image").parts
+    assert parts["activations"] + parts["LoRA weights, gradients and optimizer"] >= peak.step_peak_bytes / 1e9

@@ -219,10 +219,9 @@ class FlowMatchingTrainer(ImageTrainer):
     def _cache_text(self) -> None:
         """Every caption through the text encoders once (only they on the device), then they leave it; when the
         captions change at every step (tag shuffling or dropout) the encoders stay on the device instead."""
-        acc = self.accelerator
         encoders = [getattr(self.pipe, n) for n in self.text_encoder_names]
         for encoder in encoders:
-            encoder.to(acc.device)
+            encoder.to(self.text_device())
         if not self.caches_text:
             self.say("shuffle_tags/tag_dropout_rate: the captions change at every step, so the text encoders stay on "
                      "the GPU and encode each batch (T5-XXL needs about 9.5 GB in bf16).", "warning")
@@ -238,6 +237,11 @@ class FlowMatchingTrainer(ImageTrainer):
             for encoder in encoders:
                 encoder.to("cpu")
             free_memory()
+
+    def text_device(self) -> torch.device:
+        """Where the text encoders encode the captions: the run's device (Qwen-Image: the CPU when its 7B encoder
+        does not fit the GPU)."""
+        return self.accelerator.device
 
     def _add_adapters(self) -> None:
         from diffusers.training_utils import cast_training_params

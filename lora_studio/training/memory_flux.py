@@ -35,12 +35,22 @@ class FlowFigures:
     lora_per_rank: dict[str, tuple[int, int]]  # lora_targets -> (all double blocks, all single blocks)
     blocks: tuple[int, int] = (19, 38)
     vae_params: int = 83_819_683
+    act_bytes: dict[str, int] | None = None    # bytes per token (ckpt / full); None: FLUX's
+    text_tokens: int | None = None          # captions not padded: this many tokens at most; None: max_sequence_length
+    text_offloads: bool = False             # the text encoder encodes on the CPU when it does not fit the GPU
 
 
 _LORA = {"attention": (933_888, 700_416), "all_linear": (2_101_248, 1_984_512)}
 FLOW_FIGURES = {
     "flux": FlowFigures(11_901_408_320, 66_982_976, (123_060_480, 4_762_310_656), _LORA),
     "chroma": FlowFigures(8_899_983_424, 293_075_008, (4_762_310_656,), _LORA),
+    # Qwen-Image: the 20B transformer (60 dual-stream blocks), Qwen2.5-VL-7B (16.6 GB in bf16: on a smaller card the
+    # captions are encoded on the CPU), the 3-D VAE; bytes per token measured by benchmarks/qwen_image_memory.py;
+    # a detailed caption is at most about 256 tokens (not padded)
+    "qwen_image": FlowFigures(20_430_401_088, 29_110_272, (8_292_166_656,),
+                              {"attention": (2_949_120, 0), "all_linear": (6_635_520, 0)}, blocks=(60, 1),
+                              vae_params=126_892_531, act_bytes={"ckpt": 603_568, "full": 8_223_162}, text_tokens=256,
+                              text_offloads=True),
 }
 
 
@@ -67,8 +77,10 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
     half = config.mixed_precision != "no"
     stored = BYTES_PER_WEIGHT[config.base_quantization] if config.base_quantization != "none" else (2 if half else 4)
     weights = (fig.transformer_params - fig.kept_params) * stored + fig.kept_params * (2 if half else 4)
-    tokens = (resolution // 16) ** 2 + config.max_sequence_length
-    per_token = ACT_BYTES_PER_TOKEN["ckpt" if config.gradient_checkpointing else "full"] * (1 if half else 2)
+    text_tokens = min(config.max_sequence_length, fig.text_tokens or config.max_sequence_length)
+    tokens = (resolution // 16) ** 2 + text_tokens
+    per_token = (fig.act_bytes or ACT_BYTES_PER_TOKEN)["ckpt" if config.gradient_checkpointing else "full"]
+    per_token *= 1 if half else 2
     parts = {
         "CUDA context": context_gb,
         "transformer weights": weights / GB,
@@ -81,5 +93,5 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
     text = sum(fig.text_encoder_params) * (2 if half else 4) / GB
     if config.shuffle_tags or config.tag_dropout_rate:  # captions encoded at every step: the encoders stay
         parts["text encoder weights"] = text
-    caching = context_gb + workspace_gb + max(vae, text)
+    caching = context_gb + workspace_gb + max(vae, 0.0 if fig.text_offloads else text)
     return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))

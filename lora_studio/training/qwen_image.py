@@ -37,6 +37,7 @@ from .run_folder import RunFolder
 
 QWEN_BLOCKS = {"transformer_blocks": "train_double_block_indices"}
 MAX_TOKENS = 1024  # QwenImagePipeline's longest prompt
+TEXT_ROOM = 1.2    # the encoder's weights and a fifth more for its activations must be free on the GPU
 NEGATIVE = " "     # the pipeline's own examples use a blank negative prompt for true CFG
 
 
@@ -78,6 +79,7 @@ class QwenImageTrainer(FluxTrainer):
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "qwen_image"):
         super().__init__(config, run, bus, family)
+        self._text_device: torch.device | None = None
 
     def lora_target_modules(self) -> list[str]:
         if self._targets is None:
@@ -88,9 +90,24 @@ class QwenImageTrainer(FluxTrainer):
         super().cache_images(QwenLatents(vae), vae_id, **kwargs)
 
     # --- text ---------------------------------------------------------------------------------------
+    def text_device(self) -> torch.device:
+        """The GPU when Qwen2.5-VL (16.6 GB in bf16) fits its free memory, else the CPU (slow, but once per
+        caption before training; the step never needs the encoder). Decided once, before it moves."""
+        if self._text_device is None:
+            device = self.accelerator.device
+            if device.type == "cuda":
+                need = sum(p.numel() * p.element_size() for p in self.pipe.text_encoder.parameters())
+                free, _ = torch.cuda.mem_get_info(device)
+                if need * TEXT_ROOM > free:
+                    self.say(f"The text encoder ({need / 1e9:.1f} GB) does not fit the GPU's {free / 1e9:.1f} GB "
+                             "free: the captions are encoded on the CPU (slower, once before training).", "warning")
+                    device = torch.device("cpu")
+            self._text_device = device
+        return self._text_device
+
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         self._warn_long_captions(captions)
-        embeds, mask = self.pipe.encode_prompt(prompt=list(captions), device=self.accelerator.device,
+        embeds, mask = self.pipe.encode_prompt(prompt=list(captions), device=self.text_device(),
                                                max_sequence_length=self.config.max_sequence_length)
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -108,11 +125,11 @@ class QwenImageTrainer(FluxTrainer):
         from diffusers import QwenImagePipeline
 
         b, c, h, w = noisy.shape
-        dtype = noisy.dtype
+        dev, dtype = noisy.device, noisy.dtype
         packed = QwenImagePipeline._pack_latents(noisy, b, c, h, w)
         out = self.trained_denoiser()(
-            hidden_states=packed, timestep=sigmas.to(dtype), encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            encoder_hidden_states_mask=cond["prompt_embeds_mask"], img_shapes=[(1, h // 2, w // 2)] * b,
+            hidden_states=packed, timestep=sigmas.to(dtype), encoder_hidden_states=cond["prompt_embeds"].to(dev, dtype),
+            encoder_hidden_states_mask=cond["prompt_embeds_mask"].to(dev), img_shapes=[(1, h // 2, w // 2)] * b,
             return_dict=False)[0]
         # unpacked as the pipeline unpacks (without its frame axis)
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)

@@ -1,0 +1,107 @@
+"""Qwen-Image memory on the meta device: the live peak of a real LoRA step of the full-size 20B transformer.
+
+The coefficients of ``lora_studio.training.memory_flux``'s Qwen-Image figures come from here, measured as
+``flux_memory.py`` measures FLUX.1: the transformer of Qwen/Qwen-Image (60 dual-stream blocks, width 3072, text
+width 3584) built on the meta device with the trainer's LoRA, two steps (forward, backward, AdamW) under CUDA
+autocast's casting policy with flash attention's saved tensors, with and without diffusers' gradient
+checkpointing; every tensor is counted from its creation until it is freed. Quantized bases are computed, not run.
+
+    python benchmarks/qwen_image_memory.py          # the table: tokens, step peak, bytes per token
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Qwen/Qwen-Image transformer/config.json
+QWEN_IMAGE_CONFIG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                         num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+
+
+def build_qwen_image(config: dict | None = None, rank: int = 16, targets: str = "attention",
+                     dtype: torch.dtype = torch.bfloat16):
+    """The transformer on the meta device (its rotary tables on the CPU, as they are built) with the trainer's
+    LoRA (fp32) on ``targets``' layers."""
+    from diffusers import QwenImageTransformer2DModel
+    from peft import LoraConfig
+
+    from lora_studio.config import TrainConfig
+    from lora_studio.families import QWEN_ALL_LINEAR, QWEN_ATTENTION
+    from lora_studio.training.flux import target_modules
+    from lora_studio.training.qwen_image import QWEN_BLOCKS
+
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**(config or QWEN_IMAGE_CONFIG))
+    model.requires_grad_(False).to(dtype)
+    layers = target_modules(model, TrainConfig(lora_targets=targets), QWEN_ATTENTION, QWEN_ALL_LINEAR, QWEN_BLOCKS)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=layers))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def qwen_inputs(batch: int, resolution: int, text_tokens: int, dtype: torch.dtype, config: dict | None = None):
+    """What the trainer passes: packed latents, sigma, the Qwen2.5-VL sequence and its mask, the token grid."""
+    config = config or QWEN_IMAGE_CONFIG
+    side = resolution // 16
+    meta = torch.device("meta")
+    return dict(hidden_states=torch.empty(batch, side * side, config["in_channels"], device=meta, dtype=dtype),
+                encoder_hidden_states=torch.empty(batch, text_tokens, config["joint_attention_dim"], device=meta,
+                                                  dtype=dtype),
+                encoder_hidden_states_mask=None, timestep=torch.empty(batch, device=meta, dtype=dtype),
+                img_shapes=[(1, side, side)] * batch, return_dict=False)
+
+
+def measure_qwen_step_peak(resolution: int, batch: int, checkpointing: bool, text_tokens: int = 128,
+                           rank: int = 16, targets: str = "attention", config: dict | None = None):
+    """``StepPeak`` of two LoRA steps of the bf16 transformer (weights, and what the step adds at its peak)."""
+    from bench_memory import StepPeak, live_peak_of_steps
+
+    dtype = torch.bfloat16
+    model = build_qwen_image(config, rank, targets, dtype)
+    inputs = qwen_inputs(batch, resolution, text_tokens, dtype, config)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = live_peak_of_steps(model, lambda: torch.nn.functional.mse_loss(
+        model(**inputs)[0].float(), inputs["hidden_states"].float()), dtype, checkpointing)
+    return StepPeak("qwen_image", resolution, batch, checkpointing, weights, peak)
+
+
+def tokens(resolution: int, text_tokens: int = 128) -> int:
+    return (resolution // 16) ** 2 + text_tokens
+
+
+def report_qwen_peaks(say: Callable[[str], None] = print) -> dict[tuple[int, bool], float]:
+    """The measured steps and the activation bytes per token (the estimate's coefficients)."""
+    from lora_studio.training.memory_flux import FLOW_FIGURES
+
+    say("| Qwen-Image 20B step (meta device) | resolution | batch | checkpointing | tokens | step peak GB |")
+    say("|---|---:|---:|---|---:|---:|")
+    peaks = {}
+    for checkpointing in (True, False):
+        for resolution in (512, 1024):
+            peak = measure_qwen_step_peak(resolution, 1, checkpointing)
+            peaks[resolution, checkpointing] = peak.step_peak_bytes
+            say(f"| Qwen-Image 20B | {resolution} | 1 | {checkpointing} | {tokens(resolution)} | "
+                f"{peak.step_peak_bytes / 1e9:.2f} |")
+    for checkpointing, key in ((True, "ckpt"), (False, "full")):
+        slope = (peaks[1024, checkpointing] - peaks[512, checkpointing]) / (tokens(1024) - tokens(512))
+        say(f"Activation bytes per token, checkpointing {checkpointing}: {slope:,.0f} measured "
+            f"(memory_flux.FLOW_FIGURES['qwen_image'].act_bytes['{key}'] = "
+            f"{FLOW_FIGURES['qwen_image'].act_bytes[key]:,}).")
+    return peaks
+
+
+if __name__ == "__main__":
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    report_qwen_peaks()
