@@ -36,6 +36,9 @@ FLUX_ALL_LINEAR = FLUX_ATTENTION + ("ff.net.0.proj", "ff.net.2", "ff_context.net
 QWEN_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                   "attn.add_v_proj", "attn.to_add_out")
 QWEN_ALL_LINEAR = QWEN_ATTENTION + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+# Z-Image main layers: q, k, v and out of the single-stream attention; all_linear adds the feed-forward layers
+Z_IMAGE_ATTENTION = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
+Z_IMAGE_ALL_LINEAR = Z_IMAGE_ATTENTION + ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,14 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
            matches_index=_is_qwen_image_index, matches_keys=_is_qwen_image_keys,
            pipeline_loader="lora_studio.models.flow_loading:load_flow_pipeline",
            render_defaults="lora_studio.training.qwen_image:qwen_render_defaults", notes={"true_cfg": True}),
+    Family("z_image", "Z-Image", kind="image", trainer="lora_studio.training.z_image:ZImageTrainer",
+           pipeline="diffusers:ZImagePipeline", default_resolution=1024, default_targets=Z_IMAGE_ATTENTION,
+           target_choices=Z_IMAGE_ALL_LINEAR, targets_help="Transformer layers that get a LoRA, in every kept main "
+           "layer (Enter adds one). Empty: the lora_targets preset (attention, or all_linear).", settings_group="flow",
+           preset_group="z_image", formats=("diffusers",), kohya_version="z_image", sample_steps=9, guidance_scale=0.0,
+           half_dtype="bfloat16", caption_style="detailed", text_token_limit=512, matches_index=_is_z_image_index,
+           matches_keys=_is_z_image_keys, pipeline_loader="lora_studio.models.flow_loading:load_flow_pipeline",
+           render_defaults="lora_studio.training.z_image:z_image_render_defaults"),
     Family("llm", "causal language model", kind="text", trainer="lora_studio.training.llm:LLMTrainer",
            default_targets=("q_proj", "v_proj"), settings_group="llm", preset_group="llm", formats=("peft",),
            text_token_limit=None),

@@ -118,6 +118,32 @@ def test_text_drops_the_template_and_latents_are_normalised(tiny_qwen_image, dem
     assert torch.allclose(normalised * std + mean, raw, atol=1e-5)  # what the pipeline undoes before decoding
 
 
+def test_qwen_image_prediction_is_the_pipelines_velocity(tiny_qwen_image, tmp_path):
+    """The trainer's predict (packed latents, the cached text with its mask, the token grid) gives exactly what the
+    pipeline steps its scheduler with, for two prompts of different lengths in one batch."""
+    from diffusers import QwenImagePipeline
+
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.qwen_image import QwenImageTrainer
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda out, t, latents, **kw: (seen.append((out, t, latents)), step(out, t, latents, **kw))[1]
+    prompts = ["a red circle", "a green square on a dark background, photo"]
+    pipe(list(prompts), num_inference_steps=2, height=64, width=64, output_type="latent",
+         generator=torch.Generator().manual_seed(0), max_sequence_length=32)
+    cfg = qwen_config(tiny_qwen_image, tmp_path, tmp_path / "out")
+    trainer = QwenImageTrainer(cfg, RunFolder.create(cfg), EventBus())
+    trainer.pipe = pipe
+    out, t, packed = seen[1]
+    latents = QwenImagePipeline._unpack_latents(packed, 64, 64, 8)[:, :, 0]
+    with torch.no_grad():
+        mine = trainer.predict(latents, (t / 1000).expand(2), trainer.encode_text(prompts))
+    assert torch.allclose(QwenImagePipeline._pack_latents(mine, 2, 16, 8, 8), out, atol=1e-5)
+
+
 def test_qwen_image_detected_from_folder_and_single_file(tiny_qwen_image, tmp_path):
     from diffusers import QwenImageTransformer2DModel
     from safetensors.torch import save_file
@@ -186,7 +212,7 @@ def test_qwen_image_estimate_covers_a_measured_step_of_the_full_size_transformer
     from lora_studio.training.memory import estimate_breakdown
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from qwen_image_memory import measure_qwen_step_peak
+    from qwen_z_memory import measure_qwen_step_peak
 
     cfg = TrainConfig(resolution=1024, gradient_checkpointing=True, mixed_precision="bf16", base_quantization="nf4",
                       max_sequence_length=128)

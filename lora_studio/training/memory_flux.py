@@ -45,12 +45,18 @@ FLOW_FIGURES = {
     "flux": FlowFigures(11_901_408_320, 66_982_976, (123_060_480, 4_762_310_656), _LORA),
     "chroma": FlowFigures(8_899_983_424, 293_075_008, (4_762_310_656,), _LORA),
     # Qwen-Image: the 20B transformer (60 dual-stream blocks), Qwen2.5-VL-7B (16.6 GB in bf16: on a smaller card the
-    # captions are encoded on the CPU), the 3-D VAE; bytes per token measured by benchmarks/qwen_image_memory.py;
+    # captions are encoded on the CPU), the 3-D VAE; bytes per token measured by benchmarks/qwen_z_memory.py;
     # a detailed caption is at most about 256 tokens (not padded)
     "qwen_image": FlowFigures(20_430_401_088, 29_110_272, (8_292_166_656,),
                               {"attention": (2_949_120, 0), "all_linear": (6_635_520, 0)}, blocks=(60, 1),
                               vae_params=126_892_531, act_bytes={"ckpt": 603_568, "full": 8_223_162}, text_tokens=256,
                               text_offloads=True),
+    # Z-Image-Turbo: the 6.15B transformer (30 main layers, 2 + 2 refiners), Qwen3-4B (8 GB in bf16), FLUX's VAE;
+    # bytes per token measured by benchmarks/qwen_z_memory.py
+    "z_image": FlowFigures(6_154_908_736, 0, (4_022_468_096,),
+                           {"attention": (921_600, 0), "all_linear": (2_188_800, 0)},
+                           blocks=(30, 1), act_bytes={"ckpt": 553_972, "full": 7_895_304}, text_tokens=256,
+                           text_offloads=True),
 }
 
 

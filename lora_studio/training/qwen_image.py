@@ -60,7 +60,8 @@ class QwenLatents:
     def encode(self, pixels: torch.Tensor) -> SimpleNamespace:
         dist = self.vae.encode(pixels.unsqueeze(2)).latent_dist  # one frame
         mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
-        normalised = SimpleNamespace(mean=(dist.mean[:, :, 0].float() - mean) / std, std=dist.std[:, :, 0].float() / std)
+        normalised = SimpleNamespace(mean=(dist.mean[:, :, 0].float() - mean) / std,
+                                     std=dist.std[:, :, 0].float() / std)
         return SimpleNamespace(latent_dist=normalised)
 
 
@@ -87,7 +88,11 @@ class QwenImageTrainer(FluxTrainer):
         return self._targets
 
     def cache_images(self, vae, vae_id: str, **kwargs) -> None:
-        super().cache_images(QwenLatents(vae), vae_id, **kwargs)
+        super().cache_images(self.latent_vae(vae), vae_id, **kwargs)
+
+    def latent_vae(self, vae):
+        """The VAE as the latent cache reads it: Qwen-Image's normalised per channel (``QwenLatents``)."""
+        return QwenLatents(vae)
 
     # --- text ---------------------------------------------------------------------------------------
     def text_device(self) -> torch.device:
