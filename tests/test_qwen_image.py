@@ -219,3 +219,17 @@ def test_qwen_image_estimate_covers_a_measured_step_of_the_full_size_transformer
     peak = measure_qwen_step_peak(1024, 1, True, text_tokens=128)
     parts = estimate_breakdown(cfg, "qwen_image").parts
     assert parts["activations"] + parts["LoRA weights, gradients and optimizer"] >= peak.step_peak_bytes / 1e9
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8", "fp8"])
+def test_quantized_qwen_image_base_trains_in_bf16_and_passes_the_export_check(mode, tiny_qwen_image, demo_images,
+                                                                              tmp_path, monkeypatch):
+    """bf16 over a quantized base, as on a GPU (nf4: bitsandbytes' CPU kernels): the fresh pipeline of the export
+    check is quantized the same way."""
+    monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")
+    job = run_job(qwen_config(tiny_qwen_image, demo_images, tmp_path / "out", base_quantization=mode,
+                              max_train_steps=2, mixed_precision="bf16"))
+    assert job.status == "finished", job.error
+    log = job.snapshot().log
+    assert any(f"weights bfloat16, base {mode}" in line for line in log), log
+    assert any("Export check passed" in line and "strength 0 vs base 0" in line for line in log), log
