@@ -233,3 +233,23 @@ def test_quantized_qwen_image_base_trains_in_bf16_and_passes_the_export_check(mo
     log = job.snapshot().log
     assert any(f"weights bfloat16, base {mode}" in line for line in log), log
     assert any("Export check passed" in line and "strength 0 vs base 0" in line for line in log), log
+
+
+@pytest.mark.parametrize(("repo", "pipeline", "family"), [("Qwen/Qwen-Image", "QwenImagePipeline", "qwen_image"),
+                                                          ("Tongyi-MAI/Z-Image-Turbo", "ZImagePipeline", "z_image")])
+def test_hub_ids_are_detected_from_their_model_index(repo, pipeline, family, tmp_path, monkeypatch):
+    """A hub id is told by its model_index.json (read here from the local hub cache, as after a first download)."""
+    import json
+
+    import huggingface_hub.constants
+
+    from lora_studio.models.detect import detect_family
+
+    folder = tmp_path / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "transformer": ["diffusers", "x"]}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert detect_family(repo) == family
