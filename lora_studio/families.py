@@ -201,7 +201,7 @@ _SD = dict(kind="image", trainer="lora_studio.training.diffusion:DiffusionTraine
 # guidance-distilled (dev 28 / 3.5, schnell 4 / 0), which the render_defaults hook reads from its files.
 _FLOW = dict(kind="image", default_resolution=1024, default_targets=FLUX_ATTENTION, target_choices=FLUX_ALL_LINEAR,
              targets_help="Transformer layers that get a LoRA, in every kept block (Enter adds one). Empty: the "
-                          "lora_targets preset (attention, or all_linear) under 'FLUX and Chroma'.",
+                          "lora_targets preset (attention, or all_linear) under 'Flow-matching transformers'.",
              settings_group="flow", preset_group="flux", formats=("diffusers",), half_dtype="bfloat16",
              caption_style="detailed", text_token_limit=512,
              pipeline_loader="lora_studio.models.flux_loading:load_flux_pipeline",
