@@ -23,7 +23,7 @@ import torch
 from ..errors import ModelLoadError
 from ..families import get_family
 from .detect import first_line
-from .flux_loading import _local_only, _source
+from .flux_loading import _local_only, _source, transformer_from_folder
 from .load_lock import model_loading
 
 DEFAULT_CONFIG = {"qwen_image": "Qwen/Qwen-Image", "z_image": "Tongyi-MAI/Z-Image-Turbo"}
@@ -118,11 +118,5 @@ def load_flow_transformer(base_model: str, family: str, *, torch_dtype=None, sin
         if path.is_file():
             return load_single_file_transformer(path, family, config_source(family, single_file_config),
                                                 torch_dtype)
-        source = str(path) if path.is_dir() else base_model
-        kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        if quantization_config is not None:
-            kwargs["quantization_config"] = quantization_config
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        return transformer_class(family).from_pretrained(source, subfolder="transformer",
-                                                         local_files_only=_local_only(source), **kwargs)
+        return transformer_from_folder(transformer_class(family), str(path) if path.is_dir() else base_model,
+                                       torch_dtype, quantization_config, device_map)

@@ -130,13 +130,14 @@ class FluxTrainer(FlowMatchingTrainer):
                                                     max_sequence_length=self.config.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled": pooled}
 
-    def _warn_long_captions(self, captions: Sequence[str]) -> None:
+    def _warn_long_captions(self, captions: Sequence[str], encoder: str = "T5") -> None:
         tokenizer = self.pipe.tokenizer_2 if hasattr(self.pipe, "tokenizer_2") else self.pipe.tokenizer
         limit = self.config.max_sequence_length
         long = [c for c in captions if len(tokenizer(c).input_ids) > limit]
         if long:
-            self.say(f"{len(long)} caption(s) are longer than max_sequence_length {limit} T5 tokens and are cut, "
-                     f"e.g. '{long[0][:60]}...'. Shorten them or raise max_sequence_length (at most 512).", "warning")
+            self.say(f"{len(long)} caption(s) are longer than max_sequence_length {limit} {encoder} tokens and are "
+                     f"cut, e.g. '{long[0][:60]}...'. Shorten them or raise max_sequence_length (at most 512).",
+                     "warning")
 
     # --- the step -----------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -36,7 +36,6 @@ from .flux import FluxTrainer, target_modules
 from .run_folder import RunFolder
 
 QWEN_BLOCKS = {"transformer_blocks": "train_double_block_indices"}
-MAX_TOKENS = 1024  # QwenImagePipeline's longest prompt
 TEXT_ROOM = 1.2    # the encoder's weights and a fifth more for its activations must be free on the GPU
 NEGATIVE = " "     # the pipeline's own examples use a blank negative prompt for true CFG
 
@@ -65,6 +64,12 @@ class QwenLatents:
         return SimpleNamespace(latent_dist=normalised)
 
 
+def comfy_maps_qwen(module: str) -> bool:
+    """ComfyUI maps ``transformer.<name>`` for every weight of its QwenImage model, whose names are diffusers'
+    (``comfy/lora.py``, ``model_lora_keys_unet``): any Linear of the blocks or the top level is placed."""
+    return bool(module) and not module.endswith(".")
+
+
 def qwen_render_defaults(base_model: str, family: str) -> dict[str, float]:
     """``{"steps", "cfg"}`` for the Testing tab and ``generate`` (the registry's: 50 steps, true CFG 4)."""
     from ..families import get_family
@@ -77,6 +82,8 @@ class QwenImageTrainer(FluxTrainer):
     text_encoder_names = ("text_encoder",)
     transformer_loader = "lora_studio.models.flow_loading:load_flow_transformer"
     file_prefix = "diffusion_model."
+    # (whether ComfyUI places a module, the layer names to suggest, its model's name)
+    comfy_map = (comfy_maps_qwen, QWEN_ALL_LINEAR, "QwenImage")
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "qwen_image"):
         super().__init__(config, run, bus, family)
@@ -111,19 +118,12 @@ class QwenImageTrainer(FluxTrainer):
         return self._text_device
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        self._warn_long_captions(captions)
+        self._warn_long_captions(captions, "Qwen2.5-VL")
         embeds, mask = self.pipe.encode_prompt(prompt=list(captions), device=self.text_device(),
                                                max_sequence_length=self.config.max_sequence_length)
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-
-    def _warn_long_captions(self, captions: Sequence[str]) -> None:
-        limit = self.config.max_sequence_length
-        long = [c for c in captions if len(self.pipe.tokenizer(c).input_ids) > limit]
-        if long:
-            self.say(f"{len(long)} caption(s) are longer than max_sequence_length {limit} tokens and are cut, e.g. "
-                     f"'{long[0][:60]}...'. Shorten them or raise max_sequence_length.", "warning")
 
     # --- the step -----------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -153,13 +153,9 @@ class QwenImageTrainer(FluxTrainer):
         return meta
 
     def check_placement(self, state: dict[str, torch.Tensor]) -> int:
+        """Every LoRA layer is a layer of the transformer and in ComfyUI's key map of the family (``comfy_map``)."""
         from ..export.flux_lora import check_placement
 
-        return check_placement(state, self.accelerator.unwrap_model(self.denoiser), maps=comfy_maps_qwen,
-                               known=QWEN_ALL_LINEAR, model="QwenImage")
-
-
-def comfy_maps_qwen(module: str) -> bool:
-    """ComfyUI maps ``transformer.<name>`` for every weight of its QwenImage model, whose names are diffusers'
-    (``comfy/lora.py``, ``model_lora_keys_unet``): any Linear of the blocks or the top level is placed."""
-    return bool(module) and not module.endswith(".")
+        maps, known, model = self.comfy_map
+        return check_placement(state, self.accelerator.unwrap_model(self.denoiser), maps=maps, known=known,
+                               model=model)

@@ -68,6 +68,8 @@ def z_image_render_defaults(base_model: str, family: str) -> dict[str, float]:
 
 
 class ZImageTrainer(QwenImageTrainer):
+    comfy_map = (comfy_maps_z_image, Z_IMAGE_ALL_LINEAR, "Z-Image")
+
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "z_image"):
         super().__init__(config, run, bus, family)
 
@@ -81,7 +83,7 @@ class ZImageTrainer(QwenImageTrainer):
         return vae  # FLUX's VAE: the cache applies its shift and scaling factors
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        self._warn_long_captions(captions)
+        self._warn_long_captions(captions, "Qwen3")
         embeds, _ = self.pipe.encode_prompt(prompt=list(captions), device=self.text_device(),
                                             do_classifier_free_guidance=False,
                                             max_sequence_length=self.config.max_sequence_length)
@@ -107,9 +109,3 @@ class ZImageTrainer(QwenImageTrainer):
         if meta.get("ss_network_module") == "networks.lora_qwen_image":
             meta["ss_network_module"] = "networks.lora_z_image"
         return meta
-
-    def check_placement(self, state: dict[str, torch.Tensor]) -> int:
-        from ..export.flux_lora import check_placement
-
-        return check_placement(state, self.accelerator.unwrap_model(self.denoiser), maps=comfy_maps_z_image,
-                               known=Z_IMAGE_ALL_LINEAR, model="Z-Image")
