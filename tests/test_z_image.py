@@ -158,3 +158,16 @@ def test_z_image_network_types_export_and_reload(kind, tiny_z_image, demo_images
         keys = list(fh.keys())
     suffix = {"dora": ".dora_scale", "lokr": ".lokr_w1", "loha": ".hada_w1_a"}[kind]
     assert all(k.startswith("diffusion_model.layers.") for k in keys) and any(k.endswith(suffix) for k in keys)
+
+
+def test_z_image_renders_in_the_testing_tab(tiny_z_image):
+    """The Testing tab / generate path: the pipeline from the registry's loader, its native size (ZImagePipeline
+    has no default_sample_size: 1024 px), a picture at the grid's settings."""
+    from lora_studio.inference import grid
+
+    cache = grid.PipelineCache()
+    pipe = cache.pipeline(str(tiny_z_image))
+    assert cache.family == "z_image" and grid.native_size(pipe) == 1024
+    image = grid.render_one(pipe, grid.RenderSettings(prompt="a red circle", steps=2, cfg=0.0, width=64, height=64),
+                            None, 0)
+    assert image.size == (64, 64)

@@ -248,8 +248,8 @@ def default_cache() -> PipelineCache:
 
 def native_size(pipe) -> int:
     """The model's native image size in pixels (512 for SD1.5, 1024 for SDXL and FLUX)."""
-    if getattr(pipe, "unet", None) is None:  # transformer pipelines: their default size
-        return int(pipe.default_sample_size * pipe.vae_scale_factor)
+    if getattr(pipe, "unet", None) is None:  # transformer pipelines: their default size (Z-Image has none: 1024)
+        return int(getattr(pipe, "default_sample_size", 128) * pipe.vae_scale_factor)
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
