@@ -236,3 +236,26 @@ def test_hub_ids_are_detected_from_their_model_index(repo, pipeline, family, tmp
     (snapshot / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "transformer": ["diffusers", "x"]}))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert detect_family(repo) == family
+
+
+def test_text_encoder_encodes_on_the_cpu_when_it_does_not_fit_the_gpu(tiny_qwen_image, tmp_path, monkeypatch):
+    """Qwen2.5-VL-7B is 16.6 GB in bf16: on a card without that much free memory the captions are encoded on the
+    CPU (decided once, said in the log); with room, on the GPU."""
+    from types import SimpleNamespace
+
+    from diffusers import QwenImagePipeline
+
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.qwen_image import QwenImageTrainer
+
+    cfg = qwen_config(tiny_qwen_image, tmp_path, tmp_path / "out")
+    said = []
+    for free, expected in ((10**3, "cpu"), (10**12, "cuda")):
+        trainer = QwenImageTrainer(cfg, RunFolder.create(cfg), EventBus())
+        trainer.pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image, transformer=None)
+        trainer.accelerator = SimpleNamespace(device=torch.device("cuda"))
+        trainer.say = lambda text, level="info": said.append(text)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10**12))
+        assert trainer.text_device().type == expected
+        assert trainer.text_device().type == expected  # decided once
+    assert len([s for s in said if "encoded on the CPU" in s]) == 1

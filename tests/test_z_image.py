@@ -171,3 +171,16 @@ def test_z_image_renders_in_the_testing_tab(tiny_z_image):
     image = grid.render_one(pipe, grid.RenderSettings(prompt="a red circle", steps=2, cfg=0.0, width=64, height=64),
                             None, 0)
     assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8", "fp8"])
+def test_quantized_z_image_base_trains_in_bf16_and_passes_the_export_check(mode, tiny_z_image, demo_images, tmp_path,
+                                                                           monkeypatch):
+    """(Its timestep embedder casts its input to its weights' dtype, so it stays bf16: quantize.KEEP.)"""
+    monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")  # bf16 on the CPU, as a GPU run holds it; nf4: bnb's CPU kernels
+    job = run_job(z_config(tiny_z_image, demo_images, tmp_path / "out", base_quantization=mode, max_train_steps=2,
+                           mixed_precision="bf16"))
+    assert job.status == "finished", job.error
+    log = job.snapshot().log
+    assert any(f"weights bfloat16, base {mode}" in line for line in log), log
+    assert any("Export check passed" in line and "strength 0 vs base 0" in line for line in log), log
