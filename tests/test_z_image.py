@@ -11,6 +11,7 @@ import torch
 from lora_studio.config import TrainConfig
 from lora_studio.training.run_folder import RunFolder
 from helpers import assert_reloads_in_diffusers, run_job, stop_then_resume
+from test_qwen_image import tiny_qwen_image  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="session")
@@ -184,3 +185,26 @@ def test_quantized_z_image_base_trains_in_bf16_and_passes_the_export_check(mode,
     log = job.snapshot().log
     assert any(f"weights bfloat16, base {mode}" in line for line in log), log
     assert any("Export check passed" in line and "strength 0 vs base 0" in line for line in log), log
+
+
+def test_qwen_image_and_z_image_rules_say_yes_for_their_own_family_only(tiny_z_image, tiny_qwen_image):  # noqa: F811
+    import json
+
+    from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
+
+    from lora_studio.families import FAMILIES
+
+    def by_index(folder) -> list[str]:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        return [f.id for f in FAMILIES.values() if f.matches_index and f.matches_index(index, folder)]
+
+    def by_keys(keys) -> list[str]:
+        return [f.id for f in FAMILIES.values() if f.matches_keys and f.matches_keys(set(keys))]
+
+    assert by_index(tiny_qwen_image) == ["qwen_image"] and by_index(tiny_z_image) == ["z_image"]
+    qwen = QwenImageTransformer2DModel.from_pretrained(tiny_qwen_image / "transformer").state_dict()
+    z = _original_layout(ZImageTransformer2DModel.from_pretrained(tiny_z_image / "transformer").state_dict())
+    assert by_keys(qwen) == ["qwen_image"] and by_keys(z) == ["z_image"]
+    assert by_keys([k.removeprefix("model.") for k in z]) == ["z_image"]  # "diffusion_model." prefix
+    assert by_keys([f"diffusion_model.{k[:-len('.weight')]}.lora_A.weight" for k in qwen if k.endswith(".weight")]) == []
+    assert by_keys(["double_blocks.0.img_attn.qkv.weight", "time_in.in_layer.weight"]) == ["flux"]
