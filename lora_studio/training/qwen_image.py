@@ -65,8 +65,10 @@ class QwenLatents:
 
 
 def comfy_maps_qwen(module: str) -> bool:
-    """ComfyUI maps ``transformer.<name>`` for every weight of its QwenImage model, whose names are diffusers'
-    (``comfy/lora.py``, ``model_lora_keys_unet``): any Linear of the blocks or the top level is placed."""
+    """ComfyUI maps ``diffusion_model.<name>`` (also ``transformer.<name>`` and the bare name) for every weight of
+    its QwenImage model, whose names are diffusers' (diffusers' single-file loader maps them one to one):
+    ``comfy/lora.py``, ``model_lora_keys_unet``. So any layer of the transformer is placed (``check_placement``
+    checks that it is one)."""
     return bool(module) and not module.endswith(".")
 
 
