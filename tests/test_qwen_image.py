@@ -271,3 +271,12 @@ def test_the_demo_offers_a_tiny_qwen_image_model(tmp_path):
     assert detect_family(str(assets.qwen_image_model)) == "qwen_image"
     context = StudioContext(outputs=tmp_path / "outputs", models_dir=tmp_path / "models", demo=assets)
     assert str(assets.qwen_image_model) in context.model_choices()
+
+
+def test_training_tab_says_when_no_qwen_image_preset_fits_the_gpu(tiny_qwen_image):
+    from lora_studio.ui.train_family import family_choices
+
+    small = family_choices(str(tiny_qwen_image), gpu_gb=11.8)
+    assert small.family == "qwen_image" and "No preset of this family fits this GPU's 12 GB" in small.text
+    big = family_choices(str(tiny_qwen_image), gpu_gb=23.6)
+    assert big.preset == "qwen_image_24gb" and "Recommended preset for this GPU: `qwen_image_24gb`" in big.text
