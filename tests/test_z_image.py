@@ -208,3 +208,31 @@ def test_qwen_image_and_z_image_rules_say_yes_for_their_own_family_only(tiny_z_i
     assert by_keys([k.removeprefix("model.") for k in z]) == ["z_image"]  # "diffusion_model." prefix
     assert by_keys([f"diffusion_model.{k[:-len('.weight')]}.lora_A.weight" for k in qwen if k.endswith(".weight")]) == []
     assert by_keys(["double_blocks.0.img_attn.qkv.weight", "time_in.in_layer.weight"]) == ["flux"]
+
+
+def _presets(family: str) -> list[str]:
+    from lora_studio.presets import list_presets
+
+    return [p.name for p in list_presets(family)]
+
+
+@pytest.mark.slow  # five runs with the export check: about 30 s
+@pytest.mark.parametrize("name", _presets("qwen_image") + _presets("z_image"))
+def test_every_qwen_image_and_z_image_preset_runs_as_set(name, tiny_qwen_image, tiny_z_image, demo_images,  # noqa: F811
+                                                          tmp_path, monkeypatch):
+    """The preset's own settings (quantized base, bf16, 8-bit AdamW, gradient checkpointing, its timestep
+    sampling) on the tiny model and small shapes, as a GPU would run them."""
+    from lora_studio.presets import get_preset
+
+    monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")
+    preset = get_preset(name)
+    model = tiny_qwen_image if preset.family == "qwen_image" else tiny_z_image
+    small = dict(base_model=str(model), train_data_dir=str(demo_images), output_dir=str(tmp_path / "out"),
+                 resolution=64, lora_rank=4, learning_rate=1e-2, max_train_steps=3, save_steps=0, seed=1,
+                 batch_size=min(preset.values.get("batch_size", 1), 2), max_sequence_length=32)
+    job = run_job(TrainConfig().replace(**preset.values).replace(**small).validate())
+    assert job.status == "finished", job.error
+    log = job.snapshot().log
+    assert any(f"weights bfloat16, base {preset.values['base_quantization']}" in line for line in log), log
+    assert any("Export check passed" in line for line in log), log
+    assert not any("instead" in line for line in log), log  # no 8-bit or 4-bit fallback under the CPU check
