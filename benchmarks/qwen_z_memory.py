@@ -38,7 +38,7 @@ def build_qwen_image(config: dict | None = None, rank: int = 16, targets: str = 
     """The transformer on the meta device (its rotary tables on the CPU, as they are built) with the trainer's
     LoRA (fp32) on ``targets``' layers."""
     from diffusers import QwenImageTransformer2DModel
-    from peft import LoraConfig
+    from flux_memory import with_trainer_lora
 
     from lora_studio.config import TrainConfig
     from lora_studio.families import QWEN_ALL_LINEAR, QWEN_ATTENTION
@@ -49,11 +49,7 @@ def build_qwen_image(config: dict | None = None, rank: int = 16, targets: str = 
         model = QwenImageTransformer2DModel(**(config or QWEN_IMAGE_CONFIG))
     model.requires_grad_(False).to(dtype)
     layers = target_modules(model, TrainConfig(lora_targets=targets), QWEN_ATTENTION, QWEN_ALL_LINEAR, QWEN_BLOCKS)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=layers))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model
+    return with_trainer_lora(model, layers, rank)
 
 
 def qwen_inputs(batch: int, resolution: int, text_tokens: int, dtype: torch.dtype, config: dict | None = None):
@@ -85,7 +81,7 @@ def measure_qwen_step_peak(resolution: int, batch: int, checkpointing: bool, tex
 def build_z_image(rank: int = 16, targets: str = "attention", dtype: torch.dtype = torch.bfloat16):
     """Z-Image-Turbo's transformer on the meta device with the trainer's LoRA (fp32)."""
     from diffusers import ZImageTransformer2DModel
-    from peft import LoraConfig
+    from flux_memory import with_trainer_lora
 
     from lora_studio.config import TrainConfig
     from lora_studio.families import Z_IMAGE_ALL_LINEAR, Z_IMAGE_ATTENTION
@@ -97,11 +93,7 @@ def build_z_image(rank: int = 16, targets: str = "attention", dtype: torch.dtype
     model.requires_grad_(False).to(dtype)
     layers = target_modules(model, TrainConfig(lora_targets=targets), Z_IMAGE_ATTENTION, Z_IMAGE_ALL_LINEAR,
                             Z_IMAGE_BLOCKS)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=layers))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model
+    return with_trainer_lora(model, layers, rank)
 
 
 def measure_z_step_peak(resolution: int, batch: int, checkpointing: bool, text_tokens: int = 128, rank: int = 16,
