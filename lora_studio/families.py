@@ -42,6 +42,20 @@ Z_IMAGE_ALL_LINEAR = Z_IMAGE_ATTENTION + ("feed_forward.w1", "feed_forward.w2", 
 
 
 @dataclass(frozen=True)
+class TextLimit:
+    """The tokens of a caption a family's text encoder reads; what follows is cut in training."""
+
+    encoder: str      # the name a creator knows ("CLIP", "T5", "Qwen3")
+    tokens: int       # what the pipeline reads
+    subfolder: str    # where a diffusers folder keeps that encoder's tokenizer
+    kind: str         # "clip", "t5" or "qwen": how to estimate the count without the tokenizer
+
+
+CLIP_77 = TextLimit("CLIP", 77, "tokenizer", "clip")
+T5_512 = TextLimit("T5", 512, "tokenizer_2", "t5")
+
+
+@dataclass(frozen=True)
 class Family:
     id: str                                   # the model_family key
     name: str                                 # for people
@@ -60,8 +74,9 @@ class Family:
     sample_steps: int = 20                    # Testing tab / generate defaults
     guidance_scale: float = 7.5
     half_dtype: str = "float16"               # half precision it renders in on a GPU ("bfloat16": fp16 overflows)
+    short_name: str = ""                      # in short messages ("SD1.5"); empty: name
     caption_style: str = "short"              # tags, short or detailed: what its text encoder was trained on
-    text_token_limit: int | None = 77         # longer captions are cut by its text encoder
+    text_limit: TextLimit | None = CLIP_77    # captions longer than this are cut by its text encoder
     matches_index: Callable[[dict[str, Any], Path], bool] | None = None
     matches_keys: Callable[[set[str]], bool] | None = None
     # "module:function" hooks, for a family whose needs the fields above do not cover:
@@ -92,6 +107,11 @@ class Family:
     @property
     def is_image(self) -> bool:
         return self.kind == "image"
+
+    @property
+    def label(self) -> str:
+        """The short name people use in messages ("SD1.5", "FLUX.1")."""
+        return self.short_name or self.name
 
 
 def _load(path: str) -> Any:
@@ -203,32 +223,34 @@ _FLOW = dict(kind="image", default_resolution=1024, default_targets=FLUX_ATTENTI
              targets_help="Transformer layers that get a LoRA, in every kept block (Enter adds one). Empty: the "
                           "lora_targets preset (attention, or all_linear) under 'Flow-matching transformers'.",
              settings_group="flow", preset_group="flux", formats=("diffusers",), half_dtype="bfloat16",
-             caption_style="detailed", text_token_limit=512,
+             caption_style="detailed", text_limit=T5_512,
              pipeline_loader="lora_studio.models.flux_loading:load_flux_pipeline",
              render_defaults="lora_studio.models.flux_loading:model_render_defaults")
 
 FAMILIES: dict[str, Family] = {f.id: f for f in (
-    Family("sd15", "Stable Diffusion 1.x", default_resolution=512, kohya_version="sd_v1",
+    Family("sd15", "Stable Diffusion 1.x", short_name="SD1.5", default_resolution=512, kohya_version="sd_v1",
            matches_index=_is_sd15_index, matches_keys=_is_sd15_keys, **_SD),
-    Family("sd2", "Stable Diffusion 2.x", default_resolution=768, kohya_version="sd_v2",
+    Family("sd2", "Stable Diffusion 2.x", short_name="SD2", default_resolution=768, kohya_version="sd_v2",
            matches_index=_is_sd2_index, matches_keys=_is_sd2_keys, **_SD),
     Family("sdxl", "SDXL", kind="image", trainer="lora_studio.training.sdxl:SDXLTrainer",
            pipeline="diffusers:StableDiffusionXLPipeline", default_resolution=1024, default_targets=SD_ATTENTION,
            text_encoder_targets=CLIP_ATTENTION, preset_group="sdxl", formats=("kohya", "diffusers"),
-           kohya_version="sdxl_base_v1-0", sample_steps=30, guidance_scale=7.0, caption_style="tags",
+           kohya_version="sdxl_base_v1-0", sample_steps=30, guidance_scale=7.0,
            matches_index=_is_sdxl_index, matches_keys=_is_sdxl_keys),
     Family("flux", "FLUX.1", trainer="lora_studio.training.flux:FluxTrainer",
            pipeline="diffusers:FluxPipeline", kohya_version="flux1", sample_steps=28, guidance_scale=3.5,
            matches_index=_is_flux_index, matches_keys=_is_flux_keys, **_FLOW),
     Family("chroma", "Chroma", trainer="lora_studio.training.flux:ChromaTrainer",
            pipeline="diffusers:ChromaPipeline", kohya_version="chroma", sample_steps=35, guidance_scale=5.0,
-           matches_index=_is_chroma_index, matches_keys=_is_chroma_keys, **_FLOW),
+           matches_index=_is_chroma_index, matches_keys=_is_chroma_keys,
+           **{**_FLOW, "text_limit": TextLimit("T5", 512, "tokenizer", "t5")}),
     Family("qwen_image", "Qwen-Image", kind="image", trainer="lora_studio.training.qwen_image:QwenImageTrainer",
            pipeline="diffusers:QwenImagePipeline", default_resolution=1024, default_targets=QWEN_ATTENTION,
            target_choices=QWEN_ALL_LINEAR, targets_help="Transformer layers that get a LoRA, in every kept block "
            "(Enter adds one). Empty: the lora_targets preset (attention, or all_linear).", settings_group="flow",
            preset_group="qwen_image", formats=("diffusers",), kohya_version="qwen_image", sample_steps=50,
-           guidance_scale=4.0, half_dtype="bfloat16", caption_style="detailed", text_token_limit=512,
+           guidance_scale=4.0, half_dtype="bfloat16", caption_style="detailed",
+           text_limit=TextLimit("Qwen2.5-VL", 512, "tokenizer", "qwen"),
            matches_index=_is_qwen_image_index, matches_keys=_is_qwen_image_keys,
            pipeline_loader="lora_studio.models.flow_loading:load_flow_pipeline",
            render_defaults="lora_studio.training.qwen_image:qwen_render_defaults", notes={"true_cfg": True}),
@@ -237,12 +259,13 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
            target_choices=Z_IMAGE_ALL_LINEAR, targets_help="Transformer layers that get a LoRA, in every kept main "
            "layer (Enter adds one). Empty: the lora_targets preset (attention, or all_linear).", settings_group="flow",
            preset_group="z_image", formats=("diffusers",), kohya_version="z_image", sample_steps=9, guidance_scale=0.0,
-           half_dtype="bfloat16", caption_style="detailed", text_token_limit=512, matches_index=_is_z_image_index,
+           half_dtype="bfloat16", caption_style="detailed", text_limit=TextLimit("Qwen3", 512, "tokenizer", "qwen"),
+           matches_index=_is_z_image_index,
            matches_keys=_is_z_image_keys, pipeline_loader="lora_studio.models.flow_loading:load_flow_pipeline",
            render_defaults="lora_studio.training.z_image:z_image_render_defaults"),
     Family("llm", "causal language model", kind="text", trainer="lora_studio.training.llm:LLMTrainer",
            default_targets=("q_proj", "v_proj"), settings_group="llm", preset_group="llm", formats=("peft",),
-           text_token_limit=None),
+           text_limit=None),
 )}
 
 FAMILY_IDS: tuple[str, ...] = tuple(FAMILIES)

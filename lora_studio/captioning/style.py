@@ -23,13 +23,14 @@ from typing import Iterable
 
 from lora_studio.captioning.edits import add_trigger, dedupe_tags
 from lora_studio.data.tags import join_tags, split_tags
+from lora_studio.families import FAMILIES
 
 STYLES = {"tags": "tags", "short": "short sentence", "detailed": "detailed paragraph"}
 TRIGGER_PLACEMENTS = ("start", "end", "none")
 TRIGGER_PLACEHOLDER = "[trigger]"
 
-FAMILY_STYLE = {"sd15": "short", "sd2": "short", "sdxl": "short", "flux": "detailed", "flux2": "detailed",
-                "chroma": "detailed", "sd3": "detailed", "qwen_image": "detailed", "z_image": "detailed"}
+# what each image family's text encoder was trained on (its registry entry's caption_style)
+FAMILY_STYLE = {f.id: f.caption_style for f in FAMILIES.values() if f.is_image}
 ANIME_HINTS = ("pony", "illustrious", "noob", "animagine", "anime", "anything-v", "waifu", "kohaku", "hassaku")
 
 

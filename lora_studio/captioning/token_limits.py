@@ -1,7 +1,7 @@
 """Will a caption fit the target model's text encoder? Count its tokens and flag the ones that get cut.
 
-Each family reads a caption through one text encoder that stops after a fixed number of tokens; what
-follows is silently dropped in training:
+Each family reads a caption through one text encoder that stops after a fixed number of tokens (its registry
+entry's ``text_limit`` in ``families.py``); what follows is silently dropped in training:
 
     sd15, sd2, sdxl        CLIP   77 tokens (start and end markers included)
     flux, chroma           T5    512
@@ -27,32 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Mapping, TypeVar
 
+from lora_studio.families import FAMILIES, TextLimit
+
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 
 
-@dataclass(frozen=True)
-class TextLimit:
-    encoder: str     # the name a creator knows
-    tokens: int      # what the pipeline reads
-    subfolder: str   # where a diffusers folder keeps that encoder's tokenizer
-    kind: str        # "clip", "t5" or "qwen": how to estimate without the tokenizer
-
-
-FAMILY_LIMITS: dict[str, TextLimit] = {
-    "sd15": TextLimit("CLIP", 77, "tokenizer", "clip"),
-    "sd2": TextLimit("CLIP", 77, "tokenizer", "clip"),
-    "sdxl": TextLimit("CLIP", 77, "tokenizer", "clip"),
-    "flux": TextLimit("T5", 512, "tokenizer_2", "t5"),
-    "chroma": TextLimit("T5", 512, "tokenizer", "t5"),
-    "sd3": TextLimit("T5", 256, "tokenizer_3", "t5"),
-    "qwen_image": TextLimit("Qwen2.5-VL", 512, "tokenizer", "qwen"),
-    "z_image": TextLimit("Qwen3", 512, "tokenizer", "qwen"),
-    "flux2": TextLimit("Qwen3/Mistral", 512, "tokenizer", "qwen"),
-}
-FAMILY_LABELS = {"sd15": "SD1.5", "sd2": "SD2", "sdxl": "SDXL", "flux": "FLUX.1", "chroma": "Chroma",
-                 "sd3": "SD3.5", "qwen_image": "Qwen-Image", "z_image": "Z-Image", "flux2": "FLUX.2"}
+# the families whose text encoder stops after a fixed number of tokens (the registry says which and where)
+FAMILY_LIMITS: dict[str, TextLimit] = {f.id: f.text_limit for f in FAMILIES.values() if f.text_limit}
+FAMILY_LABELS = {f.id: f.label for f in FAMILIES.values()}
 
 _WORDS = re.compile(r"'(?:s|t|re|ve|m|ll|d)\b|[^\W\d_]+|\d|[^\w\s]", re.IGNORECASE)
 # (letters one token covers, extra letters per further token, tokens the encoder adds)
