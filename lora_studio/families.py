@@ -32,6 +32,10 @@ FLUX_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.
 # ... and (lora_targets: all_linear) the feed-forward layers and the single blocks' MLP and output projections
 FLUX_ALL_LINEAR = FLUX_ATTENTION + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
                                     "proj_mlp", "proj_out")
+# SD3 / SD3.5 MMDiT blocks: q, k, v and out of both streams, and of SD3.5 Medium's second attention (attn2)
+SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+SD3_ALL_LINEAR = SD3_ATTENTION + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,15 @@ def _is_flux_keys(keys: set[str]) -> bool:
         not any(k.startswith("distilled_guidance_layer.") for k in names)
 
 
+# SD3 / SD3.5: the pipeline class; a single file in Stability's layout (MMDiT ``joint_blocks.*``).
+def _is_sd3_index(index: dict[str, Any], folder: Path) -> bool:
+    return index.get("_class_name") == "StableDiffusion3Pipeline"
+
+
+def _is_sd3_keys(keys: set[str]) -> bool:
+    return any(k.startswith("joint_blocks.") for k in _bfl_names(keys))
+
+
 # --- the registry ------------------------------------------------------------------------------------------
 _SD = dict(kind="image", trainer="lora_studio.training.diffusion:DiffusionTrainer",
            pipeline="diffusers:StableDiffusionPipeline", default_targets=SD_ATTENTION,
@@ -195,6 +208,14 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
     Family("chroma", "Chroma", trainer="lora_studio.training.flux:ChromaTrainer",
            pipeline="diffusers:ChromaPipeline", kohya_version="chroma", sample_steps=35, guidance_scale=5.0,
            matches_index=_is_chroma_index, matches_keys=_is_chroma_keys, **_FLOW),
+    Family("sd3", "SD3.5", trainer="lora_studio.training.sd3:SD3Trainer",
+           pipeline="diffusers:StableDiffusion3Pipeline", kohya_version="sd3", sample_steps=28, guidance_scale=3.5,
+           matches_index=_is_sd3_index, matches_keys=_is_sd3_keys,
+           **{**_FLOW, "default_targets": SD3_ATTENTION, "target_choices": SD3_ALL_LINEAR, "preset_group": "sd3",
+              "text_token_limit": 256, "targets_help": "Transformer layers that get a LoRA, in every kept block "
+              "(Enter adds one). Empty: the lora_targets preset (attention, or all_linear).",
+              "pipeline_loader": "lora_studio.models.sd3_loading:load_sd3_pipeline",
+              "render_defaults": "lora_studio.models.sd3_loading:model_render_defaults"}),
     Family("llm", "causal language model", kind="text", trainer="lora_studio.training.llm:LLMTrainer",
            default_targets=("q_proj", "v_proj"), settings_group="llm", preset_group="llm", formats=("peft",),
            text_token_limit=None),

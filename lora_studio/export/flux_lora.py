@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -63,18 +63,21 @@ def _modules(peft_state: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted({module_of(k) for k in peft_state})
 
 
-def check_placement(peft_state: Mapping[str, torch.Tensor], transformer: torch.nn.Module) -> int:
-    """The number of LoRA modules; TrainingError when one is not a layer of ``transformer`` or not in ComfyUI's map."""
+def check_placement(peft_state: Mapping[str, torch.Tensor], transformer: torch.nn.Module,
+                    maps: Callable[[str], bool] = comfy_maps, family: str = "FLUX",
+                    layers: tuple[str, ...] = COMFY_DOUBLE) -> int:
+    """The number of LoRA modules; TrainingError when one is not a layer of ``transformer`` or not in ComfyUI's map
+    (``maps``: the family's; ``layers``: the block layers it places, for the message)."""
     names = {n.removesuffix(".base_layer") for n, _ in transformer.named_modules()}
     modules = _modules(peft_state)
     missing = [m for m in modules if m not in names]
-    unmapped = [m for m in modules if not comfy_maps(m)]
+    unmapped = [m for m in modules if not maps(m)]
     if missing or unmapped:
         first = (missing or unmapped)[0]
-        why = "is not a layer of this model" if missing else "has no place in ComfyUI's FLUX key map"
+        why = "is not a layer of this model" if missing else f"has no place in ComfyUI's {family} key map"
         raise TrainingError(f"The LoRA layer '{first}' {why} ({len(missing or unmapped)} such layers); ComfyUI would "
                             "report 'lora key not loaded'. Use lora_targets attention or all_linear, or target_modules "
-                            f"among: {', '.join(COMFY_DOUBLE)}.")
+                            f"among: {', '.join(layers)}.")
     return len(modules)
 
 

@@ -42,17 +42,19 @@ ATTENTION_TARGETS, ALL_LINEAR_TARGETS = FLUX_ATTENTION, FLUX_ALL_LINEAR  # lora_
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
-def target_modules(transformer: torch.nn.Module, config: TrainConfig) -> list[str]:
-    """Full paths of the transformer's Linear layers that get a LoRA (preset or target_modules, block filters)."""
+def target_modules(transformer: torch.nn.Module, config: TrainConfig,
+                   presets: tuple[tuple[str, ...], tuple[str, ...]] = (ATTENTION_TARGETS, ALL_LINEAR_TARGETS)
+                   ) -> list[str]:
+    """Full paths of the transformer's Linear layers that get a LoRA (preset or target_modules, block filters);
+    ``presets``: the family's (attention, all_linear) layer names. A model without single blocks (SD3) has none."""
     blocks = {"transformer_blocks": len(transformer.transformer_blocks),
-              "single_transformer_blocks": len(transformer.single_transformer_blocks)}
+              "single_transformer_blocks": len(getattr(transformer, "single_transformer_blocks", ()))}
     keep = {"transformer_blocks": block_indices(config.train_double_block_indices, "train_double_block_indices",
                                                 blocks["transformer_blocks"]),
             "single_transformer_blocks": block_indices(config.train_single_block_indices,
                                                        "train_single_block_indices",
-                                                       blocks["single_transformer_blocks"])}
-    wanted = tuple(config.target_modules or (ATTENTION_TARGETS if config.lora_targets == "attention"
-                                             else ALL_LINEAR_TARGETS))
+                                                       blocks["single_transformer_blocks"] or None)}
+    wanted = tuple(config.target_modules or presets[config.lora_targets != "attention"])
     found, used, layer_names = [], set(), set()
     for name, module in transformer.named_modules():
         match = _BLOCK.match(name)
@@ -76,6 +78,7 @@ def target_modules(transformer: torch.nn.Module, config: TrainConfig) -> list[st
 
 class FluxTrainer(FlowMatchingTrainer):
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    network_module = "networks.lora_flux"  # ss_network_module: sd-scripts' module for the family
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "flux"):
         # FLUX's activations overflow in fp16 (the registry's half_dtype says bfloat16)
@@ -87,25 +90,34 @@ class FluxTrainer(FlowMatchingTrainer):
 
     # --- loading ------------------------------------------------------------------------------------
     def load_pipeline(self, dtype: torch.dtype):
-        from ..models.flux_loading import load_flux_pipeline
-
         if self._fp16_replaced and dtype == torch.bfloat16:
             self.say(f"{get_family(self.family).name} overflows in fp16: training in bf16 instead (mixed_precision "
                      "fp16 is replaced).", "warning")
+        return self.pipeline_files(torch_dtype=dtype, without_transformer=True, report=self.say)
+
+    def pipeline_files(self, **kwargs):
+        """The family's pipeline from the run's base model (``transformer=`` / ``without_transformer=`` as
+        ``load_flux_pipeline`` takes them); a family with its own loading module overrides this and the next."""
+        from ..models.flux_loading import load_flux_pipeline
+
         cfg = self.config
-        return load_flux_pipeline(cfg.base_model, self.family, torch_dtype=dtype, without_transformer=True,
-                                  single_file_config=cfg.single_file_config, report=self.say)
+        return load_flux_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config, **kwargs)
+
+    def transformer_files(self, **kwargs) -> torch.nn.Module:
+        """The family's transformer alone (``torch_dtype``, ``quantization_config``, ``device_map``)."""
+        from ..models.flux_loading import load_transformer
+
+        cfg = self.config
+        return load_transformer(cfg.base_model, self.family, single_file_config=cfg.single_file_config, **kwargs)
 
     def load_denoiser(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Module:
         """The transformer, quantized as ``self.quantization`` says, on ``device`` (the run's by default)."""
-        from ..models.flux_loading import load_transformer
         from .quantize import load_with_quantization, quantize_in_place
 
         cfg, device = self.config, device or self.accelerator.device
 
         def load(**kwargs):
-            return load_transformer(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
-                                    **{"torch_dtype": dtype, **kwargs})
+            return self.transformer_files(**{"torch_dtype": dtype, **kwargs})
 
         if self.quantization == "nf4" and not Path(cfg.base_model).expanduser().is_file():
             model = load_with_quantization(load, "nf4", dtype, device)
@@ -168,7 +180,7 @@ class FluxTrainer(FlowMatchingTrainer):
 
         cfg = self.config
         guided = getattr(self.accelerator.unwrap_model(self.denoiser).config, "guidance_embeds", True)
-        extra = {"ss_network_module": "networks.lora_flux", "ss_guidance_scale": cfg.guidance_scale,
+        extra = {"ss_network_module": self.network_module, "ss_guidance_scale": cfg.guidance_scale,
                  "ss_timestep_sampling": cfg.timestep_sampling, "ss_max_sequence_length": cfg.max_sequence_length,
                  "ss_base_quantization": self.quantization}
         if self.family == "flux" and not guided:
@@ -241,7 +253,6 @@ class FluxTrainer(FlowMatchingTrainer):
         """The base model loaded anew, rounded as training held it; a quantized transformer quantized again the
         same way (deterministic: the same stored weights)."""
         from ..export.verify import load_fresh_pipeline
-        from ..models.flux_loading import load_flux_pipeline
         from ..models.load_lock import model_loading
 
         cfg, device = self.config, self.accelerator.device
@@ -249,8 +260,7 @@ class FluxTrainer(FlowMatchingTrainer):
             return load_fresh_pipeline(cfg.base_model, self.family, device=device, held_dtypes=self.held_dtypes,
                                        single_file_config=cfg.single_file_config)
         with model_loading(cfg.base_model):
-            fresh = load_flux_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
-                                       transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
+            fresh = self.pipeline_files(transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
         self._check_dtypes(fresh)
         fresh.set_progress_bar_config(disable=True)
         return fresh

@@ -1,0 +1,146 @@
+"""Load SD3 / SD3.5 pipelines and transformers: a diffusers folder, a hub id, or one single-file checkpoint.
+
+    pipe = load_sd3_pipeline("stabilityai/stable-diffusion-3.5-large", "sd3")
+    pipe = load_sd3_pipeline("sd3.5_medium.safetensors", "sd3", single_file_config="/models/sd3.5-medium")
+    model_render_defaults("/models/sd3.5-large-turbo", "sd3")      # {"steps": 4, "cfg": 0.0}
+
+A single file is Stability's layout (``model.diffusion_model.joint_blocks.*``, often with the VAE and text
+encoders inside), which diffusers' ``from_single_file`` converts; what the file lacks (configs, tokenizers, text
+encoders) comes from ``single_file_config`` (a diffusers folder or hub id of SD3.5) or else the released model of
+the same size on the hub (``DEFAULT_CONFIG``; gated: accept its licence and log in once). Render settings differ
+by model: Large 28 steps / CFG 3.5, Medium 40 / 4.5 (its MMDiT-X blocks have a second attention ``attn2``),
+Large Turbo 4 / 0 (told by its name). Every load holds the process-wide model-loading lock.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ModelLoadError
+from ..families import get_family
+from .detect import first_line
+from .flux_loading import _local_only, _source
+from .load_lock import model_loading
+
+DEFAULT_CONFIG = {"large": "stabilityai/stable-diffusion-3.5-large",
+                  "medium": "stabilityai/stable-diffusion-3.5-medium"}
+MEDIUM_KEY = "joint_blocks.0.x_block.attn2.qkv.weight"  # SD3.5 Medium's MMDiT-X: a second attention
+RENDER = {"large": {"steps": 28, "cfg": 3.5}, "medium": {"steps": 40, "cfg": 4.5}, "turbo": {"steps": 4, "cfg": 0.0}}
+
+
+# --- which model, and its render settings -----------------------------------------------------------------
+def _single_file_is_medium(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return any(k.endswith(MEDIUM_KEY) for k in fh.keys())
+
+
+def _transformer_config(base_model: str) -> dict[str, Any]:
+    """The transformer's config.json of a folder or a cached hub id ({} when neither has one)."""
+    path = Path(base_model).expanduser()
+    config = path / "transformer" / "config.json"
+    if not config.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(base_model, "transformer/config.json", local_files_only=True))
+        except Exception:
+            return {}
+    return json.loads(config.read_text(encoding="utf-8"))
+
+
+def model_kind(base_model: str, transformer_config: Any = None) -> str:
+    """``large``, ``medium`` or ``turbo`` (Large Turbo, told by its name) of a model's files or loaded config."""
+    if "turbo" in str(base_model).lower():
+        return "turbo"
+    path = Path(base_model).expanduser()
+    if transformer_config is None and path.is_file():
+        return "medium" if _single_file_is_medium(path) else "large"
+    config = transformer_config if transformer_config is not None else _transformer_config(base_model)
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if not config and "medium" in str(base_model).lower():
+        return "medium"
+    return "medium" if get("dual_attention_layers", ()) else "large"
+
+
+def model_render_defaults(base_model: str, family: str = "sd3") -> dict[str, float]:
+    """``{"steps", "cfg"}`` for a model's files (the registry's ``render_defaults`` hook for sd3)."""
+    return dict(RENDER[model_kind(base_model)])
+
+
+def render_defaults(base_model: str, transformer_config: Any) -> dict[str, Any]:
+    """``guidance_scale`` and ``num_inference_steps`` for a loaded model (the trainer's sample images)."""
+    found = RENDER[model_kind(base_model, transformer_config)]
+    return {"guidance_scale": found["cfg"], "num_inference_steps": found["steps"]}
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+def config_source(path: Path, single_file_config: str | None) -> str:
+    """Where a single file's configs, tokenizers and missing parts come from."""
+    if single_file_config:
+        return _source(single_file_config)
+    return DEFAULT_CONFIG["medium" if _single_file_is_medium(path) else "large"]
+
+
+def _fail(base_model: str, family: str, exc: Exception, single_file: bool) -> ModelLoadError:
+    hint = "Check that it is complete and of that family."
+    if single_file:
+        hint = (f"{hint} A single-file checkpoint takes its configs and tokenizers (and text encoders it lacks) from "
+                "the hub the first time (SD3.5 is gated: accept its licence on the hub and log in), or set "
+                "single_file_config to a diffusers folder of SD3.5.")
+    return ModelLoadError(f"Could not load the {get_family(family).name} model '{base_model}': {first_line(exc)}. "
+                          f"{hint}")
+
+
+def load_sd3_pipeline(base_model: str, family: str = "sd3", *, torch_dtype=None, single_file_config: str | None = None,
+                      transformer=None, without_transformer: bool = False,
+                      report: Callable[[str], None] | None = None):
+    """A ``StableDiffusion3Pipeline``; ``transformer`` replaces the model's own (already loaded);
+    ``without_transformer`` leaves it out (the trainer loads it after caching, quantized as asked)."""
+    from .download import download_progress
+
+    cls = get_family(family).pipeline_class()
+    path = Path(base_model).expanduser()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if transformer is not None or without_transformer:
+        kwargs["transformer"] = transformer
+    try:
+        with model_loading(base_model), download_progress(base_model, report):
+            if path.is_file():
+                source = config_source(path, single_file_config)
+                return cls.from_single_file(str(path), config=source, local_files_only=_local_only(source), **kwargs)
+            source = str(path) if path.is_dir() else base_model
+            return cls.from_pretrained(source, local_files_only=_local_only(source), **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise _fail(base_model, family, exc, path.is_file() and not single_file_config) from None
+
+
+def load_sd3_transformer(base_model: str, family: str = "sd3", *, torch_dtype=None,
+                         single_file_config: str | None = None, quantization_config=None, device_map=None):
+    """The ``SD3Transformer2DModel`` alone (folder, hub id or single file), optionally quantized while loading."""
+    from diffusers import SD3Transformer2DModel
+
+    path = Path(base_model).expanduser()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    try:
+        with model_loading(base_model):
+            if path.is_file():
+                source = config_source(path, single_file_config)
+                return SD3Transformer2DModel.from_single_file(str(path), config=source, subfolder="transformer",
+                                                              local_files_only=_local_only(source), **kwargs)
+            if quantization_config is not None:
+                kwargs["quantization_config"] = quantization_config
+            if device_map is not None:
+                kwargs["device_map"] = device_map
+            source = str(path) if path.is_dir() else base_model
+            return SD3Transformer2DModel.from_pretrained(source, subfolder="transformer",
+                                                         local_files_only=_local_only(source), **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise _fail(base_model, family, exc, path.is_file() and not single_file_config) from None
