@@ -123,3 +123,22 @@ def test_sd3_is_detected_from_a_folder_and_from_a_single_files_names(tiny_sd3, t
     save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight": torch.zeros(2, 2)}, str(lora))
     with pytest.raises(Exception, match="LoRA file"):
         detect_family(str(lora))
+
+
+def test_sd3_cached_conditioning_is_the_pipelines_own(tiny_sd3, demo_images, tmp_path):
+    import torch
+
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.sd3 import SD3Trainer
+
+    cfg = sd3_config(tiny_sd3, demo_images, tmp_path / "out", caption_dropout_rate=0.5)
+    trainer = SD3Trainer(cfg, RunFolder.create(cfg), EventBus())
+    trainer.prepare()
+    assert "" in trainer.text_cache and len(trainer.lora_target_modules()) == 19
+    caption = trainer.items[0].caption
+    embeds, _, pooled, _ = trainer.pipe.encode_prompt(caption, None, None, do_classifier_free_guidance=False,
+                                                      max_sequence_length=32)
+    cached = trainer.text_cache[caption]
+    assert cached["prompt_embeds"].shape == (77 + 32, 64)  # CLIP's 77 tokens, then T5's
+    assert torch.allclose(cached["prompt_embeds"], embeds[0], atol=1e-6)
+    assert torch.allclose(cached["pooled"], pooled[0], atol=1e-6)

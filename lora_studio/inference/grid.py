@@ -265,11 +265,19 @@ def render_one(pipe, settings: RenderSettings, adapter: str | None, strength: fl
         pipe.set_adapters([adapter], adapter_weights=[float(strength)])
     size = native_size(pipe)
     generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
+    # by name: FLUX.2's pipelines take an input image first; FLUX.2 klein has no negative prompt ("" built in)
+    negative = {"negative_prompt": settings.negative or None} if _takes(pipe, "negative_prompt") else {}
     with torch.inference_mode():
-        out = pipe(settings.prompt, negative_prompt=settings.negative or None,
-                   num_inference_steps=int(settings.steps), guidance_scale=float(settings.cfg),
-                   width=int(settings.width or size), height=int(settings.height or size), generator=generator)
+        out = pipe(prompt=settings.prompt, num_inference_steps=int(settings.steps), guidance_scale=float(settings.cfg),
+                   width=int(settings.width or size), height=int(settings.height or size), generator=generator,
+                   **negative)
     return out.images[0]
+
+
+def _takes(pipe, argument: str) -> bool:
+    import inspect
+
+    return argument in inspect.signature(type(pipe).__call__).parameters
 
 
 def _has_lora(pipe) -> bool:

@@ -393,7 +393,7 @@ class FlowMatchingTrainer(ImageTrainer):
         pipe = self.inference_pipe()
         gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
         with self.accelerator.autocast():
-            image = pipe(self.config.sample_prompt, height=self.resolution, width=self.resolution, generator=gen,
+            image = pipe(prompt=self.config.sample_prompt, height=self.resolution, width=self.resolution, generator=gen,
                          max_sequence_length=self.config.max_sequence_length, **self.render_kwargs()).images[0]
         pipe.vae.to("cpu")
         return self.run.save_sample(step, image)

@@ -35,17 +35,28 @@ class FlowFigures:
     lora_per_rank: dict[str, tuple[int, int]]  # lora_targets -> (all double blocks, all single blocks)
     blocks: tuple[int, int] = (19, 38)
     vae_params: int = 83_819_683
+    act_bytes_per_token: dict[str, int] | None = None  # None: FLUX.1's (ACT_BYTES_PER_TOKEN)
+    clip_tokens: int = 0                    # text tokens besides max_sequence_length (SD3: CLIP's 77)
+    caching_text_params: int = 0            # encoders on the GPU at once while caching (0: all of them)
 
 
 _LORA = {"attention": (933_888, 700_416), "all_linear": (2_101_248, 1_984_512)}
 FLOW_FIGURES = {
     "flux": FlowFigures(11_901_408_320, 66_982_976, (123_060_480, 4_762_310_656), _LORA),
     "chroma": FlowFigures(8_899_983_424, 293_075_008, (4_762_310_656,), _LORA),
+    # SD3.5 Large (8.1B MMDiT, 38 joint blocks; Medium's 2.2B is smaller in every part): CLIP-L, CLIP-G, T5-XXL;
+    # bytes per token measured by benchmarks/sd3_memory.py (Medium: 191,312 / 2,224,536)
+    "sd3": FlowFigures(8_056_627_520, 39_398_400, (123_650_304, 694_659_840, 4_762_310_656),
+                       {"attention": (1_473_792, 0), "all_linear": (3_297_792, 0)}, blocks=(38, 0),
+                       vae_params=83_653_863, act_bytes_per_token={"ckpt": 345_944, "full": 4_132_872}, clip_tokens=77,
+                       caching_text_params=4_762_310_656),  # CLIP-L + CLIP-G, then T5-XXL alone
 }
 
 
 def _block_share(config: TrainConfig, count: int, key: str) -> float:
     kept = block_indices(getattr(config, key), key)
+    if not count:
+        return 0.0
     return 1.0 if kept is None else len([i for i in kept if i < count]) / count
 
 
@@ -67,8 +78,9 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
     half = config.mixed_precision != "no"
     stored = BYTES_PER_WEIGHT[config.base_quantization] if config.base_quantization != "none" else (2 if half else 4)
     weights = (fig.transformer_params - fig.kept_params) * stored + fig.kept_params * (2 if half else 4)
-    tokens = (resolution // 16) ** 2 + config.max_sequence_length
-    per_token = ACT_BYTES_PER_TOKEN["ckpt" if config.gradient_checkpointing else "full"] * (1 if half else 2)
+    tokens = (resolution // 16) ** 2 + config.max_sequence_length + fig.clip_tokens
+    per_token = (fig.act_bytes_per_token or ACT_BYTES_PER_TOKEN)["ckpt" if config.gradient_checkpointing else "full"]
+    per_token *= 1 if half else 2
     parts = {
         "CUDA context": context_gb,
         "transformer weights": weights / GB,
@@ -81,5 +93,6 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
     text = sum(fig.text_encoder_params) * (2 if half else 4) / GB
     if config.shuffle_tags or config.tag_dropout_rate:  # captions encoded at every step: the encoders stay
         parts["text encoder weights"] = text
-    caching = context_gb + workspace_gb + max(vae, text)
+    caching_text = fig.caching_text_params * (2 if half else 4) / GB if fig.caching_text_params else text
+    caching = context_gb + workspace_gb + max(vae, caching_text)
     return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))

@@ -1,10 +1,10 @@
 """SD3 / SD3.5 (Large, Medium, Large Turbo) on the flow-matching trainer: what this family adds to
 ``FluxTrainer`` (whose quantized loading, export check and metadata it shares).
 
-- **Text** (encoded once, then the encoders leave the GPU): CLIP-L and CLIP-G (penultimate hidden states,
+- **Text** (encoded once, CLIP-L + CLIP-G and then T5 taking turns on the GPU, then they leave it): CLIP-L and CLIP-G (penultimate hidden states,
   joined, padded to T5's width, and their pooled projections) and T5-XXL (``max_sequence_length`` tokens; SD3.5
-  was trained with 256), through the pipeline's own ``encode_prompt``, as diffusers'
-  ``train_dreambooth_lora_sd3.py`` does. A pipeline loaded without T5 (``text_encoder_3=None``) gets the zeros
+  was trained with 256), joined as the pipeline's ``encode_prompt`` joins them (its own ``_get_clip_prompt_embeds``
+  and ``_get_t5_prompt_embeds``), as diffusers' ``train_dreambooth_lora_sd3.py`` does. A pipeline loaded without T5 (``text_encoder_3=None``) gets the zeros
   the pipeline puts in its place.
 - **Latents**: 16 channels with the VAE's shift and scaling factors (cached), unpacked: the transformer patches
   them 2x2 itself. Buckets are multiples of 64 px, so every latent side is a multiple of the patch size.
@@ -31,8 +31,17 @@ from ..families import SD3_ALL_LINEAR, SD3_ATTENTION
 from .events import EventBus
 from .flux import FluxTrainer, target_modules
 from .run_folder import RunFolder
+from .runtime import free_memory
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+NO_T5_WIDTH = 4096  # the released models' joint_attention_dim: what a pipeline without T5 fills with zeros
+
+
+def joined(clip: dict[str, torch.Tensor], t5: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD3's conditioning from its parts: CLIP-L + CLIP-G states padded to T5's width, then T5's (along the
+    sequence), and the two pooled projections (``encode_prompt``'s joining)."""
+    states = torch.nn.functional.pad(clip["clip"], (0, t5["t5"].shape[-1] - clip["clip"].shape[-1]))
+    return {"prompt_embeds": torch.cat([states, t5["t5"].to(states.dtype)], dim=-2), "pooled": clip["pooled"]}
 
 
 class SD3Trainer(FluxTrainer):
@@ -65,12 +74,50 @@ class SD3Trainer(FluxTrainer):
 
     # --- text ---------------------------------------------------------------------------------------
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        if getattr(self.pipe, "tokenizer_3", None) is not None:
-            self._warn_long_captions(captions)
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(captions), prompt_2=None, prompt_3=None, device=self.accelerator.device,
-            do_classifier_free_guidance=False, max_sequence_length=self.config.max_sequence_length)
-        return {"prompt_embeds": embeds, "pooled": pooled}
+        """The pipeline's ``encode_prompt`` (without CFG) in its two parts: CLIP-L + CLIP-G, then T5."""
+        return joined(self._clip_part(captions), self._t5_part(captions))
+
+    def _clip_part(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        dev, prompts = self.accelerator.device, list(captions)
+        one, pooled_one = self.pipe._get_clip_prompt_embeds(prompt=prompts, device=dev, clip_model_index=0)
+        two, pooled_two = self.pipe._get_clip_prompt_embeds(prompt=prompts, device=dev, clip_model_index=1)
+        return {"clip": torch.cat([one, two], dim=-1), "pooled": torch.cat([pooled_one, pooled_two], dim=-1)}
+
+    def _t5_part(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        length = self.config.max_sequence_length
+        if getattr(self.pipe, "text_encoder_3", None) is None:  # as the pipeline: zeros (released width)
+            return {"t5": torch.zeros(len(captions), length, NO_T5_WIDTH, device=self.accelerator.device)}
+        self._warn_long_captions(captions)
+        return {"t5": self.pipe._get_t5_prompt_embeds(prompt=list(captions), max_sequence_length=length,
+                                                      device=self.accelerator.device)}
+
+    @torch.no_grad()
+    def _cache_text(self) -> None:
+        """As the shared cache, but CLIP-L + CLIP-G and then T5-XXL take turns on the device (all three at once
+        need 11.2 GB in bf16, more than a 12 GB card leaves)."""
+        if not self.caches_text:
+            return super()._cache_text()
+        captions = self.caption_set()
+        clip = self._in_turn(("text_encoder", "text_encoder_2"), captions, self._clip_part)
+        t5 = self._in_turn(("text_encoder_3",), captions, self._t5_part)
+        self.text_cache.update({c: joined(clip[c], t5[c]) for c in captions})
+
+    def _in_turn(self, names: Sequence[str], captions: Sequence[str], encode) -> dict[str, dict[str, torch.Tensor]]:
+        """``encode`` over every caption (8 at a time) with only the encoders ``names`` on the device."""
+        encoders = [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for encoder in encoders:
+            encoder.to(self.accelerator.device)
+        try:
+            for start in range(0, len(captions), 8):
+                chunk = captions[start:start + 8]
+                part = encode(chunk)
+                out.update({c: {k: v[j].detach().to("cpu") for k, v in part.items()} for j, c in enumerate(chunk)})
+        finally:
+            for encoder in encoders:
+                encoder.to("cpu")
+            free_memory()
+        return out
 
     def _warn_long_captions(self, captions: Sequence[str]) -> None:
         tokenizer, limit = self.pipe.tokenizer_3, self.config.max_sequence_length
