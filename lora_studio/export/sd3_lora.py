@@ -1,4 +1,4 @@
-"""SD3 / SD3.5 LoRA files that ComfyUI and diffusers load with every key placed.
+"""SD3 / SD3.5 (and FLUX.2) LoRA files that ComfyUI and diffusers load with every key placed.
 
 The file holds, per trained layer of the MMDiT, diffusers' module path under ``transformer.``:
 ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` (rank x in) and ``.lora_B.weight`` (out x rank),
@@ -16,6 +16,9 @@ exactly the trained weights. Other network types (DoRA, LoKr, LoHa) keep the LyC
 ``flux_lora.file_state`` (ComfyUI's weight adapters read them; diffusers cannot load those, the project's own
 PEFT loader does). Only layers ComfyUI's SD3 table names may be written (``comfy_maps_sd3``); the metadata has
 kohya's ``ss_*`` keys with ``ss_base_model_version`` ``sd3``.
+
+FLUX.2 files take the same form (``save_folded_lora``): diffusers' ``Flux2LoraLoaderMixin`` refuses alpha keys
+too, and ComfyUI places FLUX.2's layers through its FLUX table (``flux_lora.COMFY_DOUBLE`` / ``COMFY_SINGLE``).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def folded_state(peft_state: Mapping[str, torch.Tensor], alpha: float) -> dict[s
     return out
 
 
-def save_sd3_lora(path: str | Path, peft_state: Mapping[str, torch.Tensor], *, rank: int, alpha: float,
+def save_folded_lora(path: str | Path, peft_state: Mapping[str, torch.Tensor], *, rank: int, alpha: float,
                   metadata: Mapping[str, str]) -> Path:
     """Write the file atomically with the ``ss_*`` metadata and the A1111 hashes (see the module doc)."""
     from ..networks import network_type_of_keys

@@ -154,6 +154,11 @@ class FlowMatchingTrainer(ImageTrainer):
     def render_kwargs(self) -> dict[str, Any]:
         return {}
 
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Cached latents (the VAE's scalar shift and scaling applied) as the model sees them; a family with more
+        normalisation (FLUX.2's batch-norm statistics) overrides this."""
+        return latents
+
     # --- setup --------------------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -279,7 +284,7 @@ class FlowMatchingTrainer(ImageTrainer):
     def compute_loss(self, batch: Sequence[int]) -> torch.Tensor:
         cfg = self.config
         gens = batch.generators(cfg.seed) if isinstance(batch, Batch) else [self.generator] * len(batch)
-        latents = self.latents.sample(batch, gens)
+        latents = self.normalize_latents(self.latents.sample(batch, gens))
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
         sigmas = self.sigmas_for(gens, latents.shape)
         per_sample = self.flow_loss(latents, noise, sigmas, self.step_captions(batch), self.step_masks(batch))
@@ -305,7 +310,7 @@ class FlowMatchingTrainer(ImageTrainer):
 
         item, entry = self.val_items[index], self.val_latents.entries[index]
         k = VALIDATION_TIMESTEPS
-        latents = entry["mean"].float().unsqueeze(0).expand(k, *entry["mean"].shape)
+        latents = self.normalize_latents(entry["mean"].float().unsqueeze(0)).expand(k, *entry["mean"].shape)
         gen = torch.Generator(device="cpu").manual_seed(sample_seed(self.config.seed, -1, index, 0))
         noise = torch.randn(latents.shape, generator=gen)
         sigmas = torch.tensor([(i + 0.5) / k for i in range(k)])

@@ -142,9 +142,9 @@ class SD3Trainer(FluxTrainer):
 
     def write_lora(self, path: Path, step: int, epoch: int) -> Path:
         from ..export.flux_lora import check_placement
-        from ..export.sd3_lora import COMFY_SD3_BLOCK, comfy_maps_sd3, save_sd3_lora
+        from ..export.sd3_lora import COMFY_SD3_BLOCK, comfy_maps_sd3, save_folded_lora
 
         state = self.peft_state()
         check_placement(state, self.accelerator.unwrap_model(self.denoiser), comfy_maps_sd3, "SD3", COMFY_SD3_BLOCK)
-        return save_sd3_lora(path, state, rank=self.config.lora_rank, alpha=self.config.alpha,
+        return save_folded_lora(path, state, rank=self.config.lora_rank, alpha=self.config.alpha,
                              metadata=self.metadata(step, epoch))

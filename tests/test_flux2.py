@@ -1,0 +1,139 @@
+"""FLUX.2 [klein] LoRAs on the tiny offline pipeline: train, export, reload with every layer placed, strength 0 =
+base, exact resume, latent normalisation, detection from a folder and from a single file's tensor names.
+
+The exported file is loaded as a user's diffusers script loads it (``load_lora_weights`` on a fresh
+``Flux2KleinPipeline``) and the layers that really got the adapter are counted; every module must also be in
+ComfyUI's FLUX table (which holds FLUX.2's layers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora_studio.config import TrainConfig
+from lora_studio.training.run_folder import RunFolder
+from helpers import run_job, stop_then_resume
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory) -> Path:
+    from lora_studio.models.tiny_flux2 import build_tiny_flux2_klein
+
+    return build_tiny_flux2_klein(tmp_path_factory.mktemp("models") / "tiny-klein")
+
+
+def klein_config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
+    values = dict(base_model=str(model), train_data_dir=str(data), output_dir=str(out), resolution=64, lora_rank=4,
+                  lora_alpha=8.0, learning_rate=1e-2, batch_size=2, max_train_steps=3, save_steps=0, seed=3,
+                  max_sequence_length=32)
+    values.update(changes)
+    return TrainConfig(**values).validate()
+
+
+def _render(pipe, prompt: str, seed: int = 1) -> np.ndarray:
+    from lora_studio.export.verify import render
+
+    return render(pipe, prompt, seed, steps=2, size=64)
+
+
+def test_klein_lora_trains_exports_and_every_layer_is_placed(tiny_klein, demo_images, tmp_path):
+    from diffusers import Flux2KleinPipeline
+    from safetensors import safe_open
+
+    from lora_studio.export.diffusers_format import module_of
+    from lora_studio.export.flux_lora import comfy_maps
+    from lora_studio.export.verify import count_placed
+
+    job = run_job(klein_config(tiny_klein, demo_images, tmp_path / "out", sample_prompt="a red circle",
+                               sample_steps=3))
+    assert job.status == "finished", job.error
+    assert (job.run.samples_dir / "step_000003.png").is_file()
+    log = job.snapshot().log
+    passed = [line for line in log if "Export check passed" in line]
+    assert passed and "strength 0 vs base 0" in passed[0], log
+    assert float(passed[0].split("within ")[1].split(" ")[0]) < 1e-3
+
+    lora = job.run.path / "my_lora.safetensors"
+    with safe_open(str(lora), "pt") as fh:
+        keys, meta = list(fh.keys()), fh.metadata()
+    modules = sorted({module_of(k) for k in keys})
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in keys)  # no alpha: diffusers refuses it
+    assert len(modules) == 8 + 1  # the double block's 8 attention layers, the single block's fused projection
+    assert all(comfy_maps(m.removeprefix("transformer.")) for m in modules)
+    assert meta["ss_base_model_version"] == "flux2" and meta["lora_studio_trained_alpha"] == "8.0"
+
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle on a light background"
+    base = _render(pipe, prompt)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="mine")
+    assert count_placed(pipe.transformer, "mine") == len(modules)
+    pipe.set_adapters(["mine"], adapter_weights=[0.0])
+    assert np.array_equal(_render(pipe, prompt), base)  # strength 0 is the base exactly
+    pipe.set_adapters(["mine"], adapter_weights=[1.0])
+    assert np.abs(_render(pipe, prompt) - base).max() > 1e-3
+
+
+def test_klein_all_linear_layers(tiny_klein, demo_images, tmp_path):
+    from safetensors import safe_open
+
+    job = run_job(klein_config(tiny_klein, demo_images, tmp_path / "out", lora_targets="all_linear",
+                               max_train_steps=1, verify_export=False))
+    assert job.status == "finished", job.error
+    with safe_open(str(job.run.path / "my_lora.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert any(".ff_context.linear_out." in k for k in keys)
+    assert any("single_transformer_blocks.0.attn.to_out." in k for k in keys)
+
+
+def test_klein_resume_after_stop_gives_the_same_losses(tiny_klein, demo_images, tmp_path):
+    steps = 4
+    full = run_job(klein_config(tiny_klein, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=2,
+                                verify_export=False))
+    assert full.status == "finished", full.error
+    full_losses = [loss for _, loss in full.snapshot().losses]
+    cfg = klein_config(tiny_klein, demo_images, tmp_path / "b", max_train_steps=steps, save_steps=2,
+                       verify_export=False)
+    resumed = stop_then_resume(cfg, stop_at=2)
+    metrics = RunFolder(resumed.run.path).read_metrics()
+    assert [m["loss"] for m in metrics] == pytest.approx(full_losses, rel=1e-5, abs=1e-6)
+
+
+def test_klein_latents_are_normalised_as_the_pipeline_normalises_them(tiny_klein, demo_images, tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.flux2 import Flux2Trainer, patchify
+
+    cfg = klein_config(tiny_klein, demo_images, tmp_path / "out")
+    trainer = Flux2Trainer(cfg, RunFolder.create(cfg), EventBus())
+    trainer.pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
+    raw = torch.randn(2, 32, 8, 8)
+    vae = trainer.pipe.vae
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    expected = (patchify(raw) - mean) / std  # the pipeline's _encode_vae_image
+    assert torch.allclose(patchify(trainer.normalize_latents(raw)), expected, atol=1e-5)
+    assert not torch.allclose(patchify(raw), expected, atol=1e-2)  # the tiny VAE's statistics are not trivial
+
+
+def test_flux2_is_detected_from_a_folder_and_a_single_files_names(tiny_klein, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_studio.families import get_family
+    from lora_studio.models.detect import detect_family
+
+    assert detect_family(str(tiny_klein)) == "flux2"
+    assert get_family("flux2").render_settings(str(tiny_klein)) == {"steps": 50, "cfg": 4.0}  # a base model
+    single = tmp_path / "flux-2-klein-base-4b.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2),
+               "double_stream_modulation_img.lin.weight": torch.zeros(2, 2)}, str(single))
+    assert detect_family(str(single)) == "flux2"
+    flux1 = tmp_path / "flux1.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2),
+               "double_blocks.0.img_mod.lin.weight": torch.zeros(2, 2)}, str(flux1))
+    assert detect_family(str(flux1)) == "flux"
