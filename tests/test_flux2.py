@@ -113,6 +113,13 @@ def test_klein_all_linear_file_reloads_with_every_layer_and_strength_0_is_the_ba
         pipe.set_adapters(["mine"], adapter_weights=[1.0])
         assert (model(**inputs)[0] - base).abs().max() > 1e-4
 
+    # the Testing tab and `generate`: klein's pipeline (an input image first, no negative prompt) through the grid
+    from lora_studio.inference.grid import PipelineCache, RenderSettings, render_strengths
+
+    settings = RenderSettings(prompt="a red circle", negative="ignored", seed=1, steps=2, cfg=1.0, width=64, height=64)
+    zero, one = render_strengths(str(tiny_klein), lora, settings, (0.0, 1.0), cache=PipelineCache())
+    assert np.asarray(zero).shape == (64, 64, 3) and np.abs(np.asarray(one, float) - np.asarray(zero, float)).max() > 0
+
 
 def test_klein_resume_after_stop_gives_the_same_losses(tiny_klein, demo_images, tmp_path):
     steps = 4

@@ -77,6 +77,13 @@ def test_sd3_lora_trains_exports_and_every_layer_is_placed(tiny_sd3, demo_images
     pipe.set_adapters(["mine"], adapter_weights=[1.0])
     assert np.abs(_render(pipe, prompt) - base).max() > 1e-3
 
+    # the Testing tab and `generate`: the family's pipeline through the grid's cache, CFG with a negative prompt
+    from lora_studio.inference.grid import PipelineCache, RenderSettings, render_strengths
+
+    settings = RenderSettings(prompt=prompt, negative="blurry", seed=1, steps=2, cfg=4.5, width=64, height=64)
+    zero, one = render_strengths(str(tiny_sd3), lora, settings, (0.0, 1.0), cache=PipelineCache())
+    assert np.asarray(zero).shape == (64, 64, 3) and np.abs(np.asarray(one, float) - np.asarray(zero, float)).max() > 0
+
 
 def test_sd3_all_linear_and_block_filter(tiny_sd3, demo_images, tmp_path):
     from safetensors import safe_open
