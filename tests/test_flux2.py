@@ -168,3 +168,28 @@ def test_flux2_is_detected_from_a_folder_and_a_single_files_names(tiny_klein, tm
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2),
                "double_blocks.0.img_mod.lin.weight": torch.zeros(2, 2)}, str(flux1))
     assert detect_family(str(flux1)) == "flux"
+
+
+def test_flux2_presets_fit_their_budget_by_estimate_and_the_estimate_covers_a_measured_step():
+    import sys
+
+    from lora_studio.presets import list_presets
+    from lora_studio.training.memory import estimate_breakdown
+
+    presets = list_presets("flux2")
+    assert [p.name for p in presets] == ["flux2_12gb", "flux2_16gb", "flux2_24gb"]
+    for preset in presets:
+        cfg = TrainConfig().replace(**preset.values)
+        assert estimate_breakdown(cfg, "flux2").total_gb <= 0.9 * preset.vram_gb, preset.name
+    twelve = TrainConfig().replace(**{**presets[0].values, "base_quantization": "none"})
+    assert estimate_breakdown(twelve, "flux2").total_gb > 0.9 * 12  # why 12 GB stores the weights in fp8
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from flow_memory import KLEIN_4B, build, step_peak
+
+    cfg = TrainConfig(resolution=512, gradient_checkpointing=True, mixed_precision="bf16")
+    lora_weights = sum(p.numel() * 4 for p in build("flux2", KLEIN_4B).parameters() if p.requires_grad)
+    measured = (step_peak("flux2", KLEIN_4B, 512, True) + lora_weights) / 1e9
+    parts = estimate_breakdown(cfg, "flux2").parts
+    estimated = parts["activations"] + parts["LoRA weights, gradients and optimizer"]
+    assert measured <= estimated <= 1.5 * measured, (measured, estimated)

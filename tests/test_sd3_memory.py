@@ -39,11 +39,11 @@ def test_sd3_estimate_counts_clip_tokens_and_t5_alone_while_caching():
 
 def test_sd3_estimate_covers_a_measured_step_of_the_full_size_transformer():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from sd3_memory import LARGE, build, step_peak
+    from flow_memory import LARGE, build, step_peak
 
     cfg = TrainConfig(resolution=512, gradient_checkpointing=True, mixed_precision="bf16", max_sequence_length=256)
-    lora_weights = sum(p.numel() * 4 for p in build(LARGE).parameters() if p.requires_grad)
-    measured = (step_peak(LARGE, 512, True) + lora_weights) / 1e9
+    lora_weights = sum(p.numel() * 4 for p in build("sd3", LARGE).parameters() if p.requires_grad)
+    measured = (step_peak("sd3", LARGE, 512, True) + lora_weights) / 1e9
     parts = estimate_breakdown(cfg, "sd3").parts
     estimated = parts["activations"] + parts["LoRA weights, gradients and optimizer"]
     assert measured <= estimated <= 1.5 * measured, (measured, estimated)

@@ -45,11 +45,16 @@ FLOW_FIGURES = {
     "flux": FlowFigures(11_901_408_320, 66_982_976, (123_060_480, 4_762_310_656), _LORA),
     "chroma": FlowFigures(8_899_983_424, 293_075_008, (4_762_310_656,), _LORA),
     # SD3.5 Large (8.1B MMDiT, 38 joint blocks; Medium's 2.2B is smaller in every part): CLIP-L, CLIP-G, T5-XXL;
-    # bytes per token measured by benchmarks/sd3_memory.py (Medium: 191,312 / 2,224,536)
+    # bytes per token measured by benchmarks/flow_memory.py (Medium: 191,312 / 2,224,536)
     "sd3": FlowFigures(8_056_627_520, 39_398_400, (123_650_304, 694_659_840, 4_762_310_656),
                        {"attention": (1_473_792, 0), "all_linear": (3_297_792, 0)}, blocks=(38, 0),
                        vae_params=83_653_863, act_bytes_per_token={"ckpt": 345_944, "full": 4_132_872}, clip_tokens=77,
                        caching_text_params=4_762_310_656),  # CLIP-L + CLIP-G, then T5-XXL alone
+    # FLUX.2 klein 4B (3.9B, 5 double + 20 single blocks) with Qwen3-4B; klein 9B (9.1B, 8 + 24, Qwen3-8B: 16.4 GB
+    # in bf16 while caching) costs 607,656 / 6,126,648 bytes a token; both measured by benchmarks/flow_memory.py
+    "flux2": FlowFigures(3_875_544_576, 42_860_544, (4_022_468_096,),
+                         {"attention": (245_760, 614_400), "all_linear": (583_680, 921_600)}, blocks=(5, 20),
+                         vae_params=84_046_115, act_bytes_per_token={"ckpt": 413_000, "full": 3_591_688}),
 }
 
 
