@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from lora_studio.config import TrainConfig
 from test_flux2 import tiny_klein  # noqa: F401  (fixture)
 from test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 
@@ -16,23 +15,11 @@ from test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 @pytest.mark.parametrize("name", ["sd3_12gb", "sd3_16gb", "sd3_24gb", "flux2_12gb", "flux2_16gb", "flux2_24gb"])
 def test_every_sd3_and_flux2_preset_runs_as_set(name, tiny_sd3, tiny_klein, demo_images, tmp_path,  # noqa: F811
                                                 monkeypatch):
-    from helpers import run_job
-
-    from lora_studio.presets import get_preset
+    from helpers import run_preset_as_set
 
     monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")  # bf16 and nf4 (bitsandbytes' CPU kernels) as on a GPU
-    preset = get_preset(name)
     model = tiny_sd3 if name.startswith("sd3") else tiny_klein
-    cfg = TrainConfig().replace(**preset.values).replace(
-        base_model=str(model), train_data_dir=str(demo_images), output_dir=str(tmp_path / "out"), resolution=64,
-        batch_size=min(preset.values["batch_size"], 2), max_train_steps=3, save_steps=0, lora_rank=4,
-        learning_rate=1e-2, max_sequence_length=32).validate()
-    job = run_job(cfg)
-    assert job.status == "finished", job.error
-    log = job.snapshot().log
-    assert any(f"weights bfloat16, base {cfg.base_quantization}" in line for line in log), log
-    assert not any("instead" in line for line in log), log  # no fallback of the quantized base or 8-bit AdamW
-    assert any("Export check passed" in line for line in log), log
+    job = run_preset_as_set(name, model, demo_images, tmp_path / "out", steps=3)
     losses = [loss for _, loss in job.snapshot().losses]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 

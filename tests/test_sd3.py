@@ -15,7 +15,7 @@ import pytest
 
 from lora_studio.config import TrainConfig
 from lora_studio.training.run_folder import RunFolder
-from helpers import run_job, stop_then_resume
+from helpers import assert_file_reloads, exported_file, flow_config, run_job, stop_then_resume
 
 
 @pytest.fixture(scope="session")
@@ -26,37 +26,19 @@ def tiny_sd3(tmp_path_factory) -> Path:
 
 
 def sd3_config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
-    values = dict(base_model=str(model), train_data_dir=str(data), output_dir=str(out), resolution=64, lora_rank=4,
-                  lora_alpha=2.0, learning_rate=1e-2, batch_size=2, max_train_steps=3, save_steps=0, seed=3,
-                  max_sequence_length=32, timestep_sampling="shift", discrete_flow_shift=3.0)
-    values.update(changes)
-    return TrainConfig(**values).validate()
-
-
-def _render(pipe, prompt: str, seed: int = 1) -> np.ndarray:
-    from lora_studio.export.verify import render
-
-    return render(pipe, prompt, seed, steps=2, size=64)
+    return flow_config(model, data, out, **{"lora_alpha": 2.0, "timestep_sampling": "shift",
+                                            "discrete_flow_shift": 3.0, **changes})
 
 
 def test_sd3_lora_trains_exports_and_every_layer_is_placed(tiny_sd3, demo_images, tmp_path):
     from diffusers import StableDiffusion3Pipeline
-    from safetensors import safe_open
 
     from lora_studio.export.diffusers_format import module_of
     from lora_studio.export.sd3_lora import comfy_maps_sd3
-    from lora_studio.export.verify import count_placed
 
     job = run_job(sd3_config(tiny_sd3, demo_images, tmp_path / "out"))
-    assert job.status == "finished", job.error
-    log = job.snapshot().log
-    passed = [line for line in log if "Export check passed" in line]
-    assert passed and "strength 0 vs base 0" in passed[0], log
-    assert float(passed[0].split("within ")[1].split(" ")[0]) < 1e-3
-
+    keys, meta = exported_file(job)
     lora = job.run.path / "my_lora.safetensors"
-    with safe_open(str(lora), "pt") as fh:
-        keys, meta = list(fh.keys()), fh.metadata()
     modules = sorted({module_of(k) for k in keys})
     assert all(k.startswith("transformer.") and ".lora_" in k for k in keys)  # no alpha: diffusers' SD3 refuses it
     # attention: block 0 has both streams' q/k/v/out and attn2's (8 + 4); the last block has no to_add_out (7)
@@ -66,16 +48,8 @@ def test_sd3_lora_trains_exports_and_every_layer_is_placed(tiny_sd3, demo_images
     assert meta["ss_network_dim"] == "4" and meta["lora_studio_trained_alpha"] == "2.0" and meta["sshs_model_hash"]
     assert (job.run.path / "README.md").is_file()
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
-    pipe.set_progress_bar_config(disable=True)
     prompt = "a red circle on a light background"
-    base = _render(pipe, prompt)
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="mine")
-    assert count_placed(pipe.transformer, "mine") == len(modules)
-    pipe.set_adapters(["mine"], adapter_weights=[0.0])
-    assert np.array_equal(_render(pipe, prompt), base)  # strength 0 is the base exactly
-    pipe.set_adapters(["mine"], adapter_weights=[1.0])
-    assert np.abs(_render(pipe, prompt) - base).max() > 1e-3
+    assert_file_reloads(StableDiffusion3Pipeline.from_pretrained(tiny_sd3), lora, len(modules), prompt)
 
     # the Testing tab and `generate`: the family's pipeline through the grid's cache, CFG with a negative prompt
     from lora_studio.inference.grid import PipelineCache, RenderSettings, render_strengths

@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 from ..errors import ModelLoadError
 from ..families import get_family
-from .detect import first_line
 from .flux_loading import _local_only, _source
 from .load_lock import model_loading
+from .transformer_loading import load_failure, load_transformer_files
 
 DEFAULT_CONFIG = "black-forest-labs/FLUX.2-klein-base-4B"
 DISTILLED_RENDER = {"steps": 4, "cfg": 1.0}
@@ -68,13 +68,8 @@ def config_source(single_file_config: str | None) -> str:
     return _source(single_file_config) if single_file_config else DEFAULT_CONFIG
 
 
-def _fail(base_model: str, family: str, exc: Exception, single_file: bool) -> ModelLoadError:
-    hint = "Check that it is complete and of that family."
-    if single_file:
-        hint = (f"{hint} A single-file checkpoint holds the transformer only: its VAE, text encoder and configs come "
-                "from the hub the first time, or set single_file_config to a diffusers folder of the same model.")
-    return ModelLoadError(f"Could not load the {get_family(family).name} model '{base_model}': {first_line(exc)}. "
-                          f"{hint}")
+SINGLE_FILE_HINT = ("A single-file checkpoint holds the transformer only: its VAE, text encoder and configs come "
+                    "from the hub the first time, or set single_file_config to a diffusers folder of the same model.")
 
 
 def load_flux2_pipeline(base_model: str, family: str = "flux2", *, torch_dtype=None,
@@ -102,7 +97,8 @@ def load_flux2_pipeline(base_model: str, family: str = "flux2", *, torch_dtype=N
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise _fail(base_model, family, exc, path.is_file() and not single_file_config) from None
+        hint = SINGLE_FILE_HINT if path.is_file() and not single_file_config else ""
+        raise load_failure(base_model, family, exc, hint) from None
 
 
 def load_flux2_transformer(base_model: str, family: str = "flux2", *, torch_dtype=None,
@@ -110,22 +106,7 @@ def load_flux2_transformer(base_model: str, family: str = "flux2", *, torch_dtyp
     """The ``Flux2Transformer2DModel`` alone (folder, hub id or single file), optionally quantized while loading."""
     from diffusers import Flux2Transformer2DModel
 
-    path = Path(base_model).expanduser()
-    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    try:
-        with model_loading(base_model):
-            if path.is_file():
-                source = config_source(single_file_config)
-                return Flux2Transformer2DModel.from_single_file(str(path), config=source, subfolder="transformer",
-                                                                local_files_only=_local_only(source), **kwargs)
-            if quantization_config is not None:
-                kwargs["quantization_config"] = quantization_config
-            if device_map is not None:
-                kwargs["device_map"] = device_map
-            source = str(path) if path.is_dir() else base_model
-            return Flux2Transformer2DModel.from_pretrained(source, subfolder="transformer",
-                                                           local_files_only=_local_only(source), **kwargs)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise _fail(base_model, family, exc, path.is_file() and not single_file_config) from None
+    return load_transformer_files(
+        Flux2Transformer2DModel, base_model, family, torch_dtype=torch_dtype, quantization_config=quantization_config,
+        device_map=device_map, file_config=lambda: config_source(single_file_config),
+        single_file_hint="" if single_file_config else SINGLE_FILE_HINT)

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 from ..errors import ModelLoadError
 from ..families import get_family
-from .detect import first_line
 from .flux_loading import _local_only, _source
 from .load_lock import model_loading
+from .transformer_loading import load_failure, load_transformer_files
 
 DEFAULT_CONFIG = {"large": "stabilityai/stable-diffusion-3.5-large",
                   "medium": "stabilityai/stable-diffusion-3.5-medium"}
@@ -85,14 +85,9 @@ def config_source(path: Path, single_file_config: str | None) -> str:
     return DEFAULT_CONFIG["medium" if _single_file_is_medium(path) else "large"]
 
 
-def _fail(base_model: str, family: str, exc: Exception, single_file: bool) -> ModelLoadError:
-    hint = "Check that it is complete and of that family."
-    if single_file:
-        hint = (f"{hint} A single-file checkpoint takes its configs and tokenizers (and text encoders it lacks) from "
-                "the hub the first time (SD3.5 is gated: accept its licence on the hub and log in), or set "
-                "single_file_config to a diffusers folder of SD3.5.")
-    return ModelLoadError(f"Could not load the {get_family(family).name} model '{base_model}': {first_line(exc)}. "
-                          f"{hint}")
+SINGLE_FILE_HINT = ("A single-file checkpoint takes its configs and tokenizers (and text encoders it lacks) from "
+                    "the hub the first time (SD3.5 is gated: accept its licence on the hub and log in), or set "
+                    "single_file_config to a diffusers folder of SD3.5.")
 
 
 def load_sd3_pipeline(base_model: str, family: str = "sd3", *, torch_dtype=None, single_file_config: str | None = None,
@@ -117,7 +112,8 @@ def load_sd3_pipeline(base_model: str, family: str = "sd3", *, torch_dtype=None,
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise _fail(base_model, family, exc, path.is_file() and not single_file_config) from None
+        hint = SINGLE_FILE_HINT if path.is_file() and not single_file_config else ""
+        raise load_failure(base_model, family, exc, hint) from None
 
 
 def load_sd3_transformer(base_model: str, family: str = "sd3", *, torch_dtype=None,
@@ -125,22 +121,7 @@ def load_sd3_transformer(base_model: str, family: str = "sd3", *, torch_dtype=No
     """The ``SD3Transformer2DModel`` alone (folder, hub id or single file), optionally quantized while loading."""
     from diffusers import SD3Transformer2DModel
 
-    path = Path(base_model).expanduser()
-    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    try:
-        with model_loading(base_model):
-            if path.is_file():
-                source = config_source(path, single_file_config)
-                return SD3Transformer2DModel.from_single_file(str(path), config=source, subfolder="transformer",
-                                                              local_files_only=_local_only(source), **kwargs)
-            if quantization_config is not None:
-                kwargs["quantization_config"] = quantization_config
-            if device_map is not None:
-                kwargs["device_map"] = device_map
-            source = str(path) if path.is_dir() else base_model
-            return SD3Transformer2DModel.from_pretrained(source, subfolder="transformer",
-                                                         local_files_only=_local_only(source), **kwargs)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise _fail(base_model, family, exc, path.is_file() and not single_file_config) from None
+    return load_transformer_files(
+        SD3Transformer2DModel, base_model, family, torch_dtype=torch_dtype, quantization_config=quantization_config,
+        device_map=device_map, file_config=lambda: config_source(Path(base_model).expanduser(), single_file_config),
+        single_file_hint="" if single_file_config else SINGLE_FILE_HINT)

@@ -1,11 +1,11 @@
 """SD3 / SD3.5 (Large, Medium, Large Turbo) on the flow-matching trainer: what this family adds to
 ``FluxTrainer`` (whose quantized loading, export check and metadata it shares).
 
-- **Text** (encoded once, CLIP-L + CLIP-G and then T5 taking turns on the GPU, then they leave it): CLIP-L and CLIP-G (penultimate hidden states,
-  joined, padded to T5's width, and their pooled projections) and T5-XXL (``max_sequence_length`` tokens; SD3.5
-  was trained with 256), joined as the pipeline's ``encode_prompt`` joins them (its own ``_get_clip_prompt_embeds``
-  and ``_get_t5_prompt_embeds``), as diffusers' ``train_dreambooth_lora_sd3.py`` does. A pipeline loaded without T5 (``text_encoder_3=None``) gets the zeros
-  the pipeline puts in its place.
+- **Text** (encoded once: CLIP-L + CLIP-G, then T5, take turns on the GPU, then they leave it): CLIP-L's and
+  CLIP-G's penultimate hidden states (joined, padded to T5's width) and pooled projections, and T5-XXL's sequence
+  (``max_sequence_length`` tokens; SD3.5 was trained with 256), joined as the pipeline's ``encode_prompt`` joins
+  them (its own ``_get_clip_prompt_embeds`` / ``_get_t5_prompt_embeds``), as diffusers'
+  ``train_dreambooth_lora_sd3.py`` does. A pipeline loaded without T5 (``text_encoder_3=None``) gets zeros there.
 - **Latents**: 16 channels with the VAE's shift and scaling factors (cached), unpacked: the transformer patches
   them 2x2 itself. Buckets are multiples of 64 px, so every latent side is a multiple of the patch size.
 - **Timesteps**: the model sees ``1000 sigma`` (the scheduler's timesteps). SD3.5's scheduler shifts its noise
@@ -131,8 +131,8 @@ class SD3Trainer(FluxTrainer):
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = noisy.dtype
         return self.trained_denoiser()(
-            hidden_states=noisy, timestep=(sigmas * 1000).to(dtype), encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            pooled_projections=cond["pooled"].to(dtype), return_dict=False)[0]
+            hidden_states=noisy, timestep=(sigmas * 1000).to(dtype), pooled_projections=cond["pooled"].to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype), return_dict=False)[0]
 
     # --- files --------------------------------------------------------------------------------------
     def render_kwargs(self) -> dict[str, Any]:
