@@ -118,7 +118,8 @@ class FlowMatchingTrainer(ImageTrainer):
     - ``encode_text(captions)``: conditioning tensors per caption (dict of batched tensors), cached once;
     - ``predict(noisy, sigmas, cond)``: the velocity for latents (B, C, h, w) (packing is the family's business);
     - ``write_lora(path, step, epoch)``: the user-facing LoRA file; ``verify(path)``: the export check;
-    - ``render_kwargs()``: guidance and steps for sample images.
+    - ``render_kwargs()``: guidance and steps for sample images;
+    - ``normalize_latents(latents)`` (optional): normalisation beyond the VAE's scalar factors (FLUX.2's batch norm).
     """
 
     denoiser_name = "transformer"
