@@ -4,10 +4,11 @@
     pipe = load_sd3_pipeline("sd3.5_medium.safetensors", "sd3", single_file_config="/models/sd3.5-medium")
     model_render_defaults("/models/sd3.5-large-turbo", "sd3")      # {"steps": 4, "cfg": 0.0}
 
-A single file is Stability's layout (``model.diffusion_model.joint_blocks.*``, often with the VAE and text
-encoders inside), which diffusers' ``from_single_file`` converts; what the file lacks (configs, tokenizers, text
-encoders) comes from ``single_file_config`` (a diffusers folder or hub id of SD3.5) or else the released model of
-the same size on the hub (``DEFAULT_CONFIG``; gated: accept its licence and log in once). Render settings differ
+A single file is Stability's layout (``model.diffusion_model.joint_blocks.*``); its transformer is converted by
+diffusers' ``from_single_file``, and the VAE, text encoders, tokenizers and configs come from ``single_file_config``
+(a diffusers folder or hub id of SD3.5) or else the released model of the same size on the hub (``DEFAULT_CONFIG``;
+gated: accept its licence and log in once), as for FLUX.1 files: a VAE or text encoders inside the file are not
+read (the released ones are the same). Render settings differ
 by model: Large 28 steps / CFG 3.5, Medium 40 / 4.5 (its MMDiT-X blocks have a second attention ``attn2``),
 Large Turbo 4 / 0 (told by its name). Every load holds the process-wide model-loading lock.
 """
@@ -85,7 +86,7 @@ def config_source(path: Path, single_file_config: str | None) -> str:
     return DEFAULT_CONFIG["medium" if _single_file_is_medium(path) else "large"]
 
 
-SINGLE_FILE_HINT = ("A single-file checkpoint takes its configs and tokenizers (and text encoders it lacks) from "
+SINGLE_FILE_HINT = ("A single-file checkpoint takes its VAE, text encoders, tokenizers and configs from "
                     "the hub the first time (SD3.5 is gated: accept its licence on the hub and log in), or set "
                     "single_file_config to a diffusers folder of SD3.5.")
 
@@ -104,10 +105,13 @@ def load_sd3_pipeline(base_model: str, family: str = "sd3", *, torch_dtype=None,
         kwargs["transformer"] = transformer
     try:
         with model_loading(base_model), download_progress(base_model, report):
-            if path.is_file():
+            if path.is_file():  # the transformer from the file, the rest from the configuration source
                 source = config_source(path, single_file_config)
-                return cls.from_single_file(str(path), config=source, local_files_only=_local_only(source), **kwargs)
-            source = str(path) if path.is_dir() else base_model
+                if "transformer" not in kwargs:
+                    kwargs["transformer"] = load_sd3_transformer(base_model, family, torch_dtype=torch_dtype,
+                                                                 single_file_config=single_file_config)
+            else:
+                source = str(path) if path.is_dir() else base_model
             return cls.from_pretrained(source, local_files_only=_local_only(source), **kwargs)
     except ModelLoadError:
         raise
