@@ -165,3 +165,21 @@ def test_flux2_presets_fit_their_budget_by_estimate_and_the_estimate_covers_a_me
     parts = estimate_breakdown(cfg, "flux2").parts
     estimated = parts["activations"] + parts["LoRA weights, gradients and optimizer"]
     assert measured <= estimated <= 1.5 * measured, (measured, estimated)
+
+
+def test_klein_trains_from_a_single_file_in_bfl_layout(tiny_klein, demo_images, tmp_path):
+    from diffusers import Flux2Transformer2DModel
+
+    from lora_studio.models.detect import detect_family
+    from lora_studio.models.flux2_loading import load_flux2_transformer
+    from lora_studio.models.tiny_flux2 import save_flux2_single_file
+
+    single = save_flux2_single_file(tiny_klein, tmp_path / "flux-2-klein-tiny.safetensors")
+    assert detect_family(str(single)) == "flux2"
+    loaded = load_flux2_transformer(str(single), single_file_config=str(tiny_klein)).state_dict()
+    expected = Flux2Transformer2DModel.from_pretrained(tiny_klein / "transformer").state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    # the VAE, text encoder and configs from single_file_config (the export check: see the SD3.5 single-file test)
+    job = run_job(klein_config(single, demo_images, tmp_path / "out", single_file_config=str(tiny_klein),
+                               max_train_steps=1, verify_export=False))
+    assert job.status == "finished", job.error

@@ -72,3 +72,57 @@ def build_tiny_flux2_klein(folder: str | Path, seed: int = 0, *, distilled: bool
                               is_distilled=distilled)
     pipe.save_pretrained(folder)
     return folder
+
+
+def diffusers_to_bfl2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ``Flux2Transformer2DModel`` state dict in Black Forest Labs' FLUX.2 layout (``double_blocks.N.img_attn.qkv``,
+    ``single_blocks.N.linear1`` ...): the inverse of diffusers' ``convert_flux2_transformer_checkpoint_to_diffusers``."""
+    top = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+           "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+           "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+           "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+           "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+           "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+           "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+           "single_stream_modulation.linear": "single_stream_modulation.lin"}
+    double = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+              "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+              "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale", "attn.to_out.0.weight": "img_attn.proj.weight",
+              "attn.to_add_out.weight": "txt_attn.proj.weight", "ff.linear_in.weight": "img_mlp.0.weight",
+              "ff.linear_out.weight": "img_mlp.2.weight", "ff_context.linear_in.weight": "txt_mlp.0.weight",
+              "ff_context.linear_out.weight": "txt_mlp.2.weight"}
+    single = {"attn.to_qkv_mlp_proj.weight": "linear1.weight", "attn.to_out.weight": "linear2.weight",
+              "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        kind, _, rest = key.partition(".")
+        if kind == "transformer_blocks":
+            index, _, name = rest.partition(".")
+            if name in double:
+                out[f"double_blocks.{index}.{double[name]}"] = value
+        elif kind == "single_transformer_blocks":
+            index, _, name = rest.partition(".")
+            out[f"single_blocks.{index}.{single[name]}"] = value
+        elif key.startswith("norm_out.linear."):
+            shift, scale = value.chunk(2, dim=0)  # diffusers (scale, shift) -> BFL (shift, scale)
+            out["final_layer.adaLN_modulation.1." + key.rsplit(".", 1)[1]] = torch.cat([scale, shift])
+        else:
+            module, _, end = key.rpartition(".")
+            out[f"{top[module]}.{end}"] = value
+    for index in {k.split(".")[1] for k in state if k.startswith("transformer_blocks.")}:
+        for stream, parts in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            out[f"double_blocks.{index}.{stream}_attn.qkv.weight"] = torch.cat(
+                [state[f"transformer_blocks.{index}.attn.{p}.weight"] for p in parts])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_flux2_single_file(folder: str | Path, path: str | Path) -> Path:
+    """The FLUX.2 transformer of the pipeline in ``folder`` as one ``.safetensors`` in BFL's layout."""
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import save_file
+
+    transformer = Flux2Transformer2DModel.from_pretrained(Path(folder) / "transformer")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(diffusers_to_bfl2(transformer.state_dict()), str(path))
+    return path
