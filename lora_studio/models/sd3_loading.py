@@ -19,11 +19,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ModelLoadError
 from ..families import get_family
-from .flux_loading import _local_only, _source
-from .load_lock import model_loading
-from .transformer_loading import load_failure, load_transformer_files
+from .flux_loading import _source
+from .transformer_loading import load_pipeline_files, load_transformer_files
 
 DEFAULT_CONFIG = {"large": "stabilityai/stable-diffusion-3.5-large",
                   "medium": "stabilityai/stable-diffusion-3.5-medium"}
@@ -95,29 +93,16 @@ def load_sd3_pipeline(base_model: str, family: str = "sd3", *, torch_dtype=None,
                       transformer=None, without_transformer: bool = False,
                       report: Callable[[str], None] | None = None):
     """A ``StableDiffusion3Pipeline``; ``transformer`` replaces the model's own (already loaded);
-    ``without_transformer`` leaves it out (the trainer loads it after caching, quantized as asked)."""
-    from .download import download_progress
-
-    cls = get_family(family).pipeline_class()
+    ``without_transformer`` leaves it out (the trainer loads it after caching, quantized as asked). A single file
+    gives the transformer, the configuration source the rest."""
     path = Path(base_model).expanduser()
-    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    if transformer is not None or without_transformer:
-        kwargs["transformer"] = transformer
-    try:
-        with model_loading(base_model), download_progress(base_model, report):
-            if path.is_file():  # the transformer from the file, the rest from the configuration source
-                source = config_source(path, single_file_config)
-                if "transformer" not in kwargs:
-                    kwargs["transformer"] = load_sd3_transformer(base_model, family, torch_dtype=torch_dtype,
-                                                                 single_file_config=single_file_config)
-            else:
-                source = str(path) if path.is_dir() else base_model
-            return cls.from_pretrained(source, local_files_only=_local_only(source), **kwargs)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        hint = SINGLE_FILE_HINT if path.is_file() and not single_file_config else ""
-        raise load_failure(base_model, family, exc, hint) from None
+    return load_pipeline_files(
+        lambda source: get_family(family).pipeline_class(), base_model, family,
+        file_config=lambda: config_source(path, single_file_config),
+        load_transformer=lambda: load_sd3_transformer(base_model, family, torch_dtype=torch_dtype,
+                                                      single_file_config=single_file_config),
+        torch_dtype=torch_dtype, transformer=transformer, without_transformer=without_transformer, report=report,
+        single_file_hint="" if single_file_config else SINGLE_FILE_HINT)
 
 
 def load_sd3_transformer(base_model: str, family: str = "sd3", *, torch_dtype=None,

@@ -44,3 +44,31 @@ def load_transformer_files(cls, base_model: str, family: str, *, file_config: Ca
         raise
     except Exception as exc:
         raise load_failure(base_model, family, exc, single_file_hint if path.is_file() else "") from None
+
+
+def load_pipeline_files(pipeline_for: Callable[[str], Any], base_model: str, family: str, *,
+                        file_config: Callable[[], str], load_transformer: Callable[[], Any], torch_dtype=None,
+                        transformer=None, without_transformer: bool = False, report: Callable[[str], None] | None = None,
+                        single_file_hint: str = ""):
+    """The pipeline (``pipeline_for(source)``: its class) of a folder or hub id, or of a single transformer file
+    (``load_transformer()``) with everything else from ``file_config()``; ``transformer`` replaces the model's own,
+    ``without_transformer`` leaves it out (the trainer loads it after caching, quantized as asked)."""
+    from .download import download_progress
+
+    path = Path(base_model).expanduser()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if transformer is not None or without_transformer:
+        kwargs["transformer"] = transformer
+    try:
+        with model_loading(base_model), download_progress(base_model, report):
+            if path.is_file():
+                source = file_config()
+                if "transformer" not in kwargs:
+                    kwargs["transformer"] = load_transformer()
+            else:
+                source = str(path) if path.is_dir() else base_model
+            return pipeline_for(source).from_pretrained(source, local_files_only=_local_only(source), **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise load_failure(base_model, family, exc, single_file_hint if path.is_file() else "") from None
