@@ -45,6 +45,7 @@ def test_sd3_lora_trains_exports_and_every_layer_is_placed(tiny_sd3, demo_images
     assert len(modules) == 12 + 7
     assert all(comfy_maps_sd3(m.removeprefix("transformer.")) for m in modules)
     assert meta["ss_base_model_version"] == "sd3" and meta["ss_network_module"] == "networks.lora_sd3"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v3-5-medium/lora"  # the tiny model has attn2
     assert meta["ss_network_dim"] == "4" and meta["lora_studio_trained_alpha"] == "2.0" and meta["sshs_model_hash"]
     assert (job.run.path / "README.md").is_file()
 

@@ -103,6 +103,13 @@ class Flux2Trainer(FluxTrainer):
         found = render_settings(dict(self.pipe.config), entry.sample_steps, entry.guidance_scale)
         return {"guidance_scale": found["cfg"], "num_inference_steps": found["steps"]}
 
+    def metadata(self, step: int, epoch: int) -> dict[str, str]:
+        """kohya's keys; ``modelspec.architecture`` names klein or dev (its pipeline class)."""
+        meta = super().metadata(step, epoch)
+        dev = type(self.pipe).__name__ == "Flux2Pipeline"
+        meta["modelspec.architecture"] = f"flux-2-{'dev' if dev else 'klein'}/lora"
+        return meta
+
     def write_lora(self, path: Path, step: int, epoch: int) -> Path:
         from ..export.flux_lora import COMFY_DOUBLE, check_placement
         from ..export.sd3_lora import save_folded_lora

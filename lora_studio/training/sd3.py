@@ -140,6 +140,15 @@ class SD3Trainer(FluxTrainer):
 
         return render_defaults(self.config.base_model, self.accelerator.unwrap_model(self.denoiser).config)
 
+    def metadata(self, step: int, epoch: int) -> dict[str, str]:
+        """kohya's keys; ``modelspec.architecture`` names Large or Medium (sd-scripts' names)."""
+        from ..models.sd3_loading import model_kind
+
+        meta = super().metadata(step, epoch)
+        kind = model_kind(self.config.base_model, self.accelerator.unwrap_model(self.denoiser).config)
+        meta["modelspec.architecture"] = f"stable-diffusion-v3-5-{'medium' if kind == 'medium' else 'large'}/lora"
+        return meta
+
     def write_lora(self, path: Path, step: int, epoch: int) -> Path:
         from ..export.flux_lora import check_placement
         from ..export.sd3_lora import COMFY_SD3_BLOCK, comfy_maps_sd3, save_folded_lora
