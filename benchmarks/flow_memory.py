@@ -50,7 +50,8 @@ def build(family: str, config: dict, rank: int = 16, targets: str = "attention",
     with torch.device("meta"):
         model = cls(**config)
     model.requires_grad_(False).to(dtype)
-    layers = target_modules(model, TrainConfig(lora_targets=targets), presets)
+    blocks = {"transformer_blocks": "train_double_block_indices"} if family == "sd3" else None
+    layers = target_modules(model, TrainConfig(lora_targets=targets), *presets, blocks)
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=layers))
     for p in model.parameters():
         if p.requires_grad:

@@ -34,7 +34,6 @@ def build_flux(config: dict | None = None, rank: int = 16, targets: str = "atten
                dtype: torch.dtype = torch.bfloat16):
     """The transformer on the meta device with the trainer's LoRA (fp32) on ``targets``' layers."""
     from diffusers import FluxTransformer2DModel
-    from peft import LoraConfig
 
     from lora_studio.config import TrainConfig
     from lora_studio.training.flux import target_modules
@@ -42,7 +41,13 @@ def build_flux(config: dict | None = None, rank: int = 16, targets: str = "atten
     with torch.device("meta"):
         model = FluxTransformer2DModel(**(config or FLUX_CONFIG))
     model.requires_grad_(False).to(dtype)
-    layers = target_modules(model, TrainConfig(lora_targets=targets))
+    return with_trainer_lora(model, target_modules(model, TrainConfig(lora_targets=targets)), rank)
+
+
+def with_trainer_lora(model, layers: list[str], rank: int):
+    """``model`` (frozen, half precision) with the trainer's LoRA on ``layers``, its weights in fp32."""
+    from peft import LoraConfig
+
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=layers))
     for p in model.parameters():
         if p.requires_grad:

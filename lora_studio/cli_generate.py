@@ -4,7 +4,8 @@
         --strengths 0,0.5,1 --out grid.png
 
 Several ``--lora`` files (e.g. checkpoints of one run) give one row each. Strength 0 is the base model. Steps and
-guidance default to what the model is made for (FLUX.1-dev 28 / 3.5, schnell 4 / 0, Chroma 35 / 5, SD 25 / 7).
+guidance default to what the model is made for (FLUX.1-dev 28 / 3.5, schnell 4 / 0, Chroma 35 / 5, Qwen-Image
+50 / true CFG 4, Z-Image-Turbo 9 / 0, SD 25 / 7).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: FLUX.1-dev 28, schnell 4, Chroma 35, Stable Diffusion 25)")
+                   help="sampling steps (default: FLUX.1-dev 28, schnell 4, Chroma 35, Qwen-Image 50, "
+                        "Z-Image-Turbo 9, Stable Diffusion 25)")
     p.add_argument("--cfg", type=float, default=None,
-                   help="guidance scale (default: FLUX.1-dev 3.5, schnell 0, Chroma 5, Stable Diffusion 7)")
+                   help="guidance scale (default: FLUX.1-dev 3.5, schnell 0, Chroma 5, Qwen-Image 4 (true CFG), "
+                        "Z-Image-Turbo 0, Stable Diffusion 7)")
     p.add_argument("--size", type=int, default=None, help="width and height in pixels (default: the model's)")
     p.add_argument("--vae", default=None, help="optional VAE folder, hub id or file")
     p.add_argument("--single-file-config", default=None, metavar="MODEL",

@@ -458,7 +458,8 @@ def load_config(path: str | os.PathLike | None = None, *, preset: str | None = N
 
 
 GROUP_TITLES = {"main": "Main settings", "advanced": "Advanced",
-                "flow": "FLUX and Chroma (flow matching)", "llm": "Language models (family: llm)"}
+                "flow": "Flow-matching transformers (FLUX, Chroma, Qwen-Image, Z-Image)",
+                "llm": "Language models (family: llm)"}
 
 
 def template_yaml() -> str:

@@ -41,6 +41,13 @@ FLUX2_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn
                    "attn.add_v_proj", "attn.to_add_out", "attn.to_qkv_mlp_proj")
 FLUX2_ALL_LINEAR = FLUX2_ATTENTION + ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
                                       "attn.to_out")
+# Qwen-Image blocks: q, k, v and out of the image and text streams; all_linear adds both streams' feed-forward layers
+QWEN_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                  "attn.add_v_proj", "attn.to_add_out")
+QWEN_ALL_LINEAR = QWEN_ATTENTION + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+# Z-Image main layers: q, k, v and out of the single-stream attention; all_linear adds the feed-forward layers
+Z_IMAGE_ATTENTION = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
+Z_IMAGE_ALL_LINEAR = Z_IMAGE_ATTENTION + ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,27 @@ def _is_sd3_keys(keys: set[str]) -> bool:
     return any(k.startswith("joint_blocks.") for k in _bfl_names(keys))
 
 
+# Qwen-Image / Z-Image: a diffusers folder names its pipeline class; a single file is the transformer as ComfyUI
+# publishes it (Qwen-Image in diffusers' names with its text-norm ``txt_norm``; Z-Image in its original layout,
+# with the noise and context refiners), optionally under ``model.diffusion_model.``.
+def _is_qwen_image_index(index: dict[str, Any], folder: Path) -> bool:
+    return index.get("_class_name") == "QwenImagePipeline"
+
+
+def _is_qwen_image_keys(keys: set[str]) -> bool:
+    names = _bfl_names(keys)
+    return {"txt_norm.weight", "img_in.weight"} <= names and any(".img_mod." in k for k in names)
+
+
+def _is_z_image_index(index: dict[str, Any], folder: Path) -> bool:
+    return index.get("_class_name") == "ZImagePipeline"
+
+
+def _is_z_image_keys(keys: set[str]) -> bool:
+    names = _bfl_names(keys)
+    return any(k.startswith("noise_refiner.") for k in names) and any(k.startswith("context_refiner.") for k in names)
+
+
 # --- the registry ------------------------------------------------------------------------------------------
 _SD = dict(kind="image", trainer="lora_studio.training.diffusion:DiffusionTrainer",
            pipeline="diffusers:StableDiffusionPipeline", default_targets=SD_ATTENTION,
@@ -200,7 +228,7 @@ _SD = dict(kind="image", trainer="lora_studio.training.diffusion:DiffusionTraine
 # guidance-distilled (dev 28 / 3.5, schnell 4 / 0), which the render_defaults hook reads from its files.
 _FLOW = dict(kind="image", default_resolution=1024, default_targets=FLUX_ATTENTION, target_choices=FLUX_ALL_LINEAR,
              targets_help="Transformer layers that get a LoRA, in every kept block (Enter adds one). Empty: the "
-                          "lora_targets preset (attention, or all_linear) under 'FLUX and Chroma'.",
+                          "lora_targets preset (attention, or all_linear) under 'Flow-matching transformers'.",
              settings_group="flow", preset_group="flux", formats=("diffusers",), half_dtype="bfloat16",
              caption_style="detailed", text_token_limit=512,
              pipeline_loader="lora_studio.models.flux_loading:load_flux_pipeline",
@@ -238,6 +266,23 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
               "lora_targets preset (attention, or all_linear).",
               "pipeline_loader": "lora_studio.models.flux2_loading:load_flux2_pipeline",
               "render_defaults": "lora_studio.models.flux2_loading:model_render_defaults"}),
+    Family("qwen_image", "Qwen-Image", kind="image", trainer="lora_studio.training.qwen_image:QwenImageTrainer",
+           pipeline="diffusers:QwenImagePipeline", default_resolution=1024, default_targets=QWEN_ATTENTION,
+           target_choices=QWEN_ALL_LINEAR, targets_help="Transformer layers that get a LoRA, in every kept block "
+           "(Enter adds one). Empty: the lora_targets preset (attention, or all_linear).", settings_group="flow",
+           preset_group="qwen_image", formats=("diffusers",), kohya_version="qwen_image", sample_steps=50,
+           guidance_scale=4.0, half_dtype="bfloat16", caption_style="detailed", text_token_limit=512,
+           matches_index=_is_qwen_image_index, matches_keys=_is_qwen_image_keys,
+           pipeline_loader="lora_studio.models.flow_loading:load_flow_pipeline",
+           render_defaults="lora_studio.training.qwen_image:qwen_render_defaults", notes={"true_cfg": True}),
+    Family("z_image", "Z-Image", kind="image", trainer="lora_studio.training.z_image:ZImageTrainer",
+           pipeline="diffusers:ZImagePipeline", default_resolution=1024, default_targets=Z_IMAGE_ATTENTION,
+           target_choices=Z_IMAGE_ALL_LINEAR, targets_help="Transformer layers that get a LoRA, in every kept main "
+           "layer (Enter adds one). Empty: the lora_targets preset (attention, or all_linear).", settings_group="flow",
+           preset_group="z_image", formats=("diffusers",), kohya_version="z_image", sample_steps=9, guidance_scale=0.0,
+           half_dtype="bfloat16", caption_style="detailed", text_token_limit=512, matches_index=_is_z_image_index,
+           matches_keys=_is_z_image_keys, pipeline_loader="lora_studio.models.flow_loading:load_flow_pipeline",
+           render_defaults="lora_studio.training.z_image:z_image_render_defaults"),
     Family("llm", "causal language model", kind="text", trainer="lora_studio.training.llm:LLMTrainer",
            default_targets=("q_proj", "v_proj"), settings_group="llm", preset_group="llm", formats=("peft",),
            text_token_limit=None),

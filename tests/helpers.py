@@ -35,9 +35,9 @@ def flow_config(model, data, out, **changes) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
-def assert_file_reloads(pipe, lora, modules: int, prompt: str) -> None:
-    """``lora`` loaded into the fresh ``pipe`` as a user's diffusers script loads it: ``modules`` layers really
-    placed (diffusers drops unknown keys silently), strength 0 renders the base exactly, strength 1 differs."""
+def assert_reloads_in_diffusers(pipe, lora, modules: int, prompt: str = "a red circle on a light background") -> None:
+    """Load ``lora`` into ``pipe`` as a user's diffusers script does: every one of ``modules`` layers placed (counted,
+    as diffusers drops unknown keys silently), strength 0 renders the base exactly, strength 1 differs."""
     import numpy as np
 
     from lora_studio.export.verify import count_placed, render

@@ -16,7 +16,7 @@ import torch
 
 from lora_studio.config import TrainConfig
 from lora_studio.training.run_folder import RunFolder
-from helpers import assert_file_reloads, exported_file, flow_config, run_job, stop_then_resume
+from helpers import assert_reloads_in_diffusers, exported_file, flow_config, run_job, stop_then_resume
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def test_klein_lora_trains_exports_and_every_layer_is_placed(tiny_klein, demo_im
     assert all(comfy_maps(m.removeprefix("transformer.")) for m in modules)
     assert meta["ss_base_model_version"] == "flux2" and meta["lora_studio_trained_alpha"] == "8.0"
 
-    assert_file_reloads(Flux2KleinPipeline.from_pretrained(tiny_klein), lora, len(modules), "a red circle")
+    assert_reloads_in_diffusers(Flux2KleinPipeline.from_pretrained(tiny_klein), lora, len(modules), "a red circle")
 
 
 def test_klein_all_linear_file_reloads_with_every_layer_and_strength_0_is_the_base(tiny_klein, demo_images,

@@ -15,7 +15,7 @@ import pytest
 
 from lora_studio.config import TrainConfig
 from lora_studio.training.run_folder import RunFolder
-from helpers import assert_file_reloads, exported_file, flow_config, run_job, stop_then_resume
+from helpers import assert_reloads_in_diffusers, exported_file, flow_config, run_job, stop_then_resume
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def test_sd3_lora_trains_exports_and_every_layer_is_placed(tiny_sd3, demo_images
     assert (job.run.path / "README.md").is_file()
 
     prompt = "a red circle on a light background"
-    assert_file_reloads(StableDiffusion3Pipeline.from_pretrained(tiny_sd3), lora, len(modules), prompt)
+    assert_reloads_in_diffusers(StableDiffusion3Pipeline.from_pretrained(tiny_sd3), lora, len(modules), prompt)
 
     # the Testing tab and `generate`: the family's pipeline through the grid's cache, CFG with a negative prompt
     from lora_studio.inference.grid import PipelineCache, RenderSettings, render_strengths

@@ -39,6 +39,9 @@ FAMILY_TITLES = {"sd15": "Stable Diffusion 1.5", "sd2": "Stable Diffusion 2.x", 
 # ComfyUI node that loads the base model: a transformer-only file (FLUX.1, Chroma) goes in "Load Diffusion Model"
 COMFY_LOADERS = {"flux": "Load Diffusion Model", "chroma": "Load Diffusion Model",
                  "flux2": "Load Diffusion Model"}
+# Qwen-Image, Z-Image: transformer-only files too (text encoder and VAE in their own loader nodes)
+FAMILY_TITLES.update(qwen_image="Qwen-Image", z_image="Z-Image")
+COMFY_LOADERS.update(qwen_image="Load Diffusion Model", z_image="Load Diffusion Model")
 PREFERRED_WEIGHT = 0.8
 TOP_TAGS = 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -36,6 +36,9 @@ from ..errors import ModelLoadError, TrainingError
 log = logging.getLogger(__name__)
 
 PREFIX = "transformer."
+# Qwen-Image and Z-Image files: ComfyUI's generic "diffusion_model.<name>" keys, which diffusers' Qwen-Image and
+# Z-Image loaders also read (their converters add "transformer." to every key, so that prefix would be doubled)
+DIFFUSION_MODEL_PREFIX = "diffusion_model."
 # Layers ComfyUI's flux_to_diffusers maps (comfy/utils.py), relative to transformer_blocks.N and
 # single_transformer_blocks.N
 # single_transformer_blocks.N (FLUX.2's blocks are in the same table: its feed-forward linear_in / linear_out, and
@@ -68,25 +71,25 @@ def _modules(peft_state: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def check_placement(peft_state: Mapping[str, torch.Tensor], transformer: torch.nn.Module,
-                    maps: Callable[[str], bool] = comfy_maps, family: str = "FLUX",
-                    layers: tuple[str, ...] = COMFY_DOUBLE) -> int:
+                    maps: Callable[[str], bool] = comfy_maps, known: Sequence[str] = COMFY_DOUBLE,
+                    model: str = "FLUX") -> int:
     """The number of LoRA modules; TrainingError when one is not a layer of ``transformer`` or not in ComfyUI's map
-    (``maps``: the family's; ``layers``: the block layers it places, for the message)."""
+    (``maps``: whether ComfyUI's key map of ``model`` places a module path; ``known``: layer names to suggest)."""
     names = {n.removesuffix(".base_layer") for n, _ in transformer.named_modules()}
     modules = _modules(peft_state)
     missing = [m for m in modules if m not in names]
     unmapped = [m for m in modules if not maps(m)]
     if missing or unmapped:
         first = (missing or unmapped)[0]
-        why = "is not a layer of this model" if missing else f"has no place in ComfyUI's {family} key map"
+        why = "is not a layer of this model" if missing else f"has no place in ComfyUI's {model} key map"
         raise TrainingError(f"The LoRA layer '{first}' {why} ({len(missing or unmapped)} such layers); ComfyUI would "
                             "report 'lora key not loaded'. Use lora_targets attention or all_linear, or target_modules "
-                            f"among: {', '.join(layers)}.")
+                            f"among: {', '.join(known)}.")
     return len(modules)
 
 
 def file_state(peft_state: Mapping[str, torch.Tensor], alpha: float, dtype: torch.dtype = torch.float16,
-               rank: int | None = None) -> dict[str, torch.Tensor]:
+               rank: int | None = None, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """``transformer.<module>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha`` from a PEFT state dict; DoRA adds
     ``.dora_scale``, LoKr and LoHa have their LyCORIS tensors (``lokr_w1`` ..., ``hada_w1_a`` ...) instead, as
     ComfyUI's weight adapters read them on this key map (``rank``: for a LoKr with two full factors)."""
@@ -97,22 +100,23 @@ def file_state(peft_state: Mapping[str, torch.Tensor], alpha: float, dtype: torc
     out: dict[str, torch.Tensor] = {}
     for module, tensors in by_module(peft_state).items():
         for suffix, value in lycoris_module(tensors, float(alpha), rank, dtype).items():
-            out[f"{PREFIX}{module}.{names.get(suffix, suffix)}"] = value
+            out[f"{prefix}{module}.{names.get(suffix, suffix)}"] = value
     return out
 
 
 def save_flux_lora(path: str | Path, peft_state: Mapping[str, torch.Tensor], *, rank: int, alpha: float,
-                   metadata: Mapping[str, str]) -> Path:
+                   metadata: Mapping[str, str], prefix: str = PREFIX) -> Path:
     """Write the file atomically with the ``ss_*`` metadata and the A1111 hashes (``rank`` for the record:
     every reader takes it from the tensors)."""
     from .kohya import save_kohya_lora
 
     meta = {**metadata, "format": "pt", "ss_network_dim": str(rank)}
-    return save_kohya_lora(path, file_state(peft_state, alpha, rank=rank), meta)
+    return save_kohya_lora(path, file_state(peft_state, alpha, rank=rank, prefix=prefix), meta)
 
 
 def read_flux_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """(PEFT state, alpha per module) of a ``transformer.*`` LoRA file (this form, or diffusers' without alphas;
+    the ``diffusion_model.*`` form of Qwen-Image and Z-Image;
     DoRA, LoKr and LoHa files too: a LoKr with two full factors gets alpha = its rank, scale 1)."""
     from safetensors.torch import load_file
 
@@ -123,10 +127,11 @@ def read_flux_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if not path.is_file() or path.suffix != ".safetensors":
         raise ModelLoadError(f"The LoRA '{path}' is not a .safetensors file (init_lora).")
     state = load_file(str(path))
+    prefix = DIFFUSION_MODEL_PREFIX if any(k.startswith(DIFFUSION_MODEL_PREFIX) for k in state) else PREFIX
     peft = {}
     for key, value in state.items():
-        if key.startswith(PREFIX) and not key.endswith(".alpha"):
-            name = key[len(PREFIX):]
+        if key.startswith(prefix) and not key.endswith(".alpha"):
+            name = key[len(prefix):]
             peft[name.replace(".dora_scale", ".lora_magnitude_vector")] = (
                 value.flatten() if name.endswith(".dora_scale") else value)
     if not peft:
@@ -134,7 +139,7 @@ def read_flux_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
                              "written by LoRA Studio, diffusers, ai-toolkit or SimpleTuner.")
     alphas = {}
     for module, tensors in by_module(peft).items():
-        key, rank = f"{PREFIX}{module}.alpha", module_rank(tensors)
+        key, rank = f"{prefix}{module}.alpha", module_rank(tensors)
         alphas[module] = float(rank) if lokr_is_full(tensors) or key not in state else float(state[key])
     return peft, alphas
 

@@ -69,7 +69,7 @@ def build_kohya_metadata(*, output_name: str, family: str, rank: int, alpha: flo
         "ss_epoch": int(epoch),
         "ss_training_comment": "trained with LoRA Studio",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{_ARCHITECTURE[family]}/lora",
+        "modelspec.architecture": f"{_ARCHITECTURE.get(family, family.replace('_', '-'))}/lora",
         "modelspec.implementation": _IMPLEMENTATION.get(family, "diffusers"),
         "modelspec.title": output_name,
         "modelspec.resolution": f"{width}x{height}",

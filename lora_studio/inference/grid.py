@@ -248,8 +248,8 @@ def default_cache() -> PipelineCache:
 
 def native_size(pipe) -> int:
     """The model's native image size in pixels (512 for SD1.5, 1024 for SDXL and FLUX)."""
-    if getattr(pipe, "unet", None) is None:  # transformer pipelines: their default size
-        return int(pipe.default_sample_size * pipe.vae_scale_factor)
+    if getattr(pipe, "unet", None) is None:  # transformer pipelines: their default size (Z-Image has none: 1024)
+        return int(getattr(pipe, "default_sample_size", 128) * pipe.vae_scale_factor)
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
@@ -265,19 +265,28 @@ def render_one(pipe, settings: RenderSettings, adapter: str | None, strength: fl
         pipe.set_adapters([adapter], adapter_weights=[float(strength)])
     size = native_size(pipe)
     generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
-    # by name: FLUX.2's pipelines take an input image first; FLUX.2 klein has no negative prompt ("" built in)
-    negative = {"negative_prompt": settings.negative or None} if _takes(pipe, "negative_prompt") else {}
-    with torch.inference_mode():
-        out = pipe(prompt=settings.prompt, num_inference_steps=int(settings.steps), guidance_scale=float(settings.cfg),
-                   width=int(settings.width or size), height=int(settings.height or size), generator=generator,
-                   **negative)
+    with torch.inference_mode():  # the prompt by name: FLUX.2's pipelines take an input image first
+        out = pipe(prompt=settings.prompt, num_inference_steps=int(settings.steps), width=int(settings.width or size),
+                   height=int(settings.height or size), generator=generator,
+                   **guidance_kwargs(pipe, float(settings.cfg), settings.negative))
     return out.images[0]
 
 
-def _takes(pipe, argument: str) -> bool:
+def guidance_kwargs(pipe, cfg: float, negative: str = "") -> dict[str, Any]:
+    """The pipeline's guidance arguments: ``guidance_scale``; for a family that renders with true classifier-free
+    guidance (Qwen-Image: ``notes["true_cfg"]`` in its registry entry) ``true_cfg_scale`` with a negative prompt,
+    blank when none is given (the guidance is on only with one). No negative prompt for a pipeline that takes none
+    (FLUX.2 klein: its own empty one)."""
     import inspect
 
-    return argument in inspect.signature(type(pipe).__call__).parameters
+    from ..families import FAMILIES
+
+    name = type(pipe).__name__
+    if any(f.notes.get("true_cfg") and (f.pipeline or "").endswith(":" + name) for f in FAMILIES.values()):
+        return {"true_cfg_scale": cfg, "negative_prompt": (negative or " ") if cfg > 1 else None}
+    if "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
+        return {"guidance_scale": cfg}
+    return {"guidance_scale": cfg, "negative_prompt": negative or None}
 
 
 def _has_lora(pipe) -> bool:

@@ -169,11 +169,15 @@ def load_transformer(base_model: str, family: str, *, torch_dtype=None, single_f
         if path.is_file():
             source = config_source(path, family, single_file_config)
             return load_single_file_transformer(path, family, source, torch_dtype)
-        source = str(path) if path.is_dir() else base_model
-        kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        if quantization_config is not None:
-            kwargs["quantization_config"] = quantization_config
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        return transformer_class(family).from_pretrained(source, subfolder="transformer",
-                                                         local_files_only=_local_only(source), **kwargs)
+        return transformer_from_folder(transformer_class(family), str(path) if path.is_dir() else base_model,
+                                       torch_dtype, quantization_config, device_map)
+
+
+def transformer_from_folder(cls, source: str, torch_dtype=None, quantization_config=None, device_map=None):
+    """``cls`` from the ``transformer`` subfolder of a diffusers folder or hub id, optionally quantized."""
+    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return cls.from_pretrained(source, subfolder="transformer", local_files_only=_local_only(source), **kwargs)

@@ -35,8 +35,9 @@ _CORPUS = [
 ]
 
 
-def _bpe(specials: list[str], vocab_size: int = 320):
-    """A byte-level BPE ``tokenizers.Tokenizer`` over printable ASCII with ``specials`` first."""
+def _bpe(specials: list[str], vocab_size: int = 320, corpus: list[str] | None = None):
+    """A byte-level BPE ``tokenizers.Tokenizer`` over printable ASCII with ``specials`` first (trained on
+    ``corpus``, by default the captioners' sentences)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -44,7 +45,7 @@ def _bpe(specials: list[str], vocab_size: int = 320):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=ASCII_ALPHABET,
                                   limit_alphabet=len(ASCII_ALPHABET), show_progress=False)
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator((corpus or _CORPUS) * 4, trainer=trainer)
     return tok
 
 

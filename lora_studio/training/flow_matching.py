@@ -91,6 +91,14 @@ def loss_weights(method: str, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(method, sigmas=sigmas.float()).float()
 
 
+def stack_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked; a family whose text length varies by caption (Qwen-Image, Z-Image: their masks say
+    which tokens are real) gets the shorter ones zero-padded at the end, as its pipeline pads a batch."""
+    longest = max(t.shape[0] for t in tensors)
+    return torch.stack([t if t.shape[0] == longest else
+                        torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])]) for t in tensors])
+
+
 @contextlib.contextmanager
 def lora_as_stored(model: torch.nn.Module, dtypes: Sequence[torch.dtype] = (torch.float16,)):
     """The trainable (LoRA) weights rounded through each of ``dtypes`` in turn for a while: as the LoRA file
@@ -217,10 +225,9 @@ class FlowMatchingTrainer(ImageTrainer):
     def _cache_text(self) -> None:
         """Every caption through the text encoders once (only they on the device), then they leave it; when the
         captions change at every step (tag shuffling or dropout) the encoders stay on the device instead."""
-        acc = self.accelerator
         encoders = [getattr(self.pipe, n) for n in self.text_encoder_names]
         for encoder in encoders:
-            encoder.to(acc.device)
+            encoder.to(self.text_device())
         if not self.caches_text:
             self.say("shuffle_tags/tag_dropout_rate: the captions change at every step, so the text encoders stay on "
                      "the GPU and encode each batch (T5-XXL needs about 9.5 GB in bf16).", "warning")
@@ -236,6 +243,11 @@ class FlowMatchingTrainer(ImageTrainer):
             for encoder in encoders:
                 encoder.to("cpu")
             free_memory()
+
+    def text_device(self) -> torch.device:
+        """Where the text encoders encode the captions: the run's device (Qwen-Image: the CPU when its 7B encoder
+        does not fit the GPU)."""
+        return self.accelerator.device
 
     def _add_adapters(self) -> None:
         from diffusers.training_utils import cast_training_params
@@ -254,7 +266,7 @@ class FlowMatchingTrainer(ImageTrainer):
 
     def text_conditioning(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         if self.text_cache and all(c in self.text_cache for c in captions):
-            return {k: torch.stack([self.text_cache[c][k] for c in captions]).to(self.accelerator.device)
+            return {k: stack_padded([self.text_cache[c][k] for c in captions]).to(self.accelerator.device)
                     for k in self.text_cache[captions[0]]}
         with torch.no_grad():  # the captions changed this step (tag shuffling or dropout): encoded now
             return self.encode_text(list(captions))

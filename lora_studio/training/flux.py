@@ -39,25 +39,23 @@ from .run_folder import RunFolder
 from .runtime import full_precision_forward, weight_dtype
 
 ATTENTION_TARGETS, ALL_LINEAR_TARGETS = FLUX_ATTENTION, FLUX_ALL_LINEAR  # lora_targets: attention, all_linear
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+# the transformer's lists of blocks, each with the config key that keeps only some of them
+FLUX_BLOCKS = {"transformer_blocks": "train_double_block_indices",
+               "single_transformer_blocks": "train_single_block_indices"}
 
 
-def target_modules(transformer: torch.nn.Module, config: TrainConfig,
-                   presets: tuple[tuple[str, ...], tuple[str, ...]] = (ATTENTION_TARGETS, ALL_LINEAR_TARGETS)
-                   ) -> list[str]:
+def target_modules(transformer: torch.nn.Module, config: TrainConfig, attention: Sequence[str] = ATTENTION_TARGETS,
+                   all_linear: Sequence[str] = ALL_LINEAR_TARGETS, blocks: dict[str, str] | None = None) -> list[str]:
     """Full paths of the transformer's Linear layers that get a LoRA (preset or target_modules, block filters);
-    ``presets``: the family's (attention, all_linear) layer names. A model without single blocks (SD3) has none."""
-    blocks = {"transformer_blocks": len(transformer.transformer_blocks),
-              "single_transformer_blocks": len(getattr(transformer, "single_transformer_blocks", ()))}
-    keep = {"transformer_blocks": block_indices(config.train_double_block_indices, "train_double_block_indices",
-                                                blocks["transformer_blocks"]),
-            "single_transformer_blocks": block_indices(config.train_single_block_indices,
-                                                       "train_single_block_indices",
-                                                       blocks["single_transformer_blocks"] or None)}
-    wanted = tuple(config.target_modules or presets[config.lora_targets != "attention"])
+    ``attention`` / ``all_linear``: the family's presets, ``blocks``: its block lists (FLUX's by default)."""
+    blocks = blocks or FLUX_BLOCKS
+    block = re.compile(rf"^({'|'.join(map(re.escape, blocks))})\.(\d+)\.(.+)$")
+    keep = {name: block_indices(getattr(config, key), key, len(getattr(transformer, name)))
+            for name, key in blocks.items()}
+    wanted = tuple(config.target_modules or (attention if config.lora_targets == "attention" else all_linear))
     found, used, layer_names = [], set(), set()
     for name, module in transformer.named_modules():
-        match = _BLOCK.match(name)
+        match = block.match(name)
         if not match or not isinstance(module, torch.nn.Linear):
             continue
         kind, index, rest = match.group(1), int(match.group(2)), match.group(3)
@@ -78,6 +76,8 @@ def target_modules(transformer: torch.nn.Module, config: TrainConfig,
 
 class FluxTrainer(FlowMatchingTrainer):
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    transformer_loader = "lora_studio.models.flux_loading:load_transformer"  # (base_model, family, **kwargs)
+    file_prefix = "transformer."  # of the keys in the LoRA file (export/flux_lora.py)
     network_module = "networks.lora_flux"  # ss_network_module: sd-scripts' module for the family
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "flux"):
@@ -93,31 +93,23 @@ class FluxTrainer(FlowMatchingTrainer):
         if self._fp16_replaced and dtype == torch.bfloat16:
             self.say(f"{get_family(self.family).name} overflows in fp16: training in bf16 instead (mixed_precision "
                      "fp16 is replaced).", "warning")
-        return self.pipeline_files(torch_dtype=dtype, without_transformer=True, report=self.say)
-
-    def pipeline_files(self, **kwargs):
-        """The family's pipeline from the run's base model (``transformer=`` / ``without_transformer=`` as
-        ``load_flux_pipeline`` takes them); a family with its own loading module overrides this and the next."""
-        from ..models.flux_loading import load_flux_pipeline
-
         cfg = self.config
-        return load_flux_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config, **kwargs)
-
-    def transformer_files(self, **kwargs) -> torch.nn.Module:
-        """The family's transformer alone (``torch_dtype``, ``quantization_config``, ``device_map``)."""
-        from ..models.flux_loading import load_transformer
-
-        cfg = self.config
-        return load_transformer(cfg.base_model, self.family, single_file_config=cfg.single_file_config, **kwargs)
+        return get_family(self.family).hook("pipeline_loader")(
+            cfg.base_model, self.family, torch_dtype=dtype, without_transformer=True,
+            single_file_config=cfg.single_file_config, report=self.say)
 
     def load_denoiser(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Module:
         """The transformer, quantized as ``self.quantization`` says, on ``device`` (the run's by default)."""
+        from ..families import _load
         from .quantize import load_with_quantization, quantize_in_place
+
+        load_transformer = _load(self.transformer_loader)
 
         cfg, device = self.config, device or self.accelerator.device
 
         def load(**kwargs):
-            return self.transformer_files(**{"torch_dtype": dtype, **kwargs})
+            return load_transformer(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
+                                    **{"torch_dtype": dtype, **kwargs})
 
         if self.quantization == "nf4" and not Path(cfg.base_model).expanduser().is_file():
             model = load_with_quantization(load, "nf4", dtype, device)
@@ -139,13 +131,14 @@ class FluxTrainer(FlowMatchingTrainer):
                                                     max_sequence_length=self.config.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled": pooled}
 
-    def _warn_long_captions(self, captions: Sequence[str]) -> None:
+    def _warn_long_captions(self, captions: Sequence[str], encoder: str = "T5") -> None:
         tokenizer = self.pipe.tokenizer_2 if hasattr(self.pipe, "tokenizer_2") else self.pipe.tokenizer
         limit = self.config.max_sequence_length
         long = [c for c in captions if len(tokenizer(c).input_ids) > limit]
         if long:
-            self.say(f"{len(long)} caption(s) are longer than max_sequence_length {limit} T5 tokens and are cut, "
-                     f"e.g. '{long[0][:60]}...'. Shorten them or raise max_sequence_length (at most 512).", "warning")
+            self.say(f"{len(long)} caption(s) are longer than max_sequence_length {limit} {encoder} tokens and are "
+                     f"cut, e.g. '{long[0][:60]}...'. Shorten them or raise max_sequence_length (at most 512).",
+                     "warning")
 
     # --- the step -----------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -196,13 +189,19 @@ class FluxTrainer(FlowMatchingTrainer):
             base_model_name=Path(cfg.base_model).name or cfg.base_model, training_started_at=self.started_at,
             steps=step, epoch=epoch, extra=extra)
 
+    def check_placement(self, state: dict[str, torch.Tensor]) -> int:
+        """Every LoRA layer is a layer of the transformer and in ComfyUI's key map of the family (FLUX here)."""
+        from ..export.flux_lora import check_placement
+
+        return check_placement(state, self.accelerator.unwrap_model(self.denoiser))
+
     def write_lora(self, path: Path, step: int, epoch: int) -> Path:
-        from ..export.flux_lora import check_placement, save_flux_lora
+        from ..export.flux_lora import save_flux_lora
 
         state = self.peft_state()
-        check_placement(state, self.accelerator.unwrap_model(self.denoiser))
+        self.check_placement(state)
         return save_flux_lora(path, state, rank=self.config.lora_rank, alpha=self.config.alpha,
-                              metadata=self.metadata(step, epoch))
+                              metadata=self.metadata(step, epoch), prefix=self.file_prefix)
 
     @torch.no_grad()
     def verify(self, lora_file: Path):
@@ -260,7 +259,9 @@ class FluxTrainer(FlowMatchingTrainer):
             return load_fresh_pipeline(cfg.base_model, self.family, device=device, held_dtypes=self.held_dtypes,
                                        single_file_config=cfg.single_file_config)
         with model_loading(cfg.base_model):
-            fresh = self.pipeline_files(transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
+            fresh = get_family(self.family).hook("pipeline_loader")(
+                cfg.base_model, self.family, single_file_config=cfg.single_file_config,
+                transformer=self.load_denoiser(weight_dtype(self.accelerator), device))
         self._check_dtypes(fresh)
         fresh.set_progress_bar_config(disable=True)
         return fresh

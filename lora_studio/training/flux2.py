@@ -41,27 +41,15 @@ def patchify(latents: torch.Tensor) -> torch.Tensor:
 class Flux2Trainer(FluxTrainer):
     text_encoder_names = ("text_encoder",)
     network_module = "networks.lora_flux2"
+    transformer_loader = "lora_studio.models.flux2_loading:load_flux2_transformer"
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "flux2"):
         super().__init__(config, run, bus, family)
 
-    # --- loading ------------------------------------------------------------------------------------
-    def pipeline_files(self, **kwargs):
-        from ..models.flux2_loading import load_flux2_pipeline
-
-        cfg = self.config
-        return load_flux2_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config, **kwargs)
-
-    def transformer_files(self, **kwargs) -> torch.nn.Module:
-        from ..models.flux2_loading import load_flux2_transformer
-
-        cfg = self.config
-        return load_flux2_transformer(cfg.base_model, self.family, single_file_config=cfg.single_file_config,
-                                      **kwargs)
-
+    # --- loading (the pipeline through the registry entry's pipeline_loader) ---------------------------
     def lora_target_modules(self) -> list[str]:
         if self._targets is None:
-            self._targets = target_modules(self.denoiser, self.config, (FLUX2_ATTENTION, FLUX2_ALL_LINEAR))
+            self._targets = target_modules(self.denoiser, self.config, FLUX2_ATTENTION, FLUX2_ALL_LINEAR)
         return self._targets
 
     # --- text ---------------------------------------------------------------------------------------
@@ -111,10 +99,9 @@ class Flux2Trainer(FluxTrainer):
         return meta
 
     def write_lora(self, path: Path, step: int, epoch: int) -> Path:
-        from ..export.flux_lora import COMFY_DOUBLE, check_placement
         from ..export.sd3_lora import save_folded_lora
 
         state = self.peft_state()
-        check_placement(state, self.accelerator.unwrap_model(self.denoiser), family="FLUX", layers=COMFY_DOUBLE)
+        self.check_placement(state)  # ComfyUI's FLUX table, which holds FLUX.2's layers
         return save_folded_lora(path, state, rank=self.config.lora_rank, alpha=self.config.alpha,
                                 metadata=self.metadata(step, epoch))

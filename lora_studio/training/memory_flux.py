@@ -35,7 +35,9 @@ class FlowFigures:
     lora_per_rank: dict[str, tuple[int, int]]  # lora_targets -> (all double blocks, all single blocks)
     blocks: tuple[int, int] = (19, 38)
     vae_params: int = 83_819_683
-    act_bytes_per_token: dict[str, int] | None = None  # None: FLUX.1's (ACT_BYTES_PER_TOKEN)
+    act_bytes: dict[str, int] | None = None    # bytes per token (ckpt / full); None: FLUX's
+    text_tokens: int | None = None          # captions not padded: this many tokens at most; None: max_sequence_length
+    text_offloads: bool = False             # the text encoder encodes on the CPU when it does not fit the GPU
     clip_tokens: int = 0                    # text tokens besides max_sequence_length (SD3: CLIP's 77)
     caching_text_params: int = 0            # encoders on the GPU at once while caching (0: all of them)
 
@@ -44,17 +46,30 @@ _LORA = {"attention": (933_888, 700_416), "all_linear": (2_101_248, 1_984_512)}
 FLOW_FIGURES = {
     "flux": FlowFigures(11_901_408_320, 66_982_976, (123_060_480, 4_762_310_656), _LORA),
     "chroma": FlowFigures(8_899_983_424, 293_075_008, (4_762_310_656,), _LORA),
+    # Qwen-Image: the 20B transformer (60 dual-stream blocks), Qwen2.5-VL-7B (16.6 GB in bf16: on a smaller card the
+    # captions are encoded on the CPU), the 3-D VAE; bytes per token measured by benchmarks/qwen_z_memory.py;
+    # a detailed caption is at most about 256 tokens (not padded)
+    "qwen_image": FlowFigures(20_430_401_088, 29_110_272, (8_292_166_656,),
+                              {"attention": (2_949_120, 0), "all_linear": (6_635_520, 0)}, blocks=(60, 1),
+                              vae_params=126_892_531, act_bytes={"ckpt": 603_568, "full": 8_223_162}, text_tokens=256,
+                              text_offloads=True),
+    # Z-Image-Turbo: the 6.15B transformer (30 main layers, 2 + 2 refiners), Qwen3-4B (8 GB in bf16), FLUX's VAE;
+    # bytes per token measured by benchmarks/qwen_z_memory.py
+    "z_image": FlowFigures(6_154_908_736, 0, (4_022_468_096,),
+                           {"attention": (921_600, 0), "all_linear": (2_188_800, 0)},
+                           blocks=(30, 1), act_bytes={"ckpt": 553_972, "full": 7_895_304}, text_tokens=256,
+                           text_offloads=True),
     # SD3.5 Large (8.1B MMDiT, 38 joint blocks; Medium's 2.2B is smaller in every part): CLIP-L, CLIP-G, T5-XXL;
     # bytes per token measured by benchmarks/flow_memory.py (Medium: 191,312 / 2,224,536)
     "sd3": FlowFigures(8_056_627_520, 39_398_400, (123_650_304, 694_659_840, 4_762_310_656),
                        {"attention": (1_473_792, 0), "all_linear": (3_297_792, 0)}, blocks=(38, 0),
-                       vae_params=83_653_863, act_bytes_per_token={"ckpt": 345_944, "full": 4_132_872}, clip_tokens=77,
+                       vae_params=83_653_863, act_bytes={"ckpt": 345_944, "full": 4_132_872}, clip_tokens=77,
                        caching_text_params=4_762_310_656),  # CLIP-L + CLIP-G, then T5-XXL alone
     # FLUX.2 klein 4B (3.9B, 5 double + 20 single blocks) with Qwen3-4B; klein 9B (9.1B, 8 + 24, Qwen3-8B: 16.4 GB
     # in bf16 while caching) costs 607,656 / 6,126,648 bytes a token; both measured by benchmarks/flow_memory.py
     "flux2": FlowFigures(3_875_544_576, 42_860_544, (4_022_468_096,),
                          {"attention": (245_760, 614_400), "all_linear": (583_680, 921_600)}, blocks=(5, 20),
-                         vae_params=84_046_115, act_bytes_per_token={"ckpt": 413_000, "full": 3_591_688}),
+                         vae_params=84_046_115, act_bytes={"ckpt": 413_000, "full": 3_591_688}),
 }
 
 
@@ -83,8 +98,9 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
     half = config.mixed_precision != "no"
     stored = BYTES_PER_WEIGHT[config.base_quantization] if config.base_quantization != "none" else (2 if half else 4)
     weights = (fig.transformer_params - fig.kept_params) * stored + fig.kept_params * (2 if half else 4)
-    tokens = (resolution // 16) ** 2 + config.max_sequence_length + fig.clip_tokens
-    per_token = (fig.act_bytes_per_token or ACT_BYTES_PER_TOKEN)["ckpt" if config.gradient_checkpointing else "full"]
+    text_tokens = min(config.max_sequence_length, fig.text_tokens or config.max_sequence_length)
+    tokens = (resolution // 16) ** 2 + text_tokens + fig.clip_tokens
+    per_token = (fig.act_bytes or ACT_BYTES_PER_TOKEN)["ckpt" if config.gradient_checkpointing else "full"]
     per_token *= 1 if half else 2
     parts = {
         "CUDA context": context_gb,
@@ -99,5 +115,5 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
     if config.shuffle_tags or config.tag_dropout_rate:  # captions encoded at every step: the encoders stay
         parts["text encoder weights"] = text
     caching_text = fig.caching_text_params * (2 if half else 4) / GB if fig.caching_text_params else text
-    caching = context_gb + workspace_gb + max(vae, caching_text)
+    caching = context_gb + workspace_gb + max(vae, 0.0 if fig.text_offloads else caching_text)
     return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))

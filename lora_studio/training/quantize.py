@@ -31,7 +31,8 @@ BYTES_PER_WEIGHT = {"none": 2.0, "nf4": NF4_BYTES, "int8": 1.0, "fp8": 1.0}
 # Top-level layers kept in their dtype: the input projections, the time/text/guidance embedders and the output
 # norm (small, sensitive). Named so that diffusers' bitsandbytes skip list matches exactly these (it compares
 # child names, so a bare "proj_out" would also keep every single block's proj_out unquantized).
-KEEP = ("x_embedder", "context_embedder", "norm_out", "time_text_embed", "distilled_guidance_layer")
+KEEP = ("x_embedder", "context_embedder", "norm_out", "time_text_embed", "distilled_guidance_layer",
+        "t_embedder")  # Z-Image's timestep embedder casts its input to its weights' dtype: they must stay bf16
 
 
 def usable_quantization(mode: str, device: torch.device, say: Callable[..., None] | None = None) -> str:

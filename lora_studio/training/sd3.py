@@ -46,6 +46,7 @@ def joined(clip: dict[str, torch.Tensor], t5: dict[str, torch.Tensor]) -> dict[s
 
 class SD3Trainer(FluxTrainer):
     network_module = "networks.lora_sd3"
+    transformer_loader = "lora_studio.models.sd3_loading:load_sd3_transformer"
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "sd3"):
         super().__init__(config, run, bus, family)
@@ -54,22 +55,11 @@ class SD3Trainer(FluxTrainer):
     def text_encoder_names(self) -> tuple[str, ...]:  # T5 may be left out of a pipeline (text_encoder_3=None)
         return tuple(n for n in TEXT_ENCODERS if self.pipe is None or getattr(self.pipe, n, None) is not None)
 
-    # --- loading ------------------------------------------------------------------------------------
-    def pipeline_files(self, **kwargs):
-        from ..models.sd3_loading import load_sd3_pipeline
-
-        cfg = self.config
-        return load_sd3_pipeline(cfg.base_model, self.family, single_file_config=cfg.single_file_config, **kwargs)
-
-    def transformer_files(self, **kwargs) -> torch.nn.Module:
-        from ..models.sd3_loading import load_sd3_transformer
-
-        cfg = self.config
-        return load_sd3_transformer(cfg.base_model, self.family, single_file_config=cfg.single_file_config, **kwargs)
-
+    # --- loading (the pipeline through the registry entry's pipeline_loader) ---------------------------
     def lora_target_modules(self) -> list[str]:
         if self._targets is None:
-            self._targets = target_modules(self.denoiser, self.config, (SD3_ATTENTION, SD3_ALL_LINEAR))
+            self._targets = target_modules(self.denoiser, self.config, SD3_ATTENTION, SD3_ALL_LINEAR,
+                                           {"transformer_blocks": "train_double_block_indices"})
         return self._targets
 
     # --- text ---------------------------------------------------------------------------------------
@@ -149,11 +139,18 @@ class SD3Trainer(FluxTrainer):
         meta["modelspec.architecture"] = f"stable-diffusion-v3-5-{'medium' if kind == 'medium' else 'large'}/lora"
         return meta
 
-    def write_lora(self, path: Path, step: int, epoch: int) -> Path:
+    def check_placement(self, state: dict[str, torch.Tensor]) -> int:
+        """Every LoRA layer is a layer of the MMDiT and in ComfyUI's SD3 key map (``mmdit_to_diffusers``)."""
         from ..export.flux_lora import check_placement
-        from ..export.sd3_lora import COMFY_SD3_BLOCK, comfy_maps_sd3, save_folded_lora
+        from ..export.sd3_lora import COMFY_SD3_BLOCK, comfy_maps_sd3
+
+        return check_placement(state, self.accelerator.unwrap_model(self.denoiser), comfy_maps_sd3, COMFY_SD3_BLOCK,
+                               "SD3")
+
+    def write_lora(self, path: Path, step: int, epoch: int) -> Path:
+        from ..export.sd3_lora import save_folded_lora
 
         state = self.peft_state()
-        check_placement(state, self.accelerator.unwrap_model(self.denoiser), comfy_maps_sd3, "SD3", COMFY_SD3_BLOCK)
+        self.check_placement(state)
         return save_folded_lora(path, state, rank=self.config.lora_rank, alpha=self.config.alpha,
-                             metadata=self.metadata(step, epoch))
+                                metadata=self.metadata(step, epoch))

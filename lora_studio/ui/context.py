@@ -79,6 +79,8 @@ class StudioContext:
                 found.append(str(self.demo.llm_model))
             if self.demo.flux_model is not None:
                 found.append(str(self.demo.flux_model))
+            if self.demo.qwen_image_model is not None:
+                found.append(str(self.demo.qwen_image_model))
         if self.models_dir.is_dir():
             for p in sorted(self.models_dir.iterdir()):
                 if p.name.startswith("."):

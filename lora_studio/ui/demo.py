@@ -53,6 +53,7 @@ class DemoAssets:
     llm_prompt: str = DEMO_LLM_PROMPT
     miniature: bool = True  # False: the tiny random fallback (pictures are noise)
     flux_model: Path | None = None  # a tiny FLUX.1-shaped pipeline: the FLUX path with the same images
+    qwen_image_model: Path | None = None  # a tiny Qwen-Image-shaped pipeline: the Qwen-Image path, same images
     train: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAIN))
     render: dict[str, Any] = field(default_factory=lambda: dict(DEMO_RENDER))
 
@@ -87,10 +88,14 @@ def build_demo(root: str | Path) -> DemoAssets:
     from ..models.tiny_llm import build_tiny_llm
 
     flux_model = build_tiny_flux(root / "tiny-flux")
+    from ..models.tiny_qwen_image import build_tiny_qwen_image
+
+    qwen_image_model = build_tiny_qwen_image(root / "tiny-qwen-image")
     llm_model, _ = _model("llm", root, build_tiny_llm)
     llm_data = root / "llm_data.jsonl"
     if not llm_data.is_file():
         write_concept_llm_data(llm_data)
     log.info("demo assets ready in %.1fs under %s", time.time() - started, root)
     return DemoAssets(root=root, model=model, blip=blip, clip=clip, images=images, llm_model=llm_model,
-                      llm_data=llm_data, flux_model=flux_model, miniature=miniature)
+                      llm_data=llm_data, flux_model=flux_model, qwen_image_model=qwen_image_model,
+                      miniature=miniature)

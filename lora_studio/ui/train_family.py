@@ -87,10 +87,18 @@ SINGLE_FILE_NOTE = (" A single-file checkpoint: its configs and tokenizer come f
                     "folder of the same family.")
 
 
-def _family_line(info_name: str, family: str, recommended: str | None, base_model: str = "") -> str:
+def _family_line(info_name: str, family: str, recommended: str | None, base_model: str = "",
+                 gpu_gb: float | None = None) -> str:
     text = f"Model family: **{info_name}** (`{family}`)."
     if recommended:
-        text += f" Recommended preset for this GPU: `{recommended}`."
+        from ..presets import get_preset
+
+        vram = get_preset(recommended).vram_gb
+        if gpu_gb and vram * 0.93 > gpu_gb:  # Qwen-Image on a 12 GB card: no preset fits
+            text += (f" No preset of this family fits this GPU's {gpu_gb:.0f} GB: the smallest, `{recommended}`, "
+                     f"is made for {vram:g} GB.")
+        else:
+            text += f" Recommended preset for this GPU: `{recommended}`."
     if Path(base_model).expanduser().is_file():
         text += SINGLE_FILE_NOTE
     return text
@@ -116,7 +124,7 @@ def family_choices(base_model: str, family: str = "auto", gpu_gb: float | None =
         else:
             text = ""
     recommended = info.recommended_preset(gpu_gb) if preselect else None
-    text = text or _family_line(info.name, info.family, info.recommended_preset(gpu_gb), base_model)
+    text = text or _family_line(info.name, info.family, info.recommended_preset(gpu_gb), base_model, gpu_gb)
     llm = info.family == "llm"
     if llm:
         names = llm_layer_names(base_model)
