@@ -32,6 +32,15 @@ FLUX_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.
 # ... and (lora_targets: all_linear) the feed-forward layers and the single blocks' MLP and output projections
 FLUX_ALL_LINEAR = FLUX_ATTENTION + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
                                     "proj_mlp", "proj_out")
+# SD3 / SD3.5 MMDiT blocks: q, k, v and out of both streams, and of SD3.5 Medium's second attention (attn2)
+SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+SD3_ALL_LINEAR = SD3_ATTENTION + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+# FLUX.2 (klein, dev) blocks: both streams' attention; a single block's fused q, k, v + MLP input projection
+FLUX2_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                   "attn.add_v_proj", "attn.to_add_out", "attn.to_qkv_mlp_proj")
+FLUX2_ALL_LINEAR = FLUX2_ATTENTION + ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                                      "attn.to_out")
 # Qwen-Image blocks: q, k, v and out of the image and text streams; all_linear adds both streams' feed-forward layers
 QWEN_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                   "attn.add_v_proj", "attn.to_add_out")
@@ -187,7 +196,25 @@ def _is_chroma_keys(keys: set[str]) -> bool:
 def _is_flux_keys(keys: set[str]) -> bool:
     names = _bfl_names(keys)
     return any(k.startswith("double_blocks.") for k in names) and \
-        not any(k.startswith("distilled_guidance_layer.") for k in names)
+        not any(k.startswith("distilled_guidance_layer.") for k in names) and not _is_flux2_keys(keys)
+
+
+# FLUX.2: its pipeline classes; a single file in BFL's layout has modulations shared by all blocks of a stream
+def _is_flux2_index(index: dict[str, Any], folder: Path) -> bool:
+    return index.get("_class_name") in ("Flux2Pipeline", "Flux2KleinPipeline")
+
+
+def _is_flux2_keys(keys: set[str]) -> bool:
+    return any(k.startswith("double_stream_modulation_img.") for k in _bfl_names(keys))
+
+
+# SD3 / SD3.5: the pipeline class; a single file in Stability's layout (MMDiT ``joint_blocks.*``).
+def _is_sd3_index(index: dict[str, Any], folder: Path) -> bool:
+    return index.get("_class_name") == "StableDiffusion3Pipeline"
+
+
+def _is_sd3_keys(keys: set[str]) -> bool:
+    return any(k.startswith("joint_blocks.") for k in _bfl_names(keys))
 
 
 # Qwen-Image / Z-Image: a diffusers folder names its pipeline class; a single file is the transformer as ComfyUI
@@ -244,6 +271,24 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
            pipeline="diffusers:ChromaPipeline", kohya_version="chroma", sample_steps=35, guidance_scale=5.0,
            matches_index=_is_chroma_index, matches_keys=_is_chroma_keys,
            **{**_FLOW, "text_limit": TextLimit("T5", 512, "tokenizer", "t5")}),
+    Family("sd3", "SD3.5", trainer="lora_studio.training.sd3:SD3Trainer",
+           pipeline="diffusers:StableDiffusion3Pipeline", kohya_version="sd3", sample_steps=28, guidance_scale=3.5,
+           matches_index=_is_sd3_index, matches_keys=_is_sd3_keys,
+           **{**_FLOW, "default_targets": SD3_ATTENTION, "target_choices": SD3_ALL_LINEAR, "preset_group": "sd3",
+              "text_limit": TextLimit("T5", 256, "tokenizer_3", "t5"),
+              "targets_help": "Transformer layers that get a LoRA, in every kept block "
+              "(Enter adds one). Empty: the lora_targets preset (attention, or all_linear).",
+              "pipeline_loader": "lora_studio.models.sd3_loading:load_sd3_pipeline",
+              "render_defaults": "lora_studio.models.sd3_loading:model_render_defaults"}),
+    Family("flux2", "FLUX.2", trainer="lora_studio.training.flux2:Flux2Trainer",
+           pipeline="diffusers:Flux2KleinPipeline", kohya_version="flux2", sample_steps=50, guidance_scale=4.0,
+           matches_index=_is_flux2_index, matches_keys=_is_flux2_keys,
+           **{**_FLOW, "default_targets": FLUX2_ATTENTION, "target_choices": FLUX2_ALL_LINEAR, "preset_group": "flux2",
+              "text_limit": TextLimit("Qwen3 (dev: Mistral)", 512, "tokenizer", "qwen"),
+              "targets_help": "Transformer layers that get a LoRA, in every kept block (Enter adds one). Empty: the "
+              "lora_targets preset (attention, or all_linear).",
+              "pipeline_loader": "lora_studio.models.flux2_loading:load_flux2_pipeline",
+              "render_defaults": "lora_studio.models.flux2_loading:model_render_defaults"}),
     Family("qwen_image", "Qwen-Image", kind="image", trainer="lora_studio.training.qwen_image:QwenImageTrainer",
            pipeline="diffusers:QwenImagePipeline", default_resolution=1024, default_targets=QWEN_ATTENTION,
            target_choices=QWEN_ALL_LINEAR, targets_help="Transformer layers that get a LoRA, in every kept block "

@@ -276,22 +276,10 @@ def test_training_tab_offers_flux_presets_layers_and_unfolds_its_settings(tiny_f
 @pytest.mark.parametrize("name", ["flux_12gb", "flux_16gb", "flux_24gb"])
 def test_every_flux_preset_runs_as_set(name, tiny_flux, demo_images, tmp_path, monkeypatch):  # noqa: F811
     """The preset's own settings (nf4 / fp8 base, 8-bit AdamW, checkpointing, bf16) on the tiny FLUX model."""
-    from helpers import run_job
-
-    from lora_studio.presets import get_preset
+    from helpers import run_preset_as_set
 
     monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")
-    preset = get_preset(name)
-    cfg = TrainConfig().replace(**preset.values).replace(
-        base_model=str(tiny_flux), train_data_dir=str(demo_images), output_dir=str(tmp_path / "out"), resolution=64,
-        batch_size=min(preset.values["batch_size"], 2), max_train_steps=4, save_steps=0, lora_rank=4,
-        learning_rate=1e-2, max_sequence_length=32).validate()
-    job = run_job(cfg)
-    assert job.status == "finished", job.error
-    log = job.snapshot().log
-    assert any(f"weights bfloat16, base {cfg.base_quantization}" in line for line in log), log
-    assert not any("instead" in line for line in log), log  # no fallback of the quantized base or 8-bit AdamW
-    assert any("Export check passed" in line for line in log), log
+    job = run_preset_as_set(name, tiny_flux, demo_images, tmp_path / "out")
     losses = [loss for _, loss in job.snapshot().losses]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
 

@@ -64,10 +64,13 @@ def test_unsupported_folders_are_named(tmp_path):
                                 {**SD, "text_encoder": [None, None], "text_encoder_2": ["transformers", "X"]})
     with pytest.raises(ModelLoadError, match="SDXL refiner"):
         detect_family(str(refiner))
+    hunyuan = _diffusers_folder(tmp_path / "hunyuan", "HunyuanDiTPipeline", {"transformer": ["diffusers", "X"],
+                                                                               "vae": ["diffusers", "AutoencoderKL"]})
+    with pytest.raises(ModelLoadError, match="HunyuanDiTPipeline"):
+        detect_family(str(hunyuan))
     sd3 = _diffusers_folder(tmp_path / "sd3", "StableDiffusion3Pipeline", {"transformer": ["diffusers", "X"],
                                                                            "vae": ["diffusers", "AutoencoderKL"]})
-    with pytest.raises(ModelLoadError, match="StableDiffusion3Pipeline"):
-        detect_family(str(sd3))
+    assert detect_family(str(sd3)) == "sd3"  # trained since issue 15 (tests/test_sd3.py)
     flux = _diffusers_folder(tmp_path / "flux", "FluxPipeline", {"transformer": ["diffusers", "X"],
                                                                  "vae": ["diffusers", "AutoencoderKL"]})
     assert detect_family(str(flux)) == "flux"  # trained since FLUX support (tests/test_flux.py)

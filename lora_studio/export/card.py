@@ -31,11 +31,14 @@ from ..data.tags import split_tags, top_tags
 from ..families import get_family
 from ..fileio import atomic_write_json, atomic_write_text
 
-SD_VERSIONS = {"sd15": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux", "chroma": "Flux"}
+SD_VERSIONS = {"sd15": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux", "chroma": "Flux",
+               "sd3": "SD3", "flux2": "Flux2"}
 FAMILY_TITLES = {"sd15": "Stable Diffusion 1.5", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux": "FLUX.1",
-                 "chroma": "Chroma", "llm": "causal language model"}
+                 "chroma": "Chroma", "llm": "causal language model",
+                 "sd3": "SD3.5", "flux2": "FLUX.2"}
 # ComfyUI node that loads the base model: a transformer-only file (FLUX.1, Chroma) goes in "Load Diffusion Model"
-COMFY_LOADERS = {"flux": "Load Diffusion Model", "chroma": "Load Diffusion Model"}
+COMFY_LOADERS = {"flux": "Load Diffusion Model", "chroma": "Load Diffusion Model",
+                 "flux2": "Load Diffusion Model"}
 # Qwen-Image, Z-Image: transformer-only files too (text encoder and VAE in their own loader nodes)
 FAMILY_TITLES.update(qwen_image="Qwen-Image", z_image="Z-Image")
 COMFY_LOADERS.update(qwen_image="Load Diffusion Model", z_image="Load Diffusion Model")

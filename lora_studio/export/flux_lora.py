@@ -41,10 +41,14 @@ PREFIX = "transformer."
 DIFFUSION_MODEL_PREFIX = "diffusion_model."
 # Layers ComfyUI's flux_to_diffusers maps (comfy/utils.py), relative to transformer_blocks.N and
 # single_transformer_blocks.N
+# single_transformer_blocks.N (FLUX.2's blocks are in the same table: its feed-forward linear_in / linear_out, and
+# the single blocks' fused attn.to_qkv_mlp_proj / attn.to_out, ComfyUI's linear1 / linear2)
 COMFY_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
                 "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
-                "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-COMFY_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear")
+                "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")
+COMFY_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear",
+                "attn.to_qkv_mlp_proj", "attn.to_out")
 COMFY_TOP = ("x_embedder", "context_embedder", "proj_out", "time_text_embed.timestep_embedder.linear_1",
              "time_text_embed.timestep_embedder.linear_2", "time_text_embed.text_embedder.linear_1",
              "time_text_embed.text_embedder.linear_2", "time_text_embed.guidance_embedder.linear_1",

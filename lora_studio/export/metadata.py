@@ -24,11 +24,13 @@ from ..families import FAMILIES
 # ss_base_model_version per family: the registry's kohya_version (sd_v1, sdxl_base_v1-0, flux1, chroma ...)
 BASE_MODEL_VERSION = {f.id: f.kohya_version for f in FAMILIES.values() if f.kohya_version}
 _ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-                 "flux": "flux-1-dev", "chroma": "chroma"}
+                 "flux": "flux-1-dev", "chroma": "chroma",
+                 "sd3": "stable-diffusion-v3-5-large", "flux2": "flux-2-klein"}
 # kohya's sai_model_spec: an SDXL LoRA names the SAI implementation, SD1.x/SD2.x LoRAs name diffusers
 _IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models",
                    "flux": "https://github.com/black-forest-labs/flux",
-                   "chroma": "https://huggingface.co/lodestones/Chroma"}
+                   "chroma": "https://huggingface.co/lodestones/Chroma",
+                   "sd3": "https://github.com/Stability-AI/sd3.5", "flux2": "https://github.com/black-forest-labs/flux2"}
 _BLOCK = 1024 * 1024
 
 

@@ -50,7 +50,7 @@ def render(pipe, prompt: str, seed: int, steps: int = 2, size: int = 64) -> np.n
     """Deterministic render: a CPU generator seeded with ``seed``, ``output_type="np"`` (N, H, W, 3) in [0, 1]."""
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     with torch.no_grad():
-        out = pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=generator,
+        out = pipe(prompt=prompt, num_inference_steps=steps, height=size, width=size, generator=generator,
                    output_type="np")
     return np.asarray(out.images, dtype=np.float32)
 

@@ -265,8 +265,8 @@ def render_one(pipe, settings: RenderSettings, adapter: str | None, strength: fl
         pipe.set_adapters([adapter], adapter_weights=[float(strength)])
     size = native_size(pipe)
     generator = torch.Generator(device="cpu").manual_seed(int(settings.seed))
-    with torch.inference_mode():
-        out = pipe(settings.prompt, num_inference_steps=int(settings.steps), width=int(settings.width or size),
+    with torch.inference_mode():  # the prompt by name: FLUX.2's pipelines take an input image first
+        out = pipe(prompt=settings.prompt, num_inference_steps=int(settings.steps), width=int(settings.width or size),
                    height=int(settings.height or size), generator=generator,
                    **guidance_kwargs(pipe, float(settings.cfg), settings.negative))
     return out.images[0]
@@ -275,12 +275,17 @@ def render_one(pipe, settings: RenderSettings, adapter: str | None, strength: fl
 def guidance_kwargs(pipe, cfg: float, negative: str = "") -> dict[str, Any]:
     """The pipeline's guidance arguments: ``guidance_scale``; for a family that renders with true classifier-free
     guidance (Qwen-Image: ``notes["true_cfg"]`` in its registry entry) ``true_cfg_scale`` with a negative prompt,
-    blank when none is given (the guidance is on only with one)."""
+    blank when none is given (the guidance is on only with one). No negative prompt for a pipeline that takes none
+    (FLUX.2 klein: its own empty one)."""
+    import inspect
+
     from ..families import FAMILIES
 
     name = type(pipe).__name__
     if any(f.notes.get("true_cfg") and (f.pipeline or "").endswith(":" + name) for f in FAMILIES.values()):
         return {"true_cfg_scale": cfg, "negative_prompt": (negative or " ") if cfg > 1 else None}
+    if "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
+        return {"guidance_scale": cfg}
     return {"guidance_scale": cfg, "negative_prompt": negative or None}
 
 

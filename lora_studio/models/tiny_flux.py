@@ -51,13 +51,14 @@ def _t5_encoder(vocab_size: int, d_model: int = 32):
                                    feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1))
 
 
-def _flux_vae(channels: tuple[int, ...] = (16, 16, 16, 16), layers: int = 1):
+def _flux_vae(channels: tuple[int, ...] = (16, 16, 16, 16), layers: int = 1, factors: dict | None = None):
+    """A 16-channel VAE with FLUX.1's scaling and shift factors (or ``factors``: SD3's are others)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=channels,
                          layers_per_block=layers, latent_channels=16, norm_num_groups=8, sample_size=64,
-                         use_quant_conv=False, use_post_quant_conv=False, **FLUX_VAE_FACTORS)
+                         use_quant_conv=False, use_post_quant_conv=False, **(factors or FLUX_VAE_FACTORS))
 
 
 def _flux_scheduler(dynamic: bool = True):

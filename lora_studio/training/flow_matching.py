@@ -126,7 +126,8 @@ class FlowMatchingTrainer(ImageTrainer):
     - ``encode_text(captions)``: conditioning tensors per caption (dict of batched tensors), cached once;
     - ``predict(noisy, sigmas, cond)``: the velocity for latents (B, C, h, w) (packing is the family's business);
     - ``write_lora(path, step, epoch)``: the user-facing LoRA file; ``verify(path)``: the export check;
-    - ``render_kwargs()``: guidance and steps for sample images.
+    - ``render_kwargs()``: guidance and steps for sample images;
+    - ``normalize_latents(latents)`` (optional): normalisation beyond the VAE's scalar factors (FLUX.2's batch norm).
     """
 
     denoiser_name = "transformer"
@@ -161,6 +162,11 @@ class FlowMatchingTrainer(ImageTrainer):
 
     def render_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Cached latents (the VAE's scalar shift and scaling applied) as the model sees them; a family with more
+        normalisation (FLUX.2's batch-norm statistics) overrides this."""
+        return latents
 
     # --- setup --------------------------------------------------------------------------------------
     @property
@@ -291,7 +297,7 @@ class FlowMatchingTrainer(ImageTrainer):
     def compute_loss(self, batch: Sequence[int]) -> torch.Tensor:
         cfg = self.config
         gens = batch.generators(cfg.seed) if isinstance(batch, Batch) else [self.generator] * len(batch)
-        latents = self.latents.sample(batch, gens)
+        latents = self.normalize_latents(self.latents.sample(batch, gens))
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
         sigmas = self.sigmas_for(gens, latents.shape)
         per_sample = self.flow_loss(latents, noise, sigmas, self.step_captions(batch), self.step_masks(batch))
@@ -317,7 +323,7 @@ class FlowMatchingTrainer(ImageTrainer):
 
         item, entry = self.val_items[index], self.val_latents.entries[index]
         k = VALIDATION_TIMESTEPS
-        latents = entry["mean"].float().unsqueeze(0).expand(k, *entry["mean"].shape)
+        latents = self.normalize_latents(entry["mean"].float().unsqueeze(0)).expand(k, *entry["mean"].shape)
         gen = torch.Generator(device="cpu").manual_seed(sample_seed(self.config.seed, -1, index, 0))
         noise = torch.randn(latents.shape, generator=gen)
         sigmas = torch.tensor([(i + 0.5) / k for i in range(k)])
@@ -405,7 +411,7 @@ class FlowMatchingTrainer(ImageTrainer):
         pipe = self.inference_pipe()
         gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
         with self.accelerator.autocast():
-            image = pipe(self.config.sample_prompt, height=self.resolution, width=self.resolution, generator=gen,
+            image = pipe(prompt=self.config.sample_prompt, height=self.resolution, width=self.resolution, generator=gen,
                          max_sequence_length=self.config.max_sequence_length, **self.render_kwargs()).images[0]
         pipe.vae.to("cpu")
         return self.run.save_sample(step, image)

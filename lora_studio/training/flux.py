@@ -78,6 +78,7 @@ class FluxTrainer(FlowMatchingTrainer):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     transformer_loader = "lora_studio.models.flux_loading:load_transformer"  # (base_model, family, **kwargs)
     file_prefix = "transformer."  # of the keys in the LoRA file (export/flux_lora.py)
+    network_module = "networks.lora_flux"  # ss_network_module: sd-scripts' module for the family
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "flux"):
         # FLUX's activations overflow in fp16 (the registry's half_dtype says bfloat16)
@@ -172,7 +173,7 @@ class FluxTrainer(FlowMatchingTrainer):
 
         cfg = self.config
         guided = getattr(self.accelerator.unwrap_model(self.denoiser).config, "guidance_embeds", True)
-        extra = {"ss_network_module": "networks.lora_flux", "ss_guidance_scale": cfg.guidance_scale,
+        extra = {"ss_network_module": self.network_module, "ss_guidance_scale": cfg.guidance_scale,
                  "ss_timestep_sampling": cfg.timestep_sampling, "ss_max_sequence_length": cfg.max_sequence_length,
                  "ss_base_quantization": self.quantization}
         if self.family == "flux" and not guided:

@@ -79,7 +79,7 @@ def encode_latents(vae, items: Sequence[TrainItem], *, device: torch.device, dty
                    progress: Callable[[int, int], None] | None = None,
                    on_error: Callable[[TrainItem, Exception], None] | None = None) -> tuple[LatentCache, list[int]]:
     """Encode ``items``; returns the cache and the indices of the items that failed (reported, skipped)."""
-    scaling = float(vae.config.scaling_factor)
+    scaling = float(getattr(vae.config, "scaling_factor", None) or 1.0)  # FLUX.2's VAE has none (batch norm)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     entries: list[dict[str, torch.Tensor] | None] = [None] * len(items)
     todo: list[int] = []

@@ -38,6 +38,8 @@ class FlowFigures:
     act_bytes: dict[str, int] | None = None    # bytes per token (ckpt / full); None: FLUX's
     text_tokens: int | None = None          # captions not padded: this many tokens at most; None: max_sequence_length
     text_offloads: bool = False             # the text encoder encodes on the CPU when it does not fit the GPU
+    clip_tokens: int = 0                    # text tokens besides max_sequence_length (SD3: CLIP's 77)
+    caching_text_params: int = 0            # encoders on the GPU at once while caching (0: all of them)
 
 
 _LORA = {"attention": (933_888, 700_416), "all_linear": (2_101_248, 1_984_512)}
@@ -57,11 +59,24 @@ FLOW_FIGURES = {
                            {"attention": (921_600, 0), "all_linear": (2_188_800, 0)},
                            blocks=(30, 1), act_bytes={"ckpt": 553_972, "full": 7_895_304}, text_tokens=256,
                            text_offloads=True),
+    # SD3.5 Large (8.1B MMDiT, 38 joint blocks; Medium's 2.2B is smaller in every part): CLIP-L, CLIP-G, T5-XXL;
+    # bytes per token measured by benchmarks/flow_memory.py (Medium: 191,312 / 2,224,536)
+    "sd3": FlowFigures(8_056_627_520, 39_398_400, (123_650_304, 694_659_840, 4_762_310_656),
+                       {"attention": (1_473_792, 0), "all_linear": (3_297_792, 0)}, blocks=(38, 0),
+                       vae_params=83_653_863, act_bytes={"ckpt": 345_944, "full": 4_132_872}, clip_tokens=77,
+                       caching_text_params=4_762_310_656),  # CLIP-L + CLIP-G, then T5-XXL alone
+    # FLUX.2 klein 4B (3.9B, 5 double + 20 single blocks) with Qwen3-4B; klein 9B (9.1B, 8 + 24, Qwen3-8B: 16.4 GB
+    # in bf16 while caching) costs 607,656 / 6,126,648 bytes a token; both measured by benchmarks/flow_memory.py
+    "flux2": FlowFigures(3_875_544_576, 42_860_544, (4_022_468_096,),
+                         {"attention": (245_760, 614_400), "all_linear": (583_680, 921_600)}, blocks=(5, 20),
+                         vae_params=84_046_115, act_bytes={"ckpt": 413_000, "full": 3_591_688}),
 }
 
 
 def _block_share(config: TrainConfig, count: int, key: str) -> float:
     kept = block_indices(getattr(config, key), key)
+    if not count:
+        return 0.0
     return 1.0 if kept is None else len([i for i in kept if i < count]) / count
 
 
@@ -84,7 +99,7 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
     stored = BYTES_PER_WEIGHT[config.base_quantization] if config.base_quantization != "none" else (2 if half else 4)
     weights = (fig.transformer_params - fig.kept_params) * stored + fig.kept_params * (2 if half else 4)
     text_tokens = min(config.max_sequence_length, fig.text_tokens or config.max_sequence_length)
-    tokens = (resolution // 16) ** 2 + text_tokens
+    tokens = (resolution // 16) ** 2 + text_tokens + fig.clip_tokens
     per_token = (fig.act_bytes or ACT_BYTES_PER_TOKEN)["ckpt" if config.gradient_checkpointing else "full"]
     per_token *= 1 if half else 2
     parts = {
@@ -99,5 +114,6 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
     text = sum(fig.text_encoder_params) * (2 if half else 4) / GB
     if config.shuffle_tags or config.tag_dropout_rate:  # captions encoded at every step: the encoders stay
         parts["text encoder weights"] = text
-    caching = context_gb + workspace_gb + max(vae, 0.0 if fig.text_offloads else text)
+    caching_text = fig.caching_text_params * (2 if half else 4) / GB if fig.caching_text_params else text
+    caching = context_gb + workspace_gb + max(vae, 0.0 if fig.text_offloads else caching_text)
     return MemoryEstimate(family, {k: round(v, 3) for k, v in parts.items()}, round(caching, 3))

@@ -1,0 +1,94 @@
+"""Load FLUX.2 pipelines and transformers (klein with Qwen3, dev with Mistral 3): a diffusers folder, a hub id,
+or one single-file transformer checkpoint.
+
+    pipe = load_flux2_pipeline("black-forest-labs/FLUX.2-klein-base-4B", "flux2")
+    pipe = load_flux2_pipeline("flux-2-klein-base-4b.safetensors", "flux2", single_file_config="/models/klein-4b")
+    model_render_defaults("/models/FLUX.2-klein-4B", "flux2")    # {"steps": 4, "cfg": 1.0}: step-distilled
+
+Which pipeline class a folder is, its ``model_index.json`` tells (``Flux2KleinPipeline`` or ``Flux2Pipeline``). A
+single file is the transformer alone in Black Forest Labs' layout, which diffusers' ``from_single_file`` converts;
+the rest (VAE, text encoder, tokenizer, scheduler, configs) comes from ``single_file_config`` (a diffusers folder or
+hub id of the same model), else from klein base 4B on the hub (``DEFAULT_CONFIG``). Render settings: a
+step-distilled klein (``is_distilled``) 4 steps without CFG, a base model 50 steps at CFG 4, dev 50 at guidance 4
+(its guidance embedding). Every load holds the process-wide model-loading lock.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from ..families import get_family
+from .flux_loading import _source
+from .transformer_loading import load_pipeline_files, load_transformer_files
+
+DEFAULT_CONFIG = "black-forest-labs/FLUX.2-klein-base-4B"
+DISTILLED_RENDER = {"steps": 4, "cfg": 1.0}
+
+
+def _index(source: str) -> dict[str, Any]:
+    """The ``model_index.json`` of a folder or a cached hub id ({} when neither has one)."""
+    path = Path(source).expanduser() / "model_index.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(source, "model_index.json", local_files_only=True))
+        except Exception:
+            return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def pipeline_class(source: str):
+    """``Flux2Pipeline`` (dev) or ``Flux2KleinPipeline`` (klein, and what a source without an index is taken for)."""
+    import diffusers
+
+    name = _index(source).get("_class_name", "Flux2KleinPipeline")
+    return getattr(diffusers, name if name in ("Flux2Pipeline", "Flux2KleinPipeline") else "Flux2KleinPipeline")
+
+
+def render_settings(index: dict[str, Any], entry_steps: int, entry_cfg: float) -> dict[str, float]:
+    if index.get("is_distilled"):
+        return dict(DISTILLED_RENDER)
+    return {"steps": entry_steps, "cfg": entry_cfg}
+
+
+def model_render_defaults(base_model: str, family: str = "flux2") -> dict[str, float]:
+    """``{"steps", "cfg"}`` for a model's files (the registry's ``render_defaults`` hook for flux2)."""
+    entry = get_family(family)
+    path = Path(base_model).expanduser()
+    source = _source(base_model) if not path.is_file() else DEFAULT_CONFIG
+    return render_settings(_index(source), entry.sample_steps, entry.guidance_scale)
+
+
+def config_source(single_file_config: str | None) -> str:
+    return _source(single_file_config) if single_file_config else DEFAULT_CONFIG
+
+
+SINGLE_FILE_HINT = ("A single-file checkpoint holds the transformer only: its VAE, text encoder and configs come "
+                    "from the hub the first time, or set single_file_config to a diffusers folder of the same model.")
+
+
+def load_flux2_pipeline(base_model: str, family: str = "flux2", *, torch_dtype=None,
+                        single_file_config: str | None = None, transformer=None, without_transformer: bool = False,
+                        report: Callable[[str], None] | None = None):
+    """A ``Flux2KleinPipeline`` / ``Flux2Pipeline``; ``transformer`` replaces the model's own (already loaded);
+    ``without_transformer`` leaves it out (the trainer loads it after caching, quantized as asked)."""
+    return load_pipeline_files(
+        pipeline_class, base_model, family, file_config=lambda: config_source(single_file_config),
+        load_transformer=lambda: load_flux2_transformer(base_model, family, torch_dtype=torch_dtype,
+                                                        single_file_config=single_file_config),
+        torch_dtype=torch_dtype, transformer=transformer, without_transformer=without_transformer, report=report,
+        single_file_hint="" if single_file_config else SINGLE_FILE_HINT)
+
+
+def load_flux2_transformer(base_model: str, family: str = "flux2", *, torch_dtype=None,
+                           single_file_config: str | None = None, quantization_config=None, device_map=None):
+    """The ``Flux2Transformer2DModel`` alone (folder, hub id or single file), optionally quantized while loading."""
+    from diffusers import Flux2Transformer2DModel
+
+    return load_transformer_files(
+        Flux2Transformer2DModel, base_model, family, torch_dtype=torch_dtype, quantization_config=quantization_config,
+        device_map=device_map, file_config=lambda: config_source(single_file_config),
+        single_file_hint="" if single_file_config else SINGLE_FILE_HINT)

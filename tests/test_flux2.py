@@ -1,0 +1,185 @@
+"""FLUX.2 [klein] LoRAs on the tiny offline pipeline: train, export, reload with every layer placed, strength 0 =
+base, exact resume, latent normalisation, detection from a folder and from a single file's tensor names.
+
+The exported file is loaded as a user's diffusers script loads it (``load_lora_weights`` on a fresh
+``Flux2KleinPipeline``) and the layers that really got the adapter are counted; every module must also be in
+ComfyUI's FLUX table (which holds FLUX.2's layers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora_studio.config import TrainConfig
+from lora_studio.training.run_folder import RunFolder
+from helpers import assert_reloads_in_diffusers, exported_file, flow_config, run_job, stop_then_resume
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory) -> Path:
+    from lora_studio.models.tiny_flux2 import build_tiny_flux2_klein
+
+    return build_tiny_flux2_klein(tmp_path_factory.mktemp("models") / "tiny-klein")
+
+
+def klein_config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
+    return flow_config(model, data, out, **{"lora_alpha": 8.0, **changes})
+
+
+@pytest.mark.slow  # 40-90 s on 2 busy cores: the 28-layer text encoder's per-call cost in 10 renders
+def test_klein_lora_trains_exports_and_every_layer_is_placed(tiny_klein, demo_images, tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    from lora_studio.export.diffusers_format import module_of
+    from lora_studio.export.flux_lora import comfy_maps
+
+    job = run_job(klein_config(tiny_klein, demo_images, tmp_path / "out", sample_prompt="a red circle",
+                               sample_steps=3))
+    keys, meta = exported_file(job)
+    assert (job.run.samples_dir / "step_000003.png").is_file()
+    lora = job.run.path / "my_lora.safetensors"
+    modules = sorted({module_of(k) for k in keys})
+    assert all(k.startswith("transformer.") and ".lora_" in k for k in keys)  # no alpha: diffusers refuses it
+    assert len(modules) == 8 + 1  # the double block's 8 attention layers, the single block's fused projection
+    assert all(comfy_maps(m.removeprefix("transformer.")) for m in modules)
+    assert meta["ss_base_model_version"] == "flux2" and meta["lora_studio_trained_alpha"] == "8.0"
+
+    assert_reloads_in_diffusers(Flux2KleinPipeline.from_pretrained(tiny_klein), lora, len(modules), "a red circle")
+
+
+def test_klein_all_linear_file_reloads_with_every_layer_and_strength_0_is_the_base(tiny_klein, demo_images,
+                                                                                    tmp_path):
+    from diffusers import Flux2KleinPipeline
+    from safetensors import safe_open
+
+    from lora_studio.export.diffusers_format import module_of
+    from lora_studio.export.verify import count_placed
+
+    job = run_job(klein_config(tiny_klein, demo_images, tmp_path / "out", lora_targets="all_linear",
+                               max_train_steps=2, verify_export=False))
+    assert job.status == "finished", job.error
+    lora = job.run.path / "my_lora.safetensors"
+    with safe_open(str(lora), "pt") as fh:
+        modules = {module_of(k) for k in fh.keys()}
+    assert "transformer.transformer_blocks.0.ff_context.linear_out" in modules
+    assert "transformer.single_transformer_blocks.0.attn.to_out" in modules and len(modules) == 8 + 4 + 2
+
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
+    model = pipe.transformer
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 128, generator=gen), timestep=torch.tensor([0.5]),
+                  encoder_hidden_states=torch.randn(1, 8, 48, generator=gen),
+                  img_ids=torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))[None],
+                  txt_ids=torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(8))[None],
+                  return_dict=False)
+    with torch.no_grad():
+        base = model(**inputs)[0]
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="mine")
+        assert count_placed(model, "mine") == len(modules)
+        pipe.set_adapters(["mine"], adapter_weights=[0.0])
+        assert torch.equal(model(**inputs)[0], base)
+        pipe.set_adapters(["mine"], adapter_weights=[1.0])
+        assert (model(**inputs)[0] - base).abs().max() > 1e-4
+
+    # the Testing tab and `generate`: klein's pipeline (an input image first, no negative prompt) through the grid
+    from lora_studio.inference.grid import PipelineCache, RenderSettings, render_strengths
+
+    settings = RenderSettings(prompt="a red circle", negative="ignored", seed=1, steps=2, cfg=1.0, width=64, height=64)
+    zero, one = render_strengths(str(tiny_klein), lora, settings, (0.0, 1.0), cache=PipelineCache())
+    assert np.asarray(zero).shape == (64, 64, 3) and np.abs(np.asarray(one, float) - np.asarray(zero, float)).max() > 0
+
+
+def test_klein_resume_after_stop_gives_the_same_losses(tiny_klein, demo_images, tmp_path):
+    steps = 4
+    full = run_job(klein_config(tiny_klein, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=2,
+                                verify_export=False))
+    assert full.status == "finished", full.error
+    full_losses = [loss for _, loss in full.snapshot().losses]
+    cfg = klein_config(tiny_klein, demo_images, tmp_path / "b", max_train_steps=steps, save_steps=2,
+                       verify_export=False)
+    resumed = stop_then_resume(cfg, stop_at=2)
+    metrics = RunFolder(resumed.run.path).read_metrics()
+    assert [m["loss"] for m in metrics] == pytest.approx(full_losses, rel=1e-5, abs=1e-6)
+
+
+def test_klein_latents_are_normalised_as_the_pipeline_normalises_them(tiny_klein, demo_images, tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.flux2 import Flux2Trainer, patchify
+
+    cfg = klein_config(tiny_klein, demo_images, tmp_path / "out")
+    trainer = Flux2Trainer(cfg, RunFolder.create(cfg), EventBus())
+    trainer.pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
+    raw = torch.randn(2, 32, 8, 8)
+    vae = trainer.pipe.vae
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    expected = (patchify(raw) - mean) / std  # the pipeline's _encode_vae_image
+    assert torch.allclose(patchify(trainer.normalize_latents(raw)), expected, atol=1e-5)
+    assert not torch.allclose(patchify(raw), expected, atol=1e-2)  # the tiny VAE's statistics are not trivial
+
+
+def test_flux2_is_detected_from_a_folder_and_a_single_files_names(tiny_klein, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_studio.families import get_family
+    from lora_studio.models.detect import detect_family
+
+    assert detect_family(str(tiny_klein)) == "flux2"
+    assert get_family("flux2").render_settings(str(tiny_klein)) == {"steps": 50, "cfg": 4.0}  # a base model
+    single = tmp_path / "flux-2-klein-base-4b.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2),
+               "double_stream_modulation_img.lin.weight": torch.zeros(2, 2)}, str(single))
+    assert detect_family(str(single)) == "flux2"
+    flux1 = tmp_path / "flux1.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2),
+               "double_blocks.0.img_mod.lin.weight": torch.zeros(2, 2)}, str(flux1))
+    assert detect_family(str(flux1)) == "flux"
+
+
+def test_flux2_presets_fit_their_budget_by_estimate_and_the_estimate_covers_a_measured_step():
+    import sys
+
+    from lora_studio.presets import list_presets
+    from lora_studio.training.memory import estimate_breakdown
+
+    presets = list_presets("flux2")
+    assert [p.name for p in presets] == ["flux2_12gb", "flux2_16gb", "flux2_24gb"]
+    for preset in presets:
+        cfg = TrainConfig().replace(**preset.values)
+        assert estimate_breakdown(cfg, "flux2").total_gb <= 0.9 * preset.vram_gb, preset.name
+    twelve = TrainConfig().replace(**{**presets[0].values, "base_quantization": "none"})
+    assert estimate_breakdown(twelve, "flux2").total_gb > 0.9 * 12  # why 12 GB stores the weights in fp8
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from flow_memory import KLEIN_4B, build, step_peak
+
+    cfg = TrainConfig(resolution=512, gradient_checkpointing=True, mixed_precision="bf16")
+    lora_weights = sum(p.numel() * 4 for p in build("flux2", KLEIN_4B).parameters() if p.requires_grad)
+    measured = (step_peak("flux2", KLEIN_4B, 512, True) + lora_weights) / 1e9
+    parts = estimate_breakdown(cfg, "flux2").parts
+    estimated = parts["activations"] + parts["LoRA weights, gradients and optimizer"]
+    assert measured <= estimated <= 1.5 * measured, (measured, estimated)
+
+
+def test_klein_trains_from_a_single_file_in_bfl_layout(tiny_klein, demo_images, tmp_path):
+    from diffusers import Flux2Transformer2DModel
+
+    from lora_studio.models.detect import detect_family
+    from lora_studio.models.flux2_loading import load_flux2_transformer
+    from lora_studio.models.tiny_flux2 import save_flux2_single_file
+
+    single = save_flux2_single_file(tiny_klein, tmp_path / "flux-2-klein-tiny.safetensors")
+    assert detect_family(str(single)) == "flux2"
+    loaded = load_flux2_transformer(str(single), single_file_config=str(tiny_klein)).state_dict()
+    expected = Flux2Transformer2DModel.from_pretrained(tiny_klein / "transformer").state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    # the VAE, text encoder and configs from single_file_config (the export check: see the SD3.5 single-file test)
+    job = run_job(klein_config(single, demo_images, tmp_path / "out", single_file_config=str(tiny_klein),
+                               max_train_steps=1, verify_export=False))
+    assert job.status == "finished", job.error
