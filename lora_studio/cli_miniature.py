@@ -4,7 +4,7 @@
 
 The folder loads offline with ``StableDiffusionPipeline.from_pretrained`` (``sd15``, ``sd15_v``),
 ``StableDiffusionXLPipeline`` (``sdxl``), ``AutoModelForCausalLM`` (``llm``) or
-``BlipForConditionalGeneration`` (``blip``), and works as a base model or captioner everywhere in the studio.
+``BlipForConditionalGeneration`` (``blip``) or ``FluxPipeline`` (``flux``), and works as a base model or captioner everywhere in the studio.
 """
 
 from __future__ import annotations

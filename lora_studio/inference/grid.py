@@ -268,8 +268,18 @@ def render_one(pipe, settings: RenderSettings, adapter: str | None, strength: fl
     with torch.inference_mode():
         out = pipe(settings.prompt, negative_prompt=settings.negative or None,
                    num_inference_steps=int(settings.steps), guidance_scale=float(settings.cfg),
-                   width=int(settings.width or size), height=int(settings.height or size), generator=generator)
+                   width=int(settings.width or size), height=int(settings.height or size), generator=generator,
+                   **_prompt_length(pipe))
     return out.images[0]
+
+
+def _prompt_length(pipe) -> dict:
+    """FLUX.1 and Chroma: T5 prompts as long as their T5 tokenizer allows, at most the pipeline's default 512."""
+    if type(pipe).__name__.startswith(("Flux", "Chroma")):
+        from ..models.flux_loading import t5_length
+
+        return {"max_sequence_length": t5_length(pipe)}
+    return {}
 
 
 def _has_lora(pipe) -> bool:

@@ -193,16 +193,18 @@ def vae_colour_error(vae, count: int = 64, seed: int = 7) -> dict[str, float]:
 
 @torch.no_grad()
 def encode_world(vae, recipe: SDRecipe) -> tuple[torch.Tensor, list[str]]:
-    """Latents (times the scaling factor) and captions of ``recipe.latent_images`` world pictures.
+    """Latents (minus the VAE's shift factor if it has one, times its scaling factor) and captions of
+    ``recipe.latent_images`` world pictures.
 
     A share of the captions (``recipe.unknown_words``) starts with a made-up word, so the base learns to
     ignore words it does not know, as real models mostly do: "zubi, a red circle" (never one of those
     words) is then a red circle until a LoRA teaches it more."""
     scenes = world.world_scenes(recipe.latent_images, seed=recipe.seed + 3)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # a FLUX-shaped VAE's
     chunks = []
     for start in range(0, len(scenes), 256):
         x = torch.from_numpy(world.pixels(scenes[start:start + 256]))
-        chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        chunks.append((vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor)
     rng = random.Random(recipe.seed + 6)
     captions = [f"{_unknown_word(rng)}, {s.caption}" if rng.random() < recipe.unknown_words else s.caption
                 for s in scenes]
