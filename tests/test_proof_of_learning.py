@@ -31,8 +31,8 @@ STRENGTHS = (0.0, 0.5, 1.0)
 PROMPTS = [f"{world.CONCEPT_TRIGGER}, a red circle", f"{world.CONCEPT_TRIGGER}, a blue square",
            f"{world.CONCEPT_TRIGGER}, a green triangle", f"{world.CONCEPT_TRIGGER}, a yellow circle"]
 SEEDS = (1, 2)
-# The FLUX miniature's LoRA: the demo's settings with these changes (min-SNR is a DDPM weighting).
-FLUX_TRAIN = {"min_snr_gamma": None}
+# The FLUX miniature's LoRA: the demo's settings without min-SNR (a DDPM weighting), at twice the learning rate.
+FLUX_TRAIN = {"min_snr_gamma": None, "learning_rate": 2e-2}
 
 
 def _needs(family: str) -> Path:

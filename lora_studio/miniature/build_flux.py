@@ -201,7 +201,8 @@ def build_flux(out: Path, recipe: FluxRecipe, log: Log, base: Path) -> dict:
     log(f"flux: {len(latents)} latents {tuple(latents.shape[1:])}, {len(unique)} captions encoded")
     pipe.transformer = train_transformer(pipe.transformer, latents, rows, cond, pipe.scheduler.config, recipe, log)
     report = {"vae": vae_colour_error(vae),
-              "colour_accuracy": colour_accuracy(pipe, recipe.eval_seeds, recipe.eval_steps, cfg=3.5)}
+              "colour_accuracy": colour_accuracy(pipe, recipe.eval_seeds, recipe.eval_steps, cfg=3.5,
+                                                 max_sequence_length=T5_LENGTH)}
     pipe.transformer.half()
     pipe.vae.half()
     pipe.save_pretrained(out)

@@ -289,8 +289,9 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, cond: di
 
 # --- checking what it draws ------------------------------------------------------------------------------------
 @torch.no_grad()
-def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) -> float:
-    """Share of pictures whose dominant colour is the one the prompt names (each colour, ``seeds`` seeds)."""
+def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0, **call) -> float:
+    """Share of pictures whose dominant colour is the one the prompt names (each colour, ``seeds`` seeds);
+    ``call``: more arguments for the pipeline."""
     from .measure import dominant_colour
 
     pipe.set_progress_bar_config(disable=True)
@@ -298,7 +299,7 @@ def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) -> 
     for colour in world.COLOURS:
         gens = [torch.Generator().manual_seed(s) for s in range(seeds)]
         images = pipe([f"a {colour} circle"] * seeds, num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                      height=world.SIZE, width=world.SIZE).images
+                      height=world.SIZE, width=world.SIZE, **call).images
         hits += sum(dominant_colour(im) == colour for im in images)
         total += len(images)
     return hits / total
