@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import world
 from .build_sd import MAX_TOKENS, Log, colour_accuracy, encode_world, new_text_encoder
-from .recipe import Recipe, train_step, warmup_cosine
+from .recipe import Recipe, ema_update, scaled_images, train_step, warmup_cosine
 
 LATENT_CHANNELS = 16
 # T5 prompt length: the T5 tokenizer's model_max_length, which the studio renders and trains with (FLUX.1: 512;
@@ -56,11 +56,7 @@ class FluxRecipe(Recipe):
     eval_steps: int = 20
 
     def scaled(self, factor: float) -> "FluxRecipe":
-        out = super().scaled(factor)
-        out.latent_images = max(64, int(self.latent_images * min(1.0, factor * 4)))
-        if factor < 0.2:
-            out.eval_seeds, out.eval_steps = 1, 2
-        return out
+        return scaled_images(super().scaled(factor), self, factor)
 
 
 # --- the VAE ---------------------------------------------------------------------------------------------------
@@ -169,10 +165,7 @@ def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, co
                         cond["pooled"][rows[idx]], guidance)
         loss = F.mse_loss(pred, noise - x0)
         train_step(loss, opt, lr_sched, transformer.parameters())
-        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), transformer.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(ema, transformer, step, recipe.ema_decay)
         if step % 100 == 0 or step == recipe.steps - 1:
             log(f"flux transformer step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
                 f"({time.time() - started:.0f}s)")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .recipe import Recipe, train_step, warmup_cosine
+from .recipe import Recipe, ema_update, scaled_images, train_step, warmup_cosine
 
 SCALING_FACTOR = 0.18215
 MAX_TOKENS = 20  # the captions are short: 20 positions instead of CLIP's 77 make every step cheaper
@@ -61,11 +61,7 @@ class SDRecipe(Recipe):
     eval_steps: int = 20
 
     def scaled(self, factor: float) -> "SDRecipe":
-        out = super().scaled(factor)
-        out.latent_images = max(64, int(self.latent_images * min(1.0, factor * 4)))
-        if factor < 0.2:
-            out.eval_seeds, out.eval_steps = 1, 2
-        return out
+        return scaled_images(super().scaled(factor), self, factor)
 
 
 # --- components --------------------------------------------------------------------------------------------
@@ -277,10 +273,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, cond: di
         weight = snr.clamp(max=recipe.min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
         loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean()
         train_step(loss, opt, lr_sched, unet.parameters())
-        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(ema, unet, step, recipe.ema_decay)
         if step % 100 == 0 or step == steps - 1:
             log(f"unet ({prediction_type}) step {step + 1}/{steps} loss {loss.item():.4f} "
                 f"({time.time() - started:.0f}s)")
