@@ -231,6 +231,7 @@ def test_path_policy(tmp_path):
         parse_auth("nopassword")
 
 
+@pytest.mark.slow
 def test_share_without_internet_needs_login_and_limits_paths(tmp_path):
     from gradio_client import Client
     from gradio_client.exceptions import AppError

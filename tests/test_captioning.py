@@ -110,6 +110,7 @@ def test_model_load_errors_are_one_sentence(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_caption_folder_every_usable_image_once(tiny_blip, tiny_clip, tmp_path):
     folder = _bad_folder(tmp_path)
     before = _digest(folder)

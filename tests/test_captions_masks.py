@@ -8,6 +8,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -106,6 +107,7 @@ def prepared_trainer(cfg: TrainConfig):
     return trainer
 
 
+@pytest.mark.slow
 def test_validation_images_are_held_out_and_scored_the_same_every_time(tiny_sd15, demo_images, tmp_path):
     cfg = make_config(tiny_sd15, demo_images, tmp_path / "out", validation_split=0.25, masked_loss=True,
                       caption_dropout_rate=0.5)
@@ -146,6 +148,7 @@ def test_step_captions_are_repeatable_per_sample(tiny_sd15, demo_images, tmp_pat
     trainer.cleanup()
 
 
+@pytest.mark.slow
 def test_masked_loss_with_augmented_captions_trains_on_sdxl(tiny_sdxl, demo_images, tmp_path):
     """SDXL with tag shuffling (text encoders kept on the device, encoded each step), masks and validation."""
     from helpers import run_job

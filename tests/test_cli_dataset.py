@@ -44,6 +44,7 @@ def test_parsers_register_on_a_main_parser():
     assert args.func.__name__ == "cmd_dataset_check" and args.min_size == 64
 
 
+@pytest.mark.slow
 def test_caption_command(models, folder, capsys):
     blip, clip = models
     out = folder / "captions.csv"

@@ -72,6 +72,7 @@ def test_captioner_loading_reports_the_download(hub_cache):
     assert said and said[-1].startswith("Downloaded 2 MB of owner/captioner in "), said
 
 
+@pytest.mark.slow
 def test_the_progress_bar_shows_a_message_whole():
     from lora_studio.ui.common import progress_callback
 

@@ -50,6 +50,7 @@ def sdxl(tiny_sdxl):
     return (tiny_sdxl,) + lora_pipe(tiny_sdxl, "sdxl")
 
 
+@pytest.mark.slow
 def test_render_is_deterministic(sd15):
     folder, pipe, base, expected, *_ = sd15
     again = render(pipe, PROMPT, SEED)
@@ -59,6 +60,7 @@ def test_render_is_deterministic(sd15):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.slow
 def test_diffusers_file_reloads_with_its_alpha(family, sd15, sdxl, tmp_path):
     folder, pipe, base, expected, unet_sd, te_sds = sd15 if family == "sd15" else sdxl
     out = save_diffusers_lora(tmp_path / "diffusers", type(pipe), unet_sd, te_sds, rank=RANK, alpha=ALPHA,
@@ -79,6 +81,7 @@ def test_diffusers_file_reloads_with_its_alpha(family, sd15, sdxl, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diffusers"]
 
 
+@pytest.mark.slow
 def test_check_catches_a_wrong_alpha(sd15, tmp_path):
     folder, pipe, base, expected, unet_sd, te_sds = sd15
     wrong = save_kohya_lora(tmp_path / "wrong.safetensors", peft_to_kohya(unet_sd, te_sds, "sd15", RANK), {})
@@ -96,6 +99,7 @@ def test_check_catches_a_missing_module(sd15, tmp_path):
         check_export(folder, "sd15", path, expected_images=expected, base_images=base, prompt=PROMPT, seed=SEED)
 
 
+@pytest.mark.slow
 def test_check_passes_and_reports(sd15, tmp_path):
     folder, pipe, base, expected, unet_sd, te_sds = sd15
     path = save_kohya_lora(tmp_path / "ok.safetensors", peft_to_kohya(unet_sd, te_sds, "sd15", ALPHA), {})

@@ -312,6 +312,7 @@ def test_too_little_free_space_is_refused_before_training(tiny_sd15, demo_images
 
 
 @pytest.mark.parametrize("when, steps, save_steps", [("checkpoint", 6, 2), ("exporting", 3, 0)])
+@pytest.mark.slow
 def test_full_disk_during_training_fails_the_run_with_one_sentence(tiny_sd15, demo_images, tmp_path, when, steps,
                                                                     save_steps):
     """The disk fills up after the first checkpoint (the next one cannot be written), or at the export."""

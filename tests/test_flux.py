@@ -105,6 +105,7 @@ def test_export_check_on_the_training_pipeline_when_a_fresh_one_does_not_fit(pre
     assert float(passed[0].split("within ")[1].split(" ")[0]) < 1e-3
 
 
+@pytest.mark.slow
 def test_chroma_lora_trains_and_reloads_into_a_fresh_pipeline(tiny_chroma, demo_images, tmp_path):
     from safetensors import safe_open
 
@@ -119,6 +120,7 @@ def test_chroma_lora_trains_and_reloads_into_a_fresh_pipeline(tiny_chroma, demo_
     assert not any("single_transformer_blocks.0." in k for k in keys)
 
 
+@pytest.mark.slow
 def test_flux_resume_after_stop_gives_the_same_losses(tiny_flux, demo_images, tmp_path):
     steps = 6
     full = run_job(flux_config(tiny_flux, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=2,
@@ -134,6 +136,7 @@ def test_flux_resume_after_stop_gives_the_same_losses(tiny_flux, demo_images, tm
     assert [m["loss"] for m in metrics] == pytest.approx(full_losses, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_init_lora_continues_from_an_exported_file(tiny_flux, demo_images, tmp_path):
     from lora_studio.export.flux_lora import read_flux_lora
     from lora_studio.training.flux import FluxTrainer

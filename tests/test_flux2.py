@@ -51,6 +51,7 @@ def test_klein_lora_trains_exports_and_every_layer_is_placed(tiny_klein, demo_im
     assert_reloads_in_diffusers(Flux2KleinPipeline.from_pretrained(tiny_klein), lora, len(modules), "a red circle")
 
 
+@pytest.mark.slow
 def test_klein_all_linear_file_reloads_with_every_layer_and_strength_0_is_the_base(tiny_klein, demo_images,
                                                                                     tmp_path):
     from diffusers import Flux2KleinPipeline
@@ -93,6 +94,7 @@ def test_klein_all_linear_file_reloads_with_every_layer_and_strength_0_is_the_ba
     assert np.asarray(zero).shape == (64, 64, 3) and np.abs(np.asarray(one, float) - np.asarray(zero, float)).max() > 0
 
 
+@pytest.mark.slow
 def test_klein_resume_after_stop_gives_the_same_losses(tiny_klein, demo_images, tmp_path):
     steps = 4
     full = run_job(klein_config(tiny_klein, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=2,
@@ -142,6 +144,7 @@ def test_flux2_is_detected_from_a_folder_and_a_single_files_names(tiny_klein, tm
     assert detect_family(str(flux1)) == "flux"
 
 
+@pytest.mark.slow
 def test_flux2_presets_fit_their_budget_by_estimate_and_the_estimate_covers_a_measured_step():
     import sys
 

@@ -74,6 +74,7 @@ def _prepared_trainer(model, data, out, **changes):
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8", "fp8"])
+@pytest.mark.slow
 def test_quantized_bases_train_with_lora_gradients(mode, tiny_flux, demo_images, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")  # nf4: bitsandbytes' CPU kernels
     trainer = _prepared_trainer(tiny_flux, demo_images, tmp_path / "out", base_quantization=mode)
@@ -238,6 +239,7 @@ def _random_lora_file(model_dir, path):
     return save_flux_lora(path, get_peft_model_state_dict(transformer), rank=4, alpha=4.0, metadata={})
 
 
+@pytest.mark.slow
 def test_grid_and_generate_render_flux_with_its_own_steps_and_guidance(tiny_flux, tmp_path, monkeypatch):  # noqa: F811
     from lora_studio.__main__ import main
     from lora_studio.inference import grid

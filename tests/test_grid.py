@@ -41,6 +41,7 @@ def lora_file(tiny_sd15, tmp_path_factory) -> Path:
     return _write_random_lora(tiny_sd15, tmp_path_factory.mktemp("lora"))
 
 
+@pytest.mark.slow
 def test_strength_zero_is_the_base_model_and_strengths_differ(tiny_sd15, lora_file, tmp_path):
     from lora_studio.models.loading import load_diffusion_pipeline
 
@@ -62,6 +63,7 @@ def test_strength_zero_is_the_base_model_and_strengths_differ(tiny_sd15, lora_fi
     assert np.array_equal(np.asarray(again[1]), base)
 
 
+@pytest.mark.slow
 def test_checkpoint_grid_png_and_tags(tiny_sd15, lora_file, tmp_path):
     out = tmp_path / "grids" / "grid.png"
     cache = PipelineCache()

@@ -80,6 +80,7 @@ def test_detects_formats(trained, tmp_path):
         load_lora_file(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["kohya", "diffusers"])
 def test_round_trip_into_a_fresh_run(source, trained, tiny_sd15):
     pipe, names = pipe_with_adapters(tiny_sd15, "sd15", seed=7)
@@ -91,6 +92,7 @@ def test_round_trip_into_a_fresh_run(source, trained, tiny_sd15):
     assert np.array_equal(render(pipe, PROMPT, SEED), trained["image"])
 
 
+@pytest.mark.slow
 def test_peft_folder_and_other_alpha_keep_the_effect(trained, tiny_sd15, tmp_path):
     """A run with alpha 8 continuing a LoRA trained with alpha 2: lora_up is rescaled, the output is unchanged."""
     peft_dir = tmp_path / "peft"

@@ -223,6 +223,7 @@ def _run(cfg: TrainConfig):
     return job
 
 
+@pytest.mark.slow
 def test_auto_fit_steps_down_until_the_run_finishes(tiny_sd15, demo_images, tmp_path, oom_when_batched):
     job = _run(_sd15_config(tiny_sd15, demo_images, tmp_path / "out", auto_fit=True, batch_size=2))
     assert job.status == "finished", job.error
@@ -256,6 +257,7 @@ def test_without_auto_fit_the_run_stops_naming_the_next_preset(tiny_sd15, demo_i
     assert "ran out of memory" in job.error and "Try the preset '" in job.error and "auto_fit: true" in job.error
 
 
+@pytest.mark.slow
 def test_checkpointing_step_down_resumes_from_the_last_checkpoint(tiny_sd15, demo_images, tmp_path, monkeypatch):
     from lora_studio.training.diffusion import DiffusionTrainer
 
@@ -367,6 +369,7 @@ def test_llm_estimate_covers_the_measured_step(tmp_path):
         assert 1.0 <= estimate / measured <= 1.4, (checkpointing, estimate, measured)
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_exporting_does_not_retrain(tiny_sd15, demo_images, tmp_path, monkeypatch):
     from lora_studio.training.diffusion import DiffusionTrainer
 

@@ -16,6 +16,7 @@ from lora_studio.miniature.build import build
 SCALE = 0.002
 
 
+@pytest.mark.slow
 def test_sd15_build_runs_and_records_its_recipe(tmp_path):
     record = build("sd15", tmp_path / "sd15", scale=SCALE, threads=1)
     assert record["recipe"]["unet_steps"] == 5 and record["recipe"]["seed"] == 1300
@@ -39,6 +40,7 @@ def test_llm_and_captioner_builds_run(family, tmp_path):
     assert (tmp_path / family / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_flux_build_runs_from_the_sd15_vae(tmp_path):
     """The FLUX miniature's build: the sd15 miniature's VAE made 16-channel (it decodes exactly what the sd15 VAE
     decodes), and a few flow-matching steps; the folder loads as a FluxPipeline and renders."""

@@ -38,6 +38,7 @@ def pipelines():
 
 @pytest.mark.parametrize("family", ["sd15", "sd15_v", "sdxl"])
 @pytest.mark.parametrize("colour", list(world.COLOURS))
+@pytest.mark.slow
 def test_the_base_draws_the_colour_it_is_asked_for(pipelines, family, colour):
     """At 64 px, 20 steps of the model's own DDPM scheduler: the dominant colour is the named one for at
     least 8 of 10 seeds."""
@@ -49,6 +50,7 @@ def test_the_base_draws_the_colour_it_is_asked_for(pipelines, family, colour):
 
 
 @pytest.mark.parametrize("colour", list(world.COLOURS))
+@pytest.mark.slow
 def test_the_flux_base_draws_the_colour_it_is_asked_for(pipelines, colour):
     """The FLUX miniature, with FluxPipeline's own flow-matching Euler scheduler (20 steps, its guidance input
     at FLUX.1-dev's 3.5) and T5 prompts of the length it was trained with (its tokenizer's model_max_length)."""

@@ -78,6 +78,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_presets_command_lists_what_each_sets():
     out = _cli("presets")
     assert out.returncode == 0, out.stderr

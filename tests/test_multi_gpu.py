@@ -219,6 +219,7 @@ def test_process_job_prepares_one_run_folder(tmp_path, monkeypatch, tiny_sd15, d
     assert [p.name for p in (tmp_path / "out").iterdir()] == [run.path.name]
 
 
+@pytest.mark.slow
 def test_stop_through_a_command_file(tmp_path, tiny_sd15, demo_images):
     """A run in another process is stopped by a file (what the UI does for a multi-GPU run)."""
     from lora_studio.training.job import make_trainer

@@ -107,6 +107,7 @@ def test_kohya_file_converts_back_with_the_same_effect(tiny_sd15, kind, rank):
 
 
 @pytest.mark.parametrize("kind", ["dora", "lokr", "loha"])
+@pytest.mark.slow
 def test_export_check_loads_the_file_through_peft(tiny_sd15, tmp_path, kind):
     """The written file, loaded into a fresh pipeline, reproduces the in-memory model; strength 0 is the base."""
     from diffusers import StableDiffusionPipeline

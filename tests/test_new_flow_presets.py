@@ -24,6 +24,7 @@ def test_every_sd3_and_flux2_preset_runs_as_set(name, tiny_sd3, tiny_klein, demo
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
+@pytest.mark.slow
 def test_sd3_int8_base_in_bf16_passes_the_export_check(tiny_sd3, demo_images, tmp_path, monkeypatch):  # noqa: F811
     from helpers import run_job
     from test_sd3 import sd3_config

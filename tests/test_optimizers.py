@@ -56,6 +56,7 @@ def assert_same_run(a: RunFolder, b: RunFolder) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "prodigy", "adamw_schedulefree", "adafactor"])
+@pytest.mark.slow
 def test_each_optimizer_resumes_exactly(tiny_llm, llm_data, tmp_path, monkeypatch, optimizer):
     if optimizer == "adamw8bit":
         monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")  # bitsandbytes' CPU kernels, as asked

@@ -32,6 +32,7 @@ def qwen_config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
+@pytest.mark.slow
 def test_qwen_image_lora_trains_exports_and_every_layer_is_placed(tiny_qwen_image, demo_images, tmp_path):
     from diffusers import QwenImagePipeline
     from safetensors import safe_open
@@ -60,6 +61,7 @@ def test_qwen_image_lora_trains_exports_and_every_layer_is_placed(tiny_qwen_imag
     assert_reloads_in_diffusers(QwenImagePipeline.from_pretrained(tiny_qwen_image), lora, len(modules))
 
 
+@pytest.mark.slow
 def test_qwen_image_resume_after_stop_gives_the_same_losses(tiny_qwen_image, demo_images, tmp_path):
     steps = 4
     common = dict(max_train_steps=steps, save_steps=2, verify_export=False, timestep_sampling="flux_shift",
@@ -205,6 +207,7 @@ def test_qwen_image_estimate_covers_a_measured_step_of_the_full_size_transformer
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8", "fp8"])
+@pytest.mark.slow
 def test_quantized_qwen_image_base_trains_in_bf16_and_passes_the_export_check(mode, tiny_qwen_image, demo_images,
                                                                               tmp_path, monkeypatch):
     """bf16 over a quantized base, as on a GPU (nf4: bitsandbytes' CPU kernels): the fresh pipeline of the export

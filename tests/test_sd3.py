@@ -30,6 +30,7 @@ def sd3_config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
                                             "discrete_flow_shift": 3.0, **changes})
 
 
+@pytest.mark.slow
 def test_sd3_lora_trains_exports_and_every_layer_is_placed(tiny_sd3, demo_images, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
@@ -72,6 +73,7 @@ def test_sd3_all_linear_and_block_filter(tiny_sd3, demo_images, tmp_path):
     assert not any("transformer_blocks.1." in k for k in keys)
 
 
+@pytest.mark.slow
 def test_sd3_resume_after_stop_gives_the_same_losses(tiny_sd3, demo_images, tmp_path):
     steps = 4
     full = run_job(sd3_config(tiny_sd3, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=2,
@@ -107,6 +109,7 @@ def test_sd3_is_detected_from_a_folder_and_from_a_single_files_names(tiny_sd3, t
         detect_family(str(lora))
 
 
+@pytest.mark.slow
 def test_sd3_cached_conditioning_is_the_pipelines_own(tiny_sd3, demo_images, tmp_path):
     import torch
 
@@ -126,6 +129,7 @@ def test_sd3_cached_conditioning_is_the_pipelines_own(tiny_sd3, demo_images, tmp
     assert torch.allclose(cached["pooled"], pooled[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sd3_trains_from_a_single_file_in_stabilitys_layout(tiny_sd3, demo_images, tmp_path):
     import torch
     from diffusers import SD3Transformer2DModel

@@ -37,6 +37,7 @@ def test_sd3_estimate_counts_clip_tokens_and_t5_alone_while_caching():
     assert shuffled.parts["text encoder weights"] == pytest.approx(11.2, abs=0.1)  # all three stay
 
 
+@pytest.mark.slow
 def test_sd3_estimate_covers_a_measured_step_of_the_full_size_transformer():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from flow_memory import LARGE, build, step_peak

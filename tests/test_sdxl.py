@@ -59,6 +59,7 @@ def test_sdxl_trains_exports_and_reloads(tiny_sdxl, demo_images, tmp_path):
     assert np.abs(_render(pipe, prompt) - base).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_sdxl_text_encoder_lora_exports_te1_and_te2(tiny_sdxl, demo_images, tmp_path, monkeypatch):
     """Also the export check's CPU path (taken on GPUs without room for two fp32 SDXL pipelines)."""
     from safetensors import safe_open
@@ -78,6 +79,7 @@ def test_sdxl_text_encoder_lora_exports_te1_and_te2(tiny_sdxl, demo_images, tmp_
     assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)
 
 
+@pytest.mark.slow
 def test_sdxl_conditioning_matches_the_pipeline(tiny_sdxl, demo_images, tmp_path):
     """Cached text conditioning and time ids are what StableDiffusionXLPipeline feeds the UNet."""
     from lora_studio.training.events import EventBus
@@ -106,6 +108,7 @@ def test_sdxl_conditioning_matches_the_pipeline(tiny_sdxl, demo_images, tmp_path
     trainer.cleanup()
 
 
+@pytest.mark.slow
 def test_time_ids_use_original_size_crop_and_bucket(tiny_sdxl, tmp_path):
     """A wide image: original size from the file, crop offset from the latent cache, target = bucket."""
     from PIL import Image
@@ -127,6 +130,7 @@ def test_time_ids_use_original_size_crop_and_bucket(tiny_sdxl, tmp_path):
     trainer.cleanup()
 
 
+@pytest.mark.slow
 def test_nan_latents_stop_the_run_naming_the_vae_key(tiny_sdxl, demo_images, tmp_path):
     from diffusers import AutoencoderKL
 
@@ -167,6 +171,7 @@ def test_sdxl_defaults_to_1024_and_fp32_vae(tiny_sdxl, tmp_path):
     assert trainer.vae_dtype(torch.float32) == torch.float32
 
 
+@pytest.mark.slow
 def test_a_sample_that_runs_out_of_memory_is_skipped_not_the_run(tiny_sdxl, demo_images, tmp_path, monkeypatch):
     from lora_studio.training.diffusion import DiffusionTrainer
 

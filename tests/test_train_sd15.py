@@ -109,6 +109,7 @@ def test_resume_after_stop_gives_the_same_losses(tiny_sd15, demo_images, tmp_pat
     assert [m["loss"] for m in metrics] == pytest.approx(full_losses, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoints_are_kohya_files_and_pruned(tiny_sd15, demo_images, tmp_path):
     from safetensors import safe_open
 
@@ -125,6 +126,7 @@ def test_checkpoints_are_kohya_files_and_pruned(tiny_sd15, demo_images, tmp_path
     assert any(k.endswith(".alpha") for k in keys)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd15, demo_images, tmp_path, monkeypatch):
     from lora_studio.training.diffusion import DiffusionTrainer
 
@@ -144,6 +146,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd15, demo_images, t
     assert job.run.read_state()["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_init_lora_continues_from_an_exported_file(tiny_sd15, demo_images, tmp_path):
     first = run_job(make_config(tiny_sd15, demo_images, tmp_path / "a", max_train_steps=4, verify_export=False))
     lora = first.run.path / "my_lora.safetensors"
@@ -170,6 +173,7 @@ def test_bad_datasets_refuse_to_start(tiny_sd15, tmp_path, setup, words):
     assert words in job.error
 
 
+@pytest.mark.slow
 def test_second_job_is_refused_while_one_runs(tiny_sd15, demo_images, tmp_path):
     from lora_studio.errors import TrainingError
 
@@ -202,6 +206,7 @@ def test_cli_train_and_bad_config(tiny_sd15, demo_images, tmp_path):
     assert state["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_v_prediction_text_encoder_and_all_knobs(tmp_path, demo_images):
     """SD2-style v-prediction model, text-encoder LoRA with its own lr, accumulation, min-SNR, noise offset,
     disk latent cache: the run finishes and its kohya file (UNet + lora_te_ keys) passes the reload check."""

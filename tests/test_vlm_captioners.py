@@ -127,6 +127,7 @@ def _tags(models, colour, **options) -> list[str]:
     return tagger.caption([Image.new("RGB", (64, 64), colour)])[0].text.split(", ")
 
 
+@pytest.mark.slow
 def test_wd14_reads_bgr_0_255_and_applies_thresholds(models):
     red = _tags(models, (230, 20, 20))
     assert "red theme" in red and "blue theme" not in red  # a tagger fed RGB would see blue
@@ -199,6 +200,7 @@ def test_token_limits_exact_with_the_base_model_and_estimated_without(tiny_sd15)
 
 # --------------------------------------------------------------------------------------------- command line
 @pytest.mark.parametrize("name", GENERATIVE + ["wd14", "blip"])
+@pytest.mark.slow
 def test_caption_command_with_each_captioner(models, name, tmp_path, capsys):
     folder = _folder_with_bad_middle(tmp_path)
     write_metadata_csv(folder / "metadata.csv", {"img_003.png": "hand written"})

@@ -29,6 +29,7 @@ def z_config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
+@pytest.mark.slow
 def test_z_image_lora_trains_exports_and_every_layer_is_placed(tiny_z_image, demo_images, tmp_path):
     from diffusers import ZImagePipeline
     from safetensors import safe_open
@@ -54,6 +55,7 @@ def test_z_image_lora_trains_exports_and_every_layer_is_placed(tiny_z_image, dem
     assert_reloads_in_diffusers(ZImagePipeline.from_pretrained(tiny_z_image), lora, len(modules))
 
 
+@pytest.mark.slow
 def test_z_image_resume_after_stop_gives_the_same_losses(tiny_z_image, demo_images, tmp_path):
     common = dict(max_train_steps=4, save_steps=2, verify_export=False)
     full = run_job(z_config(tiny_z_image, demo_images, tmp_path / "a", **common))
@@ -147,6 +149,7 @@ def test_z_image_presets_fit_their_budget():
 
 
 @pytest.mark.parametrize("kind", ["dora", "lokr", "loha"])
+@pytest.mark.slow
 def test_z_image_network_types_export_and_reload(kind, tiny_z_image, demo_images, tmp_path):
     """DoRA, LoKr and LoHa keep the diffusion_model.* key map with their LyCORIS tensors; the export check loads them
     through PEFT as ComfyUI applies them."""
@@ -161,6 +164,7 @@ def test_z_image_network_types_export_and_reload(kind, tiny_z_image, demo_images
     assert all(k.startswith("diffusion_model.layers.") for k in keys) and any(k.endswith(suffix) for k in keys)
 
 
+@pytest.mark.slow
 def test_z_image_renders_in_the_testing_tab(tiny_z_image):
     """The Testing tab / generate path: the pipeline from the registry's loader, its native size (ZImagePipeline
     has no default_sample_size: 1024 px), a picture at the grid's settings."""
@@ -175,6 +179,7 @@ def test_z_image_renders_in_the_testing_tab(tiny_z_image):
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8", "fp8"])
+@pytest.mark.slow
 def test_quantized_z_image_base_trains_in_bf16_and_passes_the_export_check(mode, tiny_z_image, demo_images, tmp_path,
                                                                            monkeypatch):
     """(Its timestep embedder casts its input to its weights' dtype, so it stays bf16: quantize.KEEP.)"""
