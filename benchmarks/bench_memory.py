@@ -237,6 +237,7 @@ def count_activations(family: str, resolution: int, batch: int = 1, dtype: torch
     sizes: dict[int, int] = {}
     owner: dict[int, int] = {}  # storage -> unit (-1: outside every unit)
     unit_inputs: set[int] = set()
+    alive: list[torch.Tensor] = []  # a unit's inputs stay alive (checkpointing keeps them): no storage id reused
     current, next_unit = [-1], [0]
 
     def pack(t: torch.Tensor):
@@ -252,6 +253,7 @@ def count_activations(family: str, resolution: int, batch: int = 1, dtype: torch
                 sid = a.untyped_storage()._cdata
                 unit_inputs.add(sid)
                 sizes[sid] = a.untyped_storage().nbytes()
+                alive.append(a)
         next_unit[0] += 1
         outer, current[0] = current[0], next_unit[0]
         try:

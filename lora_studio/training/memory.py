@@ -68,20 +68,21 @@ class FamilyFigures:
 
 
 # Activation figures: ``bench_memory.py --count`` (diffusers 0.42, torch 2.13, rank 16 on the default
-# targets), per megapixel of one image. SD2 fp32 is scaled from SD2 half by SD1.5's fp32/half ratio.
+# targets; since 2026-12-02 with every unit input held, so no storage id is reused and the count repeats),
+# per megapixel of one image. SD2 fp32 is scaled from SD2 half by SD1.5's fp32/half ratio.
 FIGURES: dict[str, FamilyFigures] = {
     "sd15": FamilyFigures(
         unet_params=859_520_964, text_encoders=((123_060_480, 12, 768),), keeps_text_encoders=True,
         lora_params_per_rank=199_296, vae_batch=4,
-        act_mb_per_mp={"half": 4422, "half_ckpt": 961, "fp32": 6136, "fp32_ckpt": 1568}),
+        act_mb_per_mp={"half": 4497, "half_ckpt": 977, "fp32": 6156, "fp32_ckpt": 1588}),
     "sd2": FamilyFigures(
         unet_params=865_910_724, text_encoders=((340_387_840, 23, 1024),), keeps_text_encoders=True,
         lora_params_per_rank=207_488, vae_batch=4,
-        act_mb_per_mp={"half": 4227, "half_ckpt": 782, "fp32": 5866, "fp32_ckpt": 1276}),
+        act_mb_per_mp={"half": 4303, "half_ckpt": 809, "fp32": 5890, "fp32_ckpt": 1315}),
     "sdxl": FamilyFigures(
         unet_params=2_567_463_684, text_encoders=((123_060_480, 12, 768), (694_659_840, 32, 1280)),
         keeps_text_encoders=False, lora_params_per_rank=1_451_520, vae_batch=1, caches_alone=True,
-        act_mb_per_mp={"half": 7403, "half_ckpt": 680, "fp32": 10717, "fp32_ckpt": 1158}),
+        act_mb_per_mp={"half": 7621, "half_ckpt": 730, "fp32": 10732, "fp32_ckpt": 1153}),
 }
 RESOLUTION_STEP = 128
 
