@@ -183,3 +183,83 @@ def test_klein_trains_from_a_single_file_in_bfl_layout(tiny_klein, demo_images, 
     job = run_job(klein_config(single, demo_images, tmp_path / "out", single_file_config=str(tiny_klein),
                                max_train_steps=1, verify_export=False))
     assert job.status == "finished", job.error
+
+
+# --- FLUX.2 [dev]: Flux2Pipeline, Mistral 3 text encoder, guidance-distilled --------------------------------------
+@pytest.fixture(scope="session")
+def tiny_dev(tmp_path_factory) -> Path:
+    from lora_studio.models.tiny_flux2 import build_tiny_flux2_dev
+
+    return build_tiny_flux2_dev(tmp_path_factory.mktemp("models") / "tiny-dev")
+
+
+def test_dev_trains_exports_and_reloads_into_a_fresh_flux2_pipeline(tiny_dev, demo_images, tmp_path):
+    from diffusers import Flux2Pipeline
+
+    from lora_studio.export.diffusers_format import module_of
+
+    job = run_job(klein_config(tiny_dev, demo_images, tmp_path / "out", sample_prompt="a red circle", sample_steps=3))
+    keys, meta = exported_file(job)  # the export check passed: strength 1 = trained, strength 0 = base
+    assert (job.run.samples_dir / "step_000003.png").is_file()
+    modules = sorted({module_of(k) for k in keys})
+    assert len(modules) == 8 + 1 and all(k.startswith("transformer.") for k in keys)
+    assert meta["modelspec.architecture"] == "flux-2-dev/lora" and meta["ss_base_model_version"] == "flux2"
+    assert_reloads_in_diffusers(Flux2Pipeline.from_pretrained(tiny_dev), job.run.path / "my_lora.safetensors",
+                                len(modules), "a red circle")
+
+
+def test_dev_caches_mistral_conditioning_and_feeds_the_guidance_input(tiny_dev, demo_images, tmp_path):
+    from diffusers import Flux2Pipeline
+
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.flux2 import Flux2Trainer
+
+    def trainer_with(guidance: float) -> Flux2Trainer:
+        cfg = klein_config(tiny_dev, demo_images, tmp_path / f"out{guidance}", guidance_scale=guidance)
+        trainer = Flux2Trainer(cfg, RunFolder.create(cfg), EventBus())
+        trainer.pipe = Flux2Pipeline.from_pretrained(tiny_dev)
+        return trainer
+
+    low, high = trainer_with(1.0), trainer_with(3.5)
+    cond = low.encode_text(["a red circle", "a cat"])
+    with torch.no_grad():  # Mistral's hidden layers 10, 20 and 30 stacked along the width, 32 tokens each
+        outputs = low.pipe.text_encoder(**low.pipe.tokenizer.apply_chat_template(
+            [[{"role": "system", "content": [{"type": "text", "text": low.pipe.system_message}]},
+              {"role": "user", "content": [{"type": "text", "text": "a red circle"}]}]], tokenize=True,
+            return_dict=True, return_tensors="pt", padding="max_length", truncation=True, max_length=32),
+            output_hidden_states=True)
+    expected = torch.cat([outputs.hidden_states[k][0] for k in (10, 20, 30)], dim=-1)
+    assert cond["prompt_embeds"].shape == (2, 32, 48)
+    assert torch.allclose(cond["prompt_embeds"][0], expected, atol=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    noisy, sigmas = torch.randn(1, 32, 8, 8, generator=gen), torch.tensor([0.5])
+    one = {"prompt_embeds": cond["prompt_embeds"][:1].detach()}
+    with torch.no_grad():
+        assert not torch.allclose(low.predict(noisy, sigmas, one), high.predict(noisy, sigmas, one), atol=1e-4)
+        seen = {}
+        handle = high.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+        high.predict(noisy, sigmas, one)
+        handle.remove()
+    assert torch.equal(seen["guidance"], torch.tensor([3.5]))  # the guidance embedding gets guidance_scale
+
+
+def test_dev_render_defaults_are_the_pipelines_and_resume_is_exact(tiny_dev, demo_images, tmp_path):
+    import inspect
+
+    from diffusers import Flux2Pipeline
+
+    from lora_studio.families import get_family
+
+    call = inspect.signature(Flux2Pipeline.__call__).parameters
+    expected = {"steps": call["num_inference_steps"].default, "cfg": call["guidance_scale"].default}
+    assert get_family("flux2").render_settings(str(tiny_dev)) == expected == {"steps": 50, "cfg": 4.0}
+
+    steps = 3
+    full = run_job(klein_config(tiny_dev, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=1,
+                                verify_export=False, guidance_scale=3.5))
+    assert full.status == "finished", full.error
+    cfg = klein_config(tiny_dev, demo_images, tmp_path / "b", max_train_steps=steps, save_steps=1,
+                       verify_export=False, guidance_scale=3.5)
+    resumed = stop_then_resume(cfg, stop_at=1)
+    losses = [m["loss"] for m in RunFolder(resumed.run.path).read_metrics()]
+    assert losses == pytest.approx([loss for _, loss in full.snapshot().losses], rel=1e-5, abs=1e-6)
