@@ -89,7 +89,8 @@ def _without_processor(source: str) -> bool:
     """A dev pipeline whose ``PixtralProcessor`` transformers cannot build here (no torchvision)."""
     from transformers.utils import is_torchvision_available
 
-    return _index(source).get("tokenizer", [None, None])[1] == "PixtralProcessor" and not is_torchvision_available()
+    return (_index(source, online=True).get("tokenizer", [None, None])[1] == "PixtralProcessor"
+            and not is_torchvision_available())
 
 
 def processor_tokenizer(source: str):
