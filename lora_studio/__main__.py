@@ -5,7 +5,7 @@
     dataset   check DIR
     generate  --base MODEL --lora FILE --prompt TEXT [--strengths 0,0.5,1] [--out grid.png]
     presets   list the hardware presets and the one that fits this GPU
-    miniature FAMILY --out DIR   write a miniature model trained by the project (sd15, sd15_v, sdxl, llm, blip)
+    miniature FAMILY --out DIR   write a miniature model trained by the project (sd15, sd15_v, sdxl, llm, blip, flux)
     doctor    check torch, CUDA, GPU memory, bitsandbytes, diffusers, and train a few steps on a tiny model
 
 Runs the same engine as the app. Under ``accelerate launch`` the train command runs on several GPUs.

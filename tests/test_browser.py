@@ -171,7 +171,7 @@ def test_language_model_settings_follow_the_base_model(demo_app, page):
 
 
 def test_flux_settings_follow_the_base_model(demo_app, page):
-    """Picking the demo's tiny FLUX model: the FLUX presets, the FLUX and Chroma settings unfolded (the
+    """Picking the demo's FLUX model: the FLUX presets, the FLUX and Chroma settings unfolded (the
     language-model ones folded), the transformer's layer names as LoRA targets; back to SD1.5 folds them."""
     from playwright.sync_api import expect
 
@@ -181,7 +181,7 @@ def test_flux_settings_follow_the_base_model(demo_app, page):
         expect(page.locator("#memory-estimate")).to_contain_text("not yet measured on a GPU", timeout=30_000)
         expect(page.locator("#cfg-base_quantization")).to_be_hidden()
 
-        _pick(page, "#base-model", "tiny-flux")
+        _pick(page, "#base-model", "-flux")  # miniature-flux (tiny-flux without its weights)
         expect(page.locator("#model-family")).to_contain_text("FLUX.1", timeout=30_000)
         expect(page.locator("#cfg-base_quantization")).to_be_visible()
         expect(page.locator("#cfg-max_seq_length")).to_be_hidden()

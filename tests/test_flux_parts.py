@@ -317,3 +317,24 @@ def test_testing_tab_fills_in_flux_steps_and_guidance_only_where_the_app_may_rea
     assert _steps_and_cfg_for(local, str(tiny_sd15)) == unchanged  # SD models keep the tab's own settings
     shared = StudioContext(outputs=tmp_path / "out", models_dir=tmp_path / "models", shared=True)
     assert _steps_and_cfg_for(shared, str(tiny_flux)) == unchanged  # a folder the shared app may not read
+
+
+def test_prompt_length_is_at_most_what_the_t5_tokenizer_allows():
+    """max_sequence_length, capped by the T5 tokenizer's model_max_length: the released models' 512 changes nothing,
+    the FLUX miniature (trained at 32) is trained and rendered at 32."""
+    from types import SimpleNamespace
+
+    from lora_studio.inference.grid import _prompt_length
+    from lora_studio.models.flux_loading import t5_length
+
+    flux = SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=77),
+                           tokenizer_2=SimpleNamespace(model_max_length=512))
+    miniature = SimpleNamespace(tokenizer=flux.tokenizer, tokenizer_2=SimpleNamespace(model_max_length=32))
+    chroma = SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=512))
+    assert t5_length(flux, 512) == 512 and t5_length(flux, 256) == 256
+    assert t5_length(miniature, 512) == 32 and t5_length(chroma) == 512
+    FluxPipeline = type("FluxPipeline", (), {})
+    pipe = FluxPipeline()
+    pipe.tokenizer, pipe.tokenizer_2 = miniature.tokenizer, miniature.tokenizer_2
+    assert _prompt_length(pipe) == {"max_sequence_length": 32}
+    assert _prompt_length(SimpleNamespace()) == {}  # Stable Diffusion: no such argument

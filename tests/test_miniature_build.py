@@ -37,3 +37,30 @@ def test_llm_and_captioner_builds_run(family, tmp_path):
     record = build(family, tmp_path / family, scale=SCALE, threads=1)
     assert record["recipe"]["steps"] == max(2, int({"llm": 1200, "blip": 4000}[family] * SCALE))
     assert (tmp_path / family / "config.json").is_file()
+
+
+def test_flux_build_runs_from_the_sd15_vae(tmp_path):
+    """The FLUX miniature's build: the sd15 miniature's VAE made 16-channel (it decodes exactly what the sd15 VAE
+    decodes), and a few flow-matching steps; the folder loads as a FluxPipeline and renders."""
+    from diffusers import FluxPipeline
+
+    from lora_studio.miniature import world
+    from lora_studio.miniature.build_flux import flux_vae_from
+    from lora_studio.miniature.build_sd import _base_pipe
+    from lora_studio.miniature.store import miniature_dir
+
+    record = build("flux", tmp_path / "flux", scale=SCALE, threads=1)
+    assert record["recipe"]["steps"] == 6 and record["recipe"]["seed"] == 1400
+    pipe = FluxPipeline.from_pretrained(tmp_path / "flux")
+    assert pipe.vae.config.latent_channels == 16 and pipe.transformer.config.in_channels == 64
+    assert pipe.tokenizer_2.model_max_length == 32 and pipe.text_encoder_2.dtype == torch.float32
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, max_sequence_length=32).images[0]
+    assert image.size == (64, 64)
+
+    sd_vae = _base_pipe(miniature_dir("sd15")).vae
+    x = torch.from_numpy(world.pixels(world.world_scenes(4, seed=5)))
+    vae = flux_vae_from(sd_vae, x, seed=1)
+    with torch.no_grad():
+        expected = sd_vae.decode(sd_vae.encode(x).latent_dist.mean).sample
+        got = vae.decode(vae.encode(x).latent_dist.mean).sample
+    assert (got - expected).abs().max() < 1e-3

@@ -31,6 +31,8 @@ STRENGTHS = (0.0, 0.5, 1.0)
 PROMPTS = [f"{world.CONCEPT_TRIGGER}, a red circle", f"{world.CONCEPT_TRIGGER}, a blue square",
            f"{world.CONCEPT_TRIGGER}, a green triangle", f"{world.CONCEPT_TRIGGER}, a yellow circle"]
 SEEDS = (1, 2)
+# The FLUX miniature's LoRA: the demo's settings without min-SNR (a DDPM weighting), at twice the learning rate.
+FLUX_TRAIN = {"min_snr_gamma": None, "learning_rate": 2e-2}
 
 
 def _needs(family: str) -> Path:
@@ -40,8 +42,9 @@ def _needs(family: str) -> Path:
 
 
 # --- images ------------------------------------------------------------------------------------------------
-def train_image_concept(base: Path, out: Path, steps: int = 100, save_steps: int = 0) -> Path:
-    """Train a LoRA on the concept with the real TrainingJob (the demo's settings); returns the kohya file."""
+def train_image_concept(base: Path, out: Path, steps: int = 100, save_steps: int = 0, **extra) -> Path:
+    """Train a LoRA on the concept with the real TrainingJob (the demo's settings, and ``extra``); returns the
+    LoRA file."""
     from lora_studio.ui.demo import DEMO_TRAIN
 
     data = world.write_dataset(out / "data", world.concept_scenes(12))
@@ -49,7 +52,7 @@ def train_image_concept(base: Path, out: Path, steps: int = 100, save_steps: int
                                            "lr_scheduler")}
     cfg = TrainConfig(base_model=str(base), train_data_dir=str(data), output_dir=str(out / "runs"), resolution=64,
                       max_train_steps=steps, save_steps=save_steps, mixed_precision="no", seed=7,
-                      verify_export=False, **settings).validate()
+                      verify_export=False, **{**settings, **extra}).validate()
     job = run_job(cfg)
     assert job.status == "finished", job.error
     return job.run.path / "my_lora.safetensors"
@@ -96,13 +99,18 @@ def epsilon_target(scheduler, prediction_type, latents, noise, timesteps):
     return noise
 
 
-def _proof(base: Path, tmp_path: Path, monkeypatch, wrong, right_lora: Path | None = None) -> None:
-    import lora_studio.training.diffusion as diffusion
+def flipped_velocity(latents, noise):
+    """A wrong flow-matching objective: the velocity with its sign flipped (``latents - noise``)."""
+    return latents - noise
 
-    right_lora = right_lora or train_image_concept(base, tmp_path / "right")
+
+def _proof(base: Path, tmp_path: Path, monkeypatch, wrong, right_lora: Path | None = None,
+           hook: str = "lora_studio.training.diffusion.training_target", **train) -> None:
+    """The right objective learns the concept; with ``hook`` replaced by ``wrong`` the same assertion fails."""
+    right_lora = right_lora or train_image_concept(base, tmp_path / "right", **train)
     assert_learned_the_concept(concept_curve(base, right_lora))
-    monkeypatch.setattr(diffusion, "training_target", wrong)
-    wrong_curve = concept_curve(base, train_image_concept(base, tmp_path / "wrong"))
+    monkeypatch.setattr(hook, wrong)
+    wrong_curve = concept_curve(base, train_image_concept(base, tmp_path / "wrong", **train))
     with pytest.raises(AssertionError):
         assert_learned_the_concept(wrong_curve)
 
@@ -138,6 +146,12 @@ def test_v_prediction_objective_learns_and_the_epsilon_target_does_not(tmp_path,
 
 def test_sdxl_objective_learns_and_a_negated_target_does_not(tmp_path, monkeypatch):
     _proof(_needs("sdxl"), tmp_path, monkeypatch, negated_target)
+
+
+def test_flow_matching_objective_learns_and_a_flipped_velocity_does_not(tmp_path, monkeypatch):
+    """FLUX.1's rectified flow, through the FLUX trainer, FluxPipeline and its FlowMatchEulerDiscreteScheduler."""
+    _proof(_needs("flux"), tmp_path, monkeypatch, flipped_velocity,
+           hook="lora_studio.training.flow_matching.flow_target", **FLUX_TRAIN)
 
 
 # --- the language model ------------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def render_one(pipe, settings: RenderSettings, adapter: str | None, strength: fl
     with torch.inference_mode():  # the prompt by name: FLUX.2's pipelines take an input image first
         out = pipe(prompt=settings.prompt, num_inference_steps=int(settings.steps), width=int(settings.width or size),
                    height=int(settings.height or size), generator=generator,
-                   **guidance_kwargs(pipe, float(settings.cfg), settings.negative))
+                   **guidance_kwargs(pipe, float(settings.cfg), settings.negative), **_prompt_length(pipe))
     return out.images[0]
 
 
@@ -287,6 +287,16 @@ def guidance_kwargs(pipe, cfg: float, negative: str = "") -> dict[str, Any]:
     if "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
         return {"guidance_scale": cfg}
     return {"guidance_scale": cfg, "negative_prompt": negative or None}
+
+
+def _prompt_length(pipe) -> dict:
+    """FLUX.1 and Chroma: T5 prompts as long as their T5 tokenizer allows, at most the pipeline's default 512."""
+    name = type(pipe).__name__
+    if name.startswith(("Flux", "Chroma")) and not name.startswith("Flux2"):
+        from ..models.flux_loading import t5_length
+
+        return {"max_sequence_length": t5_length(pipe)}
+    return {}
 
 
 def _has_lora(pipe) -> bool:

@@ -5,6 +5,7 @@
     python -m lora_studio.miniature.build sdxl   --out lora_studio/miniature/weights/sdxl     (uses sd15)
     python -m lora_studio.miniature.build llm    --out lora_studio/miniature/weights/llm
     python -m lora_studio.miniature.build blip   --out lora_studio/miniature/weights/blip
+    python -m lora_studio.miniature.build flux   --out lora_studio/miniature/weights/flux     (uses sd15's VAE)
 
 Deterministic: the recipe's seed, the same torch version and ``--threads`` give the same weights. The
 folder gets ``build.json``: the recipe, the versions, the time taken and what the build measured.
@@ -27,7 +28,7 @@ import torch
 from ..fileio import atomic_write_json
 
 log = logging.getLogger("lora_studio.miniature.build")
-FAMILIES = ("sd15", "sd15_v", "sdxl", "llm", "blip")
+FAMILIES = ("sd15", "sd15_v", "sdxl", "llm", "blip", "flux")
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
@@ -71,6 +72,11 @@ def _run(family: str, out: Path, scale: float, base: Path):
             return recipe, build_sd.build_sd15(out, recipe, log.info)
         builder = build_sd.build_sd15_v if family == "sd15_v" else build_sd.build_sdxl
         return recipe, builder(out, recipe, log.info, base=base)
+    if family == "flux":
+        from . import build_flux
+
+        recipe = build_flux.FluxRecipe().scaled(scale)
+        return recipe, build_flux.build_flux(out, recipe, log.info, base=base)
     if family == "llm":
         from . import build_llm
 
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.01: a quick check)")
-    p.add_argument("--base", default=None, help="sd15_v and sdxl: the sd15 miniature to start from "
+    p.add_argument("--base", default=None, help="sd15_v, sdxl and flux: the sd15 miniature to start from "
                                                 "(default: the committed one)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the committed weights used 2)")
     args = p.parse_args(argv)

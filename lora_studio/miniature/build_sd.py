@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .recipe import Recipe, train_step, warmup_cosine
+from .recipe import Recipe, ema_update, scaled_images, train_step, warmup_cosine
 
 SCALING_FACTOR = 0.18215
 MAX_TOKENS = 20  # the captions are short: 20 positions instead of CLIP's 77 make every step cheaper
@@ -61,11 +61,7 @@ class SDRecipe(Recipe):
     eval_steps: int = 20
 
     def scaled(self, factor: float) -> "SDRecipe":
-        out = super().scaled(factor)
-        out.latent_images = max(64, int(self.latent_images * min(1.0, factor * 4)))
-        if factor < 0.2:
-            out.eval_seeds, out.eval_steps = 1, 2
-        return out
+        return scaled_images(super().scaled(factor), self, factor)
 
 
 # --- components --------------------------------------------------------------------------------------------
@@ -193,16 +189,18 @@ def vae_colour_error(vae, count: int = 64, seed: int = 7) -> dict[str, float]:
 
 @torch.no_grad()
 def encode_world(vae, recipe: SDRecipe) -> tuple[torch.Tensor, list[str]]:
-    """Latents (times the scaling factor) and captions of ``recipe.latent_images`` world pictures.
+    """Latents (minus the VAE's shift factor if it has one, times its scaling factor) and captions of
+    ``recipe.latent_images`` world pictures.
 
     A share of the captions (``recipe.unknown_words``) starts with a made-up word, so the base learns to
     ignore words it does not know, as real models mostly do: "zubi, a red circle" (never one of those
     words) is then a red circle until a LoRA teaches it more."""
     scenes = world.world_scenes(recipe.latent_images, seed=recipe.seed + 3)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # a FLUX-shaped VAE's
     chunks = []
     for start in range(0, len(scenes), 256):
         x = torch.from_numpy(world.pixels(scenes[start:start + 256]))
-        chunks.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+        chunks.append((vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor)
     rng = random.Random(recipe.seed + 6)
     captions = [f"{_unknown_word(rng)}, {s.caption}" if rng.random() < recipe.unknown_words else s.caption
                 for s in scenes]
@@ -275,10 +273,7 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, cond: di
         weight = snr.clamp(max=recipe.min_snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
         loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean()
         train_step(loss, opt, lr_sched, unet.parameters())
-        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(ema, unet, step, recipe.ema_decay)
         if step % 100 == 0 or step == steps - 1:
             log(f"unet ({prediction_type}) step {step + 1}/{steps} loss {loss.item():.4f} "
                 f"({time.time() - started:.0f}s)")
@@ -287,8 +282,9 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, cond: di
 
 # --- checking what it draws ------------------------------------------------------------------------------------
 @torch.no_grad()
-def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) -> float:
-    """Share of pictures whose dominant colour is the one the prompt names (each colour, ``seeds`` seeds)."""
+def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0, **call) -> float:
+    """Share of pictures whose dominant colour is the one the prompt names (each colour, ``seeds`` seeds);
+    ``call``: more arguments for the pipeline."""
     from .measure import dominant_colour
 
     pipe.set_progress_bar_config(disable=True)
@@ -296,7 +292,7 @@ def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) -> 
     for colour in world.COLOURS:
         gens = [torch.Generator().manual_seed(s) for s in range(seeds)]
         images = pipe([f"a {colour} circle"] * seeds, num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                      height=world.SIZE, width=world.SIZE).images
+                      height=world.SIZE, width=world.SIZE, **call).images
         hits += sum(dominant_colour(im) == colour for im in images)
         total += len(images)
     return hits / total

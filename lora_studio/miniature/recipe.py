@@ -24,6 +24,23 @@ class Recipe:
         return out
 
 
+def scaled_images(scaled: "Recipe", original: "Recipe", factor: float):
+    """An image build's ``scaled``: fewer cached latents too (at least 64) and, for a quick check (factor under
+    0.2), one seed and 2 sampling steps in the build's own check."""
+    scaled.latent_images = max(64, int(original.latent_images * min(1.0, factor * 4)))
+    if factor < 0.2:
+        scaled.eval_seeds, scaled.eval_steps = 1, 2
+    return scaled
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """Move the EMA copy towards the model (the decay warms up: ``(1 + step) / (10 + step)`` until ``decay``)."""
+    rate = 1 - min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, rate)
+
+
 def warmup_cosine(opt, steps: int, warmup: int, floor: float, after_warmup: bool = False):
     """Linear warm-up over ``warmup`` steps, then a cosine from 1 down to ``floor``.
 

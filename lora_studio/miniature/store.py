@@ -21,6 +21,7 @@ FAMILIES: dict[str, str] = {
     "sdxl": "SDXL-shaped diffusers pipeline (two text encoders, size and crop conditioning)",
     "llm": "Llama-shaped causal language model with its tokenizer and chat template",
     "blip": "BLIP captioning model with its processor",
+    "flux": "FLUX.1-shaped diffusers pipeline (flow matching, CLIP and T5 text encoders, 16-channel VAE)",
 }
 
 

@@ -16,15 +16,15 @@ process-wide model-loading lock. An fp8 checkpoint is loaded into bf16 (the trai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from ..errors import ModelLoadError
 from ..families import get_family
-from .detect import first_line
 from .flux_loading import _local_only, _source, transformer_from_folder
 from .load_lock import model_loading
+from .transformer_loading import load_pipeline_files
 
 DEFAULT_CONFIG = {"qwen_image": "Qwen/Qwen-Image", "z_image": "Tongyi-MAI/Z-Image-Turbo"}
 SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -81,33 +81,18 @@ def load_flow_pipeline(base_model: str, family: str, *, torch_dtype=None, single
                        report: Callable[[str], None] | None = None):
     """The family's pipeline (``QwenImagePipeline`` / ``ZImagePipeline``); ``transformer`` replaces the model's
     own (already loaded); ``without_transformer`` leaves it out (the trainer loads it after caching)."""
-    from .download import download_progress
-
     path = Path(base_model).expanduser()
-    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    cls = get_family(family).pipeline_class()
-    try:
-        with model_loading(base_model), download_progress(base_model, report):
-            if path.is_file():
-                source = config_source(family, single_file_config)
-                if transformer is None and not without_transformer:
-                    transformer = load_single_file_transformer(path, family, source, torch_dtype)
-                return cls.from_pretrained(source, transformer=transformer, local_files_only=_local_only(source),
-                                           **kwargs)
-            source = str(path) if path.is_dir() else base_model
-            if transformer is not None or without_transformer:
-                kwargs["transformer"] = transformer
-            return cls.from_pretrained(source, local_files_only=_local_only(source), **kwargs)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        hint = "Check that it is complete and of that family."
-        if path.is_file() and not single_file_config:
-            hint = (f"{hint} A single-file checkpoint holds the transformer only: it takes its VAE, text encoder and "
-                    f"configs from {DEFAULT_CONFIG[family]} on the hub the first time, or set single_file_config to "
-                    "a diffusers folder of the same family.")
-        raise ModelLoadError(f"Could not load the {get_family(family).name} model '{base_model}': "
-                             f"{first_line(exc)}. {hint}") from None
+    hint = "" if single_file_config else (
+        f"A single-file checkpoint holds the transformer only: it takes its VAE, text encoder and configs from "
+        f"{DEFAULT_CONFIG[family]} on the hub the first time, or set single_file_config to a diffusers folder of "
+        "the same family.")
+    return load_pipeline_files(
+        lambda _source: get_family(family).pipeline_class(), base_model, family,
+        file_config=lambda: config_source(family, single_file_config),
+        load_transformer=lambda: load_single_file_transformer(path, family, config_source(family, single_file_config),
+                                                              torch_dtype),
+        torch_dtype=torch_dtype, transformer=transformer, without_transformer=without_transformer, report=report,
+        single_file_hint=hint)
 
 
 def load_flow_transformer(base_model: str, family: str, *, torch_dtype=None, single_file_config: str | None = None,

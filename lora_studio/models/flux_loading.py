@@ -60,6 +60,15 @@ def render_defaults(family: str, transformer_config: Any) -> dict[str, Any]:
     return {"guidance_scale": found["cfg"], "num_inference_steps": found["steps"]}
 
 
+def t5_length(pipe: Any, requested: int = 512) -> int:
+    """The T5 prompt length to encode with: ``requested`` (``max_sequence_length``; the pipelines' default is 512),
+    at most the T5 tokenizer's ``model_max_length``: 512 for FLUX.1 and Chroma, 32 for the FLUX miniature, which
+    was trained with that length (the transformer attends over every padding token, so the length matters)."""
+    tokenizer = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)
+    limit = getattr(tokenizer, "model_max_length", None) or requested
+    return int(min(requested, limit))
+
+
 def model_render_defaults(base_model: str, family: str) -> dict[str, float]:
     """``{"steps", "cfg"}`` for a model's files (the registry's ``render_defaults`` hook for flux and chroma)."""
     return _render(family, family != "flux" or guidance_distilled(base_model))

@@ -30,13 +30,14 @@ _WORDS = ("a an the on of in with and red green blue yellow purple orange circle
           "dark photo style cat dog").split()
 
 
-def write_t5_tokenizer(folder: Path, max_length: int = 512):
-    """A ``T5TokenizerFast`` with a small Unigram vocabulary (pad, eos, unk, words, letters), saved to ``folder``."""
+def write_t5_tokenizer(folder: Path, max_length: int = 512, words=_WORDS):
+    """A ``T5TokenizerFast`` with a small Unigram vocabulary (pad, eos, unk, ``words``, letters), saved to
+    ``folder``: each of ``words`` is one token, any other word is spelt letter by letter."""
     from transformers import T5TokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + w, -2.0) for w in _WORDS]
+    pieces += [("\u2581" + w, -2.0) for w in words]
     pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-_"] + [("\u2581", -3.0)]
     tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
     tok.save_pretrained(folder)

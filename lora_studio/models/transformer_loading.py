@@ -1,4 +1,4 @@
-"""What the SD3.5 and FLUX.2 loaders share: the transformer alone from a folder, a hub id or one single file
+"""What the SD3.5, FLUX.2, Qwen-Image and Z-Image loaders share: the transformer alone from a folder, a hub id or one single file
 (optionally quantized while loading), and the one-sentence error of a failed load.
 
     load_transformer_files(SD3Transformer2DModel, path, "sd3", file_config=lambda: source, torch_dtype=bf16)

@@ -84,6 +84,12 @@ def sample_sigmas(method: str, generators: Sequence[torch.Generator], *, logit_m
     return t.clamp(SIGMA_MIN, 1.0).float()
 
 
+def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the model learns to predict: the velocity ``noise - latents``. One module-level function, so that the
+    proof-of-learning tests can put a wrong objective in its place and see the proof fail."""
+    return noise - latents
+
+
 def loss_weights(method: str, sigmas: torch.Tensor) -> torch.Tensor:
     """Per-sample loss weights (``loss_weighting``); ones for ``none``."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
@@ -167,6 +173,10 @@ class FlowMatchingTrainer(ImageTrainer):
         """Cached latents (the VAE's scalar shift and scaling applied) as the model sees them; a family with more
         normalisation (FLUX.2's batch-norm statistics) overrides this."""
         return latents
+
+    def sequence_length(self) -> int:
+        """The prompt length in tokens the text is encoded with (``max_sequence_length``)."""
+        return self.config.max_sequence_length
 
     # --- setup --------------------------------------------------------------------------------------
     @property
@@ -309,7 +319,7 @@ class FlowMatchingTrainer(ImageTrainer):
         acc = self.accelerator
         s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
         noisy = (1.0 - s) * latents + s * noise
-        target = noise - latents
+        target = flow_target(latents, noise)
         dev, dtype = acc.device, weight_dtype(acc)
         cond = self.text_conditioning(captions)
         with acc.autocast():
@@ -412,6 +422,6 @@ class FlowMatchingTrainer(ImageTrainer):
         gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
         with self.accelerator.autocast():
             image = pipe(prompt=self.config.sample_prompt, height=self.resolution, width=self.resolution, generator=gen,
-                         max_sequence_length=self.config.max_sequence_length, **self.render_kwargs()).images[0]
+                         max_sequence_length=self.sequence_length(), **self.render_kwargs()).images[0]
         pipe.vae.to("cpu")
         return self.run.save_sample(step, image)

@@ -128,12 +128,12 @@ class FluxTrainer(FlowMatchingTrainer):
         self._warn_long_captions(captions)
         embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), prompt_2=None,
                                                     device=self.accelerator.device,
-                                                    max_sequence_length=self.config.max_sequence_length)
+                                                    max_sequence_length=self.sequence_length())
         return {"prompt_embeds": embeds, "pooled": pooled}
 
     def _warn_long_captions(self, captions: Sequence[str], encoder: str = "T5") -> None:
         tokenizer = self.pipe.tokenizer_2 if hasattr(self.pipe, "tokenizer_2") else self.pipe.tokenizer
-        limit = self.config.max_sequence_length
+        limit = self.sequence_length()
         long = [c for c in captions if len(tokenizer(c).input_ids) > limit]
         if long:
             self.say(f"{len(long)} caption(s) are longer than max_sequence_length {limit} {encoder} tokens and are "
@@ -163,6 +163,12 @@ class FluxTrainer(FlowMatchingTrainer):
         guidance = torch.full((batch,), self.config.guidance_scale, device=cond["pooled"].device) if guided else None
         return {"pooled_projections": cond["pooled"].to(dtype), "guidance": guidance}
 
+    def sequence_length(self) -> int:
+        """``max_sequence_length``, at most the T5 tokenizer's ``model_max_length`` (``t5_length``)."""
+        from ..models.flux_loading import t5_length
+
+        return t5_length(self.pipe, self.config.max_sequence_length)
+
     # --- files and checks ---------------------------------------------------------------------------
     def render_kwargs(self) -> dict[str, Any]:
         return render_defaults(self.family, self.accelerator.unwrap_model(self.denoiser).config)
@@ -174,7 +180,7 @@ class FluxTrainer(FlowMatchingTrainer):
         cfg = self.config
         guided = getattr(self.accelerator.unwrap_model(self.denoiser).config, "guidance_embeds", True)
         extra = {"ss_network_module": self.network_module, "ss_guidance_scale": cfg.guidance_scale,
-                 "ss_timestep_sampling": cfg.timestep_sampling, "ss_max_sequence_length": cfg.max_sequence_length,
+                 "ss_timestep_sampling": cfg.timestep_sampling, "ss_max_sequence_length": self.sequence_length(),
                  "ss_base_quantization": self.quantization}
         if self.family == "flux" and not guided:
             extra["modelspec.architecture"] = "flux-1-schnell/lora"
@@ -293,7 +299,7 @@ class ChromaTrainer(FluxTrainer):
         self._warn_long_captions(captions)
         embeds, _, mask, *_ = self.pipe.encode_prompt(prompt=list(captions), device=self.accelerator.device,
                                                       do_classifier_free_guidance=False,
-                                                      max_sequence_length=self.config.max_sequence_length)
+                                                      max_sequence_length=self.sequence_length())
         return {"prompt_embeds": embeds, "attention_mask": mask}
 
     def model_kwargs(self, cond: dict[str, torch.Tensor], batch: int, image_tokens: int,

@@ -52,7 +52,7 @@ class DemoAssets:
     trigger: str = DEMO_TRIGGER
     llm_prompt: str = DEMO_LLM_PROMPT
     miniature: bool = True  # False: the tiny random fallback (pictures are noise)
-    flux_model: Path | None = None  # a tiny FLUX.1-shaped pipeline: the FLUX path with the same images
+    flux_model: Path | None = None  # the FLUX.1-shaped miniature: the FLUX path with the same images
     qwen_image_model: Path | None = None  # a tiny Qwen-Image-shaped pipeline: the Qwen-Image path, same images
     train: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAIN))
     render: dict[str, Any] = field(default_factory=lambda: dict(DEMO_RENDER))
@@ -87,7 +87,7 @@ def build_demo(root: str | Path) -> DemoAssets:
     from ..models.tiny_flux import build_tiny_flux
     from ..models.tiny_llm import build_tiny_llm
 
-    flux_model = build_tiny_flux(root / "tiny-flux")
+    flux_model, _ = _model("flux", root, build_tiny_flux)
     from ..models.tiny_qwen_image import build_tiny_qwen_image
 
     qwen_image_model = build_tiny_qwen_image(root / "tiny-qwen-image")
