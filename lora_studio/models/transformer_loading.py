@@ -53,7 +53,7 @@ def load_pipeline_files(pipeline_for: Callable[[str], Any], base_model: str, fam
     """The pipeline (``pipeline_for(source)``: its class) of a folder or hub id, or of a single transformer file
     (``load_transformer()``) with everything else from ``file_config()``; ``transformer`` replaces the model's own,
     ``without_transformer`` leaves it out (the trainer loads it after caching, quantized as asked); ``components(source)``
-    gives parts loaded here instead of by the pipeline (FLUX.2 dev's tokenizer without torchvision)."""
+    gives more ``from_pretrained`` arguments for that source (FLUX.2 dev leaves out a tokenizer it cannot build)."""
     from .download import download_progress
 
     path = Path(base_model).expanduser()
