@@ -288,6 +288,10 @@ def _as_released_dev(tiny_dev: Path, folder: Path, template: str = "json") -> Pa
     if template == "json":
         (tok / "chat_template.json").write_text(json.dumps({"chat_template": jinja.read_text()}))
     jinja.unlink()
+    if template == "text-only":  # Mistral's template for plain-text messages: prints the pipeline's block lists
+        jinja.write_text("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+                         "{{ m['content'] }}[/SYSTEM_PROMPT]{% else %}[INST]{{ m['content'] }}[/INST]{% endif %}"
+                         "{% endfor %}")
     return folder
 
 
@@ -308,5 +312,6 @@ def test_dev_with_a_pixtral_processor_loads_and_trains_without_torchvision(tiny_
     assert job.status == "finished", job.error
     assert any("Export check passed" in line for line in job.snapshot().log)
 
-    with pytest.raises(ModelLoadError, match="needs torchvision"):
-        load_flux2_pipeline(str(_as_released_dev(tiny_dev, tmp_path / "no-template", template="none")))
+    for template in ("none", "text-only"):
+        with pytest.raises(ModelLoadError, match="needs torchvision"):
+            load_flux2_pipeline(str(_as_released_dev(tiny_dev, tmp_path / template, template=template)))

@@ -82,7 +82,8 @@ def config_source(single_file_config: str | None) -> str:
 
 
 NEEDS_TORCHVISION = ("FLUX.2 dev's tokenizer is a PixtralProcessor, which needs torchvision, and its folder has no "
-                     "chat template to use the tokenizer alone: install the torchvision built for your torch.")
+                     "chat template that renders the pipeline's messages with the tokenizer alone: install the "
+                     "torchvision built for your torch.")
 
 
 def _without_processor(source: str) -> bool:
@@ -102,9 +103,21 @@ def processor_tokenizer(source: str):
     legacy = _model_file(source, "tokenizer/chat_template.json", online=True)
     if legacy:
         tokenizer.chat_template = json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
-    if not tokenizer.chat_template:
+    if not tokenizer.chat_template or not _renders_pipeline_messages(tokenizer):
         raise ModelLoadError(NEEDS_TORCHVISION)
     return tokenizer
+
+
+def _renders_pipeline_messages(tokenizer) -> bool:
+    """Whether the template renders the pipeline's messages (system and caption as lists of text blocks) as text:
+    Mistral's text-only template would print the lists themselves."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
+
+    try:
+        text = tokenizer.apply_chat_template(format_input(["a probe caption"])[0], tokenize=False)
+    except Exception:
+        return False
+    return SYSTEM_MESSAGE in text and "a probe caption" in text and "'type'" not in text
 
 
 SINGLE_FILE_HINT = ("A single-file checkpoint holds the transformer only: its VAE, text encoder and configs come "
