@@ -311,6 +311,8 @@ def test_dev_with_a_pixtral_processor_loads_and_trains_without_torchvision(tiny_
     job = run_job(klein_config(released, demo_images, tmp_path / "out", max_train_steps=1))
     assert job.status == "finished", job.error
     assert any("Export check passed" in line for line in job.snapshot().log)
+    card = (job.run.path / "README.md").read_text()
+    assert "Flux2Pipeline.from_pretrained" in card and "Flux2KleinPipeline" not in card  # dev's own pipeline
 
     for template in ("none", "text-only"):
         with pytest.raises(ModelLoadError, match="needs torchvision"):
