@@ -193,14 +193,15 @@ def tiny_dev(tmp_path_factory) -> Path:
     return build_tiny_flux2_dev(tmp_path_factory.mktemp("models") / "tiny-dev")
 
 
-@pytest.mark.slow  # 15-55 s on 2 busy cores: the grid's renders encode 512 tokens through 30 Mistral layers
+@pytest.mark.slow  # 15-70 s on 2 busy cores: a 50-step sample, the grid's renders through 30 Mistral layers
 def test_dev_trains_exports_and_reloads_into_a_fresh_flux2_pipeline(tiny_dev, demo_images, tmp_path):
     from diffusers import Flux2Pipeline
 
     from lora_studio.export.diffusers_format import module_of
 
-    job = run_job(klein_config(tiny_dev, demo_images, tmp_path / "out"))
+    job = run_job(klein_config(tiny_dev, demo_images, tmp_path / "out", sample_prompt="a red circle", sample_steps=3))
     keys, meta = exported_file(job)  # the export check passed: strength 1 = trained, strength 0 = base
+    assert (job.run.samples_dir / "step_000003.png").is_file()  # rendered with dev's 50 steps at guidance 4
     modules = sorted({module_of(k) for k in keys})
     assert len(modules) == 8 + 1 and all(k.startswith("transformer.") for k in keys)
     assert meta["modelspec.architecture"] == "flux-2-dev/lora" and meta["ss_base_model_version"] == "flux2"
@@ -250,13 +251,16 @@ def test_dev_caches_mistral_conditioning_and_feeds_the_guidance_input(tiny_dev, 
     assert torch.equal(seen["guidance"], torch.tensor([3.5]))  # the guidance embedding gets guidance_scale
 
 
-def test_dev_render_defaults_are_the_pipelines_and_resume_is_exact(tiny_dev, demo_images, tmp_path):
+def test_dev_is_detected_renders_with_the_pipelines_defaults_and_resumes_exactly(tiny_dev, demo_images, tmp_path):
     import inspect
 
     from diffusers import Flux2Pipeline
 
     from lora_studio.families import get_family
 
+    from lora_studio.models.detect import detect_family
+
+    assert detect_family(str(tiny_dev)) == "flux2"
     call = inspect.signature(Flux2Pipeline.__call__).parameters
     expected = {"steps": call["num_inference_steps"].default, "cfg": call["guidance_scale"].default}
     assert get_family("flux2").render_settings(str(tiny_dev)) == expected == {"steps": 50, "cfg": 4.0}
