@@ -1,9 +1,12 @@
-"""FLUX.2 [klein] LoRAs on the tiny offline pipeline: train, export, reload with every layer placed, strength 0 =
-base, exact resume, latent normalisation, detection from a folder and from a single file's tensor names.
+"""FLUX.2 LoRAs on the tiny offline pipelines. klein: train, export, reload with every layer placed, strength 0 =
+base, exact resume, latent normalisation, detection from a folder and from a single file's tensor names. dev
+(``Flux2Pipeline``, Mistral 3, guidance-distilled): train, export and reload into a fresh ``Flux2Pipeline``, the cached
+Mistral layers 10/20/30, the guidance input, render defaults, exact resume, and the released folder layout (a
+``PixtralProcessor`` tokenizer) loading without torchvision.
 
-The exported file is loaded as a user's diffusers script loads it (``load_lora_weights`` on a fresh
-``Flux2KleinPipeline``) and the layers that really got the adapter are counted; every module must also be in
-ComfyUI's FLUX table (which holds FLUX.2's layers).
+The exported file is loaded as a user's diffusers script loads it (``load_lora_weights`` on a fresh pipeline) and
+the layers that really got the adapter are counted; every module must also be in ComfyUI's FLUX table (which holds
+FLUX.2's layers).
 """
 
 from __future__ import annotations
