@@ -1,9 +1,12 @@
-"""FLUX.2 [klein] LoRAs on the tiny offline pipeline: train, export, reload with every layer placed, strength 0 =
-base, exact resume, latent normalisation, detection from a folder and from a single file's tensor names.
+"""FLUX.2 LoRAs on the tiny offline pipelines. klein: train, export, reload with every layer placed, strength 0 =
+base, exact resume, latent normalisation, detection from a folder and from a single file's tensor names. dev
+(``Flux2Pipeline``, Mistral 3, guidance-distilled): train, export and reload into a fresh ``Flux2Pipeline``, the cached
+Mistral layers 10/20/30, the guidance input, render defaults, exact resume, and the released folder layout (a
+``PixtralProcessor`` tokenizer) loading without torchvision.
 
-The exported file is loaded as a user's diffusers script loads it (``load_lora_weights`` on a fresh
-``Flux2KleinPipeline``) and the layers that really got the adapter are counted; every module must also be in
-ComfyUI's FLUX table (which holds FLUX.2's layers).
+The exported file is loaded as a user's diffusers script loads it (``load_lora_weights`` on a fresh pipeline) and
+the layers that really got the adapter are counted; every module must also be in ComfyUI's FLUX table (which holds
+FLUX.2's layers).
 """
 
 from __future__ import annotations
@@ -186,3 +189,141 @@ def test_klein_trains_from_a_single_file_in_bfl_layout(tiny_klein, demo_images, 
     job = run_job(klein_config(single, demo_images, tmp_path / "out", single_file_config=str(tiny_klein),
                                max_train_steps=1, verify_export=False))
     assert job.status == "finished", job.error
+
+
+# --- FLUX.2 [dev]: Flux2Pipeline, Mistral 3 text encoder, guidance-distilled --------------------------------------
+@pytest.fixture(scope="session")
+def tiny_dev(tmp_path_factory) -> Path:
+    from lora_studio.models.tiny_flux2 import build_tiny_flux2_dev
+
+    return build_tiny_flux2_dev(tmp_path_factory.mktemp("models") / "tiny-dev")
+
+
+@pytest.mark.slow  # 15-70 s on 2 busy cores: a 50-step sample, the grid's renders through 30 Mistral layers
+def test_dev_trains_exports_and_reloads_into_a_fresh_flux2_pipeline(tiny_dev, demo_images, tmp_path):
+    from diffusers import Flux2Pipeline
+
+    from lora_studio.export.diffusers_format import module_of
+
+    job = run_job(klein_config(tiny_dev, demo_images, tmp_path / "out", sample_prompt="a red circle", sample_steps=3))
+    keys, meta = exported_file(job)  # the export check passed: strength 1 = trained, strength 0 = base
+    assert (job.run.samples_dir / "step_000003.png").is_file()  # rendered with dev's 50 steps at guidance 4
+    modules = sorted({module_of(k) for k in keys})
+    assert len(modules) == 8 + 1 and all(k.startswith("transformer.") for k in keys)
+    assert meta["modelspec.architecture"] == "flux-2-dev/lora" and meta["ss_base_model_version"] == "flux2"
+    lora = job.run.path / "my_lora.safetensors"
+    assert_reloads_in_diffusers(Flux2Pipeline.from_pretrained(tiny_dev), lora, len(modules), "a red circle")
+
+    # the Testing tab and `generate`: dev's pipeline (no negative prompt, guidance embedded) through the grid
+    from lora_studio.inference.grid import PipelineCache, RenderSettings, render_strengths
+
+    settings = RenderSettings(prompt="a red circle", negative="ignored", seed=1, steps=2, cfg=4.0, width=64, height=64)
+    zero, one = render_strengths(str(tiny_dev), lora, settings, (0.0, 1.0), cache=PipelineCache())
+    assert np.asarray(zero).shape == (64, 64, 3) and np.abs(np.asarray(one, float) - np.asarray(zero, float)).max() > 0
+
+
+def test_dev_caches_mistral_conditioning_and_feeds_the_guidance_input(tiny_dev, demo_images, tmp_path):
+    from diffusers import Flux2Pipeline
+
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.flux2 import Flux2Trainer
+
+    def trainer_with(guidance: float) -> Flux2Trainer:
+        cfg = klein_config(tiny_dev, demo_images, tmp_path / f"out{guidance}", guidance_scale=guidance)
+        trainer = Flux2Trainer(cfg, RunFolder.create(cfg), EventBus())
+        trainer.pipe = Flux2Pipeline.from_pretrained(tiny_dev)
+        return trainer
+
+    low, high = trainer_with(1.0), trainer_with(3.5)
+    cond = low.encode_text(["a red circle", "a cat"])
+    with torch.no_grad():  # Mistral's hidden layers 10, 20 and 30 stacked along the width, 32 tokens each
+        outputs = low.pipe.text_encoder(**low.pipe.tokenizer.apply_chat_template(
+            [[{"role": "system", "content": [{"type": "text", "text": low.pipe.system_message}]},
+              {"role": "user", "content": [{"type": "text", "text": "a red circle"}]}]], tokenize=True,
+            return_dict=True, return_tensors="pt", padding="max_length", truncation=True, max_length=32),
+            output_hidden_states=True)
+    expected = torch.cat([outputs.hidden_states[k][0] for k in (10, 20, 30)], dim=-1)
+    assert cond["prompt_embeds"].shape == (2, 32, 48)
+    assert torch.allclose(cond["prompt_embeds"][0], expected, atol=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    noisy, sigmas = torch.randn(1, 32, 8, 8, generator=gen), torch.tensor([0.5])
+    one = {"prompt_embeds": cond["prompt_embeds"][:1].detach()}
+    with torch.no_grad():
+        assert not torch.allclose(low.predict(noisy, sigmas, one), high.predict(noisy, sigmas, one), atol=1e-4)
+        seen = {}
+        handle = high.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+        high.predict(noisy, sigmas, one)
+        handle.remove()
+    assert torch.equal(seen["guidance"], torch.tensor([3.5]))  # the guidance embedding gets guidance_scale
+
+
+def test_dev_is_detected_renders_with_the_pipelines_defaults_and_resumes_exactly(tiny_dev, demo_images, tmp_path):
+    import inspect
+
+    from diffusers import Flux2Pipeline
+
+    from lora_studio.families import get_family
+
+    from lora_studio.models.detect import detect_family
+
+    assert detect_family(str(tiny_dev)) == "flux2"
+    call = inspect.signature(Flux2Pipeline.__call__).parameters
+    expected = {"steps": call["num_inference_steps"].default, "cfg": call["guidance_scale"].default}
+    assert get_family("flux2").render_settings(str(tiny_dev)) == expected == {"steps": 50, "cfg": 4.0}
+
+    steps = 3
+    full = run_job(klein_config(tiny_dev, demo_images, tmp_path / "a", max_train_steps=steps, save_steps=1,
+                                verify_export=False, guidance_scale=3.5))
+    assert full.status == "finished", full.error
+    cfg = klein_config(tiny_dev, demo_images, tmp_path / "b", max_train_steps=steps, save_steps=1,
+                       verify_export=False, guidance_scale=3.5)
+    resumed = stop_then_resume(cfg, stop_at=1)
+    losses = [m["loss"] for m in RunFolder(resumed.run.path).read_metrics()]
+    assert losses == pytest.approx([loss for _, loss in full.snapshot().losses], rel=1e-5, abs=1e-6)
+
+
+def _as_released_dev(tiny_dev: Path, folder: Path, template: str = "json") -> Path:
+    """The tiny dev pipeline laid out as the released one: its tokenizer slot a ``PixtralProcessor`` (which
+    transformers cannot build without torchvision), the chat template in the processor's ``chat_template.json``."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_dev, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "PixtralProcessor"]}))
+    tok = folder / "tokenizer"
+    (tok / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor", "patch_size": 8,
+                                                           "spatial_merge_size": 2}))
+    jinja = tok / "chat_template.jinja"
+    if template == "json":
+        (tok / "chat_template.json").write_text(json.dumps({"chat_template": jinja.read_text()}))
+    jinja.unlink()
+    if template == "text-only":  # Mistral's template for plain-text messages: prints the pipeline's block lists
+        jinja.write_text("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+                         "{{ m['content'] }}[/SYSTEM_PROMPT]{% else %}[INST]{{ m['content'] }}[/INST]{% endif %}"
+                         "{% endfor %}")
+    return folder
+
+
+def test_dev_with_a_pixtral_processor_loads_and_trains_without_torchvision(tiny_dev, demo_images, tmp_path):
+    from diffusers import Flux2Pipeline
+    from transformers.utils import is_torchvision_available
+
+    from lora_studio.errors import ModelLoadError
+    from lora_studio.models.flux2_loading import load_flux2_pipeline
+
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed: the pipeline builds its PixtralProcessor itself")
+    released = _as_released_dev(tiny_dev, tmp_path / "released")
+    pipe = load_flux2_pipeline(str(released))
+    expected, _ = Flux2Pipeline.from_pretrained(tiny_dev).encode_prompt("a red circle", max_sequence_length=32)
+    assert torch.equal(pipe.encode_prompt("a red circle", max_sequence_length=32)[0], expected)
+    job = run_job(klein_config(released, demo_images, tmp_path / "out", max_train_steps=1))
+    assert job.status == "finished", job.error
+    assert any("Export check passed" in line for line in job.snapshot().log)
+    card = (job.run.path / "README.md").read_text()
+    assert "Flux2Pipeline.from_pretrained" in card and "Flux2KleinPipeline" not in card  # dev's own pipeline
+
+    for template in ("none", "text-only"):
+        with pytest.raises(ModelLoadError, match="needs torchvision"):
+            load_flux2_pipeline(str(_as_released_dev(tiny_dev, tmp_path / template, template=template)))

@@ -146,12 +146,23 @@ def _front_matter(config: Any, family: str, triggers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _pipeline_name(entry: Any, base_model: str) -> str:
+    """The pipeline class a user loads the base model with: the one its ``model_index.json`` names (FLUX.2 dev and
+    klein share a family), else the family's."""
+    from ..models.detect import _hub_folder, _read_json, is_local
+
+    folder = Path(base_model).expanduser() if is_local(base_model) else _hub_folder(base_model)
+    named = _read_json(folder / "model_index.json").get("_class_name", "") if folder else ""
+    default = (entry.pipeline or "diffusers:StableDiffusionPipeline").partition(":")[2]
+    return named if named.endswith("Pipeline") else default
+
+
 def _image_usage(name: str, file_name: str, config: Any, family: str, triggers: list[str],
                  has_diffusers_folder: bool) -> list[str]:
     trigger = ", ".join(triggers)
     prompt = f"{trigger}, " if trigger else ""
     entry = get_family(family)
-    pipe_class = (entry.pipeline or "diffusers:StableDiffusionPipeline").partition(":")[2]
+    pipe_class = _pipeline_name(entry, str(config.base_model))
     base = config.base_model if _is_hub_id(config.base_model) else "path/to/base-model"
     dtype = entry.half_dtype
     out = [

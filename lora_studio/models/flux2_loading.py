@@ -11,6 +11,12 @@ the rest (VAE, text encoder, tokenizer, scheduler, configs) comes from ``single_
 hub id of the same model), else from klein base 4B on the hub (``DEFAULT_CONFIG``). Render settings: a
 step-distilled klein (``is_distilled``) 4 steps without CFG, a base model 50 steps at CFG 4, dev 50 at guidance 4
 (its guidance embedding). Every load holds the process-wide model-loading lock.
+
+dev's tokenizer slot is a ``PixtralProcessor``, which transformers builds only with torchvision installed (the
+launchers install torch alone). Without torchvision the processor's tokenizer is loaded by itself with the
+processor's chat template (``tokenizer/chat_template.json`` or ``.jinja``): ``Flux2Pipeline.encode_prompt`` only
+renders the system message and the caption through that template and tokenizes them, which the tokenizer does
+as the processor does for text.
 """
 
 from __future__ import annotations
@@ -19,32 +25,41 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import ModelLoadError
 from ..families import get_family
-from .flux_loading import _source
+from .flux_loading import _local_only, _source
 from .transformer_loading import load_pipeline_files, load_transformer_files
 
 DEFAULT_CONFIG = "black-forest-labs/FLUX.2-klein-base-4B"
 DISTILLED_RENDER = {"steps": 4, "cfg": 1.0}
 
 
-def _index(source: str) -> dict[str, Any]:
-    """The ``model_index.json`` of a folder or a cached hub id ({} when neither has one)."""
-    path = Path(source).expanduser() / "model_index.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import hf_hub_download
+def _model_file(source: str, name: str, online: bool = False) -> Path | None:
+    """``name`` in a folder or a hub id's snapshot (from the cache; ``online`` also downloads it), else None."""
+    path = Path(source).expanduser() / name
+    if path.is_file():
+        return path
+    if Path(source).expanduser().is_dir():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(source, "model_index.json", local_files_only=True))
-        except Exception:
-            return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+        return Path(hf_hub_download(source, name, local_files_only=not online))
+    except Exception:
+        return None
+
+
+def _index(source: str, online: bool = False) -> dict[str, Any]:
+    """The ``model_index.json`` of a folder or a hub id ({} when there is none)."""
+    path = _model_file(source, "model_index.json", online)
+    return json.loads(path.read_text(encoding="utf-8")) if path else {}
 
 
 def pipeline_class(source: str):
     """``Flux2Pipeline`` (dev) or ``Flux2KleinPipeline`` (klein, and what a source without an index is taken for)."""
     import diffusers
 
-    name = _index(source).get("_class_name", "Flux2KleinPipeline")
+    name = _index(source, online=True).get("_class_name", "Flux2KleinPipeline")
     return getattr(diffusers, name if name in ("Flux2Pipeline", "Flux2KleinPipeline") else "Flux2KleinPipeline")
 
 
@@ -66,6 +81,45 @@ def config_source(single_file_config: str | None) -> str:
     return _source(single_file_config) if single_file_config else DEFAULT_CONFIG
 
 
+NEEDS_TORCHVISION = ("FLUX.2 dev's tokenizer is a PixtralProcessor, which needs torchvision, and its folder has no "
+                     "chat template that renders the pipeline's messages with the tokenizer alone: install the "
+                     "torchvision built for your torch.")
+
+
+def _without_processor(source: str) -> bool:
+    """A dev pipeline whose ``PixtralProcessor`` transformers cannot build here (no torchvision)."""
+    from transformers.utils import is_torchvision_available
+
+    return (_index(source, online=True).get("tokenizer", [None, None])[1] == "PixtralProcessor"
+            and not is_torchvision_available())
+
+
+def processor_tokenizer(source: str):
+    """The tokenizer of dev's ``PixtralProcessor`` with the processor's chat template (which renders the
+    pipeline's message lists)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=_local_only(source))
+    legacy = _model_file(source, "tokenizer/chat_template.json", online=True)
+    if legacy:
+        tokenizer.chat_template = json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
+    if not tokenizer.chat_template or not _renders_pipeline_messages(tokenizer):
+        raise ModelLoadError(NEEDS_TORCHVISION)
+    return tokenizer
+
+
+def _renders_pipeline_messages(tokenizer) -> bool:
+    """Whether the template renders the pipeline's messages (system and caption as lists of text blocks) as text:
+    Mistral's text-only template would print the lists themselves."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
+
+    try:
+        text = tokenizer.apply_chat_template(format_input(["a probe caption"])[0], tokenize=False)
+    except Exception:
+        return False
+    return SYSTEM_MESSAGE in text and "a probe caption" in text and "'type'" not in text
+
+
 SINGLE_FILE_HINT = ("A single-file checkpoint holds the transformer only: its VAE, text encoder and configs come "
                     "from the hub the first time, or set single_file_config to a diffusers folder of the same model.")
 
@@ -75,12 +129,23 @@ def load_flux2_pipeline(base_model: str, family: str = "flux2", *, torch_dtype=N
                         report: Callable[[str], None] | None = None):
     """A ``Flux2KleinPipeline`` / ``Flux2Pipeline``; ``transformer`` replaces the model's own (already loaded);
     ``without_transformer`` leaves it out (the trainer loads it after caching, quantized as asked)."""
-    return load_pipeline_files(
+    own_tokenizer = False
+
+    def components(source: str) -> dict[str, Any]:  # diffusers refuses a tokenizer passed for the processor
+        nonlocal own_tokenizer
+        own_tokenizer = _without_processor(source)
+        return {"tokenizer": None} if own_tokenizer else {}
+
+    pipe = load_pipeline_files(
         pipeline_class, base_model, family, file_config=lambda: config_source(single_file_config),
         load_transformer=lambda: load_flux2_transformer(base_model, family, torch_dtype=torch_dtype,
                                                         single_file_config=single_file_config),
         torch_dtype=torch_dtype, transformer=transformer, without_transformer=without_transformer, report=report,
-        single_file_hint="" if single_file_config else SINGLE_FILE_HINT)
+        single_file_hint="" if single_file_config else SINGLE_FILE_HINT, components=components)
+    if own_tokenizer:
+        source = config_source(single_file_config) if Path(base_model).expanduser().is_file() else _source(base_model)
+        pipe.register_modules(tokenizer=processor_tokenizer(source))
+    return pipe
 
 
 def load_flux2_transformer(base_model: str, family: str = "flux2", *, torch_dtype=None,

@@ -1,4 +1,4 @@
-"""A tiny random-weight FLUX.2 [klein]-shaped pipeline built offline: for the tests (and benchmarks).
+"""Tiny random-weight FLUX.2 pipelines built offline (klein and dev shapes): for the tests (and benchmarks).
 
 It has the released klein models' structure: a ``Flux2KleinPipeline`` folder with a ``Qwen3ForCausalLM`` text
 encoder (28 layers: the pipeline stacks hidden states 9, 18 and 27, so the transformer's text width is 3 x the
@@ -9,6 +9,16 @@ which are set to non-trivial values here so a trainer that skips them fails), a 
 shifting. ``distilled`` marks the pipeline as a step-distilled klein (4 steps, no CFG) instead of a base model.
 The tokenizer is a byte-level BPE trained here with ``tokenizers`` (``models.tiny_vlms``); nothing touches the
 network.
+
+``build_tiny_flux2_dev`` is FLUX.2 [dev]'s ``Flux2Pipeline``: a ``Mistral3ForConditionalGeneration`` (a Mistral text
+model of 30 layers, as the pipeline stacks hidden states 10, 20 and 30, with a one-layer Pixtral vision tower), the
+transformer with its guidance embedding (dev is guidance-distilled), the same VAE and scheduler. Its tokenizer
+holds Mistral's control tokens (``[SYSTEM_PROMPT]``, ``[INST]``, ``[IMG]`` ...) and a chat template that renders
+the pipeline's messages (system message, then the caption; image blocks as ``[IMG]``) as Mistral Small 3.1's does.
+The released model's tokenizer slot is a ``PixtralProcessor``, which transformers refuses to build without
+torchvision (not installable next to a CPU torch from PyPI); ``encode_prompt`` only calls ``apply_chat_template``
+on it, which the tokenizer implements the same way for text, so the tiny pipeline holds the tokenizer itself.
+The pipeline's system message is one added token of the tiny vocabulary, so that 32 tokens still hold the caption.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import torch
 
 from .tiny_vlms import _qwen_tokenizer
 
-__all__ = ["build_tiny_flux2_klein"]
+__all__ = ["build_tiny_flux2_dev", "build_tiny_flux2_klein"]
 
 # Qwen3's ChatML with thinking switched off, as Flux2KleinPipeline renders a prompt
 QWEN3_TEMPLATE = (
@@ -50,9 +60,25 @@ def _vae():
     return vae
 
 
+def _transformer(guidance: bool):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * TEXT_WIDTH, timestep_guidance_channels=32, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance)
+
+
+def _scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)
+
+
 def build_tiny_flux2_klein(folder: str | Path, seed: int = 0, *, distilled: bool = False) -> Path:
     """A tiny klein-shaped ``Flux2KleinPipeline`` folder (kept when it already holds one). Returns it."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline
 
     folder = Path(folder)
     if (folder / "model_index.json").exists():
@@ -61,15 +87,71 @@ def build_tiny_flux2_klein(folder: str | Path, seed: int = 0, *, distilled: bool
     tokenizer = _qwen_tokenizer()
     tokenizer.chat_template = QWEN3_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * TEXT_WIDTH, timestep_guidance_channels=32, mlp_ratio=2.0,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=_vae(), transformer=transformer, tokenizer=tokenizer,
+    transformer = _transformer(False)
+    pipe = Flux2KleinPipeline(scheduler=_scheduler(), vae=_vae(), transformer=transformer, tokenizer=tokenizer,
                               text_encoder=_qwen3(len(tokenizer), ids["<|endoftext|>"], ids["<|im_end|>"]),
                               is_distilled=distilled)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                    "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+# Mistral Small 3.1's template reduced to what Flux2Pipeline sends: a system message and user turns whose content
+# is a list of text (and image) blocks.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}"
+    "{% set parts = namespace(text='') %}{% for block in message['content'] %}"
+    "{% if block['type'] == 'text' %}{% set parts.text = parts.text + block['text'] %}"
+    "{% else %}{% set parts.text = parts.text + '[IMG]' %}{% endif %}{% endfor %}{% set text = parts.text %}{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def _mistral_tokenizer():
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny_vlms import _CORPUS, _bpe
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_bpe(MISTRAL_SPECIALS, vocab_size=512, corpus=_CORPUS + [SYSTEM_MESSAGE]), bos_token="<s>",
+        eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_special_tokens={"image_token": "[IMG]"},
+        model_max_length=131072)
+    tokenizer.add_tokens([SYSTEM_MESSAGE])
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    return tokenizer
+
+
+def _mistral3(tokenizer):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "[IMG]")}
+    return Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=32,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=1024, sliding_window=None, bos_token_id=ids["<s>"],
+                         eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"]),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, image_size=32, patch_size=8),
+        image_token_index=ids["[IMG]"], spatial_merge_size=2, vision_feature_layer=-1))
+
+
+def build_tiny_flux2_dev(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny dev-shaped ``Flux2Pipeline`` folder (Mistral 3 text encoder, guidance embedding; kept when it already
+    holds one). Returns it."""
+    from diffusers import Flux2Pipeline
+
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    tokenizer = _mistral_tokenizer()
+    transformer = _transformer(True)
+    pipe = Flux2Pipeline(scheduler=_scheduler(), vae=_vae(), transformer=transformer, tokenizer=tokenizer,
+                         text_encoder=_mistral3(tokenizer))
     pipe.save_pretrained(folder)
     return folder
 

@@ -49,10 +49,11 @@ def load_transformer_files(cls, base_model: str, family: str, *, file_config: Ca
 def load_pipeline_files(pipeline_for: Callable[[str], Any], base_model: str, family: str, *,
                         file_config: Callable[[], str], load_transformer: Callable[[], Any], torch_dtype=None,
                         transformer=None, without_transformer: bool = False, report: Callable[[str], None] | None = None,
-                        single_file_hint: str = ""):
+                        single_file_hint: str = "", components: Callable[[str], dict[str, Any]] | None = None):
     """The pipeline (``pipeline_for(source)``: its class) of a folder or hub id, or of a single transformer file
     (``load_transformer()``) with everything else from ``file_config()``; ``transformer`` replaces the model's own,
-    ``without_transformer`` leaves it out (the trainer loads it after caching, quantized as asked)."""
+    ``without_transformer`` leaves it out (the trainer loads it after caching, quantized as asked); ``components(source)``
+    gives more ``from_pretrained`` arguments for that source (FLUX.2 dev leaves out a tokenizer it cannot build)."""
     from .download import download_progress
 
     path = Path(base_model).expanduser()
@@ -67,6 +68,7 @@ def load_pipeline_files(pipeline_for: Callable[[str], Any], base_model: str, fam
                     kwargs["transformer"] = load_transformer()
             else:
                 source = str(path) if path.is_dir() else base_model
+            kwargs.update(components(source) if components else {})
             return pipeline_for(source).from_pretrained(source, local_files_only=_local_only(source), **kwargs)
     except ModelLoadError:
         raise

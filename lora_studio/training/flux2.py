@@ -3,14 +3,16 @@
 ``train_dreambooth_lora_flux2_klein.py`` / ``_flux2.py`` and the pipelines do it.
 
 - **Text** (encoded once, then the encoder leaves the GPU): the pipeline's own ``encode_prompt``: the caption in
-  the chat template (klein: Qwen3 with thinking off), ``max_sequence_length`` tokens, hidden states of three layers
-  (klein 9, 18, 27) stacked along the width. Text ids come from the sequence length at each step.
+  the chat template (klein: Qwen3 with thinking off; dev: Mistral 3 with the pipeline's system message),
+  ``max_sequence_length`` tokens, hidden states of three layers (klein 9, 18, 27; dev 10, 20, 30) stacked along the
+  width. Text ids come from the sequence length at each step.
 - **Latents**: the VAE's 32 channels, cached as they come; at each step normalised by the VAE's batch-norm
   statistics (per channel of the 2x2-patchified 128-channel layout, applied here in the unpatchified layout so that
   loss masks stay on the latent grid), patchified 2x2 and packed into tokens for the transformer (4-axis ids from
   ``_prepare_latent_ids``), and the prediction unpacked back. The loss is over the same numbers in another order.
 - **Timesteps**: the model sees ``sigma`` (the pipelines pass ``t / 1000``); dev's guidance embedding gets
-  ``guidance_scale``, klein has none.
+  ``guidance_scale`` at every step, as ``train_dreambooth_lora_flux2.py`` feeds it (that script's default is 3.5;
+  this config's is 1.0, as for FLUX.1-dev), klein has none.
 - **LoRA layers** (``lora_targets``): ``attention`` = q, k, v and out of both streams in the double blocks and the
   single blocks' fused ``attn.to_qkv_mlp_proj``; ``all_linear`` adds the feed-forward layers and ``attn.to_out``.
 - **Export**: ``transformer.*`` keys with the scale folded into ``lora_B`` (``export/sd3_lora.save_folded_lora``:
