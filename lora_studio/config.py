@@ -189,6 +189,10 @@ class TrainConfig:
     base_quantization: str = _opt("none", "Frozen base transformer stored as: none (bf16), nf4 (4-bit, bitsandbytes, "
                                   "CUDA), int8 (torchao weight-only) or fp8 (float8, cast up when used).",
                                   choices=BASE_QUANTIZATIONS, group="flow")
+    blocks_to_swap: int = _opt(0, "Keep the frozen weights of the transformer's last N blocks in CPU memory and move "
+                                "each to the GPU only while it computes (sd-scripts' block swap): less GPU memory, "
+                                "slower steps. Needs gradient_checkpointing and base_quantization none or fp8.",
+                                min=0, max=1000, group="flow")
     lora_targets: str = _opt("attention", "Transformer layers with a LoRA: attention (q, k, v, out of image and "
                              "text) or all_linear (adds feed-forward and single-block MLP). target_modules overrides.",
                              choices=LORA_TARGET_PRESETS, group="flow")
@@ -241,6 +245,8 @@ class TrainConfig:
                                                 "images, or a share of the training images held out.")
         for key in ("train_double_block_indices", "train_single_block_indices"):
             block_indices(getattr(self, key), key)
+        if self.blocks_to_swap:
+            _check_block_swap(self)
         if not self.output_name or any(c in self.output_name for c in '/\\:*?"<>|'):
             raise ConfigError("output_name", "must be a plain file name without / \\ : * ? \" < > |.")
         return self
@@ -286,6 +292,17 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return merge(self, changes)
+
+
+def _check_block_swap(config: "TrainConfig") -> None:
+    """``blocks_to_swap`` needs gradient checkpointing and a base whose weights are plain tensors."""
+    if config.base_quantization in ("nf4", "int8"):
+        raise ConfigError("blocks_to_swap", f"cannot swap {config.base_quantization} weights (they are packed with "
+                          "their quantization state); use base_quantization fp8 (or none) with blocks_to_swap, or "
+                          "set blocks_to_swap to 0.")
+    if not config.gradient_checkpointing:
+        raise ConfigError("blocks_to_swap", "needs gradient_checkpointing: true (without it the backward pass keeps "
+                          "every block's weights on the GPU, so swapping saves nothing).")
 
 
 def block_indices(text: str, key: str, count: int | None = None) -> list[int] | None:

@@ -39,7 +39,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data.train_set import Batch, sample_seed
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..models.load_lock import model_loading
 from .events import EventBus
 from .image_trainer import ImageTrainer
@@ -143,12 +143,13 @@ class FlowMatchingTrainer(ImageTrainer):
         super().__init__(config, run, bus, family)
         self.quantization = "none"
         self.held_dtypes: dict[str, torch.dtype] = {}
+        self.block_swap = None  # block_swap.BlockSwap with blocks_to_swap
 
     # --- family hooks -------------------------------------------------------------------------------
     def load_pipeline(self, dtype: torch.dtype):
         raise NotImplementedError
 
-    def load_denoiser(self, dtype: torch.dtype) -> torch.nn.Module:
+    def load_denoiser(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Module:
         raise NotImplementedError
 
     def lora_target_modules(self) -> list[str]:
@@ -204,18 +205,36 @@ class FlowMatchingTrainer(ImageTrainer):
         self._cache_latents()
         self._cache_text()
         self.bus.state("loading model")
-        with model_loading(cfg.base_model):  # the transformer and its new LoRA layers
-            setattr(self.pipe, self.denoiser_name, self.load_denoiser(dtype))
+        with model_loading(cfg.base_model):  # the transformer and its new LoRA layers (in CPU memory to swap blocks)
+            setattr(self.pipe, self.denoiser_name,
+                    self.load_denoiser(dtype, torch.device("cpu") if cfg.blocks_to_swap else None))
             self.denoiser.requires_grad_(False)
             self.held_dtypes[self.denoiser_name] = dtype
             self._add_adapters()
+        if cfg.blocks_to_swap:
+            self._swap_blocks()
         if cfg.gradient_checkpointing:
-            self.denoiser.enable_gradient_checkpointing()
+            from .block_swap import checkpoint_function
+
+            self.denoiser.enable_gradient_checkpointing(checkpoint_function if self.block_swap else None)
         self.say(f"Model: {cfg.base_model} ({self.family}), resolution {self.resolution}, weights "
                  f"{str(dtype).replace('torch.', '')}, base {self.quantization}, {cfg.network_type} rank "
                  f"{cfg.lora_rank} alpha "
                  f"{cfg.alpha:g} on {len(self.lora_target_modules())} layers, timestep sampling "
                  f"{cfg.timestep_sampling}, loss weighting {cfg.loss_weighting}.")
+
+    def _swap_blocks(self) -> None:
+        """``blocks_to_swap``: the last blocks' frozen weights stay in CPU memory (``block_swap.py``), then the rest of
+        the transformer goes to the device; the whole transformer never is on it at once."""
+        from .block_swap import BlockSwap, repeated_blocks
+
+        count, total = self.config.blocks_to_swap, len(repeated_blocks(self.denoiser))
+        if count > total:
+            raise ConfigError("blocks_to_swap", f"{count} is more than this transformer has: {total} blocks; set at "
+                              f"most {total}.")
+        self.block_swap = BlockSwap.attach(self.denoiser, count, self.accelerator.device)
+        self.denoiser.to(self.accelerator.device)
+        self.say(self.block_swap.describe(self.config.gradient_checkpointing))
 
     def _cache_latents(self) -> None:
         """Every image through the VAE once, with only the VAE on the device."""

@@ -243,7 +243,10 @@ class FluxTrainer(FlowMatchingTrainer):
                             device=device, fresh_pipeline=self._fresh_pipeline, **checks)
 
     def fresh_pipeline_fits(self, pipe) -> bool:
-        """Room for a second pipeline in float32 (plus a quarter) on the run's device: GPU memory, or free RAM."""
+        """Room for a second pipeline in float32 (plus a quarter) on the run's device: GPU memory, or free RAM. A run
+        that swaps blocks has no room for a second transformer on its GPU."""
+        if self.block_swap and self.accelerator.device.type == "cuda":
+            return False
         fp32 = 4 * sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
                        for p in m.parameters())
         if self.accelerator.device.type == "cuda":

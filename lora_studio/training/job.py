@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, merge
-from ..errors import OutOfMemoryError, StudioError, TrainingError
+from ..errors import ConfigError, OutOfMemoryError, StudioError, TrainingError
 from .events import Commands, Event, EventBus, Failed, Finished, Log, Metric, Progress, Sample, State, Stopped
 from .events import Validation
 from .jobs import FINAL_STATES, Snapshot, starting
@@ -40,6 +40,9 @@ def make_trainer(config: TrainConfig, run: RunFolder, bus: EventBus):
     from ..models.detect import resolve_family
 
     family = resolve_family(config.model_family, config.base_model)
+    if config.blocks_to_swap and get_family(family).settings_group != "flow":
+        raise ConfigError("blocks_to_swap", f"is for the transformer families (FLUX.1, Chroma, Qwen-Image, Z-Image, "
+                          f"SD3.5, FLUX.2); {get_family(family).name} has no transformer blocks to swap: set it to 0.")
     return get_family(family).trainer_class()(config, run, bus, family=family)
 
 

@@ -270,7 +270,7 @@ def next_step_down(config: TrainConfig, family: str | None = None) -> StepDown |
             new = max(config.max_seq_length // 2, 128)
             return StepDown(config.replace(max_seq_length=new), f"max_seq_length {config.max_seq_length} -> {new}")
         return None
-    if family in FLOW_FIGURES and config.base_quantization != "nf4":
+    if family in FLOW_FIGURES and config.base_quantization != "nf4" and not config.blocks_to_swap:  # nf4 cannot swap
         return StepDown(config.replace(base_quantization="nf4"),
                         f"base_quantization {config.base_quantization} -> nf4 (4-bit transformer weights)")
     current = config.resolution_for(family)

@@ -49,7 +49,7 @@ MAX_PLOT_POINTS = 1000
 ESTIMATE_FIELDS = ("batch_size", "resolution", "gradient_checkpointing", "mixed_precision", "optimizer",
                    "train_text_encoder", "lora_rank", "target_modules", "max_seq_length", "load_in_4bit",
                    "base_quantization", "max_sequence_length", "lora_targets", "train_double_block_indices",
-                   "train_single_block_indices")
+                   "train_single_block_indices", "blocks_to_swap")
 # Settings groups that a family unfolds (llm, flow ...): a new base model unfolds its own and folds the others.
 FAMILY_GROUPS = tuple(sorted({f.settings_group for f in REGISTRY.values() if f.settings_group}))
 

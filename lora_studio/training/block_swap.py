@@ -1,0 +1,153 @@
+"""Block swap (``blocks_to_swap``, sd-scripts' name): the frozen weights of the transformer's last N blocks live in
+CPU memory and visit the GPU only while their block computes, so a model larger than the card trains.
+
+    swap = BlockSwap.attach(transformer, count, device)   # after the LoRA is added, before transformer.to(device)
+    transformer.to(device)                                 # moves everything else; the swapped weights stay put
+    swap.stored_bytes(), swap.traffic_per_step(checkpointing)
+
+How: frozen weights never change, so "offloading" a block is only dropping its GPU copy. Each swapped frozen
+parameter keeps its full tensor in (pinned, when the device is CUDA) CPU memory; at rest it is an empty
+placeholder on the device, in the dtype the parameter has (a later ``model.to(dtype)`` converts the placeholder,
+and the copy is cast to it when loaded). A forward pre-hook on the block puts a new parameter with a copy on the
+device in each place (``non_blocking`` from pinned memory), a forward post-hook puts the placeholders back. New
+parameter objects, not new ``.data``: autograd keeps what the backward pass needs by itself (``F.linear`` saves
+a view of the weight, a norm's ``x * weight`` the parameter object it saw, which a ``.data`` swap would empty).
+With gradient checkpointing (non-reentrant, without early stop: ``checkpoint_function``) the recomputation in
+the backward pass goes through the same hooks: load, compute, drop. The LoRA's weights (trainable) are never
+touched: they stay on the GPU.
+
+Without gradient checkpointing autograd holds every block's weights until the backward pass, so nothing is saved;
+the config asks for it. Quantizations whose weights are objects of their own (nf4's packed 4-bit tensors with
+their quantization state, torchao's int8 tensors) are not swapped: ``SWAPPABLE_QUANTIZATIONS``.
+
+The cost: every step moves the swapped weights to the GPU once in the forward pass and once more in the
+recomputation (``traffic_per_step``); on PCIe 4.0 x16 (about 25 GB/s in practice) that is 0.04 s a GB.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable
+
+import torch
+
+SWAPPABLE_QUANTIZATIONS = ("none", "fp8")
+PCIE_GB_PER_S = 25.0  # PCIe 4.0 x16 host-to-device from pinned memory, about what it reaches in practice
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated transformer blocks in order: the blocks of its top-level ModuleLists whose class is
+    one of diffusers' ``_repeated_blocks`` (FLUX: double then single blocks), or, for a model that names none, of
+    every top-level ModuleList of at least two blocks of one class."""
+    named = set(getattr(model, "_repeated_blocks", None) or ())
+    blocks: list[torch.nn.Module] = []
+    for child in model.children():
+        if not isinstance(child, torch.nn.ModuleList) or len(child) < 2:
+            continue
+        kinds = {type(b).__name__ for b in child}
+        if (named and kinds <= named) or (not named and len(kinds) == 1):
+            blocks.extend(child)
+    return blocks
+
+
+def checkpoint_function(module, *args):
+    """diffusers' gradient checkpointing (non-reentrant) without early stop: the recomputation runs the whole block,
+    so its forward post-hook drops the weights again (with early stop it would end at the last saved tensor, before
+    the hook, and leave the block's weights on the GPU)."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, early_stop=False)
+
+
+class BlockSwap:
+    """The swapped blocks of one model and their hooks (``attach``; ``detach`` puts every weight back)."""
+
+    def __init__(self, blocks: Iterable[torch.nn.Module], device: torch.device):
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self.blocks = list(blocks)
+        # per block: (module, parameter name, the resting parameter, its full tensor in CPU memory)
+        self.slots: list[list[tuple[torch.nn.Module, str, torch.nn.Parameter, torch.Tensor]]] = []
+        self.loaded: set[int] = set()
+        self._handles = []
+        copies: dict[int, torch.Tensor] = {}  # a parameter two modules share is stored once
+        for index, block in enumerate(self.blocks):
+            slots = []
+            for module in block.modules():
+                for name, p in module._parameters.items():
+                    if p is None or p.requires_grad:
+                        continue
+                    if id(p) not in copies:
+                        cpu = p.data.to("cpu")
+                        copies[id(p)] = cpu.pin_memory() if pin else cpu
+                        p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+                    slots.append((module, name, p, copies[id(p)]))
+            self.slots.append(slots)
+            self._handles.append(block.register_forward_pre_hook(functools.partial(self._pre, index)))
+            self._handles.append(block.register_forward_hook(functools.partial(self._post, index)))
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module, count: int, device: torch.device) -> "BlockSwap":
+        """Swap the frozen weights of the last ``count`` of ``model``'s repeated blocks (``repeated_blocks``)."""
+        blocks = repeated_blocks(model)
+        if count > len(blocks):
+            raise ValueError(f"blocks_to_swap {count}: this model has {len(blocks)} blocks")
+        return cls(blocks[len(blocks) - count:], device)
+
+    # --- the hooks ----------------------------------------------------------------------------------
+    def _pre(self, index: int, module, args) -> None:
+        for other in list(self.loaded - {index}):  # a block whose post-hook did not run (an error in its forward)
+            self.drop(other)
+        self.load(index)
+
+    def _post(self, index: int, module, args, output) -> None:
+        self.drop(index)
+
+    def load(self, index: int) -> None:
+        """The block's frozen weights as new parameters on the device (and in the dtype) their resting
+        placeholders name. New objects, not new ``.data``: an operation that saved a parameter itself for the
+        backward pass (a norm's ``x * weight``) keeps the tensor it saw when the block drops its weights."""
+        if index in self.loaded:
+            return
+        for module, name, rest, cpu in self.slots[index]:
+            data = cpu.to(rest.device, rest.dtype, non_blocking=True)
+            module._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
+        self.loaded.add(index)
+
+    def drop(self, index: int) -> None:
+        """The block's resting parameters (empty placeholders) back in place."""
+        for module, name, rest, _ in self.slots[index]:
+            module._parameters[name] = rest
+        self.loaded.discard(index)
+
+    def detach(self) -> None:
+        """Hooks removed and every swapped weight back in its own parameter, on the device its placeholder names."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for index in range(len(self.blocks)):
+            self.drop(index)
+            for _, _, rest, cpu in self.slots[index]:
+                if rest.numel() == 0 and cpu.numel():
+                    rest.data = cpu.to(rest.device, rest.dtype)
+        self.slots = [[] for _ in self.blocks]
+
+    # --- sizes --------------------------------------------------------------------------------------
+    def is_resting(self) -> bool:
+        """Every swapped weight is its empty placeholder (none left on the device)."""
+        return all(getattr(module, name) is rest and rest.numel() == 0
+                   for slots in self.slots for module, name, rest, _ in slots)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the swapped weights, as stored in CPU memory."""
+        unique = {id(cpu): cpu for slots in self.slots for *_, cpu in slots}
+        return sum(cpu.numel() * cpu.element_size() for cpu in unique.values())
+
+    def traffic_per_step(self, checkpointing: bool) -> int:
+        """Bytes moved to the GPU per training step: the forward pass, plus the recomputation with checkpointing."""
+        return self.stored_bytes() * (2 if checkpointing else 1)
+
+    def describe(self, checkpointing: bool) -> str:
+        """One sentence for the log: how many blocks, how much stays in CPU memory, the PCIe traffic a step."""
+        gb, traffic = self.stored_bytes() / 1024**3, self.traffic_per_step(checkpointing) / 1024**3
+        return (f"blocks_to_swap: the frozen weights of the last {len(self.blocks)} blocks ({gb:.2f} GB) stay in CPU "
+                f"memory and visit the GPU block by block: {traffic:.2f} GB over PCIe a step (about "
+                f"{traffic / PCIE_GB_PER_S:.2f} s at {PCIE_GB_PER_S:g} GB/s).")

@@ -1,0 +1,220 @@
+"""Block swap (``blocks_to_swap``): the frozen weights of the last blocks live in CPU memory and visit the device
+only while their block computes.
+
+On the CPU a swapped weight at rest is an EMPTY tensor, so any computation that touches it outside its block's
+hooks fails (or gives wrong shapes): a step that matches the unswapped one to the last bit proves the hooks load
+every weight when it is used, in the forward pass and in the recomputation of gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lora_studio.config import TrainConfig
+from lora_studio.errors import ConfigError
+from lora_studio.training.block_swap import BlockSwap, checkpoint_function, repeated_blocks
+from helpers import run_job, stop_then_resume
+from test_flux import flux_config, tiny_flux  # noqa: F401  (fixture)
+from test_qwen_image import qwen_config, tiny_qwen_image  # noqa: F401  (fixture)
+
+
+def _tiny_flux_transformer_with_lora():
+    from diffusers import FluxTransformer2DModel
+
+    from lora_studio.models.tiny_flux import TRANSFORMER_SHAPE
+    from lora_studio.networks import add_network, peft_config
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**TRANSFORMER_SHAPE, pooled_projection_dim=32, guidance_embeds=True)
+    model.requires_grad_(False)
+    targets = [n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "blocks." in n and n.rsplit(".", 1)[-1] in ("to_q", "to_v")]
+    add_network(model, "lora", peft_config("lora", 4, 4.0, targets, dropout=0.0))
+    for p in model.parameters():
+        if p.requires_grad:  # lora_B starts at zero: random, so every LoRA weight gets a gradient
+            p.data.normal_(std=0.1)
+    return model
+
+
+def _flux_inputs(batch: int = 2, tokens: int = 16, text: int = 8) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(batch, tokens, 64, generator=g),
+                encoder_hidden_states=torch.randn(batch, text, 32, generator=g),
+                pooled_projections=torch.randn(batch, 32, generator=g), timestep=torch.rand(batch, generator=g),
+                img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3), guidance=torch.ones(batch),
+                return_dict=False)
+
+
+def _step(model, inputs) -> tuple[float, dict[str, torch.Tensor]]:
+    loss = model(**inputs)[0].pow(2).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _lora_is_full(model) -> bool:
+    lora = [p for p in model.parameters() if p.requires_grad]
+    return bool(lora) and all(p.numel() > 0 for p in lora)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_swapped_transformer_gives_the_same_loss_and_lora_gradients(checkpointing):
+    model = _tiny_flux_transformer_with_lora()
+    swapped = copy.deepcopy(model)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+        swapped.enable_gradient_checkpointing(checkpoint_function)
+        model.train(), swapped.train()
+    blocks = repeated_blocks(swapped)
+    assert len(blocks) == 4  # 2 double + 2 single blocks, in that order
+    swap = BlockSwap.attach(swapped, 3, torch.device("cpu"))
+    assert swap.blocks == blocks[1:] and swap.is_resting()
+    assert all(p.numel() == 0 for b in blocks[1:] for p in b.parameters() if not p.requires_grad)
+    assert all(p.numel() > 0 for p in blocks[0].parameters())
+    inputs = _flux_inputs()
+    for _ in range(2):  # twice: the hooks put back what the first step took
+        expected_loss, expected = _step(model, inputs)
+        loss, grads = _step(swapped, inputs)
+        assert loss == expected_loss
+        assert grads.keys() == expected.keys() and all(torch.equal(grads[k], expected[k]) for k in expected)
+        assert any(g.abs().sum() > 0 for g in grads.values())
+        # between steps: every swapped frozen weight is its empty placeholder, the LoRA is whole
+        assert swap.is_resting() and not swap.loaded and _lora_is_full(swapped)
+        model.zero_grad(), swapped.zero_grad()
+    frozen = sum(p.numel() * p.element_size() for b in repeated_blocks(model)[1:] for p in b.parameters()
+                 if not p.requires_grad)
+    assert swap.stored_bytes() == frozen and swap.traffic_per_step(checkpointing) == frozen * (1 + checkpointing)
+
+
+def test_the_placeholders_catch_a_weight_used_outside_its_block_hooks():
+    """Without the hooks, the empty placeholders make the forward fail: the equality above is not luck."""
+    model = _tiny_flux_transformer_with_lora()
+    swap = BlockSwap.attach(model, 1, torch.device("cpu"))
+    for handle in swap._handles:
+        handle.remove()
+    with pytest.raises(RuntimeError):
+        model(**_flux_inputs())
+
+
+def test_diffusers_early_stop_checkpointing_would_leave_a_block_loaded():
+    """Why ``checkpoint_function``: with diffusers' default (non-reentrant, early stop) the recomputation ends at the
+    last saved tensor, before the block's post-hook, and the block's weights stay on the device after backward."""
+    model = _tiny_flux_transformer_with_lora()
+    model.enable_gradient_checkpointing()
+    model.train()
+    swap = BlockSwap.attach(model, 3, torch.device("cpu"))
+    _step(model, _flux_inputs())
+    assert swap.loaded and not swap.is_resting()
+    model.zero_grad()
+    model.enable_gradient_checkpointing(checkpoint_function)
+    _step(model, _flux_inputs())
+    assert swap.is_resting()
+
+
+def test_the_weights_follow_the_model_dtype_and_detach_restores_them():
+    model = _tiny_flux_transformer_with_lora()
+    reference = copy.deepcopy(model)
+    swap = BlockSwap.attach(model, 4, torch.device("cpu"))
+    model.to(torch.bfloat16)  # as the export check's dtype changes do: the placeholders carry the dtype
+    reference.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in _flux_inputs().items()}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], reference(**inputs)[0])
+    swap.detach()
+    assert all(p.numel() > 0 for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def _prepared(make_config, model, data, out, **changes):
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.job import make_trainer
+    from lora_studio.training.run_folder import RunFolder
+
+    cfg = make_config(model, data, out, gradient_checkpointing=True, **changes)
+    trainer = make_trainer(cfg, RunFolder.create(cfg), EventBus())
+    trainer.prepare()
+    trainer.prepared_models = [trainer.accelerator.prepare(trainer.denoiser)]  # as the loop does (moves to device)
+    return trainer
+
+
+@pytest.mark.parametrize(("family", "count", "quantization"),
+                         [("flux", 3, "none"), ("flux", 4, "fp8"), ("qwen_image", 2, "none")])
+def test_a_training_step_with_blocks_to_swap_matches_the_one_without(family, count, quantization, tiny_flux,  # noqa: F811
+                                                                    tiny_qwen_image, demo_images, tmp_path):  # noqa: F811
+    """The trainer's own step (prepare, accelerate's prepare, compute_loss, backward): same loss and same LoRA
+    gradients; after accelerate moved the model to the device the swapped weights are still placeholders."""
+    model, make = (tiny_flux, flux_config) if family == "flux" else (tiny_qwen_image, qwen_config)
+    mp = "bf16" if quantization == "fp8" else "no"
+    plain = _prepared(make, model, demo_images, tmp_path / "a", base_quantization=quantization, mixed_precision=mp)
+    swapped = _prepared(make, model, demo_images, tmp_path / "b", base_quantization=quantization, mixed_precision=mp,
+                        blocks_to_swap=count)
+    assert plain.block_swap is None and len(swapped.block_swap.blocks) == count
+    swapped.load_trainable_state(plain.trainable_state())  # the same LoRA initialisation (the global generator's)
+    assert swapped.block_swap.is_resting() and _lora_is_full(swapped.denoiser)
+    if quantization == "fp8":
+        assert {cpu.dtype for slots in swapped.block_swap.slots for *_, cpu in slots} >= {torch.float8_e4m3fn}
+    for step in range(2):
+        batch = plain.batches(0)[step]
+        expected, loss = plain.compute_loss(batch), swapped.compute_loss(batch)
+        expected.backward(), loss.backward()
+        assert loss.item() == expected.item()
+        want = {n: p.grad for n, p in plain.denoiser.named_parameters() if p.requires_grad}
+        got = {n: p.grad for n, p in swapped.denoiser.named_parameters() if p.requires_grad}
+        assert got.keys() == want.keys() and any(g is not None for g in want.values())
+        assert all(torch.equal(got[k], want[k]) if want[k] is not None else got[k] is None for k in want)
+        assert swapped.block_swap.is_resting() and _lora_is_full(swapped.denoiser)
+        for t in (plain, swapped):
+            for p in t.denoiser.parameters():
+                if p.grad is not None:
+                    p.data -= 0.1 * p.grad
+                    p.grad = None
+
+
+def test_a_run_with_blocks_to_swap_renders_exports_and_resumes_exactly(tiny_flux, demo_images, tmp_path):  # noqa: F811
+    changes = dict(blocks_to_swap=3, gradient_checkpointing=True, max_train_steps=4, save_steps=2,
+                   validation_split=0.25)
+    job = run_job(flux_config(tiny_flux, demo_images, tmp_path / "a", sample_prompt="a red circle", sample_steps=4,
+                              **changes))
+    assert job.status == "finished", job.error
+    log = job.snapshot().log
+    assert any("blocks_to_swap: the frozen weights of the last 3 blocks" in line for line in log), log
+    assert any("Export check passed" in line and "strength 0 vs base 0" in line for line in log), log
+    assert (job.run.samples_dir / "step_000004.png").is_file()
+    full = [loss for _, loss in job.snapshot().losses]
+
+    from lora_studio.training.run_folder import RunFolder
+
+    resumed = stop_then_resume(flux_config(tiny_flux, demo_images, tmp_path / "b", verify_export=False, **changes),
+                               stop_at=2)
+    assert [m["loss"] for m in RunFolder(resumed.run.path).read_metrics()] == pytest.approx(full, rel=1e-6)
+
+
+def test_blocks_to_swap_says_what_it_needs():
+    base = dict(base_model="m", train_data_dir="d", blocks_to_swap=4)
+    with pytest.raises(ConfigError, match="gradient_checkpointing: true"):
+        TrainConfig(**base).validate()
+    for mode in ("nf4", "int8"):
+        with pytest.raises(ConfigError, match=f"cannot swap {mode} weights.*fp8"):
+            TrainConfig(**base, gradient_checkpointing=True, base_quantization=mode).validate()
+    for mode in ("none", "fp8"):
+        assert TrainConfig(**base, gradient_checkpointing=True, base_quantization=mode).validate().blocks_to_swap == 4
+    with pytest.raises(ConfigError, match="out of range"):
+        TrainConfig(base_model="m", train_data_dir="d", blocks_to_swap=-1).validate()
+
+
+def test_a_family_without_transformer_blocks_and_too_many_blocks_get_their_sentences(tiny_flux, tiny_llm,  # noqa: F811
+                                                                                      demo_images, tmp_path):
+    from lora_studio.training.events import EventBus
+    from lora_studio.training.job import make_trainer
+    from lora_studio.training.run_folder import RunFolder
+
+    cfg = TrainConfig(base_model=str(tiny_llm), train_data_dir=str(demo_images), output_dir=str(tmp_path),
+                      blocks_to_swap=2, gradient_checkpointing=True).validate()
+    with pytest.raises(ConfigError, match="causal language model has no transformer blocks to swap: set it to 0"):
+        make_trainer(cfg, RunFolder.create(cfg), EventBus())
+    job = run_job(flux_config(tiny_flux, demo_images, tmp_path / "out", blocks_to_swap=5, gradient_checkpointing=True))
+    assert job.status == "failed"
+    assert "5 is more than this transformer has: 4 blocks; set at most 4" in job.error
