@@ -205,7 +205,7 @@ def test_blocks_to_swap_says_what_it_needs():
         TrainConfig(base_model="m", train_data_dir="d", blocks_to_swap=-1).validate()
 
 
-def test_a_family_without_transformer_blocks_and_too_many_blocks_get_their_sentences(tiny_flux, tiny_llm,  # noqa: F811
+def test_a_family_without_transformer_blocks_and_too_many_blocks_are_said(tiny_flux, tiny_llm,  # noqa: F811
                                                                                       demo_images, tmp_path):
     from lora_studio.training.events import EventBus
     from lora_studio.training.job import make_trainer
@@ -215,6 +215,9 @@ def test_a_family_without_transformer_blocks_and_too_many_blocks_get_their_sente
                       blocks_to_swap=2, gradient_checkpointing=True).validate()
     with pytest.raises(ConfigError, match="causal language model has no transformer blocks to swap: set it to 0"):
         make_trainer(cfg, RunFolder.create(cfg), EventBus())
-    job = run_job(flux_config(tiny_flux, demo_images, tmp_path / "out", blocks_to_swap=5, gradient_checkpointing=True))
-    assert job.status == "failed"
-    assert "5 is more than this transformer has: 4 blocks; set at most 4" in job.error
+    job = run_job(flux_config(tiny_flux, demo_images, tmp_path / "out", blocks_to_swap=41, gradient_checkpointing=True,
+                              max_train_steps=1, verify_export=False))  # the 12 GB preset's count on the tiny model
+    assert job.status == "finished", job.error
+    log = job.snapshot().log
+    assert any("blocks_to_swap 41 is more than this transformer's 4 blocks: all 4 are swapped." in line
+               for line in log), log

@@ -171,20 +171,24 @@ def test_testing_tab_renders_with_true_cfg(tiny_qwen_image, monkeypatch):
     assert seen["true_cfg_scale"] == 4.0 and seen["negative_prompt"].strip() == "" and "guidance_scale" not in seen
 
 
-def test_qwen_image_presets_fit_their_budget_and_12gb_cannot_fit():
+def test_qwen_image_presets_fit_their_budget_and_12gb_swaps_blocks():
     from lora_studio.presets import list_presets, recommend_preset
     from lora_studio.training.memory import estimate_breakdown, next_step_down
 
     presets = list_presets("qwen_image")
-    assert [p.name for p in presets] == ["qwen_image_16gb", "qwen_image_24gb"]
+    assert [p.name for p in presets] == ["qwen_image_12gb", "qwen_image_16gb", "qwen_image_24gb"]
     for preset in presets:
-        cfg = TrainConfig().replace(**preset.values)
+        cfg = TrainConfig().replace(**preset.values).validate()
         est = estimate_breakdown(cfg, "qwen_image")
-        assert est.total_gb <= 0.9 * preset.vram_gb and cfg.base_quantization == "nf4", preset.name
+        assert est.total_gb <= 0.9 * preset.vram_gb, preset.name
+        assert cfg.base_quantization == ("fp8" if preset.vram_gb == 12 else "nf4"), preset.name
         assert est.caching_gb < 3  # Qwen2.5-VL encodes on the CPU when it does not fit: not in the GPU peak
-    smallest = TrainConfig().replace(**presets[0].values).replace(resolution=512, lora_rank=4)
-    assert estimate_breakdown(smallest, "qwen_image").total_gb > 0.9 * 12  # no 12 GB preset: nothing fits
-    fp8 = TrainConfig().replace(**presets[1].values).replace(base_quantization="fp8")
+    twelve = TrainConfig().replace(**presets[0].values)
+    assert (twelve.blocks_to_swap, twelve.resolution) == (45, 1024)
+    assert estimate_breakdown(twelve.replace(blocks_to_swap=44), "qwen_image").total_gb > 0.9 * 12  # the fewest
+    without_swap = TrainConfig().replace(**presets[1].values).replace(resolution=512, lora_rank=4)
+    assert estimate_breakdown(without_swap, "qwen_image").total_gb > 0.9 * 12  # nf4 alone cannot fit 12 GB
+    fp8 = TrainConfig().replace(**presets[2].values).replace(base_quantization="fp8")
     assert estimate_breakdown(fp8, "qwen_image").total_gb > 24  # fp8 needs a bigger card than 24 GB
     assert recommend_preset(24.0, "qwen_image").name == "qwen_image_24gb"
     assert next_step_down(fp8.replace(optimizer="adamw8bit"), "qwen_image").config.base_quantization == "nf4"
@@ -279,7 +283,8 @@ def test_the_demo_offers_a_tiny_qwen_image_model(tmp_path):
 def test_training_tab_says_when_no_qwen_image_preset_fits_the_gpu(tiny_qwen_image):
     from lora_studio.ui.train_family import family_choices
 
-    small = family_choices(str(tiny_qwen_image), gpu_gb=11.8)
-    assert small.family == "qwen_image" and "No preset of this family fits this GPU's 12 GB" in small.text
+    small = family_choices(str(tiny_qwen_image), gpu_gb=7.8)
+    assert small.family == "qwen_image" and "No preset of this family fits this GPU's 8 GB" in small.text
+    assert family_choices(str(tiny_qwen_image), gpu_gb=11.8).preset == "qwen_image_12gb"
     big = family_choices(str(tiny_qwen_image), gpu_gb=23.6)
     assert big.preset == "qwen_image_24gb" and "Recommended preset for this GPU: `qwen_image_24gb`" in big.text

@@ -147,7 +147,7 @@ class BlockSwap:
 
     def describe(self, checkpointing: bool) -> str:
         """One sentence for the log: how many blocks, how much stays in CPU memory, the PCIe traffic a step."""
-        gb, traffic = self.stored_bytes() / 1024**3, self.traffic_per_step(checkpointing) / 1024**3
+        gb, traffic = self.stored_bytes() / 1e9, self.traffic_per_step(checkpointing) / 1e9
         return (f"blocks_to_swap: the frozen weights of the last {len(self.blocks)} blocks ({gb:.2f} GB) stay in CPU "
                 f"memory and visit the GPU block by block: {traffic:.2f} GB over PCIe a step (about "
                 f"{traffic / PCIE_GB_PER_S:.2f} s at {PCIE_GB_PER_S:g} GB/s).")

@@ -225,13 +225,17 @@ class FlowMatchingTrainer(ImageTrainer):
 
     def _swap_blocks(self) -> None:
         """``blocks_to_swap``: the last blocks' frozen weights stay in CPU memory (``block_swap.py``), then the rest of
-        the transformer goes to the device; the whole transformer never is on it at once."""
+        the transformer goes to the device; the whole transformer never is on it at once. A count above the model's
+        blocks (a preset made for a larger model of the family) swaps them all, said once."""
         from .block_swap import BlockSwap, repeated_blocks
 
         count, total = self.config.blocks_to_swap, len(repeated_blocks(self.denoiser))
+        if not total:
+            raise ConfigError("blocks_to_swap", "this transformer has no repeated blocks to swap; set it to 0.")
         if count > total:
-            raise ConfigError("blocks_to_swap", f"{count} is more than this transformer has: {total} blocks; set at "
-                              f"most {total}.")
+            self.say(f"blocks_to_swap {count} is more than this transformer's {total} blocks: all {total} are "
+                     "swapped.", "warning")
+            count = total
         self.block_swap = BlockSwap.attach(self.denoiser, count, self.accelerator.device)
         self.denoiser.to(self.accelerator.device)
         self.say(self.block_swap.describe(self.config.gradient_checkpointing))

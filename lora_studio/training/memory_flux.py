@@ -15,6 +15,11 @@ same blocks, so the same cost per token.
 
 Caching phase: the VAE alone encoding one image, then the text encoders alone (T5-XXL in bf16 is 9.5 GB:
 the largest single thing a FLUX run puts on a 12 GB card).
+
+Block swap (``blocks_to_swap`` N, ``block_swap.py``): the last N blocks' weights (``FlowFigures.swap_runs``, counted
+on the meta device by ``benchmarks/block_swap_sizes.py``) leave the resident weights; one swapped block is on the
+GPU at a time, as stored plus, for a quantized base, its layers cast up to bf16 (what autograd keeps for the
+backward pass of the recomputed block). ``swap_note`` gives the PCIe traffic of a step (forward and recomputation).
 """
 
 from __future__ import annotations
@@ -40,36 +45,41 @@ class FlowFigures:
     text_offloads: bool = False             # the text encoder encodes on the CPU when it does not fit the GPU
     clip_tokens: int = 0                    # text tokens besides max_sequence_length (SD3: CLIP's 77)
     caching_text_params: int = 0            # encoders on the GPU at once while caching (0: all of them)
+    swap_runs: tuple[tuple[int, int], ...] = ()  # the repeated blocks in swap order: (blocks, weights per block)
 
 
 _LORA = {"attention": (933_888, 700_416), "all_linear": (2_101_248, 1_984_512)}
 FLOW_FIGURES = {
-    "flux": FlowFigures(11_901_408_320, 66_982_976, (123_060_480, 4_762_310_656), _LORA),
-    "chroma": FlowFigures(8_899_983_424, 293_075_008, (4_762_310_656,), _LORA),
+    "flux": FlowFigures(11_901_408_320, 66_982_976, (123_060_480, 4_762_310_656), _LORA,
+                        swap_runs=((19, 339_831_296), (38, 141_591_808))),
+    "chroma": FlowFigures(8_899_983_424, 293_075_008, (4_762_310_656,), _LORA,
+                          swap_runs=((19, 226_548_224), (38, 113_271_040))),
     # Qwen-Image: the 20B transformer (60 dual-stream blocks), Qwen2.5-VL-7B (16.6 GB in bf16: on a smaller card the
     # captions are encoded on the CPU), the 3-D VAE; bytes per token measured by benchmarks/qwen_z_memory.py;
     # a detailed caption is at most about 256 tokens (not padded)
     "qwen_image": FlowFigures(20_430_401_088, 29_110_272, (8_292_166_656,),
                               {"attention": (2_949_120, 0), "all_linear": (6_635_520, 0)}, blocks=(60, 1),
                               vae_params=126_892_531, act_bytes={"ckpt": 603_568, "full": 8_223_162}, text_tokens=256,
-                              text_offloads=True),
+                              text_offloads=True, swap_runs=((60, 339_831_296),)),
     # Z-Image-Turbo: the 6.15B transformer (30 main layers, 2 + 2 refiners), Qwen3-4B (8 GB in bf16), FLUX's VAE;
     # bytes per token measured by benchmarks/qwen_z_memory.py
     "z_image": FlowFigures(6_154_908_736, 0, (4_022_468_096,),
                            {"attention": (921_600, 0), "all_linear": (2_188_800, 0)},
                            blocks=(30, 1), act_bytes={"ckpt": 553_972, "full": 7_895_304}, text_tokens=256,
-                           text_offloads=True),
+                           text_offloads=True, swap_runs=((2, 180_910_336), (2, 176_962_816), (30, 180_910_336))),
     # SD3.5 Large (8.1B MMDiT, 38 joint blocks; Medium's 2.2B is smaller in every part): CLIP-L, CLIP-G, T5-XXL;
     # bytes per token measured by benchmarks/flow_memory.py (Medium: 191,312 / 2,224,536)
     "sd3": FlowFigures(8_056_627_520, 39_398_400, (123_650_304, 694_659_840, 4_762_310_656),
                        {"attention": (1_473_792, 0), "all_linear": (3_297_792, 0)}, blocks=(38, 0),
                        vae_params=83_653_863, act_bytes={"ckpt": 345_944, "full": 4_132_872}, clip_tokens=77,
-                       caching_text_params=4_762_310_656),  # CLIP-L + CLIP-G, then T5-XXL alone
+                       caching_text_params=4_762_310_656,  # CLIP-L + CLIP-G, then T5-XXL alone
+                       swap_runs=((37, 212_999_680), (1, 136_085_248))),
     # FLUX.2 klein 4B (3.9B, 5 double + 20 single blocks) with Qwen3-4B; klein 9B (9.1B, 8 + 24, Qwen3-8B: 16.4 GB
     # in bf16 while caching) costs 607,656 / 6,126,648 bytes a token; both measured by benchmarks/flow_memory.py
     "flux2": FlowFigures(3_875_544_576, 42_860_544, (4_022_468_096,),
                          {"attention": (245_760, 614_400), "all_linear": (583_680, 921_600)}, blocks=(5, 20),
-                         vae_params=84_046_115, act_bytes={"ckpt": 413_000, "full": 3_591_688}),
+                         vae_params=84_046_115, act_bytes={"ckpt": 413_000, "full": 3_591_688},
+                         swap_runs=((5, 245_367_296), (20, 122_683_648))),
 }
 
 
@@ -87,17 +97,48 @@ def lora_parameters(config: TrainConfig, fig: FlowFigures) -> float:
                                + single * _block_share(config, fig.blocks[1], "train_single_block_indices"))
 
 
+def swapped_blocks(count: int, fig: FlowFigures) -> tuple[int, int]:
+    """(weights of the last ``count`` blocks, weights of the largest of them) from the figures' swap order."""
+    sizes = [size for n, size in fig.swap_runs for _ in range(n)][-count:] if count else []
+    return sum(sizes), max(sizes, default=0)
+
+
+def swap_note(config: TrainConfig, family: str) -> str | None:
+    """What ``blocks_to_swap`` costs: the weights kept in CPU memory and the bytes a step moves over PCIe."""
+    from .block_swap import PCIE_GB_PER_S
+    from .memory import GB
+
+    fig = FLOW_FIGURES.get(family)
+    if not config.blocks_to_swap or fig is None or not fig.swap_runs:
+        return None
+    swapped, _ = swapped_blocks(config.blocks_to_swap, fig)
+    stored = swapped * _stored_bytes(config) / GB
+    traffic = stored * (2 if config.gradient_checkpointing else 1)
+    return (f"blocks_to_swap {config.blocks_to_swap}: {stored:.1f} GB of block weights stay in CPU memory and each "
+            f"step moves {traffic:.1f} GB to the GPU (forward and recomputation), about "
+            f"{traffic / PCIE_GB_PER_S:.1f} s at {PCIE_GB_PER_S:g} GB/s (PCIe 4.0 x16).")
+
+
+def _stored_bytes(config: TrainConfig) -> float:
+    """Bytes of a frozen transformer weight as stored (``base_quantization``, else the training precision)."""
+    from .quantize import BYTES_PER_WEIGHT
+
+    if config.base_quantization != "none":
+        return BYTES_PER_WEIGHT[config.base_quantization]
+    return 2 if config.mixed_precision != "no" else 4
+
+
 def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, workspace_gb: float,
                   overhead: float, optimizer_bytes: int, vae_gb_per_mp: float):
     """``MemoryEstimate`` parts of a FLUX/Chroma run (the constants shared with the UNet estimate are passed in)."""
-    from .quantize import BYTES_PER_WEIGHT
     from .memory import GB, MemoryEstimate
 
     fig = FLOW_FIGURES.get(family, FLOW_FIGURES["flux"])
     resolution = config.resolution_for(family)
     half = config.mixed_precision != "no"
-    stored = BYTES_PER_WEIGHT[config.base_quantization] if config.base_quantization != "none" else (2 if half else 4)
-    weights = (fig.transformer_params - fig.kept_params) * stored + fig.kept_params * (2 if half else 4)
+    stored = _stored_bytes(config)
+    swapped, largest = swapped_blocks(config.blocks_to_swap, fig)
+    weights = (fig.transformer_params - fig.kept_params - swapped) * stored + fig.kept_params * (2 if half else 4)
     text_tokens = min(config.max_sequence_length, fig.text_tokens or config.max_sequence_length)
     tokens = (resolution // 16) ** 2 + text_tokens + fig.clip_tokens
     per_token = (fig.act_bytes or ACT_BYTES_PER_TOKEN)["ckpt" if config.gradient_checkpointing else "full"]
@@ -109,6 +150,8 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
         "activations": tokens * config.batch_size * per_token * (1 + overhead) / GB,
         "workspace": workspace_gb + (DEQUANTIZED_LAYER_GB if config.base_quantization != "none" else 0.0),
     }
+    if swapped:  # the swapped block on the GPU now: as stored, plus its layers cast up to bf16 for a quantized base
+        parts["swapped block in flight"] = largest * (stored + (2 if config.base_quantization != "none" else 0)) / GB
     megapixels = resolution * resolution / 1e6
     vae = fig.vae_params * 2 / GB + vae_gb_per_mp / 2 * megapixels
     text = sum(fig.text_encoder_params) * (2 if half else 4) / GB

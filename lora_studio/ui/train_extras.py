@@ -18,13 +18,14 @@ def memory_text(cfg: TrainConfig, family: str | None, gpu_gb: float | None) -> s
     ``family`` None: the config's model_family, else the family detected from its base model.
     """
     from ..training.memory import check_fits, estimate_breakdown, size_note
+    from ..training.memory_flux import swap_note
 
     family = family or estimate_family(cfg)
     est = estimate_breakdown(cfg, family)
     text = f"**Estimated peak GPU memory:** {est} (an estimate, not yet measured on a GPU)."
-    note = size_note(cfg, family)
-    if note:
-        text += f" {note}"
+    for note in (size_note(cfg, family), swap_note(cfg, family)):
+        if note:
+            text += f" {note}"
     if gpu_gb is None:
         return text + " No CUDA GPU detected here."
     warning = check_fits(cfg, family, gpu_gb)
