@@ -6,12 +6,13 @@ CPU memory and visit the GPU only while their block computes, so a model larger 
     swap.stored_bytes(), swap.traffic_per_step(checkpointing)
 
 How: frozen weights never change, so "offloading" a block is only dropping its GPU copy. Each swapped frozen
-parameter keeps its full tensor in (pinned, when the device is CUDA) CPU memory; at rest it is an empty
-placeholder on the device, in the dtype the parameter has (a later ``model.to(dtype)`` converts the placeholder,
-and the copy is cast to it when loaded). A forward pre-hook on the block puts a new parameter with a copy on the
+parameter keeps its full tensor in (pinned, when the device is CUDA) CPU memory; at rest it is a placeholder on
+the device with the parameter's shape and dtype but no memory (one shared NaN expanded with zero strides: loaders
+read the shape, a computation that uses it by mistake gives NaN). The copy is loaded to the device and dtype the
+placeholder names (a ``model.to(dtype)`` converts the placeholder; it then holds memory: do that on the CPU only). A forward pre-hook on the block puts a new parameter with a copy on the
 device in each place (``non_blocking`` from pinned memory), a forward post-hook puts the placeholders back. New
 parameter objects, not new ``.data``: autograd keeps what the backward pass needs by itself (``F.linear`` saves
-a view of the weight, a norm's ``x * weight`` the parameter object it saw, which a ``.data`` swap would empty).
+a view of the weight, a norm's ``x * weight`` the parameter object it saw, whose ``.data`` must not change).
 With gradient checkpointing (non-reentrant, without early stop: ``checkpoint_function``) the recomputation in
 the backward pass goes through the same hooks: load, compute, drop. The LoRA's weights (trainable) are never
 touched: they stay on the GPU.
@@ -50,6 +51,25 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+def placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A weight's stand-in at rest: its shape, dtype and device (what loaders such as diffusers' LoRA loader read),
+    no memory (one NaN that every placeholder of this dtype and device shares, expanded with zero strides), and
+    NaN in any computation that uses it by mistake."""
+    key = (dtype, torch.device(device))
+    if key not in _NAN:
+        fill = float("nan") if dtype.is_floating_point else 0
+        _NAN[key] = torch.full((), fill, dtype=dtype, device=device)
+    return _NAN[key].expand(shape)
+
+
+def is_placeholder(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``placeholder`` (all strides zero)."""
+    return tensor.dim() > 0 and all(s == 0 for s in tensor.stride()) or tensor.numel() == 0
+
+
+_NAN: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def checkpoint_function(module, *args):
     """diffusers' gradient checkpointing (non-reentrant) without early stop: the recomputation runs the whole block,
     so its forward post-hook drops the weights again (with early stop it would end at the last saved tensor, before
@@ -78,7 +98,7 @@ class BlockSwap:
                     if id(p) not in copies:
                         cpu = p.data.to("cpu")
                         copies[id(p)] = cpu.pin_memory() if pin else cpu
-                        p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+                        p.data = placeholder(p.shape, p.dtype, self.device)
                     slots.append((module, name, p, copies[id(p)]))
             self.slots.append(slots)
             self._handles.append(block.register_forward_pre_hook(functools.partial(self._pre, index)))
@@ -113,7 +133,7 @@ class BlockSwap:
         self.loaded.add(index)
 
     def drop(self, index: int) -> None:
-        """The block's resting parameters (empty placeholders) back in place."""
+        """The block's resting parameters (placeholders) back in place."""
         for module, name, rest, _ in self.slots[index]:
             module._parameters[name] = rest
         self.loaded.discard(index)
@@ -126,14 +146,13 @@ class BlockSwap:
         for index in range(len(self.blocks)):
             self.drop(index)
             for _, _, rest, cpu in self.slots[index]:
-                if rest.numel() == 0 and cpu.numel():
-                    rest.data = cpu.to(rest.device, rest.dtype)
+                rest.data = cpu.to(rest.device, rest.dtype)
         self.slots = [[] for _ in self.blocks]
 
     # --- sizes --------------------------------------------------------------------------------------
     def is_resting(self) -> bool:
-        """Every swapped weight is its empty placeholder (none left on the device)."""
-        return all(getattr(module, name) is rest and rest.numel() == 0
+        """Every swapped weight is its placeholder (none left on the device)."""
+        return all(getattr(module, name) is rest and is_placeholder(rest)
                    for slots in self.slots for module, name, rest, _ in slots)
 
     def stored_bytes(self) -> int:
