@@ -9,17 +9,17 @@ How: frozen weights never change, so "offloading" a block is only dropping its G
 parameter keeps its full tensor in (pinned, when the device is CUDA) CPU memory; at rest it is a placeholder on
 the device with the parameter's shape and dtype but no memory (one shared NaN expanded with zero strides: loaders
 read the shape, a computation that uses it by mistake gives NaN). The copy is loaded to the device and dtype the
-placeholder names (a ``model.to(dtype)`` converts the placeholder; it then holds memory: do that on the CPU only). A forward pre-hook on the block puts a new parameter with a copy on the
-device in each place (``non_blocking`` from pinned memory), a forward post-hook puts the placeholders back. New
-parameter objects, not new ``.data``: autograd keeps what the backward pass needs by itself (``F.linear`` saves
-a view of the weight, a norm's ``x * weight`` the parameter object it saw, whose ``.data`` must not change).
-With gradient checkpointing (non-reentrant, without early stop: ``checkpoint_function``) the recomputation in
-the backward pass goes through the same hooks: load, compute, drop. The LoRA's weights (trainable) are never
-touched: they stay on the GPU.
+placeholder names (``model.to(dtype)`` converts the placeholder, which then holds memory: do that on the CPU
+only). A forward pre-hook on the block puts a new parameter with a copy on the device in each place
+(``non_blocking`` from pinned memory), a forward post-hook puts the placeholders back. New parameter objects, not
+new ``.data``: autograd keeps what the backward pass needs by itself (``F.linear`` saves a view of the weight, a
+norm's ``x * weight`` the parameter object it saw, whose ``.data`` must not change). With gradient checkpointing
+(non-reentrant, without early stop: ``checkpoint_function``) the recomputation in the backward pass goes through
+the same hooks: load, compute, drop. The LoRA's weights (trainable) are never touched: they stay on the GPU.
 
 Without gradient checkpointing autograd holds every block's weights until the backward pass, so nothing is saved;
 the config asks for it. Quantizations whose weights are objects of their own (nf4's packed 4-bit tensors with
-their quantization state, torchao's int8 tensors) are not swapped: ``SWAPPABLE_QUANTIZATIONS``.
+their quantization state, torchao's int8 tensors) are not swapped (the config says so): fp8 and unquantized are.
 
 The cost: every step moves the swapped weights to the GPU once in the forward pass and once more in the
 recomputation (``traffic_per_step``); on PCIe 4.0 x16 (about 25 GB/s in practice) that is 0.04 s a GB.
@@ -32,7 +32,6 @@ from typing import Iterable
 
 import torch
 
-SWAPPABLE_QUANTIZATIONS = ("none", "fp8")
 PCIE_GB_PER_S = 25.0  # PCIe 4.0 x16 host-to-device from pinned memory, about what it reaches in practice
 
 
