@@ -17,9 +17,12 @@ import torch
 from lora_studio.config import TrainConfig
 from lora_studio.errors import ConfigError
 from lora_studio.training.block_swap import BlockSwap, checkpoint_function, is_placeholder, repeated_blocks
-from helpers import run_job, stop_then_resume
+from helpers import flow_config, run_job, stop_then_resume
 from test_flux import flux_config, tiny_flux  # noqa: F401  (fixture)
-from test_qwen_image import qwen_config, tiny_qwen_image  # noqa: F401  (fixture)
+from test_flux2 import tiny_klein  # noqa: F401  (fixture)
+from test_qwen_image import tiny_qwen_image  # noqa: F401  (fixture)
+from test_sd3 import tiny_sd3  # noqa: F401  (fixture)
+from test_z_image import tiny_z_image  # noqa: F401  (fixture)
 
 
 def _tiny_flux_transformer_with_lora():
@@ -146,13 +149,15 @@ def _prepared(make_config, model, data, out, **changes):
     return trainer
 
 
-@pytest.mark.parametrize(("family", "count", "quantization"),
-                         [("flux", 3, "none"), ("flux", 4, "fp8"), ("qwen_image", 2, "none")])
-def test_a_training_step_with_blocks_to_swap_matches_the_one_without(family, count, quantization, tiny_flux,  # noqa: F811
-                                                                    tiny_qwen_image, demo_images, tmp_path):  # noqa: F811
-    """The trainer's own step (prepare, accelerate's prepare, compute_loss, backward): same loss and same LoRA
-    gradients; after accelerate moved the model to the device the swapped weights are still placeholders."""
-    model, make = (tiny_flux, flux_config) if family == "flux" else (tiny_qwen_image, qwen_config)
+@pytest.mark.parametrize(("model_fixture", "count", "quantization"),
+                         [("tiny_flux", 3, "none"), ("tiny_flux", 4, "fp8"), ("tiny_qwen_image", 2, "none"),
+                          ("tiny_z_image", 3, "fp8"), ("tiny_sd3", 2, "none"), ("tiny_klein", 2, "none")])
+def test_a_training_step_with_blocks_to_swap_matches_the_one_without(model_fixture, count, quantization, demo_images,
+                                                                    tmp_path, request):
+    """The trainer's own step (prepare, accelerate's prepare, compute_loss, backward) of every flow family: same loss
+    and same LoRA gradients; after accelerate moved the model to the device the swapped weights are still
+    placeholders."""
+    model, make = request.getfixturevalue(model_fixture), flow_config
     mp = "bf16" if quantization == "fp8" else "no"
     plain = _prepared(make, model, demo_images, tmp_path / "a", base_quantization=quantization, mixed_precision=mp)
     swapped = _prepared(make, model, demo_images, tmp_path / "b", base_quantization=quantization, mixed_precision=mp,

@@ -37,15 +37,16 @@ PCIE_GB_PER_S = 25.0  # PCIe 4.0 x16 host-to-device from pinned memory, about wh
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated transformer blocks in order: the blocks of its top-level ModuleLists whose class is
-    one of diffusers' ``_repeated_blocks`` (FLUX: double then single blocks), or, for a model that names none, of
-    every top-level ModuleList of at least two blocks of one class."""
+    one of diffusers' ``_repeated_blocks`` (FLUX: double then single blocks; Z-Image: its refiners, then its
+    layers), or, for a model that names none (SD3), of every top-level ModuleList of at least two blocks of one
+    class."""
     named = set(getattr(model, "_repeated_blocks", None) or ())
     blocks: list[torch.nn.Module] = []
     for child in model.children():
-        if not isinstance(child, torch.nn.ModuleList) or len(child) < 2:
+        if not isinstance(child, torch.nn.ModuleList) or not len(child):
             continue
         kinds = {type(b).__name__ for b in child}
-        if (named and kinds <= named) or (not named and len(kinds) == 1):
+        if (named and kinds <= named) or (not named and len(kinds) == 1 and len(child) > 1):
             blocks.extend(child)
     return blocks
 
