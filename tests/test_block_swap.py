@@ -250,3 +250,25 @@ def test_the_export_check_on_the_swapped_training_pipeline(quantization, tiny_fl
     assert any("on the training pipeline" in line for line in log), log
     passed = [line for line in log if "Export check passed" in line]
     assert passed and "strength 0 vs base 0" in passed[0], log
+
+
+def test_data_parallel_skips_the_swapped_weights_when_it_broadcasts(tmp_path):
+    """DistributedDataParallel broadcasts every parameter at setup; the placeholders are left out (one gloo
+    process here: the broadcast happens all the same)."""
+    import torch.distributed as dist
+
+    model = _tiny_flux_transformer_with_lora()
+    model.enable_gradient_checkpointing(checkpoint_function)
+    model.train()
+    reference = copy.deepcopy(model)
+    swap = BlockSwap.attach(model, 3, torch.device("cpu"))
+    assert len(model._ddp_params_and_buffers_to_ignore) == sum(len(slots) for slots in swap.slots)
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'group'}")
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        loss, grads = _step(ddp, _flux_inputs())
+    finally:
+        dist.destroy_process_group()
+    expected_loss, expected = _step(reference, _flux_inputs())
+    assert loss == expected_loss and all(torch.equal(grads[f"module.{k}"], g) for k, g in expected.items())
+    assert swap.is_resting()

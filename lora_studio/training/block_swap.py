@@ -110,7 +110,14 @@ class BlockSwap:
         blocks = repeated_blocks(model)
         if count > len(blocks):
             raise ValueError(f"blocks_to_swap {count}: this model has {len(blocks)} blocks")
-        return cls(blocks[len(blocks) - count:], device)
+        swap = cls(blocks[len(blocks) - count:], device)
+        # DistributedDataParallel broadcasts every parameter at setup, into the placeholders too (it cannot write
+        # into a zero-stride tensor); the frozen weights are the same files on every process, so it skips them
+        resting = {id(rest) for slots in swap.slots for _, _, rest, _ in slots}
+        ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", None) or [])
+        model._ddp_params_and_buffers_to_ignore = ignored + [n for n, p in model.named_parameters()
+                                                             if id(p) in resting and n not in ignored]
+        return swap
 
     # --- the hooks ----------------------------------------------------------------------------------
     def _pre(self, index: int, module, args) -> None:
