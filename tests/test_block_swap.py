@@ -272,3 +272,14 @@ def test_data_parallel_skips_the_swapped_weights_when_it_broadcasts(tmp_path):
     expected_loss, expected = _step(reference, _flux_inputs())
     assert loss == expected_loss and all(torch.equal(grads[f"module.{k}"], g) for k, g in expected.items())
     assert swap.is_resting()
+
+
+def test_a_swapping_run_on_a_gpu_checks_its_export_on_the_training_pipeline():
+    """No second transformer is loaded onto a GPU whose run had to swap blocks (the placeholders hold no memory,
+    so counting the pipeline's weights would wrongly say a second one fits)."""
+    from types import SimpleNamespace
+
+    from lora_studio.training.flux import FluxTrainer
+
+    run = SimpleNamespace(block_swap=object(), accelerator=SimpleNamespace(device=torch.device("cuda")))
+    assert FluxTrainer.fresh_pipeline_fits(run, pipe=None) is False
