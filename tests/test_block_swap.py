@@ -283,3 +283,12 @@ def test_a_swapping_run_on_a_gpu_checks_its_export_on_the_training_pipeline():
 
     run = SimpleNamespace(block_swap=object(), accelerator=SimpleNamespace(device=torch.device("cuda")))
     assert FluxTrainer.fresh_pipeline_fits(run, pipe=None) is False
+
+
+def test_out_of_memory_advice_names_blocks_to_swap_for_the_transformer_families():
+    from lora_studio.training.loop import out_of_memory_advice
+
+    cfg = TrainConfig(base_quantization="fp8", gradient_checkpointing=True, blocks_to_swap=41).validate()
+    assert "a larger blocks_to_swap keeps more of the transformer in CPU memory (now 41)" in out_of_memory_advice(
+        cfg, "flux")
+    assert "blocks_to_swap" not in out_of_memory_advice(TrainConfig(), "sd15")

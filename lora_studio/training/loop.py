@@ -569,7 +569,8 @@ def out_of_memory_advice(cfg: TrainConfig, family: str | None = None) -> str:
             "gradient_checkpointing, use optimizer adamw8bit, or lower the resolution. "
             "Setting auto_fit: true makes the run step down by itself."
             + (" For FLUX and Chroma, base_quantization nf4 stores the transformer in 4 bits (about 6.7 GB instead "
-               "of 24 for FLUX.1)." if get_family(family).settings_group == "flow" else ""))
+               "of 24 for FLUX.1); with base_quantization fp8, a larger blocks_to_swap keeps more of the transformer "
+               f"in CPU memory (now {cfg.blocks_to_swap})." if get_family(family).settings_group == "flow" else ""))
 
 
 class _NaNLoss(Exception):
