@@ -192,7 +192,10 @@ def test_a_run_with_blocks_to_swap_renders_exports_and_resumes_exactly(tiny_flux
     assert job.status == "finished", job.error
     log = job.snapshot().log
     assert any("blocks_to_swap: the frozen weights of the last 3 blocks" in line for line in log), log
-    assert any("Export check passed" in line and "strength 0 vs base 0" in line for line in log), log
+    passed = [line for line in log if "Export check passed" in line]
+    # strength 0 against the base within float32 rounding: the swapped weights are copies at other addresses, and
+    # the CPU's matrix kernels round by alignment (the unswapped model's weights are views of the loaded file)
+    assert passed and float(passed[0].split("strength 0 vs base ")[1].split()[0].rstrip(")")) < 1e-5, log
     assert (job.run.samples_dir / "step_000004.png").is_file()
     full = [loss for _, loss in job.snapshot().losses]
 
@@ -249,7 +252,7 @@ def test_the_export_check_on_the_swapped_training_pipeline(quantization, tiny_fl
     log = job.snapshot().log
     assert any("on the training pipeline" in line for line in log), log
     passed = [line for line in log if "Export check passed" in line]
-    assert passed and "strength 0 vs base 0" in passed[0], log
+    assert passed and "strength 0 vs base 0" in passed[0], log  # the same (swapped) weights on both sides
 
 
 def test_data_parallel_skips_the_swapped_weights_when_it_broadcasts(tmp_path):
@@ -292,3 +295,26 @@ def test_out_of_memory_advice_names_blocks_to_swap_for_the_transformer_families(
     assert "a larger blocks_to_swap keeps more of the transformer in CPU memory (now 41)" in out_of_memory_advice(
         cfg, "flux")
     assert "blocks_to_swap" not in out_of_memory_advice(TrainConfig(), "sd15")
+
+
+def test_the_host_copies_are_packed_into_few_power_of_two_slabs():
+    """Pinned memory is allocated in powers of two: the copies share slabs of one power-of-two size, first fit,
+    each copy aligned, equal to its original."""
+    from lora_studio.training.block_swap import HostStore
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(1000, 70), torch.randn(3), torch.randn(300, 300).to(torch.bfloat16), torch.randn(()),
+               torch.zeros(0), torch.randn(5, 7).to(torch.float8_e4m3fn)]
+    store = HostStore(tensors, pin=False)
+    assert store.slab_bytes == HostStore.SLAB_BYTES and len(store.used) == 1  # all fit one 256 MiB slab
+    copies = [store.copy(i, t) for i, t in enumerate(tensors)]
+    for t, c in zip(tensors, copies):
+        assert c.dtype == t.dtype and c.shape == t.shape and torch.equal(c.float(), t.float())
+        assert c.numel() == 0 or (c.data_ptr() - store.slabs[0].data_ptr()) % HostStore.ALIGN == 0
+    assert store.nbytes() == sum(-(-t.numel() * t.element_size() // 512) * 512 for t in tensors)
+
+    mb = 2**20
+    big = HostStore([torch.empty(n * mb, dtype=torch.uint8, device="meta") for n in (300, 100, 300, 100)], pin=False)
+    assert big.slab_bytes == 512 * mb  # the largest weight's power of two
+    assert big.places == [(0, 0), (0, 300 * mb), (1, 0), (0, 400 * mb)]  # first fit
+    assert big.used == [500 * mb, 300 * mb]
