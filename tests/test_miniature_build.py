@@ -66,3 +66,26 @@ def test_flux_build_runs_from_the_sd15_vae(tmp_path):
         expected = sd_vae.decode(sd_vae.encode(x).latent_dist.mean).sample
         got = vae.decode(vae.encode(x).latent_dist.mean).sample
     assert (got - expected).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, pipeline", [("z_image", "ZImagePipeline"), ("sd3", "StableDiffusion3Pipeline")])
+def test_flow_family_builds_run_on_the_flux_vae(family, pipeline, tmp_path):
+    """Z-Image's and SD3's builds: a few flow-matching steps on the FLUX miniature's VAE (taken as it is); the folder
+    loads as the family's pipeline, with fp32 text encoders, and renders."""
+    import diffusers
+
+    from lora_studio.miniature.store import miniature_dir
+
+    record = build(family, tmp_path / family, scale=SCALE, threads=1)
+    assert record["recipe"]["steps"] == {"z_image": 12, "sd3": 6}[family]
+    assert record["recipe"]["seed"] == {"z_image": 1500, "sd3": 1600}[family]
+    pipe = getattr(diffusers, pipeline).from_pretrained(tmp_path / family)
+    flux_vae = diffusers.AutoencoderKL.from_pretrained(miniature_dir("flux"), subfolder="vae")
+    assert pipe.vae.config.shift_factor == flux_vae.config.shift_factor
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), flux_vae.state_dict().values()))
+    encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(pipe, n)]
+    assert encoders and all(e.dtype == torch.float32 for e in encoders)
+    call = {"max_sequence_length": 32} if family == "sd3" else {}
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, **call).images[0]
+    assert image.size == (64, 64)

@@ -21,18 +21,15 @@ A ``FluxPipeline`` folder, dev-like (a guidance input, FLUX's dynamic shift in t
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from . import world
 from .build_sd import MAX_TOKENS, Log, colour_accuracy, encode_world, new_text_encoder
-from .recipe import Recipe, ema_update, scaled_images, train_step, warmup_cosine
+from .flow import FlowRecipe, noised, train_flow
 
 LATENT_CHANNELS = 16
 # T5 prompt length: the T5 tokenizer's model_max_length, which the studio renders and trains with (FLUX.1: 512;
@@ -41,22 +38,9 @@ T5_LENGTH = 32
 
 
 @dataclass
-class FluxRecipe(Recipe):
-    step_fields: ClassVar[tuple[str, ...]] = ("steps",)
-
+class FluxRecipe(FlowRecipe):
     seed: int = 1400
-    steps: int = 3000
-    batch: int = 32
-    lr: float = 1e-3
-    latent_images: int = 8192
-    ema_decay: float = 0.998
-    unknown_words: float = 0.2  # captions that start with a made-up word ("plok, a red circle")
     max_guidance: float = 8.0  # guidance values drawn from [0, max_guidance]: the model learns to ignore them
-    eval_seeds: int = 4
-    eval_steps: int = 20
-
-    def scaled(self, factor: float) -> "FluxRecipe":
-        return scaled_images(super().scaled(factor), self, factor)
 
 
 # --- the VAE ---------------------------------------------------------------------------------------------------
@@ -96,15 +80,21 @@ def flux_vae_from(sd_vae, sample: torch.Tensor, seed: int):
 # --- text ------------------------------------------------------------------------------------------------------
 def text_parts(out: Path, seed: int):
     """Tokenizers (written into ``out``) and frozen text encoders: CLIP (pooled) and T5 (sequence)."""
-    from ..models.tiny_flux import _t5_encoder, write_t5_tokenizer
     from .vocab import write_world_clip_tokenizer
 
     tokenizer = write_world_clip_tokenizer(out / "tokenizer", world.WORDS, MAX_TOKENS)
     clip = new_text_encoder(tokenizer, 32, seed=seed)
-    tokenizer_2 = write_t5_tokenizer(out / "tokenizer_2", max_length=T5_LENGTH, words=world.WORDS)
-    torch.manual_seed(seed + 1)
-    t5 = _t5_encoder(len(tokenizer_2), d_model=32).eval().requires_grad_(False)
-    return tokenizer, clip, tokenizer_2, t5
+    return (tokenizer, clip) + t5_parts(out / "tokenizer_2", seed + 1)
+
+
+def t5_parts(folder: Path, seed: int, width: int = 32):
+    """A T5 tokenizer (written into ``folder``; the world's words one token each, ``T5_LENGTH`` tokens) and a
+    2-layer T5 encoder ``width`` wide at seeded random weights, frozen."""
+    from ..models.tiny_flux import _t5_encoder, write_t5_tokenizer
+
+    tokenizer = write_t5_tokenizer(folder, max_length=T5_LENGTH, words=world.WORDS)
+    torch.manual_seed(seed)
+    return tokenizer, _t5_encoder(len(tokenizer), d_model=width).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -144,32 +134,19 @@ def velocity(transformer, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: tor
 
 def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, cond: dict[str, torch.Tensor],
                       scheduler_config, recipe: FluxRecipe, log: Log):
-    """Rectified-flow training on cached latents; returns the EMA copy (eval mode, frozen)."""
+    """Rectified-flow training on cached latents with FLUX's resolution-shifted noise levels; returns the EMA copy."""
     from ..training.flow_matching import sample_sigmas, shift_mu
 
-    gen = torch.Generator().manual_seed(recipe.seed + 4)
     mu = shift_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), scheduler_config)
-    transformer.train()
-    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.lr, weight_decay=0.0)
-    lr_sched = warmup_cosine(opt, recipe.steps, warmup=100, floor=0.1, after_warmup=True)
-    started, b = time.time(), recipe.batch
-    for step in range(recipe.steps):
-        idx = torch.randint(0, len(latents), (b,), generator=gen)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigmas = sample_sigmas("flux_shift", [gen] * b, mu=mu)
-        s = sigmas.view(-1, 1, 1, 1)
-        guidance = torch.rand(b, generator=gen) * recipe.max_guidance
-        pred = velocity(transformer, (1 - s) * x0 + s * noise, sigmas, cond["embeds"][rows[idx]].float(),
+
+    def loss_for(model, x0, noise, sigmas, idx, gen):
+        guidance = torch.rand(len(idx), generator=gen) * recipe.max_guidance
+        pred = velocity(model, noised(x0, noise, sigmas), sigmas, cond["embeds"][rows[idx]].float(),
                         cond["pooled"][rows[idx]], guidance)
-        loss = F.mse_loss(pred, noise - x0)
-        train_step(loss, opt, lr_sched, transformer.parameters())
-        ema_update(ema, transformer, step, recipe.ema_decay)
-        if step % 100 == 0 or step == recipe.steps - 1:
-            log(f"flux transformer step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
-                f"({time.time() - started:.0f}s)")
-    return ema
+        return F.mse_loss(pred, noise - x0)
+
+    return train_flow(transformer, latents, lambda gen, b: sample_sigmas("flux_shift", [gen] * b, mu=mu), loss_for,
+                      recipe, log, "flux")
 
 
 # --- the family --------------------------------------------------------------------------------------------------

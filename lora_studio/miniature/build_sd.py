@@ -103,14 +103,22 @@ def new_text_encoder(tokenizer, hidden: int, projection: bool = False, seed: int
                             pad_token_id=vocab_size - 1)
     torch.manual_seed(seed)
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-    words = [tokenizer.convert_tokens_to_ids(w + "</w>") for w in world.WORDS]
-    gen = torch.Generator().manual_seed(seed)
-    orthogonal, _ = torch.linalg.qr(torch.randn(hidden, len(words), generator=gen))
-    with torch.no_grad():
-        table = model.get_input_embeddings().weight
-        table.mul_(math.sqrt(hidden) / table.norm(dim=1, keepdim=True))
-        table[words] = orthogonal.T * math.sqrt(hidden)
+    spread_word_embeddings(model, [[tokenizer.convert_tokens_to_ids(w + "</w>")] for w in world.WORDS], seed)
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def spread_word_embeddings(model, word_tokens: list[list[int]], seed: int) -> None:
+    """Make a frozen random text encoder's words distinct: every token embedding as long as a layer-normalised
+    vector (sqrt(hidden)) and the words (``word_tokens``: the token ids of each word, which get the same row)
+    orthogonal."""
+    table = model.get_input_embeddings().weight
+    hidden = table.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    orthogonal, _ = torch.linalg.qr(torch.randn(hidden, len(word_tokens), generator=gen))
+    table.mul_(math.sqrt(hidden) / table.norm(dim=1, keepdim=True).clamp(min=1e-12))  # a zero padding row stays
+    for ids, row in zip(word_tokens, orthogonal.T):
+        table[ids] = row * math.sqrt(hidden)
 
 
 def new_scheduler(prediction_type: str = "epsilon"):
