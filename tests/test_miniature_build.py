@@ -89,3 +89,34 @@ def test_flow_family_builds_run_on_the_flux_vae(family, pipeline, tmp_path):
     call = {"max_sequence_length": 32} if family == "sd3" else {}
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64, **call).images[0]
     assert image.size == (64, 64)
+
+
+@pytest.mark.slow
+def test_flux2_build_runs_from_the_sd15_vae(tmp_path):
+    """The FLUX.2 klein miniature's build: the sd15 miniature's VAE made a 32-channel ``AutoencoderKLFlux2`` (it
+    decodes exactly what the sd15 VAE decodes; batch-norm statistics from the world's latents), and a few steps;
+    the folder loads as a Flux2KleinPipeline and renders at its tokenizer's prompt length."""
+    from diffusers import Flux2KleinPipeline
+
+    from lora_studio.miniature import world
+    from lora_studio.miniature.build_flux2 import flux2_vae_from
+    from lora_studio.miniature.build_sd import _base_pipe
+    from lora_studio.miniature.store import miniature_dir
+
+    record = build("flux2", tmp_path / "flux2", scale=SCALE, threads=1)
+    assert record["recipe"]["steps"] == 6 and record["recipe"]["seed"] == 1700
+    pipe = Flux2KleinPipeline.from_pretrained(tmp_path / "flux2")
+    assert pipe.vae.config.latent_channels == 32 and pipe.transformer.config.in_channels == 128
+    assert pipe.tokenizer.model_max_length == 32 and pipe.text_encoder.dtype == torch.float32
+    assert not pipe.config.is_distilled
+    image = pipe(prompt="a red circle", num_inference_steps=2, height=64, width=64, max_sequence_length=32).images[0]
+    assert image.size == (64, 64)
+
+    sd_vae = _base_pipe(miniature_dir("sd15")).vae
+    x = torch.from_numpy(world.pixels(world.world_scenes(4, seed=5)))
+    vae = flux2_vae_from(sd_vae, x, seed=1)
+    assert vae.bn.running_var.min() > 1e-3 and vae.bn.running_mean.abs().max() > 1e-3
+    with torch.no_grad():
+        expected = sd_vae.decode(sd_vae.encode(x).latent_dist.mean).sample
+        got = vae.decode(vae.encode(x).latent_dist.mean).sample
+    assert (got - expected).abs().max() < 1e-3

@@ -62,18 +62,20 @@ def test_the_flux_base_draws_the_colour_it_is_asked_for(pipelines, colour):
     assert sum(f == colour for f in found) >= 8, found
 
 
-@pytest.mark.parametrize("family", ["z_image", "sd3"])
+@pytest.mark.parametrize("family", ["z_image", "sd3", "flux2"])
 @pytest.mark.parametrize("colour", list(world.COLOURS))
 @pytest.mark.slow
-def test_the_z_image_and_sd3_bases_draw_the_colour_they_are_asked_for(pipelines, family, colour):
-    """Z-Image's and SD3's miniatures with their pipelines' own flow-matching Euler scheduler (20 steps) and
-    classifier-free guidance (an empty negative prompt), SD3's T5 prompts at the length it was trained with."""
-    from lora_studio.miniature import build_sd3, build_z_image
+def test_the_z_image_sd3_and_flux2_bases_draw_the_colour_they_are_asked_for(pipelines, family, colour):
+    """Z-Image's, SD3's and FLUX.2 klein's miniatures with their pipelines' own flow-matching Euler scheduler (20
+    steps) and classifier-free guidance (an empty negative prompt) at the miniature's guidance, SD3's T5 and FLUX.2's
+    Qwen3 prompts at the length they were trained with (their tokenizer's model_max_length)."""
+    import importlib
 
     pipe = pipelines(family)
-    call = {"guidance_scale": build_z_image.CFG} if family == "z_image" else {
-        "guidance_scale": build_sd3.CFG, "max_sequence_length": pipe.tokenizer_3.model_max_length}
-    images = pipe([f"a {colour} square"] * len(SEEDS), num_inference_steps=20, height=64, width=64,
+    call = {"guidance_scale": importlib.import_module(f"lora_studio.miniature.build_{family}").CFG}
+    if family != "z_image":
+        call["max_sequence_length"] = (pipe.tokenizer_3 if family == "sd3" else pipe.tokenizer).model_max_length
+    images = pipe(prompt=[f"a {colour} square"] * len(SEEDS), num_inference_steps=20, height=64, width=64,
                   generator=[torch.Generator().manual_seed(s) for s in SEEDS], **call).images
     found = [measure.dominant_colour(im) for im in images]
     assert sum(f == colour for f in found) >= 8, found

@@ -8,6 +8,7 @@
     python -m lora_studio.miniature.build flux   --out lora_studio/miniature/weights/flux     (uses sd15's VAE)
     python -m lora_studio.miniature.build z_image --out lora_studio/miniature/weights/z_image (uses flux's VAE)
     python -m lora_studio.miniature.build sd3    --out lora_studio/miniature/weights/sd3      (uses flux's VAE)
+    python -m lora_studio.miniature.build flux2  --out lora_studio/miniature/weights/flux2    (uses sd15's VAE)
 
 Deterministic: the recipe's seed, the same torch version and ``--threads`` give the same weights. The
 folder gets ``build.json``: the recipe, the versions, the time taken and what the build measured.
@@ -30,9 +31,9 @@ import torch
 from ..fileio import atomic_write_json
 
 log = logging.getLogger("lora_studio.miniature.build")
-FAMILIES = ("sd15", "sd15_v", "sdxl", "llm", "blip", "flux", "z_image", "sd3")
+FAMILIES = ("sd15", "sd15_v", "sdxl", "llm", "blip", "flux", "z_image", "sd3", "flux2")
 # The miniature a family starts from (its VAE, or more), unless ``--base`` names another folder
-BASES = {"sd15_v": "sd15", "sdxl": "sd15", "flux": "sd15", "z_image": "flux", "sd3": "flux"}
+BASES = {"sd15_v": "sd15", "sdxl": "sd15", "flux": "sd15", "z_image": "flux", "sd3": "flux", "flux2": "sd15"}
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
@@ -91,6 +92,11 @@ def _run(family: str, out: Path, scale: float, base: Path):
 
         recipe = build_sd3.SD3Recipe().scaled(scale)
         return recipe, build_sd3.build_sd3(out, recipe, log.info, base=base)
+    if family == "flux2":
+        from . import build_flux2
+
+        recipe = build_flux2.Flux2Recipe().scaled(scale)
+        return recipe, build_flux2.build_flux2(out, recipe, log.info, base=base)
     if family == "llm":
         from . import build_llm
 
@@ -115,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.01: a quick check)")
-    p.add_argument("--base", default=None, help="the miniature to start from: sd15 for sd15_v, sdxl and flux, flux "
-                                                "for z_image and sd3 (default: the committed one)")
+    p.add_argument("--base", default=None, help="the miniature to start from: sd15 for sd15_v, sdxl, flux and "
+                                                "flux2, flux for z_image and sd3 (default: the committed one)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the committed weights used 2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

@@ -49,16 +49,28 @@ def flux_vae_from(sd_vae, sample: torch.Tensor, seed: int):
     """The sd15 miniature's VAE as an exact FLUX-shaped 16-channel VAE (see the module's docstring)."""
     from diffusers import AutoencoderKL
 
+    vae = embedded_vae(sd_vae, AutoencoderKL, LATENT_CHANNELS, seed)
+    raw = vae.encode(sample).latent_dist.mean
+    shift = float(raw.mean())
+    spread = float((raw - shift).pow(2).sum(1).mean().div(sd_vae.config.latent_channels).sqrt())  # per used direction
+    vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(1.0 / spread, 4))
+    return vae
+
+
+@torch.no_grad()
+def embedded_vae(sd_vae, cls, channels: int, seed: int, **config):
+    """A ``cls`` VAE (no quant convs, ``channels`` latent channels, ``config`` added) that decodes exactly what the
+    sd15 miniature's VAE decodes: its latents embedded by a fixed orthonormal ``channels`` x 4 matrix (seeded),
+    folded into the encoder's last layer (with the quant convs) and the decoder's first. Eval mode, frozen."""
     cfg = sd_vae.config
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=tuple(cfg.down_block_types),
-                        up_block_types=tuple(cfg.up_block_types), block_out_channels=tuple(cfg.block_out_channels),
-                        layers_per_block=cfg.layers_per_block, latent_channels=LATENT_CHANNELS,
-                        norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = cls(in_channels=3, out_channels=3, down_block_types=tuple(cfg.down_block_types),
+              up_block_types=tuple(cfg.up_block_types), block_out_channels=tuple(cfg.block_out_channels),
+              layers_per_block=cfg.layers_per_block, latent_channels=channels, norm_num_groups=cfg.norm_num_groups,
+              sample_size=cfg.sample_size, use_quant_conv=False, use_post_quant_conv=False, **config)
     state = {k: v for k, v in sd_vae.state_dict().items() if not k.startswith(("quant_conv", "post_quant_conv"))}
     c = cfg.latent_channels
     gen = torch.Generator().manual_seed(seed)
-    embed, _ = torch.linalg.qr(torch.randn(LATENT_CHANNELS, c, generator=gen, dtype=torch.float64))
+    embed, _ = torch.linalg.qr(torch.randn(channels, c, generator=gen, dtype=torch.float64))
     embed = embed.float()
     q_w, q_b = sd_vae.quant_conv.weight[:c, :, 0, 0], sd_vae.quant_conv.bias[:c]   # the mean's rows
     p_w, p_b = sd_vae.post_quant_conv.weight[:, :, 0, 0], sd_vae.post_quant_conv.bias
@@ -68,13 +80,10 @@ def flux_vae_from(sd_vae, sample: torch.Tensor, seed: int):
     state["encoder.conv_out.weight"] = torch.cat([mean_w, torch.zeros_like(mean_w)])
     state["encoder.conv_out.bias"] = torch.cat([mean_b, torch.full_like(mean_b, -20.0)])  # log-variance: ~0
     state["decoder.conv_in.weight"] = torch.einsum("cjhw,ij->cihw", state["decoder.conv_in.weight"], embed)
-    vae.load_state_dict(state)
-    vae.eval().requires_grad_(False)
-    raw = vae.encode(sample).latent_dist.mean
-    shift = float(raw.mean())
-    spread = float((raw - shift).pow(2).sum(1).mean().div(c).sqrt())  # per used direction
-    vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(1.0 / spread, 4))
-    return vae
+    missing = vae.load_state_dict(state, strict=False).missing_keys
+    if any(not k.startswith("bn.") for k in missing):  # FLUX.2's batch-norm statistics are set by the caller
+        raise RuntimeError(f"the embedded VAE lacks {missing}")
+    return vae.eval().requires_grad_(False)
 
 
 # --- text ------------------------------------------------------------------------------------------------------

@@ -37,14 +37,17 @@ class ZImageRecipe(FlowRecipe):
     shift: float = 3.0  # Z-Image's static shift
 
 
+def world_captions() -> list[str]:
+    """Every caption the world has (what the Qwen3-shaped tokenizer's merges are learned from)."""
+    return [world.caption_for(c, s, b) for c in world.COLOURS for s in world.SHAPES for b in (*world.BACKGROUNDS, None)]
+
+
 def text_parts(seed: int):
     """The Qwen3-shaped tokenizer and frozen text encoder (see the module's docstring)."""
     from ..models.tiny_z_image import _text_encoder
     from .vocab import world_qwen3_tokenizer
 
-    captions = [world.caption_for(c, s, b) for c in world.COLOURS for s in world.SHAPES
-                for b in (*world.BACKGROUNDS, None)]
-    tokenizer, word_tokens = world_qwen3_tokenizer(world.WORDS, captions)
+    tokenizer, word_tokens = world_qwen3_tokenizer(world.WORDS, world_captions())
     torch.manual_seed(seed)
     encoder = _text_encoder(tokenizer, hidden=32)
     spread_word_embeddings(encoder, word_tokens, seed)
