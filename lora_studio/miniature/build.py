@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import platform
 import shutil
@@ -34,6 +35,8 @@ log = logging.getLogger("lora_studio.miniature.build")
 FAMILIES = ("sd15", "sd15_v", "sdxl", "llm", "blip", "flux", "z_image", "sd3", "flux2")
 # The miniature a family starts from (its VAE, or more), unless ``--base`` names another folder
 BASES = {"sd15_v": "sd15", "sdxl": "sd15", "flux": "sd15", "z_image": "flux", "sd3": "flux", "flux2": "sd15"}
+# The flow-matching families: each one's recipe class in its module build_<family>.py
+FLOW_BUILDERS = {"flux": "FluxRecipe", "z_image": "ZImageRecipe", "sd3": "SD3Recipe", "flux2": "Flux2Recipe"}
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
@@ -77,26 +80,10 @@ def _run(family: str, out: Path, scale: float, base: Path):
             return recipe, build_sd.build_sd15(out, recipe, log.info)
         builder = build_sd.build_sd15_v if family == "sd15_v" else build_sd.build_sdxl
         return recipe, builder(out, recipe, log.info, base=base)
-    if family == "flux":
-        from . import build_flux
-
-        recipe = build_flux.FluxRecipe().scaled(scale)
-        return recipe, build_flux.build_flux(out, recipe, log.info, base=base)
-    if family == "z_image":
-        from . import build_z_image
-
-        recipe = build_z_image.ZImageRecipe().scaled(scale)
-        return recipe, build_z_image.build_z_image(out, recipe, log.info, base=base)
-    if family == "sd3":
-        from . import build_sd3
-
-        recipe = build_sd3.SD3Recipe().scaled(scale)
-        return recipe, build_sd3.build_sd3(out, recipe, log.info, base=base)
-    if family == "flux2":
-        from . import build_flux2
-
-        recipe = build_flux2.Flux2Recipe().scaled(scale)
-        return recipe, build_flux2.build_flux2(out, recipe, log.info, base=base)
+    if family in FLOW_BUILDERS:  # build_<family>.py with its recipe class and build_<family>(out, recipe, log, base)
+        module = importlib.import_module(f"{__package__}.build_{family}")
+        recipe = getattr(module, FLOW_BUILDERS[family])().scaled(scale)
+        return recipe, getattr(module, f"build_{family}")(out, recipe, log.info, base=base)
     if family == "llm":
         from . import build_llm
 

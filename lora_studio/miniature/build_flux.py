@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .build_sd import MAX_TOKENS, Log, colour_accuracy, encode_world, new_text_encoder
-from .flow import FlowRecipe, noised, train_flow
+from .build_sd import MAX_TOKENS, Log, encode_world, new_text_encoder
+from .flow import FlowRecipe, measure_and_save, noised, train_flow
 
 LATENT_CHANNELS = 16
 # T5 prompt length: the T5 tokenizer's model_max_length, which the studio renders and trains with (FLUX.1: 512;
@@ -164,7 +164,7 @@ def build_flux(out: Path, recipe: FluxRecipe, log: Log, base: Path) -> dict:
     from diffusers import FluxPipeline
 
     from ..models.tiny_flux import _flux_scheduler
-    from .build_sd import _base_pipe, _caption_rows, vae_colour_error
+    from .build_sd import _base_pipe, _caption_rows
 
     sd = _base_pipe(base)
     vae = flux_vae_from(sd.vae, torch.from_numpy(world.pixels(world.world_scenes(256, seed=recipe.seed + 2))),
@@ -179,10 +179,4 @@ def build_flux(out: Path, recipe: FluxRecipe, log: Log, base: Path) -> dict:
     cond = encode_prompts(pipe, unique)
     log(f"flux: {len(latents)} latents {tuple(latents.shape[1:])}, {len(unique)} captions encoded")
     pipe.transformer = train_transformer(pipe.transformer, latents, rows, cond, pipe.scheduler.config, recipe, log)
-    report = {"vae": vae_colour_error(vae),
-              "colour_accuracy": colour_accuracy(pipe, recipe.eval_seeds, recipe.eval_steps, cfg=3.5,
-                                                 max_sequence_length=T5_LENGTH)}
-    pipe.transformer.half()
-    pipe.vae.half()
-    pipe.save_pretrained(out)
-    return report
+    return measure_and_save(pipe, out, recipe, 3.5, max_sequence_length=T5_LENGTH)

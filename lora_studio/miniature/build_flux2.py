@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .build_sd import Log, colour_accuracy, encode_world, spread_word_embeddings
-from .flow import FlowRecipe, noised, train_flow
+from .build_sd import Log, encode_world, spread_word_embeddings
+from .flow import FlowRecipe, measure_and_save, noised, train_flow
 
 CFG = 2.0
 TEXT_LENGTH = 32
@@ -120,7 +120,7 @@ def build_flux2(out: Path, recipe: Flux2Recipe, log: Log, base: Path) -> dict:
 
     from ..models.tiny_flux2 import _scheduler
     from ..training.flux2 import bn_normalize
-    from .build_sd import _base_pipe, _caption_rows, vae_colour_error
+    from .build_sd import _base_pipe, _caption_rows
 
     sd = _base_pipe(base)
     vae = flux2_vae_from(sd.vae, torch.from_numpy(world.pixels(world.world_scenes(256, seed=recipe.seed + 2))),
@@ -134,10 +134,4 @@ def build_flux2(out: Path, recipe: Flux2Recipe, log: Log, base: Path) -> dict:
     embeds = encode_prompts(pipe, unique)
     log(f"flux2: {len(latents)} latents {tuple(latents.shape[1:])}, {len(unique)} captions encoded")
     pipe.transformer = train_transformer(pipe.transformer, latents, rows, embeds, recipe, log)
-    report = {"vae": vae_colour_error(vae),
-              "colour_accuracy": colour_accuracy(pipe, recipe.eval_seeds, recipe.eval_steps, cfg=CFG,
-                                                 max_sequence_length=TEXT_LENGTH)}
-    pipe.transformer.half()
-    pipe.vae.half()
-    pipe.save_pretrained(out)
-    return report
+    return measure_and_save(pipe, out, recipe, CFG, max_sequence_length=TEXT_LENGTH)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from . import world
 from .build_flux import T5_LENGTH, t5_parts
-from .build_sd import MAX_TOKENS, Log, colour_accuracy, encode_world, new_text_encoder
-from .flow import FlowRecipe, flux_miniature_vae, noised, train_flow
+from .build_sd import MAX_TOKENS, Log, encode_world, new_text_encoder
+from .flow import FlowRecipe, flux_miniature_vae, measure_and_save, noised, train_flow
 
 CFG = 2.0  # at 3 and more classifier-free guidance over-saturates purple into blue (6 of 10 at 3)
 T5_WIDTH = 64
@@ -96,7 +96,7 @@ def build_sd3(out: Path, recipe: SD3Recipe, log: Log, base: Path) -> dict:
     """The SD3-shaped miniature (the FLUX miniature in ``base`` gives the VAE). Returns what it measured."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from .build_sd import _caption_rows, vae_colour_error
+    from .build_sd import _caption_rows
 
     vae = flux_miniature_vae(base)
     parts = text_parts(out, recipe.seed)
@@ -108,10 +108,4 @@ def build_sd3(out: Path, recipe: SD3Recipe, log: Log, base: Path) -> dict:
     cond = encode_prompts(pipe, unique)
     log(f"sd3: {len(latents)} latents {tuple(latents.shape[1:])}, {len(unique)} captions encoded")
     pipe.transformer = train_transformer(pipe.transformer, latents, rows, cond, recipe, log)
-    report = {"vae": vae_colour_error(vae),
-              "colour_accuracy": colour_accuracy(pipe, recipe.eval_seeds, recipe.eval_steps, cfg=CFG,
-                                                 max_sequence_length=T5_LENGTH)}
-    pipe.transformer.half()
-    pipe.vae.half()
-    pipe.save_pretrained(out)
-    return report
+    return measure_and_save(pipe, out, recipe, CFG, max_sequence_length=T5_LENGTH)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .build_sd import Log, colour_accuracy, encode_world, spread_word_embeddings
-from .flow import FlowRecipe, flux_miniature_vae, noised, train_flow
+from .build_sd import Log, encode_world, spread_word_embeddings
+from .flow import FlowRecipe, flux_miniature_vae, measure_and_save, noised, train_flow
 
 CFG = 2.0  # at 3 and more classifier-free guidance over-saturates purple into blue (7 of 10 at 3, 3 at 4)
 
@@ -97,7 +97,7 @@ def build_z_image(out: Path, recipe: ZImageRecipe, log: Log, base: Path) -> dict
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     from ..models.tiny_z_image import Z_IMAGE_SCHEDULER
-    from .build_sd import _caption_rows, vae_colour_error
+    from .build_sd import _caption_rows
 
     vae = flux_miniature_vae(base)
     tokenizer, text_encoder = text_parts(recipe.seed)
@@ -109,9 +109,4 @@ def build_z_image(out: Path, recipe: ZImageRecipe, log: Log, base: Path) -> dict
     embeds = encode_prompts(pipe, unique)
     log(f"z_image: {len(latents)} latents {tuple(latents.shape[1:])}, {len(unique)} captions encoded")
     pipe.transformer = train_transformer(pipe.transformer, latents, rows, embeds, recipe, log)
-    report = {"vae": vae_colour_error(vae),
-              "colour_accuracy": colour_accuracy(pipe, recipe.eval_seeds, recipe.eval_steps, cfg=CFG)}
-    pipe.transformer.half()
-    pipe.vae.half()
-    pipe.save_pretrained(out)
-    return report
+    return measure_and_save(pipe, out, recipe, CFG)
