@@ -120,3 +120,16 @@ def test_caption_command_reads_the_image(tmp_path):
     first, second = captions["img_00.png"].split(), captions["img_01.png"].split()
     assert scene.colour_name in first and other not in first, captions
     assert other in second and scene.colour_name not in second, captions
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux2"])
+def test_sd3_and_flux2_render_and_train_at_their_tokenizers_prompt_length(pipelines, family):
+    """The Testing tab and the trainers encode SD3's T5 and FLUX.2's Qwen3 prompts with at most their tokenizer's
+    model_max_length (32 for the miniatures, which were trained with it; the released models' limits are above the
+    pipelines' defaults, 256 and 512, which stay)."""
+    from lora_studio.inference.grid import _prompt_length
+    from lora_studio.models.flux_loading import t5_length
+
+    pipe = pipelines(family)
+    assert _prompt_length(pipe) == {"max_sequence_length": 32}
+    assert t5_length(pipe, 512) == 32
