@@ -3,7 +3,8 @@
     python -m lora_studio miniature sd15 --out models/miniature-sd15
 
 The folder loads offline with ``StableDiffusionPipeline.from_pretrained`` (``sd15``, ``sd15_v``),
-``StableDiffusionXLPipeline`` (``sdxl``), ``FluxPipeline`` (``flux``), ``AutoModelForCausalLM`` (``llm``) or
+``StableDiffusionXLPipeline`` (``sdxl``), ``FluxPipeline`` (``flux``), ``ZImagePipeline`` (``z_image``),
+``StableDiffusion3Pipeline`` (``sd3``), ``AutoModelForCausalLM`` (``llm``) or
 ``BlipForConditionalGeneration`` (``blip``), and works as a base model or captioner everywhere in the studio.
 """
 

@@ -66,3 +66,57 @@ def test_flux_build_runs_from_the_sd15_vae(tmp_path):
         expected = sd_vae.decode(sd_vae.encode(x).latent_dist.mean).sample
         got = vae.decode(vae.encode(x).latent_dist.mean).sample
     assert (got - expected).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, pipeline", [("z_image", "ZImagePipeline"), ("sd3", "StableDiffusion3Pipeline")])
+def test_flow_family_builds_run_on_the_flux_vae(family, pipeline, tmp_path):
+    """Z-Image's and SD3's builds: a few flow-matching steps on the FLUX miniature's VAE (taken as it is); the folder
+    loads as the family's pipeline, with fp32 text encoders, and renders."""
+    import diffusers
+
+    from lora_studio.miniature.store import miniature_dir
+
+    record = build(family, tmp_path / family, scale=SCALE, threads=1)
+    assert record["recipe"]["steps"] == {"z_image": 12, "sd3": 6}[family]
+    assert record["recipe"]["seed"] == {"z_image": 1500, "sd3": 1600}[family]
+    pipe = getattr(diffusers, pipeline).from_pretrained(tmp_path / family)
+    flux_vae = diffusers.AutoencoderKL.from_pretrained(miniature_dir("flux"), subfolder="vae")
+    assert pipe.vae.config.shift_factor == flux_vae.config.shift_factor
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), flux_vae.state_dict().values()))
+    encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(pipe, n)]
+    assert encoders and all(e.dtype == torch.float32 for e in encoders)
+    call = {"max_sequence_length": 32} if family == "sd3" else {}
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, **call).images[0]
+    assert image.size == (64, 64)
+
+
+@pytest.mark.slow
+def test_flux2_build_runs_from_the_sd15_vae(tmp_path):
+    """The FLUX.2 klein miniature's build: the sd15 miniature's VAE made a 32-channel ``AutoencoderKLFlux2`` (it
+    decodes exactly what the sd15 VAE decodes; batch-norm statistics from the world's latents), and a few steps;
+    the folder loads as a Flux2KleinPipeline and renders at its tokenizer's prompt length."""
+    from diffusers import Flux2KleinPipeline
+
+    from lora_studio.miniature import world
+    from lora_studio.miniature.build_flux2 import flux2_vae_from
+    from lora_studio.miniature.build_sd import _base_pipe
+    from lora_studio.miniature.store import miniature_dir
+
+    record = build("flux2", tmp_path / "flux2", scale=SCALE, threads=1)
+    assert record["recipe"]["steps"] == 6 and record["recipe"]["seed"] == 1700
+    pipe = Flux2KleinPipeline.from_pretrained(tmp_path / "flux2")
+    assert pipe.vae.config.latent_channels == 32 and pipe.transformer.config.in_channels == 128
+    assert pipe.tokenizer.model_max_length == 32 and pipe.text_encoder.dtype == torch.float32
+    assert not pipe.config.is_distilled
+    image = pipe(prompt="a red circle", num_inference_steps=2, height=64, width=64, max_sequence_length=32).images[0]
+    assert image.size == (64, 64)
+
+    sd_vae = _base_pipe(miniature_dir("sd15")).vae
+    x = torch.from_numpy(world.pixels(world.world_scenes(4, seed=5)))
+    vae = flux2_vae_from(sd_vae, x, seed=1)
+    assert vae.bn.running_var.min() > 1e-3 and vae.bn.running_mean.abs().max() > 1e-3
+    with torch.no_grad():
+        expected = sd_vae.decode(sd_vae.encode(x).latent_dist.mean).sample
+        got = vae.decode(vae.encode(x).latent_dist.mean).sample
+    assert (got - expected).abs().max() < 1e-3

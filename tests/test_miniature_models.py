@@ -62,6 +62,25 @@ def test_the_flux_base_draws_the_colour_it_is_asked_for(pipelines, colour):
     assert sum(f == colour for f in found) >= 8, found
 
 
+@pytest.mark.parametrize("family", ["z_image", "sd3", "flux2"])
+@pytest.mark.parametrize("colour", list(world.COLOURS))
+@pytest.mark.slow
+def test_the_z_image_sd3_and_flux2_bases_draw_the_colour_they_are_asked_for(pipelines, family, colour):
+    """Z-Image's, SD3's and FLUX.2 klein's miniatures with their pipelines' own flow-matching Euler scheduler (20
+    steps) and classifier-free guidance (an empty negative prompt) at the miniature's guidance, SD3's T5 and FLUX.2's
+    Qwen3 prompts at the length they were trained with (their tokenizer's model_max_length)."""
+    import importlib
+
+    pipe = pipelines(family)
+    call = {"guidance_scale": importlib.import_module(f"lora_studio.miniature.build_{family}").CFG}
+    if family != "z_image":
+        call["max_sequence_length"] = (pipe.tokenizer_3 if family == "sd3" else pipe.tokenizer).model_max_length
+    images = pipe(prompt=[f"a {colour} square"] * len(SEEDS), num_inference_steps=20, height=64, width=64,
+                  generator=[torch.Generator().manual_seed(s) for s in SEEDS], **call).images
+    found = [measure.dominant_colour(im) for im in images]
+    assert sum(f == colour for f in found) >= 8, found
+
+
 def _world_images(folder, scenes):
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -101,3 +120,16 @@ def test_caption_command_reads_the_image(tmp_path):
     first, second = captions["img_00.png"].split(), captions["img_01.png"].split()
     assert scene.colour_name in first and other not in first, captions
     assert other in second and scene.colour_name not in second, captions
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux2"])
+def test_sd3_and_flux2_render_and_train_at_their_tokenizers_prompt_length(pipelines, family):
+    """The Testing tab and the trainers encode SD3's T5 and FLUX.2's Qwen3 prompts with at most their tokenizer's
+    model_max_length (32 for the miniatures, which were trained with it; the released models' limits are above the
+    pipelines' defaults, 256 and 512, which stay)."""
+    from lora_studio.inference.grid import _prompt_length
+    from lora_studio.models.flux_loading import t5_length
+
+    pipe = pipelines(family)
+    assert _prompt_length(pipe) == {"max_sequence_length": 32}
+    assert t5_length(pipe, 512) == 32

@@ -290,12 +290,13 @@ def guidance_kwargs(pipe, cfg: float, negative: str = "") -> dict[str, Any]:
 
 
 def _prompt_length(pipe) -> dict:
-    """FLUX.1 and Chroma: T5 prompts as long as their T5 tokenizer allows, at most the pipeline's default 512."""
+    """FLUX.1, Chroma, SD3 and FLUX.2: prompts as long as their (T5, Qwen3, Mistral) tokenizer allows, at most the
+    pipeline's default (512; SD3's 256)."""
     name = type(pipe).__name__
-    if name.startswith(("Flux", "Chroma")) and not name.startswith("Flux2"):
+    if name.startswith(("Flux", "Chroma", "StableDiffusion3")):
         from ..models.flux_loading import t5_length
 
-        return {"max_sequence_length": t5_length(pipe)}
+        return {"max_sequence_length": t5_length(pipe, 256 if name.startswith("StableDiffusion3") else 512)}
     return {}
 
 

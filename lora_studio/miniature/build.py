@@ -6,6 +6,9 @@
     python -m lora_studio.miniature.build llm    --out lora_studio/miniature/weights/llm
     python -m lora_studio.miniature.build blip   --out lora_studio/miniature/weights/blip
     python -m lora_studio.miniature.build flux   --out lora_studio/miniature/weights/flux     (uses sd15's VAE)
+    python -m lora_studio.miniature.build z_image --out lora_studio/miniature/weights/z_image (uses flux's VAE)
+    python -m lora_studio.miniature.build sd3    --out lora_studio/miniature/weights/sd3      (uses flux's VAE)
+    python -m lora_studio.miniature.build flux2  --out lora_studio/miniature/weights/flux2    (uses sd15's VAE)
 
 Deterministic: the recipe's seed, the same torch version and ``--threads`` give the same weights. The
 folder gets ``build.json``: the recipe, the versions, the time taken and what the build measured.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import platform
 import shutil
@@ -28,7 +32,11 @@ import torch
 from ..fileio import atomic_write_json
 
 log = logging.getLogger("lora_studio.miniature.build")
-FAMILIES = ("sd15", "sd15_v", "sdxl", "llm", "blip", "flux")
+FAMILIES = ("sd15", "sd15_v", "sdxl", "llm", "blip", "flux", "z_image", "sd3", "flux2")
+# The miniature a family starts from (its VAE, or more), unless ``--base`` names another folder
+BASES = {"sd15_v": "sd15", "sdxl": "sd15", "flux": "sd15", "z_image": "flux", "sd3": "flux", "flux2": "sd15"}
+# The flow-matching families: each one's recipe class in its module build_<family>.py
+FLOW_BUILDERS = {"flux": "FluxRecipe", "z_image": "ZImageRecipe", "sd3": "SD3Recipe", "flux2": "Flux2Recipe"}
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
@@ -47,7 +55,7 @@ def build(family: str, out: str | Path, scale: float = 1.0, base: str | Path | N
     torch.set_num_threads(threads)
     started, cpu_started = time.time(), time.process_time()
     try:
-        recipe, report = _run(family, out, scale, Path(base) if base else WEIGHTS / "sd15")
+        recipe, report = _run(family, out, scale, Path(base) if base else WEIGHTS / BASES.get(family, "sd15"))
     finally:
         torch.set_num_threads(previous_threads)
     record = {"family": family, "recipe": dataclasses.asdict(recipe), "scale": scale, "threads": threads,
@@ -72,11 +80,10 @@ def _run(family: str, out: Path, scale: float, base: Path):
             return recipe, build_sd.build_sd15(out, recipe, log.info)
         builder = build_sd.build_sd15_v if family == "sd15_v" else build_sd.build_sdxl
         return recipe, builder(out, recipe, log.info, base=base)
-    if family == "flux":
-        from . import build_flux
-
-        recipe = build_flux.FluxRecipe().scaled(scale)
-        return recipe, build_flux.build_flux(out, recipe, log.info, base=base)
+    if family in FLOW_BUILDERS:  # build_<family>.py with its recipe class and build_<family>(out, recipe, log, base)
+        module = importlib.import_module(f"{__package__}.build_{family}")
+        recipe = getattr(module, FLOW_BUILDERS[family])().scaled(scale)
+        return recipe, getattr(module, f"build_{family}")(out, recipe, log.info, base=base)
     if family == "llm":
         from . import build_llm
 
@@ -101,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.01: a quick check)")
-    p.add_argument("--base", default=None, help="sd15_v, sdxl and flux: the sd15 miniature to start from "
-                                                "(default: the committed one)")
+    p.add_argument("--base", default=None, help="the miniature to start from: sd15 for sd15_v, sdxl, flux and "
+                                                "flux2, flux for z_image and sd3 (default: the committed one)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the committed weights used 2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

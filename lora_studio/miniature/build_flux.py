@@ -21,18 +21,15 @@ A ``FluxPipeline`` folder, dev-like (a guidance input, FLUX's dynamic shift in t
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from . import world
-from .build_sd import MAX_TOKENS, Log, colour_accuracy, encode_world, new_text_encoder
-from .recipe import Recipe, ema_update, scaled_images, train_step, warmup_cosine
+from .build_sd import MAX_TOKENS, Log, encode_world, new_text_encoder
+from .flow import FlowRecipe, measure_and_save, noised, train_flow
 
 LATENT_CHANNELS = 16
 # T5 prompt length: the T5 tokenizer's model_max_length, which the studio renders and trains with (FLUX.1: 512;
@@ -41,22 +38,9 @@ T5_LENGTH = 32
 
 
 @dataclass
-class FluxRecipe(Recipe):
-    step_fields: ClassVar[tuple[str, ...]] = ("steps",)
-
+class FluxRecipe(FlowRecipe):
     seed: int = 1400
-    steps: int = 3000
-    batch: int = 32
-    lr: float = 1e-3
-    latent_images: int = 8192
-    ema_decay: float = 0.998
-    unknown_words: float = 0.2  # captions that start with a made-up word ("plok, a red circle")
     max_guidance: float = 8.0  # guidance values drawn from [0, max_guidance]: the model learns to ignore them
-    eval_seeds: int = 4
-    eval_steps: int = 20
-
-    def scaled(self, factor: float) -> "FluxRecipe":
-        return scaled_images(super().scaled(factor), self, factor)
 
 
 # --- the VAE ---------------------------------------------------------------------------------------------------
@@ -65,16 +49,28 @@ def flux_vae_from(sd_vae, sample: torch.Tensor, seed: int):
     """The sd15 miniature's VAE as an exact FLUX-shaped 16-channel VAE (see the module's docstring)."""
     from diffusers import AutoencoderKL
 
+    vae = embedded_vae(sd_vae, AutoencoderKL, LATENT_CHANNELS, seed)
+    raw = vae.encode(sample).latent_dist.mean
+    shift = float(raw.mean())
+    spread = float((raw - shift).pow(2).sum(1).mean().div(sd_vae.config.latent_channels).sqrt())  # per used direction
+    vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(1.0 / spread, 4))
+    return vae
+
+
+@torch.no_grad()
+def embedded_vae(sd_vae, cls, channels: int, seed: int, **config):
+    """A ``cls`` VAE (no quant convs, ``channels`` latent channels, ``config`` added) that decodes exactly what the
+    sd15 miniature's VAE decodes: its latents embedded by a fixed orthonormal ``channels`` x 4 matrix (seeded),
+    folded into the encoder's last layer (with the quant convs) and the decoder's first. Eval mode, frozen."""
     cfg = sd_vae.config
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=tuple(cfg.down_block_types),
-                        up_block_types=tuple(cfg.up_block_types), block_out_channels=tuple(cfg.block_out_channels),
-                        layers_per_block=cfg.layers_per_block, latent_channels=LATENT_CHANNELS,
-                        norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = cls(in_channels=3, out_channels=3, down_block_types=tuple(cfg.down_block_types),
+              up_block_types=tuple(cfg.up_block_types), block_out_channels=tuple(cfg.block_out_channels),
+              layers_per_block=cfg.layers_per_block, latent_channels=channels, norm_num_groups=cfg.norm_num_groups,
+              sample_size=cfg.sample_size, use_quant_conv=False, use_post_quant_conv=False, **config)
     state = {k: v for k, v in sd_vae.state_dict().items() if not k.startswith(("quant_conv", "post_quant_conv"))}
     c = cfg.latent_channels
     gen = torch.Generator().manual_seed(seed)
-    embed, _ = torch.linalg.qr(torch.randn(LATENT_CHANNELS, c, generator=gen, dtype=torch.float64))
+    embed, _ = torch.linalg.qr(torch.randn(channels, c, generator=gen, dtype=torch.float64))
     embed = embed.float()
     q_w, q_b = sd_vae.quant_conv.weight[:c, :, 0, 0], sd_vae.quant_conv.bias[:c]   # the mean's rows
     p_w, p_b = sd_vae.post_quant_conv.weight[:, :, 0, 0], sd_vae.post_quant_conv.bias
@@ -84,27 +80,30 @@ def flux_vae_from(sd_vae, sample: torch.Tensor, seed: int):
     state["encoder.conv_out.weight"] = torch.cat([mean_w, torch.zeros_like(mean_w)])
     state["encoder.conv_out.bias"] = torch.cat([mean_b, torch.full_like(mean_b, -20.0)])  # log-variance: ~0
     state["decoder.conv_in.weight"] = torch.einsum("cjhw,ij->cihw", state["decoder.conv_in.weight"], embed)
-    vae.load_state_dict(state)
-    vae.eval().requires_grad_(False)
-    raw = vae.encode(sample).latent_dist.mean
-    shift = float(raw.mean())
-    spread = float((raw - shift).pow(2).sum(1).mean().div(c).sqrt())  # per used direction
-    vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(1.0 / spread, 4))
-    return vae
+    missing = vae.load_state_dict(state, strict=False).missing_keys
+    if any(not k.startswith("bn.") for k in missing):  # FLUX.2's batch-norm statistics are set by the caller
+        raise RuntimeError(f"the embedded VAE lacks {missing}")
+    return vae.eval().requires_grad_(False)
 
 
 # --- text ------------------------------------------------------------------------------------------------------
 def text_parts(out: Path, seed: int):
     """Tokenizers (written into ``out``) and frozen text encoders: CLIP (pooled) and T5 (sequence)."""
-    from ..models.tiny_flux import _t5_encoder, write_t5_tokenizer
     from .vocab import write_world_clip_tokenizer
 
     tokenizer = write_world_clip_tokenizer(out / "tokenizer", world.WORDS, MAX_TOKENS)
     clip = new_text_encoder(tokenizer, 32, seed=seed)
-    tokenizer_2 = write_t5_tokenizer(out / "tokenizer_2", max_length=T5_LENGTH, words=world.WORDS)
-    torch.manual_seed(seed + 1)
-    t5 = _t5_encoder(len(tokenizer_2), d_model=32).eval().requires_grad_(False)
-    return tokenizer, clip, tokenizer_2, t5
+    return (tokenizer, clip) + t5_parts(out / "tokenizer_2", seed + 1)
+
+
+def t5_parts(folder: Path, seed: int, width: int = 32):
+    """A T5 tokenizer (written into ``folder``; the world's words one token each, ``T5_LENGTH`` tokens) and a
+    2-layer T5 encoder ``width`` wide at seeded random weights, frozen."""
+    from ..models.tiny_flux import _t5_encoder, write_t5_tokenizer
+
+    tokenizer = write_t5_tokenizer(folder, max_length=T5_LENGTH, words=world.WORDS)
+    torch.manual_seed(seed)
+    return tokenizer, _t5_encoder(len(tokenizer), d_model=width).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -144,32 +143,19 @@ def velocity(transformer, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: tor
 
 def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, cond: dict[str, torch.Tensor],
                       scheduler_config, recipe: FluxRecipe, log: Log):
-    """Rectified-flow training on cached latents; returns the EMA copy (eval mode, frozen)."""
+    """Rectified-flow training on cached latents with FLUX's resolution-shifted noise levels; returns the EMA copy."""
     from ..training.flow_matching import sample_sigmas, shift_mu
 
-    gen = torch.Generator().manual_seed(recipe.seed + 4)
     mu = shift_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), scheduler_config)
-    transformer.train()
-    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.lr, weight_decay=0.0)
-    lr_sched = warmup_cosine(opt, recipe.steps, warmup=100, floor=0.1, after_warmup=True)
-    started, b = time.time(), recipe.batch
-    for step in range(recipe.steps):
-        idx = torch.randint(0, len(latents), (b,), generator=gen)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigmas = sample_sigmas("flux_shift", [gen] * b, mu=mu)
-        s = sigmas.view(-1, 1, 1, 1)
-        guidance = torch.rand(b, generator=gen) * recipe.max_guidance
-        pred = velocity(transformer, (1 - s) * x0 + s * noise, sigmas, cond["embeds"][rows[idx]].float(),
+
+    def loss_for(model, x0, noise, sigmas, idx, gen):
+        guidance = torch.rand(len(idx), generator=gen) * recipe.max_guidance
+        pred = velocity(model, noised(x0, noise, sigmas), sigmas, cond["embeds"][rows[idx]].float(),
                         cond["pooled"][rows[idx]], guidance)
-        loss = F.mse_loss(pred, noise - x0)
-        train_step(loss, opt, lr_sched, transformer.parameters())
-        ema_update(ema, transformer, step, recipe.ema_decay)
-        if step % 100 == 0 or step == recipe.steps - 1:
-            log(f"flux transformer step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
-                f"({time.time() - started:.0f}s)")
-    return ema
+        return F.mse_loss(pred, noise - x0)
+
+    return train_flow(transformer, latents, lambda gen, b: sample_sigmas("flux_shift", [gen] * b, mu=mu), loss_for,
+                      recipe, log, "flux")
 
 
 # --- the family --------------------------------------------------------------------------------------------------
@@ -178,7 +164,7 @@ def build_flux(out: Path, recipe: FluxRecipe, log: Log, base: Path) -> dict:
     from diffusers import FluxPipeline
 
     from ..models.tiny_flux import _flux_scheduler
-    from .build_sd import _base_pipe, _caption_rows, vae_colour_error
+    from .build_sd import _base_pipe, _caption_rows
 
     sd = _base_pipe(base)
     vae = flux_vae_from(sd.vae, torch.from_numpy(world.pixels(world.world_scenes(256, seed=recipe.seed + 2))),
@@ -193,10 +179,4 @@ def build_flux(out: Path, recipe: FluxRecipe, log: Log, base: Path) -> dict:
     cond = encode_prompts(pipe, unique)
     log(f"flux: {len(latents)} latents {tuple(latents.shape[1:])}, {len(unique)} captions encoded")
     pipe.transformer = train_transformer(pipe.transformer, latents, rows, cond, pipe.scheduler.config, recipe, log)
-    report = {"vae": vae_colour_error(vae),
-              "colour_accuracy": colour_accuracy(pipe, recipe.eval_seeds, recipe.eval_steps, cfg=3.5,
-                                                 max_sequence_length=T5_LENGTH)}
-    pipe.transformer.half()
-    pipe.vae.half()
-    pipe.save_pretrained(out)
-    return report
+    return measure_and_save(pipe, out, recipe, 3.5, max_sequence_length=T5_LENGTH)

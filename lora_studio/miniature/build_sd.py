@@ -103,14 +103,22 @@ def new_text_encoder(tokenizer, hidden: int, projection: bool = False, seed: int
                             pad_token_id=vocab_size - 1)
     torch.manual_seed(seed)
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-    words = [tokenizer.convert_tokens_to_ids(w + "</w>") for w in world.WORDS]
-    gen = torch.Generator().manual_seed(seed)
-    orthogonal, _ = torch.linalg.qr(torch.randn(hidden, len(words), generator=gen))
-    with torch.no_grad():
-        table = model.get_input_embeddings().weight
-        table.mul_(math.sqrt(hidden) / table.norm(dim=1, keepdim=True))
-        table[words] = orthogonal.T * math.sqrt(hidden)
+    spread_word_embeddings(model, [[tokenizer.convert_tokens_to_ids(w + "</w>")] for w in world.WORDS], seed)
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def spread_word_embeddings(model, word_tokens: list[list[int]], seed: int) -> None:
+    """Make a frozen random text encoder's words distinct: every token embedding as long as a layer-normalised
+    vector (sqrt(hidden)) and the words (``word_tokens``: the token ids of each word, which get the same row)
+    orthogonal."""
+    table = model.get_input_embeddings().weight
+    hidden = table.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    orthogonal, _ = torch.linalg.qr(torch.randn(hidden, len(word_tokens), generator=gen))
+    table.mul_(math.sqrt(hidden) / table.norm(dim=1, keepdim=True).clamp(min=1e-12))  # a zero padding row stays
+    for ids, row in zip(word_tokens, orthogonal.T):
+        table[ids] = row * math.sqrt(hidden)
 
 
 def new_scheduler(prediction_type: str = "epsilon"):
@@ -188,19 +196,20 @@ def vae_colour_error(vae, count: int = 64, seed: int = 7) -> dict[str, float]:
 
 
 @torch.no_grad()
-def encode_world(vae, recipe: SDRecipe) -> tuple[torch.Tensor, list[str]]:
-    """Latents (minus the VAE's shift factor if it has one, times its scaling factor) and captions of
-    ``recipe.latent_images`` world pictures.
+def encode_world(vae, recipe: SDRecipe, normalize=None) -> tuple[torch.Tensor, list[str]]:
+    """Latents (minus the VAE's shift factor if it has one, times its scaling factor; or ``normalize`` of the
+    VAE's means) and captions of ``recipe.latent_images`` world pictures.
 
     A share of the captions (``recipe.unknown_words``) starts with a made-up word, so the base learns to
     ignore words it does not know, as real models mostly do: "zubi, a red circle" (never one of those
     words) is then a red circle until a LoRA teaches it more."""
     scenes = world.world_scenes(recipe.latent_images, seed=recipe.seed + 3)
     shift = getattr(vae.config, "shift_factor", None) or 0.0  # a FLUX-shaped VAE's
+    normalize = normalize or (lambda mean: (mean - shift) * vae.config.scaling_factor)
     chunks = []
     for start in range(0, len(scenes), 256):
         x = torch.from_numpy(world.pixels(scenes[start:start + 256]))
-        chunks.append((vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor)
+        chunks.append(normalize(vae.encode(x).latent_dist.mean))
     rng = random.Random(recipe.seed + 6)
     captions = [f"{_unknown_word(rng)}, {s.caption}" if rng.random() < recipe.unknown_words else s.caption
                 for s in scenes]
@@ -291,8 +300,8 @@ def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0, **c
     hits = total = 0
     for colour in world.COLOURS:
         gens = [torch.Generator().manual_seed(s) for s in range(seeds)]
-        images = pipe([f"a {colour} circle"] * seeds, num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                      height=world.SIZE, width=world.SIZE, **call).images
+        images = pipe(prompt=[f"a {colour} circle"] * seeds, num_inference_steps=steps, guidance_scale=cfg,
+                      generator=gens, height=world.SIZE, width=world.SIZE, **call).images
         hits += sum(dominant_colour(im) == colour for im in images)
         total += len(images)
     return hits / total

@@ -22,6 +22,9 @@ FAMILIES: dict[str, str] = {
     "llm": "Llama-shaped causal language model with its tokenizer and chat template",
     "blip": "BLIP captioning model with its processor",
     "flux": "FLUX.1-shaped diffusers pipeline (flow matching, CLIP and T5 text encoders, 16-channel VAE)",
+    "z_image": "Z-Image-shaped diffusers pipeline (flow matching, Qwen3 text encoder, FLUX's 16-channel VAE)",
+    "sd3": "SD3.5-Medium-shaped diffusers pipeline (flow matching, CLIP-L, CLIP-G and T5, FLUX's 16-channel VAE)",
+    "flux2": "FLUX.2-klein-shaped diffusers pipeline (flow matching, Qwen3 text encoder, 32-channel batch-norm VAE)",
 }
 
 

@@ -2,7 +2,8 @@
 
 ``write_world_clip_tokenizer`` writes a CLIP byte-level BPE tokenizer whose merges are learned (plain BPE)
 from the world's words, so "red", "circle" or "background" is one token each and any other text (a made-up
-trigger word) still tokenizes, byte by byte.
+trigger word) still tokenizes, byte by byte. ``world_qwen3_tokenizer`` does the same for a Qwen3-shaped
+tokenizer (byte-level BPE, each word one token with and without its leading space).
 """
 
 from __future__ import annotations
@@ -45,3 +46,18 @@ def write_world_clip_tokenizer(folder: Path, words: list[str], max_length: int):
     if split:
         raise RuntimeError(f"the miniature tokenizer splits {split}: its merges are wrong")
     return tokenizer
+
+
+def world_qwen3_tokenizer(words: list[str], captions: list[str]):
+    """A Qwen3-shaped tokenizer (Z-Image's, FLUX.2 klein's) whose merges come from ``captions`` and ``words``; each
+    word is one token at the start of a caption and after a space. Returns it with ``word_tokens``: the token ids
+    of each word (for ``spread_word_embeddings``)."""
+    from ..models.tiny_z_image import _tokenizer
+
+    tokenizer = _tokenizer(captions + words + [" ".join(words), "user assistant"])
+    word_tokens = [tokenizer([w, " " + w], add_special_tokens=False).input_ids for w in words]
+    word_tokens = [first + spaced for first, spaced in word_tokens]
+    split = [w for w, ids in zip(words, word_tokens) if len(ids) != 2]
+    if split:
+        raise RuntimeError(f"the miniature Qwen3 tokenizer splits {split}: its merges are wrong")
+    return tokenizer, word_tokens

@@ -64,7 +64,8 @@ def t5_length(pipe: Any, requested: int = 512) -> int:
     """The T5 prompt length to encode with: ``requested`` (``max_sequence_length``; the pipelines' default is 512),
     at most the T5 tokenizer's ``model_max_length``: 512 for FLUX.1 and Chroma, 32 for the FLUX miniature, which
     was trained with that length (the transformer attends over every padding token, so the length matters)."""
-    tokenizer = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)
+    tokenizer = (getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)  # SD3's T5 is the third
+                 or getattr(pipe, "tokenizer", None))
     limit = getattr(tokenizer, "model_max_length", None) or requested
     return int(min(requested, limit))
 

@@ -31,10 +31,11 @@ _CORPUS = ["a red circle on a blue background", "a green square, soft light", "a
            "user assistant", "pink yellow purple orange dark light style sign"]
 
 
-def _tokenizer():
+def _tokenizer(corpus: list[str] | None = None):
+    """Qwen3's tokenizer shape (byte-level BPE, chat template, specials) with merges learned from ``corpus``."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = _vocab_merges(_bpe(QWEN3_SPECIALS, vocab_size=400, corpus=_CORPUS))
+    vocab, merges = _vocab_merges(_bpe(QWEN3_SPECIALS, vocab_size=400, corpus=corpus or _CORPUS))
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>", extra_special_tokens=QWEN3_SPECIALS[1:], model_max_length=4096)
     tok.chat_template = QWEN3_TEMPLATE

@@ -40,6 +40,34 @@ def patchify(latents: torch.Tensor) -> torch.Tensor:
     return Flux2KleinPipeline._patchify_latents(latents)
 
 
+def bn_normalize(latents: torch.Tensor, vae) -> torch.Tensor:
+    """Latents (B, 32, H, W) as the transformer sees them: normalised by the VAE's batch-norm statistics of the
+    patchified layout, tiled back onto the 2x2 grid they came from."""
+    bn, eps = vae.bn, vae.config.batch_norm_eps
+    mean = bn.running_mean.detach().float().cpu().view(-1, 2, 2)
+    std = torch.sqrt(bn.running_var.detach().float().cpu() + eps).view(-1, 2, 2)
+    reps = (1, latents.shape[-2] // 2, latents.shape[-1] // 2)
+    return (latents - mean.repeat(*reps).to(latents.device)) / std.repeat(*reps).to(latents.device)
+
+
+def flux2_velocity(transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: torch.Tensor,
+                   guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """The velocity ``noise - latent`` for normalised latents (B, C, H, W) from FLUX.2's transformer, as its
+    pipelines call it: patchified 2x2 and packed into tokens with 4-axis ids, the model shown ``sigma``. The
+    miniature's build trains with it too."""
+    from diffusers import Flux2KleinPipeline as Pipe
+
+    b, c, h, w = noisy.shape
+    patches = patchify(noisy)
+    embeds = embeds.to(noisy.dtype)
+    out = transformer(hidden_states=Pipe._pack_latents(patches), encoder_hidden_states=embeds,
+                      timestep=sigmas.to(noisy.dtype), img_ids=Pipe._prepare_latent_ids(patches).to(noisy.device),
+                      txt_ids=Pipe._prepare_text_ids(embeds).to(noisy.device), guidance=guidance,
+                      return_dict=False)[0]
+    unpacked = out.reshape(b, h // 2, w // 2, 4 * c).permute(0, 3, 1, 2)
+    return Pipe._unpatchify_latents(unpacked)
+
+
 class Flux2Trainer(FluxTrainer):
     text_encoder_names = ("text_encoder",)
     network_module = "networks.lora_flux2"
@@ -57,32 +85,17 @@ class Flux2Trainer(FluxTrainer):
     # --- text ---------------------------------------------------------------------------------------
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         embeds, _ = self.pipe.encode_prompt(prompt=list(captions), device=self.accelerator.device,
-                                            max_sequence_length=self.config.max_sequence_length)
+                                            max_sequence_length=self.sequence_length())
         return {"prompt_embeds": embeds}
 
     # --- the step -----------------------------------------------------------------------------------
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """The batch-norm statistics of the patchified layout, tiled back onto the 2x2 grid they came from."""
-        bn, eps = self.pipe.vae.bn, self.pipe.vae.config.batch_norm_eps
-        mean = bn.running_mean.detach().float().cpu().view(-1, 2, 2)
-        std = torch.sqrt(bn.running_var.detach().float().cpu() + eps).view(-1, 2, 2)
-        reps = (1, latents.shape[-2] // 2, latents.shape[-1] // 2)
-        return (latents - mean.repeat(*reps).to(latents.device)) / std.repeat(*reps).to(latents.device)
+        return bn_normalize(latents, self.pipe.vae)
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        from diffusers import Flux2KleinPipeline as Pipe
-
-        b, c, h, w = noisy.shape
-        patches = patchify(noisy)
-        embeds = cond["prompt_embeds"].to(noisy.dtype)
-        model = self.trained_denoiser()
         guided = self.accelerator.unwrap_model(self.denoiser).config.guidance_embeds
-        guidance = torch.full((b,), self.config.guidance_scale, device=noisy.device) if guided else None
-        out = model(hidden_states=Pipe._pack_latents(patches), encoder_hidden_states=embeds,
-                    timestep=sigmas.to(noisy.dtype), img_ids=Pipe._prepare_latent_ids(patches).to(noisy.device),
-                    txt_ids=Pipe._prepare_text_ids(embeds).to(noisy.device), guidance=guidance, return_dict=False)[0]
-        unpacked = out.reshape(b, h // 2, w // 2, 4 * c).permute(0, 3, 1, 2)
-        return Pipe._unpatchify_latents(unpacked)
+        guidance = torch.full((len(noisy),), self.config.guidance_scale, device=noisy.device) if guided else None
+        return flux2_velocity(self.trained_denoiser(), noisy, sigmas, cond["prompt_embeds"], guidance)
 
     # --- files --------------------------------------------------------------------------------------
     def render_kwargs(self) -> dict[str, Any]:

@@ -44,6 +44,15 @@ def joined(clip: dict[str, torch.Tensor], t5: dict[str, torch.Tensor]) -> dict[s
     return {"prompt_embeds": torch.cat([states, t5["t5"].to(states.dtype)], dim=-2), "pooled": clip["pooled"]}
 
 
+def sd3_velocity(transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: torch.Tensor,
+                 pooled: torch.Tensor) -> torch.Tensor:
+    """The velocity ``noise - latent`` from SD3's transformer for latents (B, C, h, w) at noise levels ``sigmas``:
+    it sees ``1000 sigma`` (the scheduler's timesteps). The miniature's build trains with it too."""
+    dtype = noisy.dtype
+    return transformer(hidden_states=noisy, timestep=(sigmas * 1000).to(dtype), pooled_projections=pooled.to(dtype),
+                       encoder_hidden_states=embeds.to(dtype), return_dict=False)[0]
+
+
 class SD3Trainer(FluxTrainer):
     network_module = "networks.lora_sd3"
     transformer_loader = "lora_studio.models.sd3_loading:load_sd3_transformer"
@@ -74,7 +83,7 @@ class SD3Trainer(FluxTrainer):
         return {"clip": torch.cat([one, two], dim=-1), "pooled": torch.cat([pooled_one, pooled_two], dim=-1)}
 
     def _t5_part(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        length = self.config.max_sequence_length
+        length = self.sequence_length()
         if getattr(self.pipe, "text_encoder_3", None) is None:  # as the pipeline: zeros (released width)
             return {"t5": torch.zeros(len(captions), length, NO_T5_WIDTH, device=self.accelerator.device)}
         self._warn_long_captions(captions)
@@ -110,7 +119,7 @@ class SD3Trainer(FluxTrainer):
         return out
 
     def _warn_long_captions(self, captions: Sequence[str]) -> None:
-        tokenizer, limit = self.pipe.tokenizer_3, self.config.max_sequence_length
+        tokenizer, limit = self.pipe.tokenizer_3, self.sequence_length()
         long = [c for c in captions if len(tokenizer(c).input_ids) > limit]
         if long:
             self.say(f"{len(long)} caption(s) are longer than max_sequence_length {limit} T5 tokens and are cut "
@@ -119,10 +128,7 @@ class SD3Trainer(FluxTrainer):
 
     # --- the step -----------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        dtype = noisy.dtype
-        return self.trained_denoiser()(
-            hidden_states=noisy, timestep=(sigmas * 1000).to(dtype), pooled_projections=cond["pooled"].to(dtype),
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype), return_dict=False)[0]
+        return sd3_velocity(self.trained_denoiser(), noisy, sigmas, cond["prompt_embeds"], cond["pooled"])
 
     # --- files --------------------------------------------------------------------------------------
     def render_kwargs(self) -> dict[str, Any]:

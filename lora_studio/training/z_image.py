@@ -67,6 +67,17 @@ def z_image_render_defaults(base_model: str, family: str) -> dict[str, float]:
     return {"steps": entry.sample_steps, "cfg": entry.guidance_scale}
 
 
+def z_image_velocity(transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor,
+                     embeds: list[torch.Tensor]) -> torch.Tensor:
+    """The velocity ``noise - latent`` for latents (B, C, h, w) at noise levels ``sigmas``, from Z-Image's
+    transformer with its pipeline's conventions: each latent is one frame, the model sees ``1 - sigma`` and
+    predicts ``latent - noise`` (the pipeline negates it). One module-level function: the miniature's build trains
+    with it, and a proof-of-learning test puts a wrong convention in its place to see the proof fail."""
+    out = transformer(list(noisy.unsqueeze(2).unbind(0)), (1.0 - sigmas).to(noisy.dtype), embeds,
+                      return_dict=False)[0]
+    return -torch.stack(out).squeeze(2)
+
+
 class ZImageTrainer(QwenImageTrainer):
     comfy_map = (comfy_maps_z_image, Z_IMAGE_ALL_LINEAR, "Z-Image")
 
@@ -96,9 +107,7 @@ class ZImageTrainer(QwenImageTrainer):
         dev, dtype = noisy.device, noisy.dtype
         lengths = cond["prompt_embeds_mask"].sum(1).tolist()
         embeds = cond["prompt_embeds"].to(dev, dtype)
-        out = self.trained_denoiser()(list(noisy.unsqueeze(2).unbind(0)), (1.0 - sigmas).to(dtype),
-                                      [e[:n] for e, n in zip(embeds, lengths)], return_dict=False)[0]
-        return -torch.stack(out).squeeze(2)  # the model predicts latent - noise
+        return z_image_velocity(self.trained_denoiser(), noisy, sigmas, [e[:n] for e, n in zip(embeds, lengths)])
 
     def render_kwargs(self) -> dict[str, Any]:
         found = z_image_render_defaults(self.config.base_model, self.family)
