@@ -35,6 +35,12 @@ import torch
 PCIE_GB_PER_S = 25.0  # PCIe 4.0 x16 host-to-device from pinned memory, about what it reaches in practice
 
 
+def step_traffic(stored: float, checkpointing: bool) -> float:
+    """What a step moves to the GPU when ``stored`` (bytes, or GB) are swapped: the forward pass, plus the
+    recomputation with gradient checkpointing. Used by ``BlockSwap`` and by the estimate (``memory_flux``)."""
+    return stored * (2 if checkpointing else 1)
+
+
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated transformer blocks in order: the blocks of its top-level ModuleLists whose class is
     one of diffusers' ``_repeated_blocks`` (FLUX: double then single blocks; Z-Image: its refiners, then its
@@ -213,7 +219,7 @@ class BlockSwap:
 
     def traffic_per_step(self, checkpointing: bool) -> int:
         """Bytes moved to the GPU per training step: the forward pass, plus the recomputation with checkpointing."""
-        return self.stored_bytes() * (2 if checkpointing else 1)
+        return int(step_traffic(self.stored_bytes(), checkpointing))
 
     def describe(self, checkpointing: bool) -> str:
         """One sentence for the log: how many blocks, how much stays in CPU memory, the PCIe traffic a step."""

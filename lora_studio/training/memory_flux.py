@@ -105,7 +105,7 @@ def swapped_blocks(count: int, fig: FlowFigures) -> tuple[int, int]:
 
 def swap_note(config: TrainConfig, family: str) -> str | None:
     """What ``blocks_to_swap`` costs: the weights kept in CPU memory and the bytes a step moves over PCIe."""
-    from .block_swap import PCIE_GB_PER_S
+    from .block_swap import PCIE_GB_PER_S, step_traffic
     from .memory import GB
 
     fig = FLOW_FIGURES.get(family)
@@ -113,7 +113,7 @@ def swap_note(config: TrainConfig, family: str) -> str | None:
         return None
     swapped, _ = swapped_blocks(config.blocks_to_swap, fig)
     stored = swapped * _stored_bytes(config) / GB
-    traffic = stored * (2 if config.gradient_checkpointing else 1)
+    traffic = step_traffic(stored, config.gradient_checkpointing)
     return (f"blocks_to_swap {config.blocks_to_swap}: {stored:.1f} GB of block weights stay in CPU memory and each "
             f"step moves {traffic:.1f} GB to the GPU (forward and recomputation), about "
             f"{traffic / PCIE_GB_PER_S:.1f} s at {PCIE_GB_PER_S:g} GB/s (PCIe 4.0 x16).")
