@@ -18,23 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Flux2Transformer2DModel of black-forest-labs/FLUX.2-dev (32B: 8 double and 48 single blocks, Mistral 3 features)
-FLUX2_DEV = dict(num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
-                 joint_attention_dim=15360, guidance_embeds=True)
-
 
 def models() -> dict[str, tuple[type, dict]]:
-    """family -> (transformer class, config) of the model each family's figures describe."""
+    """family (or family_variant) -> (transformer class, config) of the model each of ``FLOW_FIGURES`` describes."""
     from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
                            QwenImageTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel)
-    from flow_memory import KLEIN_4B, LARGE
+    from flow_memory import DEV, KLEIN_4B, KLEIN_9B, LARGE
     from flux_memory import FLUX_CONFIG
     from qwen_z_memory import QWEN_IMAGE_CONFIG, Z_IMAGE_CONFIG
 
     return {"flux": (FluxTransformer2DModel, FLUX_CONFIG), "chroma": (ChromaTransformer2DModel, {}),
             "qwen_image": (QwenImageTransformer2DModel, QWEN_IMAGE_CONFIG),
             "z_image": (ZImageTransformer2DModel, Z_IMAGE_CONFIG), "sd3": (SD3Transformer2DModel, LARGE),
-            "flux2": (Flux2Transformer2DModel, KLEIN_4B), "flux2_dev": (Flux2Transformer2DModel, FLUX2_DEV)}
+            "flux2": (Flux2Transformer2DModel, KLEIN_4B), "flux2_klein9b": (Flux2Transformer2DModel, KLEIN_9B),
+            "flux2_dev": (Flux2Transformer2DModel, DEV)}
 
 
 def block_runs(cls: type, config: dict) -> tuple[int, tuple[tuple[int, int], ...]]:

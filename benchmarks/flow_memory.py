@@ -7,7 +7,8 @@ tensors and diffusers' gradient checkpointing, at 512 and 1024 px; the slope bet
 one token of the joint sequence (image tokens ``(resolution / 16)^2`` plus the text tokens: SD3.5 77 CLIP + 256
 T5, FLUX.2 512).
 
-    python benchmarks/flow_memory.py             # SD3.5 Large and Medium, FLUX.2 klein 4B and 9B
+    python benchmarks/flow_memory.py             # SD3.5 Large and Medium, FLUX.2 klein 4B, 9B and dev
+    python benchmarks/flow_memory.py 4           # from the fifth model on (FLUX.2 dev alone)
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ KLEIN_4B = dict(num_layers=5, num_single_layers=20, attention_head_dim=128, num_
                 joint_attention_dim=7680, guidance_embeds=False)
 KLEIN_9B = dict(num_layers=8, num_single_layers=24, attention_head_dim=128, num_attention_heads=32,
                 joint_attention_dim=12288, guidance_embeds=False)
+# FLUX.2 [dev] (diffusers' defaults: 8 double and 48 single blocks of width 6144, Mistral Small 3.1's 3 x 5120)
+DEV = dict(num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
+           joint_attention_dim=15360, guidance_embeds=True)
 TEXT_TOKENS = {"sd3": 77 + 256, "flux2": 512}
 
 
@@ -72,6 +76,7 @@ def _inputs(family: str, config: dict, batch: int, resolution: int, dtype: torch
     return dict(hidden_states=torch.empty(batch, side * side, 128, device=meta, dtype=dtype),
                 encoder_hidden_states=torch.empty(batch, text, config["joint_attention_dim"], device=meta, dtype=dtype),
                 timestep=torch.empty(batch, device=meta, dtype=dtype), img_ids=ids(side * side), txt_ids=ids(text),
+                guidance=torch.empty(batch, device=meta, dtype=dtype) if config.get("guidance_embeds") else None,
                 return_dict=False)
 
 
@@ -100,7 +105,7 @@ if __name__ == "__main__":
 
     diffusers_logging.set_verbosity_error()
     models = (("sd3", "SD3.5 Large", LARGE), ("sd3", "SD3.5 Medium", MEDIUM), ("flux2", "FLUX.2 klein 4B", KLEIN_4B),
-              ("flux2", "FLUX.2 klein 9B", KLEIN_9B))
+              ("flux2", "FLUX.2 klein 9B", KLEIN_9B), ("flux2", "FLUX.2 dev", DEV))
     for family, name, config in models[int(sys.argv[1]) if len(sys.argv) > 1 else 0:]:
         total, lora = counts(family, config)
         print(f"{name}: {total:,} transformer weights; LoRA per rank {lora}")

@@ -161,10 +161,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
         presets = list_presets(family)
         if not presets:
             continue
-        fit = recommend_preset(gpu["memory_gb"], family) if gpu else None
+        fits = {recommend_preset(gpu["memory_gb"], family, p.variant).name for p in presets} if gpu else set()
         print(f"\n{family}:")
         for p in presets:
-            mark = "  <- fits this GPU" if fit and fit.name == p.name else ""
+            mark = "  <- fits this GPU" if p.name in fits else ""
             sets = ", ".join(f"{k}={v}" for k, v in p.values.items())
             print(f"  {p.name:<12} {p.description}{mark}\n               sets: {sets}")
     print("\nUse one with: python -m lora_studio train --config my.yaml --preset NAME")

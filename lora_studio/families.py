@@ -8,11 +8,12 @@
     family.trainer_class()                   # the Trainer subclass (imported when asked)
     family.pipeline_class()                  # the diffusers pipeline the export check and Testing tab use
     get_family("flux").render_settings(path) # {"steps": 4, "cfg": 0.0} for a schnell model (its hook)
+    get_family("flux2").variant_of(path)     # "dev", "klein9b" or "" (klein 4B): its memory figures and presets
 
 Detection (``models/detect.py``) asks every entry whether a diffusers ``model_index.json``
 (``matches_index``) or the tensor names of a single-file checkpoint (``matches_keys``) are its own. Adding a
 family = one trainer module + one ``Family(...)`` entry below (see README, "Adding a model family"); what the
-fields cannot say, two optional ``"module:function"`` hooks do (``pipeline_loader``, ``render_defaults``).
+fields cannot say, optional ``"module:function"`` hooks do (``pipeline_loader``, ``render_defaults``, ``variant``).
 This module imports nothing heavy and nothing else of the project, so everything may import it.
 """
 
@@ -93,6 +94,9 @@ class Family:
     #                                           -> pipeline, instead of the class's from_pretrained/from_single_file
     render_defaults: str | None = None        # (base_model, family) -> {"steps", "cfg"}: render settings that
     #                                           differ by model within the family (FLUX.1-dev vs schnell)
+    variant: str | None = None                # (base_model) -> "" or a variant's name ("dev"): the family's models
+    #                                           differ in size (FLUX.2 klein 4B, 9B, dev): its memory figures and
+    #                                           presets (``preset_info.variant``)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def trainer_class(self) -> type:
@@ -112,6 +116,12 @@ class Family:
         others (the caller keeps its own)."""
         hook = self.hook("render_defaults")
         return hook(base_model, self.id) if hook else None
+
+    def variant_of(self, base_model: str | None) -> str:
+        """Which of the family's models ``base_model`` is ("" for the one its figures and presets describe first,
+        or a family without variants), from its ``variant`` hook."""
+        hook = self.hook("variant")
+        return hook(base_model) if hook and base_model else ""
 
     @property
     def is_image(self) -> bool:
@@ -288,7 +298,8 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
               "targets_help": "Transformer layers that get a LoRA, in every kept block (Enter adds one). Empty: the "
               "lora_targets preset (attention, or all_linear).",
               "pipeline_loader": "lora_studio.models.flux2_loading:load_flux2_pipeline",
-              "render_defaults": "lora_studio.models.flux2_loading:model_render_defaults"}),
+              "render_defaults": "lora_studio.models.flux2_loading:model_render_defaults",
+              "variant": "lora_studio.models.flux2_loading:model_variant"}),
     Family("qwen_image", "Qwen-Image", kind="image", trainer="lora_studio.training.qwen_image:QwenImageTrainer",
            pipeline="diffusers:QwenImagePipeline", default_resolution=1024, default_targets=QWEN_ATTENTION,
            target_choices=QWEN_ALL_LINEAR, targets_help="Transformer layers that get a LoRA, in every kept block "

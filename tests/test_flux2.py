@@ -154,7 +154,7 @@ def test_flux2_presets_fit_their_budget_by_estimate_and_the_estimate_covers_a_me
     from lora_studio.presets import list_presets
     from lora_studio.training.memory import estimate_breakdown
 
-    presets = list_presets("flux2")
+    presets = [p for p in list_presets("flux2") if not p.variant]  # klein 4B's (test_flux2_variants: the others)
     assert [p.name for p in presets] == ["flux2_12gb", "flux2_16gb", "flux2_24gb"]
     for preset in presets:
         cfg = TrainConfig().replace(**preset.values)

@@ -7,18 +7,19 @@ import math
 
 import pytest
 
-from test_flux2 import tiny_klein  # noqa: F401  (fixture)
+from test_flux2 import tiny_dev, tiny_klein  # noqa: F401  (fixtures)
 from test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 
 
-@pytest.mark.slow  # six runs of 3-6 s each on 2 cores, through the export check
-@pytest.mark.parametrize("name", ["sd3_12gb", "sd3_16gb", "sd3_24gb", "flux2_12gb", "flux2_16gb", "flux2_24gb"])
-def test_every_sd3_and_flux2_preset_runs_as_set(name, tiny_sd3, tiny_klein, demo_images, tmp_path,  # noqa: F811
-                                                monkeypatch):
+@pytest.mark.slow  # eight runs of 3-6 s each on 2 cores (dev's more), through the export check (swap: all blocks)
+@pytest.mark.parametrize("name", ["sd3_12gb", "sd3_16gb", "sd3_24gb", "flux2_12gb", "flux2_16gb", "flux2_24gb",
+                                  "flux2_klein9b_12gb", "flux2_dev_24gb"])
+def test_every_sd3_and_flux2_preset_runs_as_set(name, tiny_sd3, tiny_klein, tiny_dev, demo_images,  # noqa: F811
+                                                tmp_path, monkeypatch):
     from helpers import run_preset_as_set
 
     monkeypatch.setenv("LORA_STUDIO_CPU_CHECK", "1")  # bf16 and nf4 (bitsandbytes' CPU kernels) as on a GPU
-    model = tiny_sd3 if name.startswith("sd3") else tiny_klein
+    model = tiny_sd3 if name.startswith("sd3") else tiny_dev if "dev" in name else tiny_klein
     job = run_preset_as_set(name, model, demo_images, tmp_path / "out", steps=3)
     losses = [loss for _, loss in job.snapshot().losses]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

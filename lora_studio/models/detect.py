@@ -189,11 +189,12 @@ class FamilyInfo:
     prediction_type: str | None = None
     default_resolution: int | None = None
     presets: list[str] = field(default_factory=list)
+    variant: str = ""  # which of the family's models (FLUX.2: "dev", "klein9b"; "" the first)
 
     def recommended_preset(self, gpu_memory_gb: float | None) -> str | None:
         from ..presets import recommend_preset
 
-        preset = recommend_preset(gpu_memory_gb, get_family(self.family).preset_group)
+        preset = recommend_preset(gpu_memory_gb, get_family(self.family).preset_group, self.variant)
         return preset.name if preset else None
 
 
@@ -220,4 +221,5 @@ def family_info(base_model: str, family: str | None = None) -> FamilyInfo:
     return FamilyInfo(family=family, name=entry.name,
                       prediction_type=prediction_type_of(base_model) if entry.is_image else None,
                       default_resolution=entry.default_resolution,
-                      presets=[p.name for p in list_presets(entry.preset_group)])
+                      presets=[p.name for p in list_presets(entry.preset_group)],
+                      variant=entry.variant_of(base_model))

@@ -22,6 +22,7 @@ as the processor does for text.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,6 +76,43 @@ def model_render_defaults(base_model: str, family: str = "flux2") -> dict[str, f
     path = Path(base_model).expanduser()
     source = _source(base_model) if not path.is_file() else DEFAULT_CONFIG
     return render_settings(_index(source), entry.sample_steps, entry.guidance_scale)
+
+
+# (double blocks, single blocks) of the transformer -> the variant's name; klein 4B (5, 20) is the family's ""
+VARIANT_BLOCKS = {(8, 48): "dev", (8, 24): "klein9b"}
+VARIANT_NAMES = ((re.compile(r"flux\.?2[-_. ]?dev", re.I), "dev"), (re.compile(r"klein[-_. ]?(base[-_. ]?)?9b", re.I), "klein9b"))
+
+
+def model_variant(base_model: str, family: str = "flux2") -> str:
+    """"dev", "klein9b" or "" (klein 4B, and what cannot be told): the registry's ``variant`` hook, which picks the
+    memory figures and presets. A diffusers folder or cached hub id by its pipeline class (dev is ``Flux2Pipeline``)
+    or its transformer's block counts, a single file by its blocks, an uncached hub id by its name."""
+    path = Path(base_model).expanduser()
+    if path.is_file():
+        return VARIANT_BLOCKS.get(_file_block_counts(path), "")
+    source = _source(base_model)
+    if _index(source).get("_class_name") == "Flux2Pipeline":
+        return "dev"
+    config = _model_file(source, "transformer/config.json")
+    if config:
+        found = json.loads(config.read_text(encoding="utf-8"))
+        return VARIANT_BLOCKS.get((found.get("num_layers"), found.get("num_single_layers")), "")
+    return next((name for pattern, name in VARIANT_NAMES if pattern.search(base_model)), "")
+
+
+def _file_block_counts(path: Path) -> tuple[int, int]:
+    """(double blocks, single blocks) of a single-file transformer (BFL's or diffusers' names), from its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception:
+        return (0, 0)
+    found = {kind: {m.group(1) for m in (re.search(rf"(?:^|\.){kind}\.(\d+)\.", k) for k in keys) if m}
+             for kind in ("double_blocks", "single_blocks", "transformer_blocks", "single_transformer_blocks")}
+    return (len(found["double_blocks"] or found["transformer_blocks"]),
+            len(found["single_blocks"] or found["single_transformer_blocks"]))
 
 
 def config_source(single_file_config: str | None) -> str:

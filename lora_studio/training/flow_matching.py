@@ -123,6 +123,8 @@ def lora_as_stored(model: torch.nn.Module, dtypes: Sequence[torch.dtype] = (torc
             p.data = data
 
 
+TEXT_ROOM = 1.2  # the text encoders' weights and a fifth more for their activations must be free on the GPU
+
 class FlowMatchingTrainer(ImageTrainer):
     """The shared trainer. A family subclass provides (see ``training/flux.py``):
 
@@ -144,6 +146,7 @@ class FlowMatchingTrainer(ImageTrainer):
         self.quantization = "none"
         self.held_dtypes: dict[str, torch.dtype] = {}
         self.block_swap = None  # block_swap.BlockSwap with blocks_to_swap
+        self._text_device: torch.device | None = None  # text_device(), decided once
 
     # --- family hooks -------------------------------------------------------------------------------
     def load_pipeline(self, dtype: torch.dtype):
@@ -278,9 +281,21 @@ class FlowMatchingTrainer(ImageTrainer):
             free_memory()
 
     def text_device(self) -> torch.device:
-        """Where the text encoders encode the captions: the run's device (Qwen-Image: the CPU when its 7B encoder
-        does not fit the GPU)."""
-        return self.accelerator.device
+        """Where the text encoders encode the captions: the GPU when they fit its free memory, else the CPU (slow,
+        but once per caption before training; the step never needs them: Qwen-Image's Qwen2.5-VL-7B, FLUX.2 dev's
+        Mistral Small 24B). Decided once, before they move."""
+        if self._text_device is None:
+            device = self.accelerator.device
+            if device.type == "cuda":
+                need = sum(p.numel() * p.element_size() for n in self.text_encoder_names
+                           if getattr(self.pipe, n, None) is not None for p in getattr(self.pipe, n).parameters())
+                free, _ = torch.cuda.mem_get_info(device)
+                if need * TEXT_ROOM > free:
+                    self.say(f"The text encoder ({need / 1e9:.1f} GB) does not fit the GPU's {free / 1e9:.1f} GB "
+                             "free: the captions are encoded on the CPU (slower, once before training).", "warning")
+                    device = torch.device("cpu")
+            self._text_device = device
+        return self._text_device
 
     def _add_adapters(self) -> None:
         from diffusers.training_utils import cast_training_params

@@ -127,7 +127,7 @@ class FluxTrainer(FlowMatchingTrainer):
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         self._warn_long_captions(captions)
         embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), prompt_2=None,
-                                                    device=self.accelerator.device,
+                                                    device=self.text_device(),
                                                     max_sequence_length=self.sequence_length())
         return {"prompt_embeds": embeds, "pooled": pooled}
 
@@ -300,7 +300,7 @@ class ChromaTrainer(FluxTrainer):
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         self._warn_long_captions(captions)
-        embeds, _, mask, *_ = self.pipe.encode_prompt(prompt=list(captions), device=self.accelerator.device,
+        embeds, _, mask, *_ = self.pipe.encode_prompt(prompt=list(captions), device=self.text_device(),
                                                       do_classifier_free_guidance=False,
                                                       max_sequence_length=self.sequence_length())
         return {"prompt_embeds": embeds, "attention_mask": mask}

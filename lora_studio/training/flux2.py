@@ -84,7 +84,7 @@ class Flux2Trainer(FluxTrainer):
 
     # --- text ---------------------------------------------------------------------------------------
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        embeds, _ = self.pipe.encode_prompt(prompt=list(captions), device=self.accelerator.device,
+        embeds, _ = self.pipe.encode_prompt(prompt=list(captions), device=self.text_device(),
                                             max_sequence_length=self.sequence_length())
         return {"prompt_embeds": embeds}
 

@@ -544,11 +544,14 @@ def _check_disk_space(trainer: Trainer, total: int) -> int:
     return need
 
 
-def _smaller_preset_hint(family: str, is_smaller) -> str:
-    """' Try the preset X (...).' for the largest preset of the family that ``is_smaller(values)`` accepts."""
+def _smaller_preset_hint(family: str, is_smaller, base_model: str = "") -> str:
+    """' Try the preset X (...).' for the largest preset of the family (and the base model's variant) that
+    ``is_smaller(values)`` accepts."""
     from ..presets import list_presets
 
-    smaller = [p for p in list_presets(get_family(family).preset_group) if is_smaller(p.values)]
+    entry = get_family(family)
+    variant = entry.variant_of(base_model)
+    smaller = [p for p in list_presets(entry.preset_group) if p.variant == variant and is_smaller(p.values)]
     return f" Try the preset '{smaller[-1].name}' ({smaller[-1].description})." if smaller else ""
 
 
@@ -563,7 +566,8 @@ def out_of_memory_advice(cfg: TrainConfig, family: str | None = None) -> str:
                 "Or lower batch_size (raise gradient_accumulation_steps to keep the effective batch), lower "
                 "max_seq_length, turn on gradient_checkpointing, or set load_in_4bit: true (QLoRA).")
     hint = _smaller_preset_hint(family, lambda v: v.get("batch_size", 99) < cfg.batch_size
-                                or (v.get("gradient_checkpointing") and not cfg.gradient_checkpointing))
+                                or (v.get("gradient_checkpointing") and not cfg.gradient_checkpointing)
+                                or v.get("blocks_to_swap", 0) > cfg.blocks_to_swap, cfg.base_model)
     return (f"The GPU ran out of memory (batch_size {cfg.batch_size}, resolution {cfg.resolution}, "
             f"gradient_checkpointing {cfg.gradient_checkpointing}).{hint} Or lower batch_size, turn on "
             "gradient_checkpointing, use optimizer adamw8bit, or lower the resolution. "

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..families import get_family
-from .memory_flux import FLOW_FIGURES, estimate_flow
+from .memory_flux import FLOW_FIGURES, estimate_flow, figures_for
 
 GB = 1e9
 CONTEXT_GB = 0.5            # CUDA context + cuBLAS/cuDNN handles (outside max_memory_allocated); not yet measured
@@ -194,7 +194,7 @@ def size_note(config: TrainConfig, family: str) -> str | None:
     if family in FIGURES:
         part, released = "unet", FIGURES[family].unet_params
     elif family in FLOW_FIGURES:
-        part, released = "transformer", FLOW_FIGURES[family].transformer_params
+        part, released = "transformer", figures_for(config, family).transformer_params
     else:
         return None
     have = unet_parameters(config.base_model, part)
@@ -219,7 +219,8 @@ def check_fits(config: TrainConfig, family: str, gpu_memory_gb: float | None) ->
         return None
     from ..presets import recommend_preset
 
-    preset = recommend_preset(gpu_memory_gb, get_family(family).preset_group)
+    entry = get_family(family)
+    preset = recommend_preset(gpu_memory_gb, entry.preset_group, entry.variant_of(config.base_model))
     hint = f"Pick the preset '{preset.name}' ({preset.description}), or " if preset else ""
     step = next_step_down(config, family)
     first = f"; auto_fit would first try: {step.change}" if step else ""

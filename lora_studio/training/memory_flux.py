@@ -80,7 +80,29 @@ FLOW_FIGURES = {
                          {"attention": (245_760, 614_400), "all_linear": (583_680, 921_600)}, blocks=(5, 20),
                          vae_params=84_046_115, act_bytes={"ckpt": 413_000, "full": 3_591_688},
                          swap_runs=((5, 245_367_296), (20, 122_683_648))),
+    # The variants of a family (``Family.variant_of``: "<family>_<variant>"). FLUX.2 klein 9B: Qwen3-8B;
+    # FLUX.2 dev: the 32B transformer (8 double + 48 single blocks of width 6144) with Mistral Small 3.1 24B
+    # (46.7 GB in bf16: encoded on the CPU unless the GPU has room), both measured by benchmarks/flow_memory.py
+    "flux2_klein9b": FlowFigures(9_078_581_248, 84_410_368, (8_190_735_360,),
+                                 {"attention": (524_288, 983_040), "all_linear": (1_245_184, 1_474_560)},
+                                 blocks=(8, 24), vae_params=84_046_115, text_offloads=True,
+                                 act_bytes={"ckpt": 607_656, "full": 6_126_648},
+                                 swap_runs=((8, 436_208_128), (24, 218_104_064))),
+    "flux2_dev": FlowFigures(32_223_281_152, 170_655_744, (23_340_272_640,),
+                             {"attention": (786_432, 2_949_120), "all_linear": (1_867_776, 4_423_680)},
+                             blocks=(8, 48), vae_params=84_046_115,
+                             act_bytes={"ckpt": 1_205_864, "full": 15_691_256}, text_offloads=True,
+                             swap_runs=((8, 981_467_648), (48, 490_733_824))),
 }
+
+
+def figures_for(config: TrainConfig, family: str) -> FlowFigures:
+    """The figures of the model the run trains: the family's, or its variant's (FLUX.2 dev, klein 9B) when the
+    registry's ``variant`` hook tells the base model apart."""
+    from ..families import get_family
+
+    variant = get_family(family).variant_of(config.base_model) if family in FLOW_FIGURES else ""
+    return FLOW_FIGURES.get(f"{family}_{variant}") or FLOW_FIGURES.get(family, FLOW_FIGURES["flux"])
 
 
 def _block_share(config: TrainConfig, count: int, key: str) -> float:
@@ -108,7 +130,7 @@ def swap_note(config: TrainConfig, family: str) -> str | None:
     from .block_swap import PCIE_GB_PER_S, step_traffic
     from .memory import GB
 
-    fig = FLOW_FIGURES.get(family)
+    fig = figures_for(config, family) if family in FLOW_FIGURES else None
     if not config.blocks_to_swap or fig is None or not fig.swap_runs:
         return None
     swapped, _ = swapped_blocks(config.blocks_to_swap, fig)
@@ -133,7 +155,7 @@ def estimate_flow(config: TrainConfig, family: str, *, context_gb: float, worksp
     """``MemoryEstimate`` parts of a FLUX/Chroma run (the constants shared with the UNet estimate are passed in)."""
     from .memory import GB, MemoryEstimate
 
-    fig = FLOW_FIGURES.get(family, FLOW_FIGURES["flux"])
+    fig = figures_for(config, family)
     resolution = config.resolution_for(family)
     half = config.mixed_precision != "no"
     stored = _stored_bytes(config)

@@ -36,7 +36,6 @@ from .flux import FluxTrainer, target_modules
 from .run_folder import RunFolder
 
 QWEN_BLOCKS = {"transformer_blocks": "train_double_block_indices"}
-TEXT_ROOM = 1.2    # the encoder's weights and a fifth more for its activations must be free on the GPU
 NEGATIVE = " "     # the pipeline's own examples use a blank negative prompt for true CFG
 
 
@@ -89,7 +88,6 @@ class QwenImageTrainer(FluxTrainer):
 
     def __init__(self, config: TrainConfig, run: RunFolder, bus: EventBus, family: str = "qwen_image"):
         super().__init__(config, run, bus, family)
-        self._text_device: torch.device | None = None
 
     def lora_target_modules(self) -> list[str]:
         if self._targets is None:
@@ -104,21 +102,6 @@ class QwenImageTrainer(FluxTrainer):
         return QwenLatents(vae)
 
     # --- text ---------------------------------------------------------------------------------------
-    def text_device(self) -> torch.device:
-        """The GPU when Qwen2.5-VL (16.6 GB in bf16) fits its free memory, else the CPU (slow, but once per
-        caption before training; the step never needs the encoder). Decided once, before it moves."""
-        if self._text_device is None:
-            device = self.accelerator.device
-            if device.type == "cuda":
-                need = sum(p.numel() * p.element_size() for p in self.pipe.text_encoder.parameters())
-                free, _ = torch.cuda.mem_get_info(device)
-                if need * TEXT_ROOM > free:
-                    self.say(f"The text encoder ({need / 1e9:.1f} GB) does not fit the GPU's {free / 1e9:.1f} GB "
-                             "free: the captions are encoded on the CPU (slower, once before training).", "warning")
-                    device = torch.device("cpu")
-            self._text_device = device
-        return self._text_device
-
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         self._warn_long_captions(captions, "Qwen2.5-VL")
         embeds, mask = self.pipe.encode_prompt(prompt=list(captions), device=self.text_device(),
