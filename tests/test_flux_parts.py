@@ -327,14 +327,14 @@ def test_prompt_length_is_at_most_what_the_t5_tokenizer_allows():
     from types import SimpleNamespace
 
     from lora_studio.inference.grid import _prompt_length
-    from lora_studio.models.flux_loading import t5_length
+    from lora_studio.models.flux_loading import prompt_length
 
     flux = SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=77),
                            tokenizer_2=SimpleNamespace(model_max_length=512))
     miniature = SimpleNamespace(tokenizer=flux.tokenizer, tokenizer_2=SimpleNamespace(model_max_length=32))
     chroma = SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=512))
-    assert t5_length(flux, 512) == 512 and t5_length(flux, 256) == 256
-    assert t5_length(miniature, 512) == 32 and t5_length(chroma) == 512
+    assert prompt_length(flux, 512) == 512 and prompt_length(flux, 256) == 256
+    assert prompt_length(miniature, 512) == 32 and prompt_length(chroma) == 512
     FluxPipeline = type("FluxPipeline", (), {})
     pipe = FluxPipeline()
     pipe.tokenizer, pipe.tokenizer_2 = miniature.tokenizer, miniature.tokenizer_2

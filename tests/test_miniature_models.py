@@ -128,8 +128,8 @@ def test_sd3_and_flux2_render_and_train_at_their_tokenizers_prompt_length(pipeli
     model_max_length (32 for the miniatures, which were trained with it; the released models' limits are above the
     pipelines' defaults, 256 and 512, which stay)."""
     from lora_studio.inference.grid import _prompt_length
-    from lora_studio.models.flux_loading import t5_length
+    from lora_studio.models.flux_loading import prompt_length
 
     pipe = pipelines(family)
     assert _prompt_length(pipe) == {"max_sequence_length": 32}
-    assert t5_length(pipe, 512) == 32
+    assert prompt_length(pipe, 512) == 32

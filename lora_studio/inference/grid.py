@@ -294,9 +294,9 @@ def _prompt_length(pipe) -> dict:
     pipeline's default (512; SD3's 256)."""
     name = type(pipe).__name__
     if name.startswith(("Flux", "Chroma", "StableDiffusion3")):
-        from ..models.flux_loading import t5_length
+        from ..models.flux_loading import prompt_length
 
-        return {"max_sequence_length": t5_length(pipe, 256 if name.startswith("StableDiffusion3") else 512)}
+        return {"max_sequence_length": prompt_length(pipe, 256 if name.startswith("StableDiffusion3") else 512)}
     return {}
 
 

@@ -60,10 +60,11 @@ def render_defaults(family: str, transformer_config: Any) -> dict[str, Any]:
     return {"guidance_scale": found["cfg"], "num_inference_steps": found["steps"]}
 
 
-def t5_length(pipe: Any, requested: int = 512) -> int:
-    """The T5 prompt length to encode with: ``requested`` (``max_sequence_length``; the pipelines' default is 512),
-    at most the T5 tokenizer's ``model_max_length``: 512 for FLUX.1 and Chroma, 32 for the FLUX miniature, which
-    was trained with that length (the transformer attends over every padding token, so the length matters)."""
+def prompt_length(pipe: Any, requested: int = 512) -> int:
+    """The prompt length to encode with: ``requested`` (``max_sequence_length``; the pipelines' default is 512), at
+    most the long-prompt tokenizer's ``model_max_length`` (T5 for FLUX.1, Chroma and SD3, the third tokenizer there;
+    Qwen3 or Mistral for FLUX.2): 512 for the released models, 32 for the miniatures, which were trained with that
+    length (the transformer attends over every padding token, so the length matters)."""
     tokenizer = (getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)  # SD3's T5 is the third
                  or getattr(pipe, "tokenizer", None))
     limit = getattr(tokenizer, "model_max_length", None) or requested

@@ -164,10 +164,10 @@ class FluxTrainer(FlowMatchingTrainer):
         return {"pooled_projections": cond["pooled"].to(dtype), "guidance": guidance}
 
     def sequence_length(self) -> int:
-        """``max_sequence_length``, at most the T5 tokenizer's ``model_max_length`` (``t5_length``)."""
-        from ..models.flux_loading import t5_length
+        """``max_sequence_length``, at most the long-prompt tokenizer's ``model_max_length`` (``prompt_length``)."""
+        from ..models.flux_loading import prompt_length
 
-        return t5_length(self.pipe, self.config.max_sequence_length)
+        return prompt_length(self.pipe, self.config.max_sequence_length)
 
     # --- files and checks ---------------------------------------------------------------------------
     def render_kwargs(self) -> dict[str, Any]:
