@@ -104,7 +104,8 @@ def keep_4bit_unpacked(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _quantizable(module: torch.nn.Module, name: str) -> bool:
+def quantizable(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``base_quantization`` stores this layer quantized: every ``nn.Linear`` outside ``KEEP``."""
     return isinstance(module, torch.nn.Linear) and name.split(".")[0] not in KEEP
 
 
@@ -113,12 +114,12 @@ def quantize_in_place(model: torch.nn.Module, mode: str, compute_dtype: torch.dt
     if mode == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        quantize_(model, Int8WeightOnlyConfig(), filter_fn=_quantizable)
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=quantizable)
     elif mode == "fp8":
         from diffusers.hooks import apply_layerwise_casting
 
         for name, module in model.named_modules():
-            if _quantizable(module, name):
+            if quantizable(module, name):
                 apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
                                         skip_modules_pattern=())
     elif mode == "nf4":
@@ -132,7 +133,7 @@ def _nf4_in_place(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not _quantizable(child, full):
+            if not quantizable(child, full):
                 continue
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
