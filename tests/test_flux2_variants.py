@@ -72,7 +72,8 @@ def test_the_training_tab_and_the_advice_pick_the_base_models_presets(tiny_dev):
     from lora_studio.training.memory import check_fits, size_note
     from lora_studio.ui.train_family import family_choices
 
-    assert family_choices(str(tiny_dev), "auto", 24.0).preset == "flux2_dev_24gb"
+    choices = family_choices(str(tiny_dev), "auto", 24.0)
+    assert choices.preset == "flux2_dev_24gb" and "Model family: **FLUX.2 dev** (`flux2`)" in choices.text
     cfg = TrainConfig(base_model=DEV_ID, model_family="flux2", resolution=1024, batch_size=1)
     assert "Pick the preset 'flux2_dev_24gb'" in check_fits(cfg, "flux2", 23.6)
     swapping = cfg.replace(base_quantization="fp8", gradient_checkpointing=True, blocks_to_swap=42)

@@ -87,9 +87,13 @@ SINGLE_FILE_NOTE = (" A single-file checkpoint: its configs and tokenizer come f
                     "folder of the same family.")
 
 
+VARIANT_NAMES = {"dev": "dev", "klein9b": "klein 9B"}  # Family.variant_of -> words (FLUX.2)
+
+
 def _family_line(info_name: str, family: str, recommended: str | None, base_model: str = "",
-                 gpu_gb: float | None = None) -> str:
-    text = f"Model family: **{info_name}** (`{family}`)."
+                 gpu_gb: float | None = None, variant: str = "") -> str:
+    model = f" {VARIANT_NAMES.get(variant, variant)}" if variant else ""
+    text = f"Model family: **{info_name}{model}** (`{family}`)."
     if recommended:
         from ..presets import get_preset
 
@@ -124,7 +128,8 @@ def family_choices(base_model: str, family: str = "auto", gpu_gb: float | None =
         else:
             text = ""
     recommended = info.recommended_preset(gpu_gb) if preselect else None
-    text = text or _family_line(info.name, info.family, info.recommended_preset(gpu_gb), base_model, gpu_gb)
+    text = text or _family_line(info.name, info.family, info.recommended_preset(gpu_gb), base_model, gpu_gb,
+                                info.variant)
     llm = info.family == "llm"
     if llm:
         names = llm_layer_names(base_model)
