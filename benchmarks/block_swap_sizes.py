@@ -23,13 +23,14 @@ def models() -> dict[str, tuple[type, dict]]:
     """family (or family_variant) -> (transformer class, config) of the model each of ``FLOW_FIGURES`` describes."""
     from diffusers import (ChromaTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
                            QwenImageTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel)
-    from flow_memory import DEV, KLEIN_4B, KLEIN_9B, LARGE
+    from flow_memory import DEV, KLEIN_4B, KLEIN_9B, LARGE, MEDIUM
     from flux_memory import FLUX_CONFIG
     from qwen_z_memory import QWEN_IMAGE_CONFIG, Z_IMAGE_CONFIG
 
     return {"flux": (FluxTransformer2DModel, FLUX_CONFIG), "chroma": (ChromaTransformer2DModel, {}),
             "qwen_image": (QwenImageTransformer2DModel, QWEN_IMAGE_CONFIG),
             "z_image": (ZImageTransformer2DModel, Z_IMAGE_CONFIG), "sd3": (SD3Transformer2DModel, LARGE),
+            "sd3_medium": (SD3Transformer2DModel, MEDIUM),
             "flux2": (Flux2Transformer2DModel, KLEIN_4B), "flux2_klein9b": (Flux2Transformer2DModel, KLEIN_9B),
             "flux2_dev": (Flux2Transformer2DModel, DEV)}
 

@@ -289,7 +289,8 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
               "targets_help": "Transformer layers that get a LoRA, in every kept block "
               "(Enter adds one). Empty: the lora_targets preset (attention, or all_linear).",
               "pipeline_loader": "lora_studio.models.sd3_loading:load_sd3_pipeline",
-              "render_defaults": "lora_studio.models.sd3_loading:model_render_defaults"}),
+              "render_defaults": "lora_studio.models.sd3_loading:model_render_defaults",
+              "variant": "lora_studio.models.sd3_loading:model_variant"}),
     Family("flux2", "FLUX.2", trainer="lora_studio.training.flux2:Flux2Trainer",
            pipeline="diffusers:Flux2KleinPipeline", kohya_version="flux2", sample_steps=50, guidance_scale=4.0,
            matches_index=_is_flux2_index, matches_keys=_is_flux2_keys,

@@ -11,9 +11,9 @@ from test_flux2 import tiny_dev, tiny_klein  # noqa: F401  (fixtures)
 from test_sd3 import tiny_sd3  # noqa: F401  (fixture)
 
 
-@pytest.mark.slow  # eight runs of 3-6 s each on 2 cores (dev's more), through the export check (swap: all blocks)
+@pytest.mark.slow  # nine runs of 3-6 s each on 2 cores (dev's more), through the export check (swap: all blocks)
 @pytest.mark.parametrize("name", ["sd3_12gb", "sd3_16gb", "sd3_24gb", "flux2_12gb", "flux2_16gb", "flux2_24gb",
-                                  "flux2_klein9b_12gb", "flux2_dev_24gb"])
+                                  "flux2_klein9b_12gb", "flux2_dev_24gb", "sd3_medium_24gb"])
 def test_every_sd3_and_flux2_preset_runs_as_set(name, tiny_sd3, tiny_klein, tiny_dev, demo_images,  # noqa: F811
                                                 tmp_path, monkeypatch):
     from helpers import run_preset_as_set
@@ -44,7 +44,7 @@ def test_training_tab_offers_the_families_presets_and_layers(tiny_sd3, tiny_klei
     from lora_studio.ui.train_family import family_choices
 
     sd3 = family_choices(str(tiny_sd3), "auto", 16.0)
-    assert sd3.family == "sd3" and sd3.group == "flow" and sd3.preset == "sd3_16gb"
+    assert sd3.family == "sd3" and sd3.group == "flow" and sd3.preset == "sd3_medium_16gb"  # Medium-shaped
     assert "attn2.to_q" in sd3.targets and "ff_context.net.2" in sd3.targets and "SD3.5" in sd3.text
     klein = family_choices(str(tiny_klein), "auto", 24.0)
     assert klein.family == "flux2" and klein.preset == "flux2_24gb" and "attn.to_qkv_mlp_proj" in klein.targets

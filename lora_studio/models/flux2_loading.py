@@ -29,7 +29,7 @@ from typing import Any, Callable
 from ..errors import ModelLoadError
 from ..families import get_family
 from .flux_loading import _local_only, _source
-from .transformer_loading import load_pipeline_files, load_transformer_files
+from .transformer_loading import load_pipeline_files, load_transformer_files, read_transformer_config
 
 DEFAULT_CONFIG = "black-forest-labs/FLUX.2-klein-base-4B"
 DISTILLED_RENDER = {"steps": 4, "cfg": 1.0}
@@ -93,9 +93,8 @@ def model_variant(base_model: str, family: str = "flux2") -> str:
     source = _source(base_model)
     if _index(source).get("_class_name") == "Flux2Pipeline":
         return "dev"
-    config = _model_file(source, "transformer/config.json")
-    if config:
-        found = json.loads(config.read_text(encoding="utf-8"))
+    found = read_transformer_config(source)
+    if found:
         return VARIANT_BLOCKS.get((found.get("num_layers"), found.get("num_single_layers")), "")
     return next((name for pattern, name in VARIANT_NAMES if pattern.search(base_model)), "")
 

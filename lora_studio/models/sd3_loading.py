@@ -15,13 +15,12 @@ Large Turbo 4 / 0 (told by its name). Every load holds the process-wide model-lo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 from ..families import get_family
 from .flux_loading import _source
-from .transformer_loading import load_pipeline_files, load_transformer_files
+from .transformer_loading import load_pipeline_files, load_transformer_files, read_transformer_config
 
 DEFAULT_CONFIG = {"large": "stabilityai/stable-diffusion-3.5-large",
                   "medium": "stabilityai/stable-diffusion-3.5-medium"}
@@ -37,20 +36,6 @@ def _single_file_is_medium(path: Path) -> bool:
         return any(k.endswith(MEDIUM_KEY) for k in fh.keys())
 
 
-def _transformer_config(base_model: str) -> dict[str, Any]:
-    """The transformer's config.json of a folder or a cached hub id ({} when neither has one)."""
-    path = Path(base_model).expanduser()
-    config = path / "transformer" / "config.json"
-    if not config.is_file():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            config = Path(hf_hub_download(base_model, "transformer/config.json", local_files_only=True))
-        except Exception:
-            return {}
-    return json.loads(config.read_text(encoding="utf-8"))
-
-
 def model_kind(base_model: str, transformer_config: Any = None) -> str:
     """``large``, ``medium`` or ``turbo`` (Large Turbo, told by its name) of a model's files or loaded config."""
     if "turbo" in str(base_model).lower():
@@ -58,11 +43,17 @@ def model_kind(base_model: str, transformer_config: Any = None) -> str:
     path = Path(base_model).expanduser()
     if transformer_config is None and path.is_file():
         return "medium" if _single_file_is_medium(path) else "large"
-    config = transformer_config if transformer_config is not None else _transformer_config(base_model)
+    config = transformer_config if transformer_config is not None else read_transformer_config(base_model)
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     if not config and "medium" in str(base_model).lower():
         return "medium"
     return "medium" if get("dual_attention_layers", ()) else "large"
+
+
+def model_variant(base_model: str, family: str = "sd3") -> str:
+    """"medium" for SD3.5 Medium, "" for Large and Large Turbo (the registry's ``variant`` hook: memory figures
+    and presets)."""
+    return "medium" if model_kind(base_model) == "medium" else ""
 
 
 def model_render_defaults(base_model: str, family: str = "sd3") -> dict[str, float]:

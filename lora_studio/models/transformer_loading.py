@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +15,23 @@ from ..families import get_family
 from .detect import first_line
 from .flux_loading import _local_only
 from .load_lock import model_loading
+
+
+def read_transformer_config(base_model: str) -> dict[str, Any]:
+    """The transformer's config.json of a diffusers folder or a cached hub id ({} when neither has one; nothing is
+    downloaded)."""
+    path = Path(base_model).expanduser()
+    config = path / "transformer" / "config.json"
+    if not config.is_file():
+        if path.exists():
+            return {}
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(base_model, "transformer/config.json", local_files_only=True))
+        except Exception:
+            return {}
+    return json.loads(config.read_text(encoding="utf-8"))
 
 
 def load_failure(base_model: str, family: str, exc: Exception, hint: str = "") -> ModelLoadError:

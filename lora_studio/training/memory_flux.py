@@ -80,6 +80,13 @@ FLOW_FIGURES = {
                          {"attention": (245_760, 614_400), "all_linear": (583_680, 921_600)}, blocks=(5, 20),
                          vae_params=84_046_115, act_bytes={"ckpt": 413_000, "full": 3_591_688},
                          swap_runs=((5, 245_367_296), (20, 122_683_648))),
+    # SD3.5 Medium (2.2B MMDiT-X, 24 joint blocks, the first 13 with a second attention): the same text encoders
+    # and VAE; bytes per token measured by benchmarks/flow_memory.py
+    "sd3_medium": FlowFigures(2_243_171_520, 19_378_176, (123_650_304, 694_659_840, 4_762_310_656),
+                              {"attention": (746_496, 0), "all_linear": (1_468_416, 0)}, blocks=(24, 0),
+                              vae_params=83_653_863, act_bytes={"ckpt": 191_312, "full": 2_224_536}, clip_tokens=77,
+                              caching_text_params=4_762_310_656,
+                              swap_runs=((13, 101_506_944), (10, 84_980_992), (1, 54_294_784))),
     # The variants of a family (``Family.variant_of``: "<family>_<variant>"). FLUX.2 klein 9B: Qwen3-8B;
     # FLUX.2 dev: the 32B transformer (8 double + 48 single blocks of width 6144) with Mistral Small 3.1 24B
     # (46.7 GB in bf16: encoded on the CPU unless the GPU has room), both measured by benchmarks/flow_memory.py

@@ -87,7 +87,7 @@ SINGLE_FILE_NOTE = (" A single-file checkpoint: its configs and tokenizer come f
                     "folder of the same family.")
 
 
-VARIANT_NAMES = {"dev": "dev", "klein9b": "klein 9B"}  # Family.variant_of -> words (FLUX.2)
+VARIANT_NAMES = {"dev": "dev", "klein9b": "klein 9B", "medium": "Medium"}  # Family.variant_of -> words
 
 
 def _family_line(info_name: str, family: str, recommended: str | None, base_model: str = "",
