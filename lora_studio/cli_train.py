@@ -166,7 +166,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         for p in presets:
             mark = "  <- fits this GPU" if p.name in fits else ""
             sets = ", ".join(f"{k}={v}" for k, v in p.values.items())
-            print(f"  {p.name:<12} {p.description}{mark}\n               sets: {sets}")
+            print(f"  {p.name:<18} {p.description}{mark}\n  {'':<18} sets: {sets}")
     print("\nUse one with: python -m lora_studio train --config my.yaml --preset NAME")
     return 0
 
