@@ -117,3 +117,12 @@ def test_the_proofs_of_learning_train_with_the_demo_settings():
         expected = {("max_train_steps" if k == "steps" else k): v for k, v in proof.items()}
         expected.setdefault("max_train_steps", 100)
         assert {k: settings[k] for k in expected} == expected, family
+
+
+def test_without_the_miniatures_the_demo_offers_tiny_random_models(tmp_path, monkeypatch):
+    monkeypatch.setattr("lora_studio.miniature.store.available", lambda: [])
+    demo = build_demo(tmp_path / "demo")
+    assert demo.miniatures == () and not demo.miniature
+    for family, path in demo.models.items():
+        assert path.name == f"tiny-{family}"
+        assert detect_family(str(path)) == DETECTED.get(family, family), family
