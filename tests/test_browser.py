@@ -172,7 +172,8 @@ def test_language_model_settings_follow_the_base_model(demo_app, page):
 
 def test_flux_settings_follow_the_base_model(demo_app, page):
     """Picking the demo's FLUX model: the FLUX presets, the FLUX and Chroma settings unfolded (the
-    language-model ones folded), the transformer's layer names as LoRA targets; back to SD1.5 folds them."""
+    language-model ones folded), the transformer's layer names as LoRA targets, the demo's FLUX training
+    settings; back to SD1.5 folds them and puts back the SD1.5 demo settings."""
     from playwright.sync_api import expect
 
     try:
@@ -191,10 +192,13 @@ def test_flux_settings_follow_the_base_model(demo_app, page):
         page.locator("#preset input").click()
         expect(page.get_by_role("option", name=re.compile(r"^flux_16gb: "))).to_be_visible()
         page.keyboard.press("Escape")
+        # The demo's FLUX settings: twice the SD1.5 learning rate (and no min-SNR, under the folded Advanced).
+        expect(page.locator("#cfg-learning_rate input")).to_have_value("0.02", timeout=10_000)
 
         _pick(page, "#base-model", "miniature-sd15")
         expect(page.locator("#model-family")).to_contain_text("Stable Diffusion 1.x", timeout=30_000)
         expect(page.locator("#cfg-base_quantization")).to_be_hidden()
+        expect(page.locator("#cfg-learning_rate input")).to_have_value("0.01", timeout=10_000)
     except Exception as exc:
         raise AssertionError(f"{exc}\n--- app log (tail):\n{demo_app.output()[-3000:]}") from None
 

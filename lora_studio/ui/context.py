@@ -71,16 +71,10 @@ class StudioContext:
 
     # --- models ----------------------------------------------------------------------------------
     def model_choices(self) -> list[str]:
-        """Base models offered in the dropdown: the demo model and what is in the ``models/`` folder."""
+        """Base models offered in the dropdown: the demo's models and what is in the ``models/`` folder."""
         found: list[str] = []
         if self.demo is not None:
-            found.append(str(self.demo.model))
-            if self.demo.llm_model is not None:
-                found.append(str(self.demo.llm_model))
-            if self.demo.flux_model is not None:
-                found.append(str(self.demo.flux_model))
-            if self.demo.qwen_image_model is not None:
-                found.append(str(self.demo.qwen_image_model))
+            found.extend(str(p) for p in self.demo.model_paths())
         if self.models_dir.is_dir():
             for p in sorted(self.models_dir.iterdir()):
                 if p.name.startswith("."):

@@ -199,7 +199,14 @@ def build_test_tab(ctx: StudioContext) -> dict[str, Any]:
 
 def _steps_and_cfg_for(ctx: StudioContext, base_model: str):
     """The model's own steps and guidance when its family's registry entry sets them per model (FLUX.1-dev
-    28 / 3.5, schnell 4 / 0, Chroma 35 / 5); other models, and paths the app may not read, keep the fields."""
+    28 / 3.5, schnell 4 / 0, Chroma 35 / 5), or the demo's for one of its models (CFG 2 for the Z-Image, SD3
+    and FLUX.2 miniatures); other models, and paths the app may not read, keep the fields."""
+    family = ctx.demo.family_of(base_model) if ctx.demo else None
+    if family:
+        from .demo import demo_render_settings
+
+        found = demo_render_settings(family)
+        return found["steps"], found["cfg"]
     try:
         ref = ctx.policy.model_ref(base_model)
     except StudioError:

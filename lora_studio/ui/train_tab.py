@@ -37,6 +37,7 @@ from ..training.multi_gpu import available_gpus
 from ..training.run_folder import RunFolder, list_runs
 from .common import friendly
 from .context import StudioContext
+from .demo import DEFAULT_FAMILY, demo_form_values
 from .train_extras import command_text, memory_text
 from .train_family import family_choices
 from .train_form import SPECIAL_FIELDS, build_form, config_to_values, form_to_config
@@ -119,6 +120,9 @@ def _settings_layout(ctx: StudioContext, s: SimpleNamespace) -> SimpleNamespace:
         intro += (f"\n\nDemo language model: pick `{s.demo.llm_model}` as base model, use `{s.demo.llm_data}` as "
                   "training data and every layer in target_modules: it teaches answers to start with \"Hear ye!\" "
                   "(then compare answers at the bottom of the Testing tab).")
+    if s.demo:
+        intro += ("\n\nDemo image models: picking one (SD1.5, FLUX.1, Z-Image ...) sets the demo's training settings "
+                  "for its family, which teach the pink background in about a minute.")
     gr.Markdown(intro)
     with gr.Row(equal_height=True):
         c.base = gr.Dropdown(label="Base model (base_model)", choices=ctx.model_choices(), scale=5,
@@ -190,6 +194,9 @@ class _Handlers:
 
     def __init__(self, ctx: StudioContext, s: SimpleNamespace, c: SimpleNamespace):
         self.ctx, self.s, self.c = ctx, s, c
+        # The demo's settings that follow its base model (target_modules follows every model already).
+        self.demo_fields = [n for n in demo_form_values(DEFAULT_FAMILY) if n in c.form and n != "target_modules"
+                            ] if s.demo else []
 
     # --- the view of a run ---------------------------------------------------------------------------
     def view(self, snap: Snapshot, shown: str) -> list[Any]:
@@ -298,11 +305,19 @@ class _Handlers:
 
     def on_model_change(self, base_model: str, model_family: str, targets: list[str] | None) -> tuple:
         """A new base model or family: its presets (the recommended one picked), layer choices, and its own
-        settings group unfolded (the others folded)."""
+        settings group unfolded (the others folded); one of the demo's image models also brings its family's
+        demo settings (``demo_fields``)."""
         f = family_choices(base_model, model_family, self.s.gpu_gb, targets, preselect=not self.s.demo)
         return (f.text, gr.update(choices=f.presets, value=f.preset),
                 gr.update(choices=f.targets, value=f.target_value, info=f.target_info),
-                *(gr.Accordion(open=f.group == g) for g in FAMILY_GROUPS))
+                *(gr.Accordion(open=f.group == g) for g in FAMILY_GROUPS), *self.demo_values(base_model))
+
+    def demo_values(self, base_model: str) -> list[Any]:
+        """The form values of ``demo_fields`` for one of the demo's image models; skips for any other model."""
+        family = self.s.demo.family_of(base_model) if self.s.demo else None
+        if family is None:
+            return [gr.skip()] * len(self.demo_fields)
+        return config_to_values(TrainConfig().replace(**demo_form_values(family)), self.demo_fields)
 
     def update_estimate(self, values: tuple) -> str:
         try:
@@ -347,8 +362,8 @@ def _wire(ctx: StudioContext, c: SimpleNamespace, h: _Handlers) -> None:
     c.preset.change(friendly(h.apply_preset), [c.preset], [c.preset_md] + list(c.form.values()),
                     api_visibility="private")
     gr.on([c.base.change, c.family.change], h.on_model_change, [c.base, c.family, c.form["target_modules"]],
-          [c.family_md, c.preset, c.form["target_modules"]] + [c.groups[g] for g in FAMILY_GROUPS],
-          api_visibility="private")
+          [c.family_md, c.preset, c.form["target_modules"]] + [c.groups[g] for g in FAMILY_GROUPS]
+          + [c.form[n] for n in h.demo_fields], api_visibility="private")
     c.models_btn.click(lambda: gr.update(choices=ctx.model_choices()), None, [c.base], api_visibility="private")
     gr.api(h.status_json, api_name="training_status")
 
