@@ -8,12 +8,13 @@ with ``demo_render_settings(family)`` at strengths 0, 0.5 and 1 for four prompts
 
     python benchmarks/demo_families.py [--families flux,z_image] [--threads 1]
 
-On a 2-core machine that other jobs share, ``--threads 1`` measures what a quiet machine does: two torch
-threads that wait for each other there made a demo run 15 to 50 times slower (SD1.5: 6 s with one thread,
-97 to 340 s with two while 3 to 5 other processes ran).
+On a 2-core machine that other jobs share, ``--threads 1`` measures the work without the waiting: two torch
+threads that wait for each other there made a demo run up to 50 times slower (SD1.5: 6 s with one thread,
+17 to 340 s with two while 3 to 5 other processes ran).
 
 Prints one line per family: the training wall time (start to finished, model loading, sample images,
-checkpoints and the export included), the process's CPU time over it (both cores together), and the mean background distance to the pink at each strength (white is about 97 away; under 50 is pink).
+checkpoints and the export included), the process's CPU time over it (every thread together), and the mean
+background distance to the pink at each strength (white is about 97 away; under 50 is pink).
 """
 
 from __future__ import annotations
