@@ -6,15 +6,21 @@ For each image family the demo offers (``lora_studio.ui.demo.DEMO_FAMILIES``), a
 on the demo's concept pictures (captioned as the Captioning tab captions them: trigger first), then rendered
 with ``demo_render_settings(family)`` at strengths 0, 0.5 and 1 for four prompts and two seeds.
 
-    python benchmarks/demo_families.py [--families flux,z_image] [--threads 2]
+    python benchmarks/demo_families.py [--families flux,z_image] [--threads 1]
+
+On a 2-core machine that other jobs share, ``--threads 1`` measures the work without the waiting: two torch
+threads that wait for each other there made a demo run up to 50 times slower (SD1.5: 6 s with one thread,
+17 to 340 s with two while 3 to 5 other processes ran).
 
 Prints one line per family: the training wall time (start to finished, model loading, sample images,
-checkpoints and the export included), the process's CPU time over it (both cores together), and the mean background distance to the pink at each strength (white is about 97 away; under 50 is pink).
+checkpoints and the export included), the process's CPU time over it (every thread together), and the mean
+background distance to the pink at each strength (white is about 97 away; under 50 is pink).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -64,17 +70,17 @@ def measure_family(family: str, work: Path) -> tuple[float, float, list[float]]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default="", help="comma separated (default: every family the demo offers)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads, also in the training thread (OMP_NUM_THREADS); 0: torch's default")
+    args = parser.parse_args()
+    if args.threads:  # before torch is imported: the training job's thread reads it too
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from lora_studio.ui.demo import DEMO_FAMILIES
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default=",".join(DEMO_FAMILIES), help="comma separated (default: all)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the demo's 2 CPU cores)")
-    args = parser.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        for family in args.families.split(","):
+        for family in (args.families.split(",") if args.families else DEMO_FAMILIES):
             seconds, cpu, curve = measure_family(family, Path(tmp))
             print(f"{family:<11} training {seconds:5.1f} s (CPU {cpu:5.1f} s)   background distance to pink at 0 / 0.5 / 1: "
                   f"{curve[0]:.0f} / {curve[1]:.0f} / {curve[2]:.0f}", flush=True)

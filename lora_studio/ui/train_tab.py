@@ -122,7 +122,7 @@ def _settings_layout(ctx: StudioContext, s: SimpleNamespace) -> SimpleNamespace:
                   "(then compare answers at the bottom of the Testing tab).")
     if s.demo:
         intro += ("\n\nDemo image models: picking one (SD1.5, FLUX.1, Z-Image ...) sets the demo's training settings "
-                  "for its family, which teach the pink background in about a minute.")
+                  "for its family, which teach the pink background in well under a minute on a CPU.")
     gr.Markdown(intro)
     with gr.Row(equal_height=True):
         c.base = gr.Dropdown(label="Base model (base_model)", choices=ctx.model_choices(), scale=5,
