@@ -80,13 +80,13 @@ def flux_miniature_vae(flux: Path):
     return vae.eval().requires_grad_(False)
 
 
-def measure_and_save(pipe, out: Path, recipe: FlowRecipe, cfg: float, **call) -> dict:
-    """The build's own check (the VAE's colour error; the named colour drawn at guidance ``cfg``, ``call``: more
-    pipeline arguments), then the transformer and the VAE in fp16 and the pipeline saved to ``out``. Returns what
-    it measured."""
+def measure_and_save(pipe, out: Path, recipe: FlowRecipe, cfg: float | None, vae=None, **call) -> dict:
+    """The build's own check (the VAE's colour error, ``vae``: the VAE as it reads 4-D pictures when the pipeline's
+    does not; the named colour drawn at guidance ``cfg``, ``call``: more pipeline arguments), then the transformer
+    and the VAE in fp16 and the pipeline saved to ``out``. Returns what it measured."""
     from .build_sd import colour_accuracy, vae_colour_error
 
-    report = {"vae": vae_colour_error(pipe.vae),
+    report = {"vae": vae_colour_error(vae or pipe.vae),
               "colour_accuracy": colour_accuracy(pipe, recipe.eval_seeds, recipe.eval_steps, cfg=cfg, **call)}
     pipe.transformer.half()
     pipe.vae.half()
