@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import world
 from .build_sd import Log, encode_world, fit_vae, spread_word_embeddings
-from .flow import FlowRecipe, measure_and_save, noised, train_flow
+from .flow import FlowRecipe, measure_and_save, noised, train_flow, with_empty_captions
 
 CFG = 2.0  # true_cfg_scale, with the blank negative prompt
 TEXT_WIDTH = 32
@@ -165,7 +165,7 @@ def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, co
     uncond = len(cond["embeds"]) - 1
 
     def loss_for(model, x0, noise, sigmas, idx, gen):
-        chosen = torch.where(torch.rand(len(idx), generator=gen) < recipe.empty_caption, uncond, rows[idx])
+        chosen = with_empty_captions(rows[idx], uncond, recipe.empty_caption, gen)
         pred = qwen_image_velocity(model, noised(x0, noise, sigmas), sigmas, cond["embeds"][chosen],
                                    cond["mask"][chosen])
         return F.mse_loss(pred, noise - x0)

@@ -310,7 +310,8 @@ def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float | None = 5
     hits = total = 0
     for colour in world.COLOURS:
         gens = [torch.Generator().manual_seed(s) for s in range(seeds)]
-        images = pipe(prompt=[f"a {colour} circle"] * seeds, num_inference_steps=steps, generator=gens, height=world.SIZE, width=world.SIZE, **call).images
+        images = pipe(prompt=[f"a {colour} circle"] * seeds, num_inference_steps=steps, generator=gens,
+                      height=world.SIZE, width=world.SIZE, **call).images
         hits += sum(dominant_colour(im) == colour for im in images)
         total += len(images)
     return hits / total

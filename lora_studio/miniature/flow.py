@@ -48,6 +48,12 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch
     return (1 - s) * x0 + s * noise
 
 
+def with_empty_captions(rows: torch.Tensor, uncond: int, share: float, gen: torch.Generator) -> torch.Tensor:
+    """The batch's caption rows, each one replaced by ``uncond`` (the row of the empty or blank prompt) with
+    probability ``share``: the unconditional model that classifier-free guidance pushes away from."""
+    return torch.where(torch.rand(len(rows), generator=gen) < share, uncond, rows)
+
+
 def train_flow(model: torch.nn.Module, latents: torch.Tensor, draw_sigmas: SigmaDraw, loss_for: FlowLoss,
                recipe: FlowRecipe, log: Log, name: str) -> torch.nn.Module:
     """Train ``model`` for ``recipe.steps`` steps on batches of ``latents``; returns the EMA copy (eval mode,

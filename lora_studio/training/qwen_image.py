@@ -10,6 +10,8 @@ quantized base, export check and metadata it shares), read from diffusers' ``Qwe
   channels is normalised with the VAE's ``latents_mean`` / ``latents_std`` (``QwenLatents``: what the pipeline
   undoes before decoding), then packed 2x2 into tokens as the pipeline packs them; ``img_shapes`` gives the
   transformer the token grid.
+- **Time and target** (``qwen_image_velocity``): the model sees ``sigma`` (the pipeline passes ``t / 1000``) and
+  predicts the velocity ``noise - latent`` itself.
 - **Noise levels**: ``flux_shift`` is Qwen-Image's own dynamic shift (``mu`` from the token count with the
   model's scheduler settings, base 256 / max 8192 tokens, shift 0.5 to 0.9), as the pipeline shifts at inference.
 - **LoRA layers** (``lora_targets``): ``attention`` = q, k, v and out of the image and text streams of every block
