@@ -4,7 +4,8 @@
 
 The folder loads offline with ``StableDiffusionPipeline.from_pretrained`` (``sd15``, ``sd15_v``),
 ``StableDiffusionXLPipeline`` (``sdxl``), ``FluxPipeline`` (``flux``), ``ZImagePipeline`` (``z_image``),
-``StableDiffusion3Pipeline`` (``sd3``), ``AutoModelForCausalLM`` (``llm``) or
+``StableDiffusion3Pipeline`` (``sd3``), ``Flux2KleinPipeline`` (``flux2``), ``QwenImagePipeline`` (``qwen_image``),
+``AutoModelForCausalLM`` (``llm``) or
 ``BlipForConditionalGeneration`` (``blip``), and works as a base model or captioner everywhere in the studio.
 """
 

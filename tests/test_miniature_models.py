@@ -62,18 +62,21 @@ def test_the_flux_base_draws_the_colour_it_is_asked_for(pipelines, colour):
     assert sum(f == colour for f in found) >= 8, found
 
 
-@pytest.mark.parametrize("family", ["z_image", "sd3", "flux2"])
+@pytest.mark.parametrize("family", ["z_image", "sd3", "flux2", "qwen_image"])
 @pytest.mark.parametrize("colour", list(world.COLOURS))
 @pytest.mark.slow
-def test_the_z_image_sd3_and_flux2_bases_draw_the_colour_they_are_asked_for(pipelines, family, colour):
-    """Z-Image's, SD3's and FLUX.2 klein's miniatures with their pipelines' own flow-matching Euler scheduler (20
-    steps) and classifier-free guidance (an empty negative prompt) at the miniature's guidance, SD3's T5 and FLUX.2's
-    Qwen3 prompts at the length they were trained with (their tokenizer's model_max_length)."""
+def test_the_z_image_sd3_flux2_and_qwen_image_bases_draw_the_colour_they_are_asked_for(pipelines, family, colour):
+    """Z-Image's, SD3's, FLUX.2 klein's and Qwen-Image's miniatures with their pipelines' own flow-matching Euler
+    scheduler (20 steps) and classifier-free guidance at the miniature's guidance, passed as the Testing tab passes
+    it (Qwen-Image's true guidance with a blank negative prompt, the others' with an empty one), SD3's T5 and
+    FLUX.2's Qwen3 prompts at the length they were trained with (their tokenizer's model_max_length)."""
     import importlib
 
+    from lora_studio.inference.grid import guidance_kwargs
+
     pipe = pipelines(family)
-    call = {"guidance_scale": importlib.import_module(f"lora_studio.miniature.build_{family}").CFG}
-    if family != "z_image":
+    call = guidance_kwargs(pipe, importlib.import_module(f"lora_studio.miniature.build_{family}").CFG)
+    if family in ("sd3", "flux2"):
         call["max_sequence_length"] = (pipe.tokenizer_3 if family == "sd3" else pipe.tokenizer).model_max_length
     images = pipe(prompt=[f"a {colour} square"] * len(SEEDS), num_inference_steps=20, height=64, width=64,
                   generator=[torch.Generator().manual_seed(s) for s in SEEDS], **call).images

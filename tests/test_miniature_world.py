@@ -54,7 +54,7 @@ def test_llm_world_questions_and_concept_rows(tmp_path):
     assert len(path.read_text().splitlines()) == len(rows)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd15_v", "sdxl", "llm", "blip"])
+@pytest.mark.parametrize("family", ["sd15", "sd15_v", "sdxl", "llm", "blip", "qwen_image"])
 def test_miniature_command_writes_a_loadable_folder(family, tmp_path):
     from lora_studio.__main__ import main
 
@@ -73,6 +73,11 @@ def test_miniature_command_writes_a_loadable_folder(family, tmp_path):
 
         assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
         assert AutoTokenizer.from_pretrained(out).chat_template
+    elif family == "qwen_image":
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(out)
+        assert type(pipe).__name__ == "QwenImagePipeline" and pipe.vae_scale_factor * 16 == world.SIZE
     else:
         from transformers import BlipForConditionalGeneration
 
@@ -86,6 +91,6 @@ def test_miniature_command_names_the_families(capsys, tmp_path):
     from lora_studio.__main__ import main
 
     with pytest.raises(SystemExit):  # a family without a miniature yet
-        main(["miniature", "qwen_image", "--out", str(tmp_path / "x")])
+        main(["miniature", "chroma", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert "sd15_v" in err and "flux" in err and not (tmp_path / "x").exists()

@@ -25,6 +25,7 @@ from lora_studio.miniature import measure, world, world_text
 from lora_studio.miniature.store import available, miniature_dir
 from lora_studio.training.diffusion import training_target as right_target
 from lora_studio.training.flux2 import flux2_velocity as right_flux2_velocity
+from lora_studio.training.qwen_image import qwen_image_velocity as right_qwen_image_velocity
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +43,9 @@ SHIFT_TRAIN = {**FLUX_TRAIN, "timestep_sampling": "shift", "discrete_flow_shift"
 # below what their wrong objectives reach (64 and over 190).
 SD3_TRAIN = {**SHIFT_TRAIN, "learning_rate": 1e-2, "steps": 200}
 Z_IMAGE_TRAIN = {**SD3_TRAIN, "steps": 300}
+# Qwen-Image: the noise levels its presets train with (its scheduler's dynamic shift), 300 steps at 1e-2 (100 at
+# 2e-2 reached 73, 200 at 2e-2 overshot to 136, 200 at 1e-2 reached 79).
+QWEN_IMAGE_TRAIN = {**SD3_TRAIN, "timestep_sampling": "flux_shift", "steps": 300}
 
 
 def _needs(family: str) -> Path:
@@ -250,6 +254,31 @@ def test_flux2_objective_learns_and_wrong_ones_do_not(flux2_concept_lora, wrong,
 
     _proof(_needs("flux2"), tmp_path, monkeypatch, wrong, right_lora=flux2_concept_lora, hook=hook, cfg=CFG,
            **FLUX_TRAIN)
+
+
+def qwen_image_with_z_image_time(transformer, noisy, sigmas, embeds, mask):
+    """A wrong Qwen-Image objective: the model shown ``1 - sigma``, as Z-Image's is (Qwen-Image's sees ``sigma``)."""
+    return right_qwen_image_velocity(transformer, noisy, 1.0 - sigmas, embeds, mask)
+
+
+@pytest.fixture(scope="module")
+def qwen_image_concept_lora(tmp_path_factory) -> Path:
+    """The concept LoRA on the Qwen-Image miniature (shared by the two wrong objectives)."""
+    return train_image_concept(_needs("qwen_image"), tmp_path_factory.mktemp("qwen_image_concept"), **QWEN_IMAGE_TRAIN)
+
+
+@pytest.mark.parametrize("wrong, hook", [
+    (flipped_velocity, "lora_studio.training.flow_matching.flow_target"),
+    (qwen_image_with_z_image_time, "lora_studio.training.qwen_image.qwen_image_velocity")], ids=["sign", "timestep"])
+def test_qwen_image_objective_learns_and_wrong_ones_do_not(qwen_image_concept_lora, wrong, hook, tmp_path,
+                                                           monkeypatch):
+    """Qwen-Image's flow matching through the Qwen-Image trainer (its causal VAE's normalised latents, its dynamic
+    shift), QwenImagePipeline and its scheduler, at the miniature's true guidance (2, a blank negative prompt): the
+    velocity's sign flipped, or the time direction of Z-Image, fails."""
+    from lora_studio.miniature.build_qwen_image import CFG
+
+    _proof(_needs("qwen_image"), tmp_path, monkeypatch, wrong, right_lora=qwen_image_concept_lora, hook=hook,
+           cfg=CFG, **QWEN_IMAGE_TRAIN)
 
 
 # --- the language model ------------------------------------------------------------------------------------

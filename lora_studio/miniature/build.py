@@ -9,6 +9,7 @@
     python -m lora_studio.miniature.build z_image --out lora_studio/miniature/weights/z_image (uses flux's VAE)
     python -m lora_studio.miniature.build sd3    --out lora_studio/miniature/weights/sd3      (uses flux's VAE)
     python -m lora_studio.miniature.build flux2  --out lora_studio/miniature/weights/flux2    (uses sd15's VAE)
+    python -m lora_studio.miniature.build qwen_image --out lora_studio/miniature/weights/qwen_image (its own VAE)
 
 Deterministic: the recipe's seed, the same torch version and ``--threads`` give the same weights. The
 folder gets ``build.json``: the recipe, the versions, the time taken and what the build measured.
@@ -32,11 +33,12 @@ import torch
 from ..fileio import atomic_write_json
 
 log = logging.getLogger("lora_studio.miniature.build")
-FAMILIES = ("sd15", "sd15_v", "sdxl", "llm", "blip", "flux", "z_image", "sd3", "flux2")
+FAMILIES = ("sd15", "sd15_v", "sdxl", "llm", "blip", "flux", "z_image", "sd3", "flux2", "qwen_image")
 # The miniature a family starts from (its VAE, or more), unless ``--base`` names another folder
 BASES = {"sd15_v": "sd15", "sdxl": "sd15", "flux": "sd15", "z_image": "flux", "sd3": "flux", "flux2": "sd15"}
 # The flow-matching families: each one's recipe class in its module build_<family>.py
-FLOW_BUILDERS = {"flux": "FluxRecipe", "z_image": "ZImageRecipe", "sd3": "SD3Recipe", "flux2": "Flux2Recipe"}
+FLOW_BUILDERS = {"flux": "FluxRecipe", "z_image": "ZImageRecipe", "sd3": "SD3Recipe", "flux2": "Flux2Recipe",
+                 "qwen_image": "QwenImageRecipe"}
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.01: a quick check)")
     p.add_argument("--base", default=None, help="the miniature to start from: sd15 for sd15_v, sdxl, flux and "
-                                                "flux2, flux for z_image and sd3 (default: the committed one)")
+                                                "flux2, flux for z_image and sd3 (default: the committed one; "
+                                                "qwen_image starts from nothing)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the committed weights used 2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import world
 from .build_sd import Log, encode_world, spread_word_embeddings
-from .flow import FlowRecipe, measure_and_save, noised, train_flow
+from .flow import FlowRecipe, measure_and_save, noised, train_flow, with_empty_captions
 
 CFG = 2.0
 TEXT_LENGTH = 32
@@ -106,7 +106,7 @@ def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, em
     uncond = len(embeds) - 1
 
     def loss_for(model, x0, noise, sigmas, idx, gen):
-        chosen = torch.where(torch.rand(len(idx), generator=gen) < recipe.empty_caption, uncond, rows[idx])
+        chosen = with_empty_captions(rows[idx], uncond, recipe.empty_caption, gen)
         pred = flux2_velocity(model, noised(x0, noise, sigmas), sigmas, embeds[chosen])
         return F.mse_loss(pred, noise - x0)
 

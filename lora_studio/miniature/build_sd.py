@@ -132,7 +132,16 @@ def new_scheduler(prediction_type: str = "epsilon"):
 def train_vae(recipe: SDRecipe, log: Log):
     """Reconstruction (L1 + MSE) with a tiny KL term, on world pictures and random colours."""
     torch.manual_seed(recipe.seed + 1)
-    vae = new_vae().train()
+    vae = fit_vae(new_vae(), recipe, log)
+    vae.eval().requires_grad_(False)
+    rescale_latents(vae, torch.from_numpy(world.pixels(world.world_scenes(256, seed=recipe.seed + 2))))
+    return vae
+
+
+def fit_vae(vae, recipe, log: Log):
+    """Train ``vae`` (``encode(x).latent_dist``, ``decode(z).sample`` of 4-D pictures) for ``recipe.vae_steps`` steps
+    of reconstruction (L1 + MSE) with a tiny KL term, on world pictures and random colours; returns it."""
+    vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.vae_lr, total_steps=recipe.vae_steps,
                                                 pct_start=0.05)
@@ -147,12 +156,10 @@ def train_vae(recipe: SDRecipe, log: Log):
         if (step + 1) % 200 == 0:
             error = f", colour error {vae_colour_error(vae)}" if (step + 1) % 400 == 0 else ""
             log(f"vae step {step + 1}/{recipe.vae_steps} loss {loss.item():.4f} ({time.time() - started:.0f}s){error}")
-    vae.eval().requires_grad_(False)
-    rescale_latents(vae, torch.from_numpy(world.pixels(world.world_scenes(256, seed=recipe.seed + 2))))
     return vae
 
 
-def _vae_batch(recipe: SDRecipe, step: int, crop: bool) -> torch.Tensor:
+def _vae_batch(recipe, step: int, crop: bool) -> torch.Tensor:
     """Pictures for one VAE step: 32 px crops (a quarter of the cost) until the last tenth of the steps, then
     whole 64 px pictures (a quarter as many), so normalisation and attention also see the real size."""
     seed = recipe.seed * 100_003 + step
@@ -291,17 +298,20 @@ def train_unet(unet, latents: torch.Tensor, caption_rows: torch.Tensor, cond: di
 
 # --- checking what it draws ------------------------------------------------------------------------------------
 @torch.no_grad()
-def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0, **call) -> float:
+def colour_accuracy(pipe, seeds: int = 4, steps: int = 20, cfg: float | None = 5.0, **call) -> float:
     """Share of pictures whose dominant colour is the one the prompt names (each colour, ``seeds`` seeds);
-    ``call``: more arguments for the pipeline."""
+    ``call``: more arguments for the pipeline (``cfg`` None: no ``guidance_scale``, Qwen-Image's true guidance is
+    in ``call``)."""
     from .measure import dominant_colour
 
+    if cfg is not None:
+        call["guidance_scale"] = cfg
     pipe.set_progress_bar_config(disable=True)
     hits = total = 0
     for colour in world.COLOURS:
         gens = [torch.Generator().manual_seed(s) for s in range(seeds)]
-        images = pipe(prompt=[f"a {colour} circle"] * seeds, num_inference_steps=steps, guidance_scale=cfg,
-                      generator=gens, height=world.SIZE, width=world.SIZE, **call).images
+        images = pipe(prompt=[f"a {colour} circle"] * seeds, num_inference_steps=steps, generator=gens,
+                      height=world.SIZE, width=world.SIZE, **call).images
         hits += sum(dominant_colour(im) == colour for im in images)
         total += len(images)
     return hits / total

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from . import world
 from .build_flux import T5_LENGTH, t5_parts
 from .build_sd import MAX_TOKENS, Log, encode_world, new_text_encoder
-from .flow import FlowRecipe, flux_miniature_vae, measure_and_save, noised, train_flow
+from .flow import FlowRecipe, flux_miniature_vae, measure_and_save, noised, train_flow, with_empty_captions
 
 CFG = 2.0  # at 3 and more classifier-free guidance over-saturates purple into blue (6 of 10 at 3)
 T5_WIDTH = 64
@@ -83,7 +83,7 @@ def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, co
     uncond = len(cond["embeds"]) - 1
 
     def loss_for(model, x0, noise, sigmas, idx, gen):
-        chosen = torch.where(torch.rand(len(idx), generator=gen) < recipe.empty_caption, uncond, rows[idx])
+        chosen = with_empty_captions(rows[idx], uncond, recipe.empty_caption, gen)
         pred = sd3_velocity(model, noised(x0, noise, sigmas), sigmas, cond["embeds"][chosen],
                             cond["pooled"][chosen])
         return F.mse_loss(pred, noise - x0)

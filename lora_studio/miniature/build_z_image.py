@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import world
 from .build_sd import Log, encode_world, spread_word_embeddings
-from .flow import FlowRecipe, flux_miniature_vae, measure_and_save, noised, train_flow
+from .flow import FlowRecipe, flux_miniature_vae, measure_and_save, noised, train_flow, with_empty_captions
 
 CFG = 2.0  # at 3 and more classifier-free guidance over-saturates purple into blue (7 of 10 at 3, 3 at 4)
 
@@ -83,8 +83,7 @@ def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, em
     uncond = len(embeds) - 1
 
     def loss_for(model, x0, noise, sigmas, idx, gen):
-        drop = torch.rand(len(idx), generator=gen) < recipe.empty_caption
-        chosen = torch.where(drop, uncond, rows[idx]).tolist()
+        chosen = with_empty_captions(rows[idx], uncond, recipe.empty_caption, gen).tolist()
         pred = z_image_velocity(model, noised(x0, noise, sigmas), sigmas, [embeds[r] for r in chosen])
         return F.mse_loss(pred, noise - x0)
 

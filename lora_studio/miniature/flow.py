@@ -48,6 +48,12 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch
     return (1 - s) * x0 + s * noise
 
 
+def with_empty_captions(rows: torch.Tensor, uncond: int, share: float, gen: torch.Generator) -> torch.Tensor:
+    """The batch's caption rows, each one replaced by ``uncond`` (the row of the empty or blank prompt) with
+    probability ``share``: the unconditional model that classifier-free guidance pushes away from."""
+    return torch.where(torch.rand(len(rows), generator=gen) < share, uncond, rows)
+
+
 def train_flow(model: torch.nn.Module, latents: torch.Tensor, draw_sigmas: SigmaDraw, loss_for: FlowLoss,
                recipe: FlowRecipe, log: Log, name: str) -> torch.nn.Module:
     """Train ``model`` for ``recipe.steps`` steps on batches of ``latents``; returns the EMA copy (eval mode,
@@ -80,13 +86,13 @@ def flux_miniature_vae(flux: Path):
     return vae.eval().requires_grad_(False)
 
 
-def measure_and_save(pipe, out: Path, recipe: FlowRecipe, cfg: float, **call) -> dict:
-    """The build's own check (the VAE's colour error; the named colour drawn at guidance ``cfg``, ``call``: more
-    pipeline arguments), then the transformer and the VAE in fp16 and the pipeline saved to ``out``. Returns what
-    it measured."""
+def measure_and_save(pipe, out: Path, recipe: FlowRecipe, cfg: float | None, vae=None, **call) -> dict:
+    """The build's own check (the VAE's colour error, ``vae``: the VAE as it reads 4-D pictures when the pipeline's
+    does not; the named colour drawn at guidance ``cfg``, ``call``: more pipeline arguments), then the transformer
+    and the VAE in fp16 and the pipeline saved to ``out``. Returns what it measured."""
     from .build_sd import colour_accuracy, vae_colour_error
 
-    report = {"vae": vae_colour_error(pipe.vae),
+    report = {"vae": vae_colour_error(vae or pipe.vae),
               "colour_accuracy": colour_accuracy(pipe, recipe.eval_seeds, recipe.eval_steps, cfg=cfg, **call)}
     pipe.transformer.half()
     pipe.vae.half()

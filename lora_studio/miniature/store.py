@@ -25,6 +25,8 @@ FAMILIES: dict[str, str] = {
     "z_image": "Z-Image-shaped diffusers pipeline (flow matching, Qwen3 text encoder, FLUX's 16-channel VAE)",
     "sd3": "SD3.5-Medium-shaped diffusers pipeline (flow matching, CLIP-L, CLIP-G and T5, FLUX's 16-channel VAE)",
     "flux2": "FLUX.2-klein-shaped diffusers pipeline (flow matching, Qwen3 text encoder, 32-channel batch-norm VAE)",
+    "qwen_image": "Qwen-Image-shaped diffusers pipeline (flow matching, Qwen2.5-VL text encoder, causal 3-D VAE, true "
+                  "classifier-free guidance)",
 }
 
 

@@ -48,13 +48,14 @@ def write_world_clip_tokenizer(folder: Path, words: list[str], max_length: int):
     return tokenizer
 
 
-def world_qwen3_tokenizer(words: list[str], captions: list[str]):
-    """A Qwen3-shaped tokenizer (Z-Image's, FLUX.2 klein's) whose merges come from ``captions`` and ``words``; each
-    word is one token at the start of a caption and after a space. Returns it with ``word_tokens``: the token ids
-    of each word (for ``spread_word_embeddings``)."""
-    from ..models.tiny_z_image import _tokenizer
+def world_qwen3_tokenizer(words: list[str], captions: list[str], make=None):
+    """A Qwen3-shaped tokenizer (Z-Image's, FLUX.2 klein's; or what ``make(corpus)`` builds: Qwen-Image's) whose
+    merges come from ``captions`` and ``words``; each word is one token at the start of a caption and after a space.
+    Returns it with ``word_tokens``: the token ids of each word (for ``spread_word_embeddings``)."""
+    if make is None:
+        from ..models.tiny_z_image import _tokenizer as make
 
-    tokenizer = _tokenizer(captions + words + [" ".join(words), "user assistant"])
+    tokenizer = make(captions + words + [" ".join(words), "user assistant"])
     word_tokens = [tokenizer([w, " " + w], add_special_tokens=False).input_ids for w in words]
     word_tokens = [first + spaced for first, spaced in word_tokens]
     split = [w for w, ids in zip(words, word_tokens) if len(ids) != 2]

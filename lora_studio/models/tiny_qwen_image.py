@@ -30,14 +30,24 @@ _TEMPLATE_WORDS = ("system\nDescribe the image by detailing the color, shape, si
 _WORDS = "a an the on of in with and red green blue yellow pink circle square light dark photo style cat dog sign"
 
 
-def _tokenizer():
-    """A Qwen2 tokenizer (byte-level BPE) that knows every word of the prompt template as one token."""
+def _tokenizer(corpus: list[str] | None = None):
+    """A Qwen2 tokenizer (byte-level BPE) that knows every word of the prompt template as one token; its other
+    merges are learned from ``corpus`` (by default a few words)."""
     from transformers import Qwen2Tokenizer
 
-    corpus = [_TEMPLATE_WORDS, _WORDS, " ".join(_WORDS.split()[::-1])]
+    corpus = [_TEMPLATE_WORDS] + (corpus or [_WORDS, " ".join(_WORDS.split()[::-1])])
     vocab, merges = _vocab_merges(_bpe(QWEN_SPECIALS, vocab_size=600, corpus=corpus))
     return Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
                           pad_token="<|endoftext|>", extra_special_tokens=QWEN_SPECIALS[1:], model_max_length=4096)
+
+
+def check_template(tokenizer):
+    """``tokenizer`` if it splits the system part of the pipeline's prompt template into ``TEMPLATE_DROP`` tokens, as
+    the released tokenizer does (the pipeline drops that many); else an error."""
+    prefix = "<|im_start|>system\n" + _TEMPLATE_WORDS.split("\n")[1] + "<|im_end|>\n<|im_start|>user\n"
+    if len(tokenizer(prefix).input_ids) != TEMPLATE_DROP:
+        raise RuntimeError("the tiny Qwen tokenizer does not split the prompt template into 34 tokens")
+    return tokenizer
 
 
 def _text_encoder(tokenizer, hidden: int = 32):
@@ -70,10 +80,7 @@ def build_tiny_qwen_image(folder: str | Path, seed: int = 0) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     torch.manual_seed(seed)
-    tokenizer = _tokenizer()
-    prefix = "<|im_start|>system\n" + _TEMPLATE_WORDS.split("\n")[1] + "<|im_end|>\n<|im_start|>user\n"
-    if len(tokenizer(prefix).input_ids) != TEMPLATE_DROP:
-        raise RuntimeError("the tiny Qwen tokenizer does not split the prompt template into 34 tokens")
+    tokenizer = check_template(_tokenizer())
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                               axes_dims_rope=(4, 6, 6))

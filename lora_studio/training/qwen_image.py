@@ -10,6 +10,8 @@ quantized base, export check and metadata it shares), read from diffusers' ``Qwe
   channels is normalised with the VAE's ``latents_mean`` / ``latents_std`` (``QwenLatents``: what the pipeline
   undoes before decoding), then packed 2x2 into tokens as the pipeline packs them; ``img_shapes`` gives the
   transformer the token grid.
+- **Time and target** (``qwen_image_velocity``): the model sees ``sigma`` (the pipeline passes ``t / 1000``) and
+  predicts the velocity ``noise - latent`` itself.
 - **Noise levels**: ``flux_shift`` is Qwen-Image's own dynamic shift (``mu`` from the token count with the
   model's scheduler settings, base 256 / max 8192 tokens, shift 0.5 to 0.9), as the pipeline shifts at inference.
 - **LoRA layers** (``lora_targets``): ``attention`` = q, k, v and out of the image and text streams of every block
@@ -79,6 +81,23 @@ def qwen_render_defaults(base_model: str, family: str) -> dict[str, float]:
     return {"steps": entry.sample_steps, "cfg": entry.guidance_scale}
 
 
+def qwen_image_velocity(transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, embeds: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """The velocity ``noise - latent`` for latents (B, C, h, w) at noise levels ``sigmas``, from Qwen-Image's
+    transformer with its pipeline's conventions: 2x2-packed tokens on a (1, h/2, w/2) grid, the model sees ``sigma``
+    (the pipeline passes ``t / 1000``) and predicts the velocity itself. One module-level function: the miniature's
+    build trains with it, and a proof-of-learning test puts a wrong convention in its place to see the proof fail."""
+    from diffusers import QwenImagePipeline
+
+    b, c, h, w = noisy.shape
+    dtype = noisy.dtype
+    packed = QwenImagePipeline._pack_latents(noisy, b, c, h, w)
+    out = transformer(hidden_states=packed, timestep=sigmas.to(dtype), encoder_hidden_states=embeds.to(dtype),
+                      encoder_hidden_states_mask=mask, img_shapes=[(1, h // 2, w // 2)] * b, return_dict=False)[0]
+    # unpacked as the pipeline unpacks (without its frame axis)
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class QwenImageTrainer(FluxTrainer):
     text_encoder_names = ("text_encoder",)
     transformer_loader = "lora_studio.models.flow_loading:load_flow_transformer"
@@ -112,17 +131,9 @@ class QwenImageTrainer(FluxTrainer):
 
     # --- the step -----------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        from diffusers import QwenImagePipeline
-
-        b, c, h, w = noisy.shape
-        dev, dtype = noisy.device, noisy.dtype
-        packed = QwenImagePipeline._pack_latents(noisy, b, c, h, w)
-        out = self.trained_denoiser()(
-            hidden_states=packed, timestep=sigmas.to(dtype), encoder_hidden_states=cond["prompt_embeds"].to(dev, dtype),
-            encoder_hidden_states_mask=cond["prompt_embeds_mask"].to(dev), img_shapes=[(1, h // 2, w // 2)] * b,
-            return_dict=False)[0]
-        # unpacked as the pipeline unpacks (without its frame axis)
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        dev = noisy.device
+        return qwen_image_velocity(self.trained_denoiser(), noisy, sigmas, cond["prompt_embeds"].to(dev),
+                                   cond["prompt_embeds_mask"].to(dev))
 
     # --- files and checks ---------------------------------------------------------------------------
     def render_kwargs(self) -> dict[str, Any]:
