@@ -112,7 +112,7 @@ def test_the_proofs_of_learning_train_with_the_demo_settings():
     import test_proof_of_learning as proofs
 
     for family, proof in (("flux", proofs.FLUX_TRAIN), ("flux2", proofs.FLUX_TRAIN), ("z_image", proofs.Z_IMAGE_TRAIN),
-                          ("sd3", proofs.SD3_TRAIN)):
+                          ("sd3", proofs.SD3_TRAIN), ("qwen_image", proofs.QWEN_IMAGE_TRAIN)):
         settings = demo_train_settings(family)
         expected = {("max_train_steps" if k == "steps" else k): v for k, v in proof.items()}
         expected.setdefault("max_train_steps", 100)

@@ -268,14 +268,15 @@ def test_text_encoder_encodes_on_the_cpu_when_it_does_not_fit_the_gpu(tiny_qwen_
     assert len([s for s in said if "encoded on the CPU" in s]) == 1
 
 
-def test_the_demo_offers_a_tiny_qwen_image_model(tmp_path):
-    """``--demo`` builds a tiny Qwen-Image pipeline beside its other models and offers it as a base model."""
+def test_the_demo_offers_the_qwen_image_miniature(tmp_path):
+    """``--demo`` offers the Qwen-Image miniature (a copy of the committed one) beside its other models."""
     from lora_studio.models.detect import detect_family
     from lora_studio.ui.context import StudioContext
     from lora_studio.ui.demo import build_demo
 
     assets = build_demo(tmp_path / "demo")
     assert detect_family(str(assets.qwen_image_model)) == "qwen_image"
+    assert "qwen_image" in assets.miniatures and assets.qwen_image_model.name == "miniature-qwen_image"
     context = StudioContext(outputs=tmp_path / "outputs", models_dir=tmp_path / "models", demo=assets)
     assert str(assets.qwen_image_model) in context.model_choices()
 

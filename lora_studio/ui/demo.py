@@ -78,8 +78,9 @@ DEMO_FAMILIES: dict[str, DemoFamily] = {
                           {**_SHIFT3, "max_train_steps": 300, "save_steps": 150, "sample_steps": 150}, _CFG2),
     "sd3": DemoFamily(_tiny("tiny_sd3", "build_tiny_sd3"),
                       {**_SHIFT3, "max_train_steps": 200, "save_steps": 100, "sample_steps": 100}, _CFG2),
-    # Not yet measured on a Qwen-Image miniature: the FLUX settings (the tiny random pipeline draws noise anyway).
-    "qwen_image": DemoFamily(_tiny("tiny_qwen_image", "build_tiny_qwen_image"), _FLOW, _CFG2),
+    "qwen_image": DemoFamily(_tiny("tiny_qwen_image", "build_tiny_qwen_image"),
+                             {**_SHIFT3, "timestep_sampling": "flux_shift", "max_train_steps": 300, "save_steps": 150,
+                              "sample_steps": 150}, _CFG2),
 }
 
 
