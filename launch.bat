@@ -74,7 +74,13 @@ shift
 goto :collect
 :run
 if "%MODE%"=="test" (
-  .venv\Scripts\python.exe -m pytest !ARGS! || goto :error
+  REM One pytest worker per core, at most 4; LORA_STUDIO_TEST_WORKERS=1 runs in one process.
+  set "WORKERS=%NUMBER_OF_PROCESSORS%"
+  if defined LORA_STUDIO_TEST_WORKERS set "WORKERS=%LORA_STUDIO_TEST_WORKERS%"
+  if !WORKERS! GTR 4 set "WORKERS=4"
+  set "PARALLEL="
+  if !WORKERS! GTR 1 set "PARALLEL=-n !WORKERS! --dist loadfile"
+  .venv\Scripts\python.exe -m pytest !PARALLEL! !ARGS! || goto :error
 ) else (
   .venv\Scripts\python.exe app.py !ARGS! || goto :error
 )

@@ -71,7 +71,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 case "$mode" in
-  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  test)
+    # One pytest worker per core, at most 4 (each test runs one torch thread; whole files stay on one worker so
+    # their module fixtures are built once). LORA_STUDIO_TEST_WORKERS=1 runs in one process; a -n given wins.
+    workers="${LORA_STUDIO_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
+    [ "$workers" -gt 4 ] && workers=4
+    parallel=()
+    [ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
+    exec "$VENV/bin/python" -m pytest ${parallel[@]+"${parallel[@]}"} "$@" ;;
   repair) echo "Repaired. Start LoRA Studio with ./launch.sh"; exit 0 ;;
 esac
 exec "$VENV/bin/python" app.py "$@"
