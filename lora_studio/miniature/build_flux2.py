@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import world
 from .build_sd import Log, encode_world, spread_word_embeddings
-from .flow import FlowRecipe, measure_and_save, noised, train_flow, with_empty_captions
+from .flow import FlowRecipe, captioned_loss, measure_and_save, train_flow
 
 CFG = 2.0
 TEXT_LENGTH = 32
@@ -103,13 +102,7 @@ def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, em
     from ..training.flow_matching import sample_sigmas
     from ..training.flux2 import flux2_velocity
 
-    uncond = len(embeds) - 1
-
-    def loss_for(model, x0, noise, sigmas, idx, gen):
-        chosen = with_empty_captions(rows[idx], uncond, recipe.empty_caption, gen)
-        pred = flux2_velocity(model, noised(x0, noise, sigmas), sigmas, embeds[chosen])
-        return F.mse_loss(pred, noise - x0)
-
+    loss_for = captioned_loss(flux2_velocity, (embeds,), rows, recipe.empty_caption)
     return train_flow(transformer, latents, lambda gen, b: sample_sigmas("sigmoid", [gen] * b), loss_for, recipe,
                       log, "flux2")
 

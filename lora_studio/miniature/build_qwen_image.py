@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import world
 from .build_sd import Log, encode_world, fit_vae, spread_word_embeddings
-from .flow import FlowRecipe, measure_and_save, noised, train_flow, with_empty_captions
+from .flow import FlowRecipe, captioned_loss, measure_and_save, train_flow
 
 CFG = 2.0  # true_cfg_scale, with the blank negative prompt
 TEXT_WIDTH = 32
@@ -162,14 +162,7 @@ def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, co
     from ..training.qwen_image import qwen_image_velocity
 
     mu = shift_mu((latents.shape[-2] // 2) * (latents.shape[-1] // 2), scheduler_config)
-    uncond = len(cond["embeds"]) - 1
-
-    def loss_for(model, x0, noise, sigmas, idx, gen):
-        chosen = with_empty_captions(rows[idx], uncond, recipe.empty_caption, gen)
-        pred = qwen_image_velocity(model, noised(x0, noise, sigmas), sigmas, cond["embeds"][chosen],
-                                   cond["mask"][chosen])
-        return F.mse_loss(pred, noise - x0)
-
+    loss_for = captioned_loss(qwen_image_velocity, (cond["embeds"], cond["mask"]), rows, recipe.empty_caption)
     return train_flow(transformer, latents, lambda gen, b: sample_sigmas("flux_shift", [gen] * b, mu=mu), loss_for,
                       recipe, log, "qwen_image")
 

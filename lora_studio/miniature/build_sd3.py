@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import world
 from .build_flux import T5_LENGTH, t5_parts
 from .build_sd import MAX_TOKENS, Log, encode_world, new_text_encoder
-from .flow import FlowRecipe, flux_miniature_vae, measure_and_save, noised, train_flow, with_empty_captions
+from .flow import FlowRecipe, captioned_loss, flux_miniature_vae, measure_and_save, train_flow
 
 CFG = 2.0  # at 3 and more classifier-free guidance over-saturates purple into blue (6 of 10 at 3)
 T5_WIDTH = 64
@@ -80,14 +79,7 @@ def train_transformer(transformer, latents: torch.Tensor, rows: torch.Tensor, co
     from ..training.flow_matching import sample_sigmas
     from ..training.sd3 import sd3_velocity
 
-    uncond = len(cond["embeds"]) - 1
-
-    def loss_for(model, x0, noise, sigmas, idx, gen):
-        chosen = with_empty_captions(rows[idx], uncond, recipe.empty_caption, gen)
-        pred = sd3_velocity(model, noised(x0, noise, sigmas), sigmas, cond["embeds"][chosen],
-                            cond["pooled"][chosen])
-        return F.mse_loss(pred, noise - x0)
-
+    loss_for = captioned_loss(sd3_velocity, (cond["embeds"], cond["pooled"]), rows, recipe.empty_caption)
     return train_flow(transformer, latents, lambda gen, b: sample_sigmas("shift", [gen] * b, shift=recipe.shift),
                       loss_for, recipe, log, "sd3")
 

@@ -54,6 +54,21 @@ def with_empty_captions(rows: torch.Tensor, uncond: int, share: float, gen: torc
     return torch.where(torch.rand(len(rows), generator=gen) < share, uncond, rows)
 
 
+def captioned_loss(velocity: Callable[..., torch.Tensor], conds: tuple[torch.Tensor, ...], rows: torch.Tensor,
+                   empty_caption: float) -> FlowLoss:
+    """The ``loss_for`` of a family whose conditioning is tensors indexed by caption row (the last row the empty
+    prompt's): each batch's rows, a share ``empty_caption`` of them made empty (``with_empty_captions``), the
+    family's ``velocity(model, noisy, sigmas, *conditioning)`` against the target ``noise - latents``."""
+    uncond = len(conds[0]) - 1
+
+    def loss_for(model, x0, noise, sigmas, idx, gen):
+        chosen = with_empty_captions(rows[idx], uncond, empty_caption, gen)
+        pred = velocity(model, noised(x0, noise, sigmas), sigmas, *(c[chosen] for c in conds))
+        return torch.nn.functional.mse_loss(pred, noise - x0)
+
+    return loss_for
+
+
 def train_flow(model: torch.nn.Module, latents: torch.Tensor, draw_sigmas: SigmaDraw, loss_for: FlowLoss,
                recipe: FlowRecipe, log: Log, name: str) -> torch.nn.Module:
     """Train ``model`` for ``recipe.steps`` steps on batches of ``latents``; returns the EMA copy (eval mode,
