@@ -80,7 +80,8 @@ def model_render_defaults(base_model: str, family: str = "flux2") -> dict[str, f
 
 # (double blocks, single blocks) of the transformer -> the variant's name; klein 4B (5, 20) is the family's ""
 VARIANT_BLOCKS = {(8, 48): "dev", (8, 24): "klein9b"}
-VARIANT_NAMES = ((re.compile(r"flux\.?2[-_. ]?dev", re.I), "dev"), (re.compile(r"klein[-_. ]?(base[-_. ]?)?9b", re.I), "klein9b"))
+VARIANT_PATTERNS = ((re.compile(r"flux\.?2[-_. ]?dev", re.I), "dev"),
+                    (re.compile(r"klein[-_. ]?(base[-_. ]?)?9b", re.I), "klein9b"))  # an uncached hub id's name
 
 
 def model_variant(base_model: str, family: str = "flux2") -> str:
@@ -96,7 +97,7 @@ def model_variant(base_model: str, family: str = "flux2") -> str:
     found = read_transformer_config(source)
     if found:
         return VARIANT_BLOCKS.get((found.get("num_layers"), found.get("num_single_layers")), "")
-    return next((name for pattern, name in VARIANT_NAMES if pattern.search(base_model)), "")
+    return next((name for pattern, name in VARIANT_PATTERNS if pattern.search(base_model)), "")
 
 
 def _file_block_counts(path: Path) -> tuple[int, int]:

@@ -49,6 +49,7 @@ from .runtime import free_memory, full_precision_forward, weight_dtype
 
 SIGMA_MIN = 1e-3
 VERIFY_STEPS, VERIFY_SIZE = 2, 64
+TEXT_ROOM = 1.2  # the text encoders' weights and a fifth more for their activations must be free on the GPU
 
 
 def shift_mu(image_seq_len: int, scheduler_config: Any) -> float:
@@ -122,8 +123,6 @@ def lora_as_stored(model: torch.nn.Module, dtypes: Sequence[torch.dtype] = (torc
         for p, data in kept:
             p.data = data
 
-
-TEXT_ROOM = 1.2  # the text encoders' weights and a fifth more for their activations must be free on the GPU
 
 class FlowMatchingTrainer(ImageTrainer):
     """The shared trainer. A family subclass provides (see ``training/flux.py``):

@@ -127,9 +127,9 @@ def family_choices(base_model: str, family: str = "auto", gpu_gb: float | None =
             text = f"Model family: unknown. {exc}"
         else:
             text = ""
-    recommended = info.recommended_preset(gpu_gb) if preselect else None
-    text = text or _family_line(info.name, info.family, info.recommended_preset(gpu_gb), base_model, gpu_gb,
-                                info.variant)
+    best = info.recommended_preset(gpu_gb)
+    recommended = best if preselect else None
+    text = text or _family_line(info.name, info.family, best, base_model, gpu_gb, info.variant)
     llm = info.family == "llm"
     if llm:
         names = llm_layer_names(base_model)
